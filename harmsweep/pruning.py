@@ -1,0 +1,279 @@
+"""Masks: which weights to zero, from harm scores H = -S_harm and benign importance U.
+
+The paper's rule is a set difference: the top harm-promoting weights minus the top benign-important
+ones. Sized by a target count (default: protect a fraction p by U, then take exactly
+K = round(sparsity * N) weights down the H ranking, skipping protected and non-positive ones) or by
+fractions (TopK_q(H) minus TopK_p(U), count measured afterwards). Baselines prune the same count.
+
+Global selection never sorts or copies all scores: it streams the matrices through a radix select
+on the float bit patterns (two 65,536-bin histogram passes, plus a tie pass when needed) and keeps
+only a threshold, so it scales to 7e9 scores with one matrix-sized temporary at a time.
+Masks are stored as flat indices per parameter: K entries, not N.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from harmsweep.artifacts import atomic_path
+from harmsweep.errors import HarmsweepError
+from harmsweep.scoring import ScoredParam
+
+RULES = ("signed_snip", "no_set_difference", "unsigned_snip", "magnitude", "random")
+GRANULARITIES = ("global", "matrix", "row")
+BENIGN_IMPORTANCE = ("abs_signed", "unsigned", "signed")
+_BINS = 1 << 16
+_TAKE_ALL = -1
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """How to choose the weights to prune; every field is a config option of the same name."""
+
+    rule: str = "signed_snip"
+    sparsity: float = 1e-5  # target count K = round(sparsity * N) per granularity unit
+    protect: float = 0.01  # fraction p of each unit protected by benign importance U
+    harm_fraction: float | None = None  # q: when set, prune TopK_q(H) minus TopK_p(U) instead
+    granularity: str = "global"
+    benign_importance: str = "abs_signed"
+    seed: int = 0
+
+    def validate(self) -> None:
+        for field, value, allowed in (
+            ("rule", self.rule, RULES),
+            ("granularity", self.granularity, GRANULARITIES),
+            ("benign_importance", self.benign_importance, BENIGN_IMPORTANCE),
+        ):
+            if value not in allowed:
+                raise HarmsweepError(f"pruning.{field}={value} is not one of {', '.join(allowed)}")
+        for field, value in (("sparsity", self.sparsity), ("protect", self.protect), ("harm_fraction", self.harm_fraction)):
+            if value is not None and not 0.0 <= float(value) <= 1.0:
+                raise HarmsweepError(f"pruning.{field}={value} must lie in [0, 1]")
+
+    @property
+    def protects(self) -> bool:
+        return self.rule in ("signed_snip", "unsigned_snip") and self.protect > 0
+
+    def needed_scores(self) -> set[str]:
+        """Score sets this spec reads: 'harm', 'harm_unsigned', 'benign', 'benign_unsigned'."""
+        need = {"signed_snip": {"harm"}, "no_set_difference": {"harm"}, "unsigned_snip": {"harm_unsigned"}}
+        out = set(need.get(self.rule, set()))
+        if self.protects:
+            out.add("benign_unsigned" if self.benign_importance == "unsigned" else "benign")
+        return out
+
+
+# ---------------------------------------------------------------- streaming top-k (pure functions)
+
+
+def float_keys(x: torch.Tensor) -> torch.Tensor:
+    """Order-preserving map of float32 values to int64 keys in [0, 2**32)."""
+    bits = x.detach().float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    return torch.where(bits >= 0x80000000, 0xFFFFFFFF - bits, bits | 0x80000000)
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """The k largest keys of a stream: every key above ``key``, plus ``ties[name]`` equal ones per matrix."""
+
+    key: int | None  # None selects nothing
+    ties: Mapping[str, int]  # per matrix: how many keys == key to take, in flat order (-1: all)
+
+    def mask(self, name: str, keys: torch.Tensor) -> torch.Tensor:
+        if self.key is None:
+            return torch.zeros_like(keys, dtype=torch.bool)
+        mask = keys > self.key
+        quota = self.ties.get(name, 0)
+        if quota == _TAKE_ALL:
+            return mask | (keys == self.key)
+        if quota > 0:
+            mask.view(-1)[torch.nonzero((keys == self.key).view(-1)).view(-1)[:quota]] = True
+        return mask
+
+
+def top_k_threshold(names: Sequence[str], keys_of: Callable[[str], torch.Tensor], k: int) -> Threshold:
+    """Exact top-k over the keys of many matrices, streamed: radix select on 16+16 bits.
+
+    ``keys_of(name)`` returns a matrix's keys (``float_keys``), with -1 where an entry is excluded.
+    Ties at the threshold are broken by matrix order, then flat index, so the result is deterministic.
+    """
+    if k <= 0:
+        return Threshold(None, {})
+    high = torch.zeros(_BINS, dtype=torch.int64)
+    for name in names:
+        keys = keys_of(name)
+        high += torch.bincount((keys[keys >= 0] >> 16).view(-1), minlength=_BINS)
+    total = int(high.sum())
+    if total == 0:
+        return Threshold(None, {})
+    k = min(k, total)
+    hi, above = _bucket_from_top(high, k)
+    low = torch.zeros(_BINS, dtype=torch.int64)
+    for name in names:
+        keys = keys_of(name)
+        low += torch.bincount((keys[(keys >> 16) == hi] & 0xFFFF).view(-1), minlength=_BINS)
+    lo, above_lo = _bucket_from_top(low, k - above)
+    key = (hi << 16) | lo
+    ties_needed = k - above - above_lo
+    if ties_needed == int(low[lo]):
+        return Threshold(key, {name: _TAKE_ALL for name in names})
+    ties: dict[str, int] = {}
+    for name in names:
+        if ties_needed == 0:
+            break
+        count = int((keys_of(name) == key).sum())
+        ties[name] = min(count, ties_needed)
+        ties_needed -= ties[name]
+    return Threshold(key, ties)
+
+
+def _bucket_from_top(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """Bucket holding the k-th largest element and the number of elements in higher buckets."""
+    from_top = hist.flip(0).cumsum(0)
+    i = int(torch.searchsorted(from_top, torch.tensor(k)))
+    bucket = _BINS - 1 - i
+    return bucket, int(from_top[i]) - int(hist[bucket])
+
+
+# ---------------------------------------------------------------- rules
+
+
+class _Scores:
+    """Per-matrix views of the score sets a rule needs; computed lazily, one matrix at a time."""
+
+    def __init__(self, spec: PruneSpec, weights: Mapping[str, torch.Tensor], scores: Mapping[str, Mapping[str, torch.Tensor]]):
+        missing = spec.needed_scores() - set(scores)
+        if missing:
+            raise ValueError(f"rule {spec.rule} needs score sets {sorted(missing)}")
+        self.spec, self.weights, self.scores = spec, weights, scores
+
+    def harm(self, name: str) -> torch.Tensor:
+        """Ranking score of the rule (bigger = prune first), with -inf where not eligible."""
+        rule = self.spec.rule
+        if rule in ("signed_snip", "no_set_difference"):
+            h = -self.scores["harm"][name].float()
+            return h.masked_fill_(h <= 0, float("-inf"))  # only weights whose removal raises the harmful loss
+        if rule == "unsigned_snip":
+            return self.scores["harm_unsigned"][name].float()
+        if rule == "magnitude":
+            return -self.weights[name].detach().float().abs()
+        gen = torch.Generator().manual_seed(self.spec.seed * 1_000_003 + zlib.crc32(name.encode()))
+        return torch.rand(self.weights[name].shape, generator=gen)
+
+    def benign(self, name: str) -> torch.Tensor:
+        how = self.spec.benign_importance
+        if how == "unsigned":
+            return self.scores["benign_unsigned"][name].float()
+        s = self.scores["benign"][name].float()
+        return s.abs() if how == "abs_signed" else -s
+
+
+def _count(fraction: float, size: int) -> int:
+    return int(round(fraction * size))
+
+
+def select(
+    spec: PruneSpec,
+    params: Mapping[str, ScoredParam],
+    weights: Mapping[str, torch.Tensor],
+    scores: Mapping[str, Mapping[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
+    """Flat indices (sorted int64) of the weights to prune, per parameter name."""
+    spec.validate()
+    views = _Scores(spec, weights, scores)
+    names = list(params)
+    if spec.granularity == "row":
+        return {n: _select_rows(spec, views, n, params[n].rows_dim) for n in names}
+    units = [names] if spec.granularity == "global" else [[n] for n in names]
+    out: dict[str, torch.Tensor] = {}
+    for unit in units:
+        size = sum(weights[n].numel() for n in unit)
+        protected = (
+            top_k_threshold(unit, lambda n: float_keys(views.benign(n)), _count(spec.protect, size))
+            if spec.protects
+            else Threshold(None, {})
+        )
+
+        def protected_mask(n: str) -> torch.Tensor:
+            return protected.mask(n, float_keys(views.benign(n))) if spec.protects else torch.zeros((), dtype=torch.bool)
+
+        fractions = spec.harm_fraction is not None
+
+        def harm_keys(n: str) -> torch.Tensor:
+            h = views.harm(n)
+            keys = float_keys(h).masked_fill_(h == float("-inf"), -1)
+            return keys if fractions else keys.masked_fill_(protected_mask(n), -1)
+
+        k = _count(spec.harm_fraction if fractions else spec.sparsity, size)
+        chosen = top_k_threshold(unit, harm_keys, k)
+        for n in unit:
+            keys = harm_keys(n)
+            mask = chosen.mask(n, keys) & (keys >= 0)
+            if fractions:
+                mask &= ~protected_mask(n)
+            out[n] = torch.nonzero(mask.view(-1)).view(-1)
+    return out
+
+
+def _select_rows(spec: PruneSpec, views: _Scores, name: str, rows_dim: int) -> torch.Tensor:
+    """Per output row: the same rule with quotas round(fraction * row length) in every row."""
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(0, 1) if rows_dim == 1 else t
+
+    harm = rows(views.harm(name))
+    width = harm.size(1)
+    blocked = torch.zeros_like(harm, dtype=torch.bool)
+    if spec.protects and _count(spec.protect, width) > 0:
+        idx = torch.topk(rows(views.benign(name)), _count(spec.protect, width), dim=1).indices
+        blocked.scatter_(1, idx, True)
+    fractions = spec.harm_fraction is not None
+    k = _count(spec.harm_fraction if fractions else spec.sparsity, width)
+    mask = torch.zeros_like(blocked)
+    if k > 0:
+        ranked = harm if fractions else harm.masked_fill(blocked, float("-inf"))
+        vals, idx = torch.topk(ranked, k, dim=1)
+        mask.scatter_(1, idx, vals > float("-inf"))
+        if fractions:
+            mask &= ~blocked
+    return torch.nonzero(rows(mask).reshape(-1)).view(-1)
+
+
+# ---------------------------------------------------------------- applying and reporting
+
+
+def apply_mask(model: torch.nn.Module, mask: Mapping[str, torch.Tensor]) -> None:
+    """Zero the selected weights in place."""
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, idx in mask.items():
+            if idx.numel():
+                named[name].view(-1)[idx.to(named[name].device)] = 0
+
+
+def mask_counts(params: Mapping[str, ScoredParam], mask: Mapping[str, torch.Tensor]) -> dict[str, dict[str, int]]:
+    """Pruned weights per decoder layer and per module type (q_proj, down_proj, ...)."""
+    per_layer: Counter[str] = Counter()
+    per_type: Counter[str] = Counter()
+    for name, idx in mask.items():
+        per_layer[str(params[name].layer)] += idx.numel()
+        per_type[params[name].module_type] += idx.numel()
+    layers = sorted({str(p.layer) for p in params.values()}, key=int)
+    types = sorted({p.module_type for p in params.values()})
+    return {"per_layer": {k: per_layer[k] for k in layers}, "per_module_type": {k: per_type[k] for k in types}}
+
+
+def save_mask(mask: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        save_file({n: t.contiguous() for n, t in mask.items()}, str(tmp))
+
+
+def load_mask(path: str | Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))

@@ -1,0 +1,255 @@
+"""One run: calibrate -> score -> mask -> evaluate before -> apply -> evaluate after -> record.
+
+Takes a plain resolved config dict (Hydra stays in cli.py). Every stage writes its artifact into the
+run folder atomically; a re-run loads finished artifacts instead of recomputing them, and a run
+whose result.json exists is returned as is. result.json is written last, so its presence means done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import transformers
+
+import harmsweep
+from harmsweep.artifacts import write_json
+from harmsweep.calibration import (
+    PLAIN_TEMPLATE,
+    RESPONSE_MODES,
+    Pair,
+    encode_pairs,
+    file_pairs,
+    generate_responses,
+    iter_batches,
+    load_sets,
+    resolve_template,
+    save_sets,
+)
+from harmsweep.data import load_records, split_disjoint
+from harmsweep.errors import HarmsweepError
+from harmsweep.evaluation import likelihood_metrics, mean_response_nll
+from harmsweep.models import LoadedModel, load_model
+from harmsweep.pruning import PruneSpec, apply_mask, load_mask, mask_counts, save_mask, select
+from harmsweep.scoring import load_scores, save_scores, scored_parameters, signed_snip, unsigned_snip
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+NOT_IN_RUN_ID = ("paths", "logger", "launcher", "hydra")
+
+
+def run_id(cfg: Mapping[str, Any]) -> str:
+    """Hash of the resolved config minus where things are stored and how they are launched/logged."""
+    kept = {k: v for k, v in cfg.items() if k not in NOT_IN_RUN_ID}
+    kept["data"] = {k: v for k, v in kept.get("data", {}).items() if k != "root"}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def prune_spec(cfg: Mapping[str, Any]) -> PruneSpec:
+    p = cfg["pruning"]
+    spec = PruneSpec(
+        rule=p["rule"],
+        sparsity=float(p["sparsity"]),
+        protect=float(p["protect"]),
+        harm_fraction=None if p.get("harm_fraction") is None else float(p["harm_fraction"]),
+        granularity=p["granularity"],
+        benign_importance=p["benign_importance"],
+        seed=int(cfg["seed"]),
+    )
+    spec.validate()
+    return spec
+
+
+def check_config(cfg: Mapping[str, Any]) -> PruneSpec:
+    """Every check that needs no model, so bad input fails in a second, before any work."""
+    spec = prune_spec(cfg)
+    cal, data = cfg["calibration"], cfg["data"]
+    mode = cal["harmful"]["responses"]
+    if mode not in RESPONSE_MODES:
+        raise HarmsweepError(f"calibration.harmful.responses={mode} is not one of {', '.join(RESPONSE_MODES)}")
+    for key, value in (("calibration.n", cal["n"]), ("evaluation.n", cfg["evaluation"]["n"])):
+        if int(value) < 1:
+            raise HarmsweepError(f"{key}={value} must be at least 1")
+    if mode == "file" and not cal["harmful"].get("file"):
+        raise HarmsweepError("calibration.harmful.responses=file needs calibration.harmful.file=PATH (JSONL: prompt, response)")
+    for key in ("calibration.harmful.file", "calibration.benign.file"):
+        path = cal[key.split(".")[1]].get("file")
+        if path and not Path(path).is_file():
+            raise HarmsweepError(f"{key} not found: {path}")
+    needs_root = mode != "file" or not cal["benign"].get("file")
+    root = data.get("root")
+    if needs_root and (not root or not Path(str(root)).is_dir()):
+        raise HarmsweepError(f"data root not found: {root} (set data.root=DIR or the HARMSWEEP_DATA environment variable)")
+    return spec
+
+
+def run_pipeline(cfg: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
+    spec = check_config(cfg)
+    result_path = run_dir / "result.json"
+    if result_path.is_file():
+        log.info("run %s is already done: %s", run_id(cfg), result_path)
+        return json.loads(result_path.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(int(cfg["seed"]))
+    timings: dict[str, float] = {}
+    lm = _timed(timings, "load", lambda: _load(cfg))
+    template = resolve_template(lm.tokenizer, cfg["alignment"]["template"])
+    cal_path = run_dir / "calibration.safetensors"
+    sets = _timed(timings, "calibrate", lambda: _stage(cal_path, lambda: _calibrate(cfg, lm, template, cal_path), load_sets))
+
+    params = scored_parameters(lm.model)
+    batch = int(cfg["calibration"]["batch_size"])
+    scores = {}
+    for kind in sorted(spec.needed_scores()):
+        path = run_dir / f"scores_{kind}.safetensors"
+        scores[kind] = _timed(timings, f"score_{kind}", lambda: _stage(path, lambda: _score(lm, sets, kind, batch, path), load_scores))
+
+    weights = {n: p for n, p in lm.model.named_parameters() if n in params}
+    mask_path = run_dir / "mask.safetensors"
+    mask = _timed(timings, "mask", lambda: _stage(mask_path, lambda: _mask(spec, params, weights, scores, mask_path), load_mask))
+
+    eval_batch = int(cfg["evaluation"]["batch_size"])
+    before_path = run_dir / "nll_before.json"
+    before = _timed(timings, "evaluate_before", lambda: _stage(before_path, lambda: _nll(lm, sets, eval_batch, before_path), _read_json))
+    zeros_before = sum(int((w == 0).sum()) for w in weights.values())
+    apply_mask(lm.model, mask)
+    zeros_after = sum(int((w == 0).sum()) for w in weights.values())
+    after = _timed(timings, "evaluate_after", lambda: _nll(lm, sets, eval_batch, None))
+
+    n_scored = sum(w.numel() for w in weights.values())
+    n_pruned = sum(int(idx.numel()) for idx in mask.values())
+    metrics = {
+        **likelihood_metrics(before, after),
+        "n_pruned": n_pruned,
+        "target_sparsity": spec.sparsity,
+        "actual_sparsity": zeros_after / n_scored,
+        "newly_zeroed_fraction": (zeros_after - zeros_before) / n_scored,
+    }
+    result = {
+        "run_id": run_id(cfg),
+        "model": cfg["model"]["name"],
+        "alignment": cfg["alignment"]["name"],
+        "model_source": lm.source,
+        "model_fingerprint": lm.fingerprint,
+        "template": template if template == "chat" else f"plain: {PLAIN_TEMPLATE!r}",
+        "n_scored": n_scored,
+        "n_pruned": n_pruned,
+        "actual_sparsity": metrics["actual_sparsity"],
+        "zero_fraction_before": zeros_before / n_scored,
+        "metrics": metrics,
+        "pruning": {**spec.__dict__, **mask_counts(params, mask)},
+        "artifacts": {
+            "calibration": str(cal_path),
+            **{f"scores_{k}": str(run_dir / f"scores_{k}.safetensors") for k in scores},
+            "mask": str(mask_path),
+        },
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "versions": {"harmsweep": harmsweep.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "config": dict(cfg),
+    }
+    write_json(result, result_path)
+    return result
+
+
+def _timed(timings: dict[str, float], name: str, fn: Callable[[], T]) -> T:
+    start = time.perf_counter()
+    out = fn()
+    timings[name] = time.perf_counter() - start
+    return out
+
+
+def _stage(path: Path, compute: Callable[[], T], load: Callable[[Path], T]) -> T:
+    """Load a finished stage's artifact, or compute it (the computation writes it atomically)."""
+    if path.is_file():
+        log.info("reusing %s", path.name)
+        return load(path)
+    return compute()
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def _load(cfg: Mapping[str, Any]) -> LoadedModel:
+    lm = load_model(cfg["model"], cfg["alignment"]["name"], cfg["paths"]["cache_dir"])
+    device = cfg.get("device", "auto")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    lm.model.to(device)
+    return lm
+
+
+def _calibrate(cfg: Mapping[str, Any], lm: LoadedModel, template: str, path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Harmful and benign pairs for scoring plus held-out ones for evaluation, never overlapping."""
+    cal, data, ev = cfg["calibration"], cfg["data"], cfg["evaluation"]
+    n, n_eval, seed = int(cal["n"]), int(ev["n"]), int(cfg["seed"])
+    harm = cal["harmful"]
+    if harm["responses"] == "file":
+        harmful = load_records("custom", None, file=harm["file"])
+    else:
+        harmful = load_records(data["harmful"]["name"], data["root"], file=data["harmful"].get("file"), categories=data["harmful"].get("categories"))
+    harm_cal, harm_eval = split_disjoint(harmful, n, n_eval, seed)
+    if harm["responses"] == "file":
+        harm_pairs = file_pairs(harm_cal + harm_eval, "calibration.harmful.file")
+    else:
+        k = int(harm["prefill_tokens"]) if harm["responses"] == "prefill" else 0
+        harm_pairs = generate_responses(
+            lm.model, lm.tokenizer, harm_cal + harm_eval, template, prefill_tokens=k,
+            max_new_tokens=int(harm["max_new_tokens"]), batch_size=int(cal["gen_batch_size"]), desc="harmful responses",
+        )  # fmt: skip
+    if cal["benign"].get("file"):
+        benign = load_records("custom", None, file=cal["benign"]["file"])
+    else:
+        benign = load_records(data["benign"]["name"], data["root"], file=data["benign"].get("file"))
+    ben_cal, ben_eval = split_disjoint(benign, n, n_eval, seed)
+    ben_eval_pairs = (
+        generate_responses(
+            lm.model, lm.tokenizer, ben_eval, template, prefill_tokens=0,
+            max_new_tokens=int(harm["max_new_tokens"]), batch_size=int(cal["gen_batch_size"]), desc="benign references",
+        )  # fmt: skip
+        if ev["benign_references"] == "model"
+        else file_pairs(ben_eval, "benign evaluation data")
+    )
+    pairs: dict[str, list[Pair]] = {
+        "harmful": harm_pairs[:n],
+        "eval_harmful": harm_pairs[n:],
+        "benign": file_pairs(ben_cal, "benign calibration data"),
+        "eval_benign": ben_eval_pairs,
+    }
+    max_len = int(cal["max_length"])
+    sets = {name: encode_pairs(lm.tokenizer, ps, template, max_len) for name, ps in pairs.items()}
+    save_sets(sets, pairs, path)
+    return sets
+
+
+def _score(lm: LoadedModel, sets: Mapping[str, dict[str, torch.Tensor]], kind: str, batch: int, path: Path) -> dict[str, torch.Tensor]:
+    tensors = sets["harmful" if kind.startswith("harm") else "benign"]
+    batches = list(iter_batches(tensors, batch))
+    if kind.endswith("unsigned"):
+        scores = unsigned_snip(lm.model, batches, desc=f"scoring {kind}")
+    else:
+        scores = signed_snip(lm.model, batches, tensors["input_ids"].size(0), desc=f"scoring {kind}")
+    save_scores(scores, path)
+    return scores
+
+
+def _mask(spec: PruneSpec, params, weights, scores, path: Path) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    mask = select(spec, params, weights, scores)
+    save_mask(mask, path)
+    return mask
+
+
+def _nll(lm: LoadedModel, sets: Mapping[str, dict[str, torch.Tensor]], batch: int, path: Path | None) -> dict[str, float]:
+    nll = {
+        "harmful": mean_response_nll(lm.model, sets["eval_harmful"], batch),
+        "benign": mean_response_nll(lm.model, sets["eval_benign"], batch),
+    }
+    if path is not None:
+        write_json(nll, path)
+    return nll

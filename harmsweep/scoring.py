@@ -1,0 +1,158 @@
+"""Signed SNIP scores: S(w) = w * dL/dw for the linear weights inside the decoder blocks.
+
+Zeroing w changes the loss by about -S(w) (first-order Taylor), so S < 0 marks weights that
+support the calibration responses. S is linear in the gradient, so one backward pass of the mean
+loss over a batch gives the sum of per-sample scores: one forward+backward per batch scores every
+layer at once. Gradients are folded into fp32 score buffers by a post-accumulate hook and freed at
+once, so memory stays at weights + one score buffer + activations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
+
+from harmsweep.artifacts import atomic_path
+from harmsweep.losses import per_sample_nll
+
+LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
+Batch = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ScoredParam:
+    """Where a scored weight sits: used for per-layer and per-module-type counts and row ranking."""
+
+    name: str  # as in model.named_parameters()
+    layer: int  # index of the decoder block
+    module_type: str  # attribute name of the linear module: q_proj, down_proj, c_attn, ...
+    rows_dim: int  # dimension indexing output units (0 for nn.Linear, 1 for GPT-2's Conv1D)
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of transformer blocks, found by structure rather than by name.
+
+    It is the largest (by parameter count) ModuleList whose children contain linear layers: that is
+    model.layers for Llama/Qwen2/Gemma3 and transformer.h for GPT-2.
+    """
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if not any(isinstance(m, LINEAR_TYPES) for m in module.modules()):
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if best is None or size > best[0]:
+            best = (size, name, module)
+    if best is None:
+        raise ValueError(f"{type(model).__name__} has no ModuleList of blocks with linear layers")
+    return best[1], best[2]
+
+
+def scored_parameters(model: nn.Module) -> dict[str, ScoredParam]:
+    """Weights of every linear layer inside the decoder blocks; embeddings, lm_head, norms, biases excluded."""
+    prefix, blocks = decoder_blocks(model)
+    param_names = {id(p): n for n, p in model.named_parameters()}
+    found: dict[str, ScoredParam] = {}
+    for layer, block in enumerate(blocks):
+        for sub_name, module in block.named_modules():
+            if isinstance(module, LINEAR_TYPES) and id(module.weight) in param_names:
+                name = param_names[id(module.weight)]
+                rows_dim = 1 if isinstance(module, Conv1D) else 0
+                found[name] = ScoredParam(name, layer, sub_name.rsplit(".", 1)[-1], rows_dim)
+    if not found:
+        raise ValueError(f"no linear layers found inside {prefix} of {type(model).__name__}")
+    return found
+
+
+def signed_snip(
+    model: nn.Module, batches: Iterable[Batch], n_samples: int, desc: str = "signed SNIP"
+) -> dict[str, torch.Tensor]:
+    """S = w * dL/dw with L the mean over all samples of their token-mean response NLL (fp32)."""
+    params = _params(model)
+    scores = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+
+    def fold(name: str, p: nn.Parameter) -> None:
+        scores[name].addcmul_(p.detach(), p.grad)
+        p.grad = None
+
+    def loss_of(batch: Batch) -> torch.Tensor:
+        return _batch_nll(model, batch).sum() / n_samples
+
+    _backward_each(model, params, batches, loss_of, fold, desc)
+    return scores
+
+
+def unsigned_snip(model: nn.Module, batches: Iterable[Batch], desc: str = "unsigned SNIP") -> dict[str, torch.Tensor]:
+    """Wei et al.'s score |w| * sum_i |dL_i/dw|: needs one backward per sample, so batches are split."""
+    params = _params(model)
+    sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+
+    def fold(name: str, p: nn.Parameter) -> None:
+        sums[name].add_(p.grad.abs())
+        p.grad = None
+
+    def samples() -> Iterable[Batch]:
+        for batch in batches:
+            for i in range(batch["input_ids"].size(0)):
+                yield _trim({k: v[i : i + 1] for k, v in batch.items()})
+
+    _backward_each(model, params, samples(), lambda b: _batch_nll(model, b).sum(), fold, desc)
+    return {n: s.mul_(params[n].detach().abs()) for n, s in sums.items()}
+
+
+def _params(model: nn.Module) -> dict[str, nn.Parameter]:
+    named = dict(model.named_parameters())
+    return {n: named[n] for n in scored_parameters(model)}
+
+
+def _batch_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
+    device = next(model.parameters()).device
+    out = model(
+        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False
+    )
+    return per_sample_nll(out.logits, batch["labels"].to(device))
+
+
+def _trim(batch: Batch) -> dict[str, torch.Tensor]:
+    """Drop trailing all-padding columns (batches are right-padded)."""
+    width = int(batch["attention_mask"].sum(dim=1).max())
+    return {k: v[:, :width] for k, v in batch.items()}
+
+
+def _backward_each(model, params, batches, loss_of, fold, desc: str) -> None:  # noqa: ANN001
+    """Run loss_of(batch).backward() per batch with only ``params`` requiring grad; fold grads as they land."""
+    previous = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    handles = []
+    for name, p in params.items():
+        p.requires_grad_(True)
+        p.grad = None
+        handles.append(p.register_post_accumulate_grad_hook(lambda p, name=name: fold(name, p)))
+    try:
+        for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
+            loss_of(_trim(batch)).backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in previous.items():
+            p.requires_grad_(flag)
+            p.grad = None
+
+
+def save_scores(scores: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """One tensor per scored parameter, named as in model.named_parameters(), written atomically."""
+    with atomic_path(path) as tmp:
+        save_file({n: t.contiguous() for n, t in scores.items()}, str(tmp))
+
+
+def load_scores(path: str | Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
