@@ -57,9 +57,7 @@ def response_ids(tokenizer: PreTrainedTokenizerBase, response: str) -> list[int]
     return tokenizer(response, add_special_tokens=False)["input_ids"]
 
 
-def encode_pairs(
-    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair], template: str, max_length: int
-) -> Tensors:
+def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair], template: str, max_length: int) -> Tensors:
     """Right-padded input_ids / attention_mask / labels, labels = -100 on prompt and padding.
 
     Responses longer than the room left after the prompt are cut at the end; a pair whose prompt
@@ -87,6 +85,22 @@ def encode_pairs(
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
+def attack_prompts(
+    tokenizer: PreTrainedTokenizerBase, records: Sequence[Record], template: str, prefill_tokens: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompt ids to generate from, and the forced assistant prefix of each (first k target tokens)."""
+    prefixes: list[list[int]] = []
+    for rec in records:
+        if prefill_tokens > 0 and not rec.target:
+            raise HarmsweepError(
+                f"prefilling needs a target per prompt and {rec.source_id} has none; "
+                "use calibration.harmful.responses=on_policy or a file of responses"
+            )
+        prefixes.append(response_ids(tokenizer, rec.target)[:prefill_tokens] if prefill_tokens > 0 else [])
+    prompts = [prompt_ids(tokenizer, r.prompt, template) + pre for r, pre in zip(records, prefixes, strict=True)]
+    return prompts, prefixes
+
+
 def generate_responses(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -99,19 +113,11 @@ def generate_responses(
     desc: str,
 ) -> list[Pair]:
     """The model's own responses; with prefill_tokens > 0 the first k target tokens are forced first."""
-    prefixes: list[list[int]] = []
-    for rec in records:
-        if prefill_tokens > 0 and not rec.target:
-            raise HarmsweepError(
-                f"prefilling needs a target per prompt and {rec.source_id} has none; "
-                "use calibration.harmful.responses=on_policy or a file of responses"
-            )
-        prefixes.append(response_ids(tokenizer, rec.target)[:prefill_tokens] if prefill_tokens > 0 else [])
-    prompts = [prompt_ids(tokenizer, r.prompt, template) + pre for r, pre in zip(records, prefixes)]
+    prompts, prefixes = attack_prompts(tokenizer, records, template, prefill_tokens)
     continuations = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size, desc)
     return [
         Pair(rec.prompt, tokenizer.decode(pre + cont, skip_special_tokens=True), rec.source_id, rec.category)
-        for rec, pre, cont in zip(records, prefixes, continuations)
+        for rec, pre, cont in zip(records, prefixes, continuations, strict=True)
     ]
 
 

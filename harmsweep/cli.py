@@ -9,7 +9,6 @@ looks like a finished run.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -54,6 +53,17 @@ def summary(result: dict[str, Any]) -> str:
     )
 
 
+def _run_id_resolver(*, _root_: Any) -> str:
+    """``${harmsweep_run_id:}``: the run id of the composed config, so run folders are named by it."""
+    from omegaconf import OmegaConf
+
+    from harmsweep.run import run_id
+
+    tree = OmegaConf.to_container(_root_, resolve=False)
+    tree.pop("hydra", None)
+    return run_id(OmegaConf.to_container(OmegaConf.create(tree), resolve=True))
+
+
 def main() -> None:
     check_group_overrides(sys.argv[1:])
     import hydra
@@ -80,7 +90,7 @@ def main() -> None:
             raise
         print(summary(result))
 
-    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    OmegaConf.register_new_resolver("harmsweep_run_id", _run_id_resolver, replace=True)
     app()
 
 

@@ -7,7 +7,7 @@ so prompt and padding never contribute and long responses do not outweigh short 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+from torch.nn import functional
 
 IGNORE = -100
 
@@ -16,7 +16,7 @@ def per_sample_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token NLL over each sample's labelled positions, shape (batch,), in fp32."""
     shift_logits = logits[:, :-1, :]
     shift_labels = labels[:, 1:]
-    nll = F.cross_entropy(
+    nll = functional.cross_entropy(
         shift_logits.reshape(-1, shift_logits.size(-1)).float(),
         shift_labels.reshape(-1),
         ignore_index=IGNORE,

@@ -155,7 +155,7 @@ def embedded_gguf(package: str, file: str) -> Path | None:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / file
+    path = Path(next(iter(spec.submodule_search_locations))) / file
     return path if path.is_file() else None
 
 

@@ -53,7 +53,11 @@ class PruneSpec:
         ):
             if value not in allowed:
                 raise HarmsweepError(f"pruning.{field}={value} is not one of {', '.join(allowed)}")
-        for field, value in (("sparsity", self.sparsity), ("protect", self.protect), ("harm_fraction", self.harm_fraction)):
+        for field, value in (
+            ("sparsity", self.sparsity),
+            ("protect", self.protect),
+            ("harm_fraction", self.harm_fraction),
+        ):
             if value is not None and not 0.0 <= float(value) <= 1.0:
                 raise HarmsweepError(f"pruning.{field}={value} must lie in [0, 1]")
 
@@ -148,7 +152,9 @@ def _bucket_from_top(hist: torch.Tensor, k: int) -> tuple[int, int]:
 class _Scores:
     """Per-matrix views of the score sets a rule needs; computed lazily, one matrix at a time."""
 
-    def __init__(self, spec: PruneSpec, weights: Mapping[str, torch.Tensor], scores: Mapping[str, Mapping[str, torch.Tensor]]):
+    def __init__(
+        self, spec: PruneSpec, weights: Mapping[str, torch.Tensor], scores: Mapping[str, Mapping[str, torch.Tensor]]
+    ):
         missing = spec.needed_scores() - set(scores)
         if missing:
             raise ValueError(f"rule {spec.rule} needs score sets {sorted(missing)}")
@@ -176,7 +182,7 @@ class _Scores:
 
 
 def _count(fraction: float, size: int) -> int:
-    return int(round(fraction * size))
+    return round(fraction * size)
 
 
 def select(
@@ -194,31 +200,34 @@ def select(
     units = [names] if spec.granularity == "global" else [[n] for n in names]
     out: dict[str, torch.Tensor] = {}
     for unit in units:
-        size = sum(weights[n].numel() for n in unit)
-        protected = (
-            top_k_threshold(unit, lambda n: float_keys(views.benign(n)), _count(spec.protect, size))
-            if spec.protects
-            else Threshold(None, {})
-        )
+        out.update(_select_unit(spec, views, unit, sum(weights[n].numel() for n in unit)))
+    return out
 
-        def protected_mask(n: str) -> torch.Tensor:
-            return protected.mask(n, float_keys(views.benign(n))) if spec.protects else torch.zeros((), dtype=torch.bool)
 
-        fractions = spec.harm_fraction is not None
+def _select_unit(spec: PruneSpec, views: _Scores, unit: list[str], size: int) -> dict[str, torch.Tensor]:
+    """Target count or fractions over one ranking unit (all matrices, or one), streamed per matrix."""
+    fractions = spec.harm_fraction is not None
+    protected = (
+        top_k_threshold(unit, lambda n: float_keys(views.benign(n)), _count(spec.protect, size))
+        if spec.protects
+        else Threshold(None, {})
+    )
 
-        def harm_keys(n: str) -> torch.Tensor:
-            h = views.harm(n)
-            keys = float_keys(h).masked_fill_(h == float("-inf"), -1)
-            return keys if fractions else keys.masked_fill_(protected_mask(n), -1)
+    def protected_mask(n: str) -> torch.Tensor:
+        return protected.mask(n, float_keys(views.benign(n))) if spec.protects else torch.zeros((), dtype=torch.bool)
 
-        k = _count(spec.harm_fraction if fractions else spec.sparsity, size)
-        chosen = top_k_threshold(unit, harm_keys, k)
-        for n in unit:
-            keys = harm_keys(n)
-            mask = chosen.mask(n, keys) & (keys >= 0)
-            if fractions:
-                mask &= ~protected_mask(n)
-            out[n] = torch.nonzero(mask.view(-1)).view(-1)
+    def harm_keys(n: str) -> torch.Tensor:
+        h = views.harm(n)
+        keys = float_keys(h).masked_fill_(h == float("-inf"), -1)
+        return keys if fractions else keys.masked_fill_(protected_mask(n), -1)
+
+    chosen = top_k_threshold(unit, harm_keys, _count(spec.harm_fraction if fractions else spec.sparsity, size))
+    out = {}
+    for n in unit:
+        mask = chosen.mask(n, harm_keys(n))
+        if fractions:
+            mask &= ~protected_mask(n)
+        out[n] = torch.nonzero(mask.view(-1)).view(-1)
     return out
 
 

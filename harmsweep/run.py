@@ -77,7 +77,9 @@ def check_config(cfg: Mapping[str, Any]) -> PruneSpec:
         if int(value) < 1:
             raise HarmsweepError(f"{key}={value} must be at least 1")
     if mode == "file" and not cal["harmful"].get("file"):
-        raise HarmsweepError("calibration.harmful.responses=file needs calibration.harmful.file=PATH (JSONL: prompt, response)")
+        raise HarmsweepError(
+            "calibration.harmful.responses=file needs calibration.harmful.file=PATH (JSONL: prompt, response)"
+        )
     for key in ("calibration.harmful.file", "calibration.benign.file"):
         path = cal[key.split(".")[1]].get("file")
         if path and not Path(path).is_file():
@@ -85,38 +87,51 @@ def check_config(cfg: Mapping[str, Any]) -> PruneSpec:
     needs_root = mode != "file" or not cal["benign"].get("file")
     root = data.get("root")
     if needs_root and (not root or not Path(str(root)).is_dir()):
-        raise HarmsweepError(f"data root not found: {root} (set data.root=DIR or the HARMSWEEP_DATA environment variable)")
+        raise HarmsweepError(
+            f"data root not found: {root} (set data.root=DIR or the HARMSWEEP_DATA environment variable)"
+        )
     return spec
 
 
 def run_pipeline(cfg: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
     spec = check_config(cfg)
+    rid = run_id(cfg)
+    _claim(run_dir, rid, cfg)
     result_path = run_dir / "result.json"
     if result_path.is_file():
-        log.info("run %s is already done: %s", run_id(cfg), result_path)
+        log.info("run %s is already done: %s", rid, result_path)
         return json.loads(result_path.read_text())
-    run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(int(cfg["seed"]))
     timings: dict[str, float] = {}
     lm = _timed(timings, "load", lambda: _load(cfg))
     template = resolve_template(lm.tokenizer, cfg["alignment"]["template"])
     cal_path = run_dir / "calibration.safetensors"
-    sets = _timed(timings, "calibrate", lambda: _stage(cal_path, lambda: _calibrate(cfg, lm, template, cal_path), load_sets))
+    sets = _timed(
+        timings, "calibrate", lambda: _stage(cal_path, lambda: _calibrate(cfg, lm, template, cal_path), load_sets)
+    )
 
     params = scored_parameters(lm.model)
     batch = int(cfg["calibration"]["batch_size"])
     scores = {}
     for kind in sorted(spec.needed_scores()):
+        start = time.perf_counter()
         path = run_dir / f"scores_{kind}.safetensors"
-        scores[kind] = _timed(timings, f"score_{kind}", lambda: _stage(path, lambda: _score(lm, sets, kind, batch, path), load_scores))
+        scores[kind] = load_scores(path) if path.is_file() else _score(lm, sets, kind, batch, path)
+        timings[f"score_{kind}"] = time.perf_counter() - start
 
     weights = {n: p for n, p in lm.model.named_parameters() if n in params}
     mask_path = run_dir / "mask.safetensors"
-    mask = _timed(timings, "mask", lambda: _stage(mask_path, lambda: _mask(spec, params, weights, scores, mask_path), load_mask))
+    mask = _timed(
+        timings, "mask", lambda: _stage(mask_path, lambda: _mask(spec, params, weights, scores, mask_path), load_mask)
+    )
 
     eval_batch = int(cfg["evaluation"]["batch_size"])
     before_path = run_dir / "nll_before.json"
-    before = _timed(timings, "evaluate_before", lambda: _stage(before_path, lambda: _nll(lm, sets, eval_batch, before_path), _read_json))
+    before = _timed(
+        timings,
+        "evaluate_before",
+        lambda: _stage(before_path, lambda: _nll(lm, sets, eval_batch, before_path), _read_json),
+    )
     zeros_before = sum(int((w == 0).sum()) for w in weights.values())
     apply_mask(lm.model, mask)
     zeros_after = sum(int((w == 0).sum()) for w in weights.values())
@@ -128,11 +143,13 @@ def run_pipeline(cfg: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
         **likelihood_metrics(before, after),
         "n_pruned": n_pruned,
         "target_sparsity": spec.sparsity,
-        "actual_sparsity": zeros_after / n_scored,
-        "newly_zeroed_fraction": (zeros_after - zeros_before) / n_scored,
+        # weights this pruning zeroed; selected weights that were zero already (GGUF dequantisation
+        # leaves some) do not count
+        "actual_sparsity": (zeros_after - zeros_before) / n_scored,
+        "zero_fraction_after": zeros_after / n_scored,
     }
     result = {
-        "run_id": run_id(cfg),
+        "run_id": rid,
         "model": cfg["model"]["name"],
         "alignment": cfg["alignment"]["name"],
         "model_source": lm.source,
@@ -150,11 +167,29 @@ def run_pipeline(cfg: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
             "mask": str(mask_path),
         },
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "versions": {"harmsweep": harmsweep.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": {
+            "harmsweep": harmsweep.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
         "config": dict(cfg),
     }
     write_json(result, result_path)
     return result
+
+
+def _claim(run_dir: Path, rid: str, cfg: Mapping[str, Any]) -> None:
+    """Mark the folder as this run's, or refuse one that holds another run's artifacts."""
+    identity = run_dir / "run.json"
+    if identity.is_file():
+        stored = json.loads(identity.read_text()).get("run_id")
+        if stored != rid:
+            raise HarmsweepError(
+                f"{run_dir} holds run {stored}, not this config's run {rid}: use another hydra.run.dir or remove it"
+            )
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json({"run_id": rid, "config": dict(cfg)}, identity)
 
 
 def _timed(timings: dict[str, float], name: str, fn: Callable[[], T]) -> T:
@@ -185,7 +220,9 @@ def _load(cfg: Mapping[str, Any]) -> LoadedModel:
     return lm
 
 
-def _calibrate(cfg: Mapping[str, Any], lm: LoadedModel, template: str, path: Path) -> dict[str, dict[str, torch.Tensor]]:
+def _calibrate(
+    cfg: Mapping[str, Any], lm: LoadedModel, template: str, path: Path
+) -> dict[str, dict[str, torch.Tensor]]:
     """Harmful and benign pairs for scoring plus held-out ones for evaluation, never overlapping."""
     cal, data, ev = cfg["calibration"], cfg["data"], cfg["evaluation"]
     n, n_eval, seed = int(cal["n"]), int(ev["n"]), int(cfg["seed"])
@@ -193,16 +230,27 @@ def _calibrate(cfg: Mapping[str, Any], lm: LoadedModel, template: str, path: Pat
     if harm["responses"] == "file":
         harmful = load_records("custom", None, file=harm["file"])
     else:
-        harmful = load_records(data["harmful"]["name"], data["root"], file=data["harmful"].get("file"), categories=data["harmful"].get("categories"))
+        harmful = load_records(
+            data["harmful"]["name"],
+            data["root"],
+            file=data["harmful"].get("file"),
+            categories=data["harmful"].get("categories"),
+        )
     harm_cal, harm_eval = split_disjoint(harmful, n, n_eval, seed)
     if harm["responses"] == "file":
         harm_pairs = file_pairs(harm_cal + harm_eval, "calibration.harmful.file")
     else:
         k = int(harm["prefill_tokens"]) if harm["responses"] == "prefill" else 0
         harm_pairs = generate_responses(
-            lm.model, lm.tokenizer, harm_cal + harm_eval, template, prefill_tokens=k,
-            max_new_tokens=int(harm["max_new_tokens"]), batch_size=int(cal["gen_batch_size"]), desc="harmful responses",
-        )  # fmt: skip
+            lm.model,
+            lm.tokenizer,
+            harm_cal + harm_eval,
+            template,
+            prefill_tokens=k,
+            max_new_tokens=int(harm["max_new_tokens"]),
+            batch_size=int(cal["gen_batch_size"]),
+            desc="harmful responses",
+        )
     if cal["benign"].get("file"):
         benign = load_records("custom", None, file=cal["benign"]["file"])
     else:
@@ -210,9 +258,15 @@ def _calibrate(cfg: Mapping[str, Any], lm: LoadedModel, template: str, path: Pat
     ben_cal, ben_eval = split_disjoint(benign, n, n_eval, seed)
     ben_eval_pairs = (
         generate_responses(
-            lm.model, lm.tokenizer, ben_eval, template, prefill_tokens=0,
-            max_new_tokens=int(harm["max_new_tokens"]), batch_size=int(cal["gen_batch_size"]), desc="benign references",
-        )  # fmt: skip
+            lm.model,
+            lm.tokenizer,
+            ben_eval,
+            template,
+            prefill_tokens=0,
+            max_new_tokens=int(harm["max_new_tokens"]),
+            batch_size=int(cal["gen_batch_size"]),
+            desc="benign references",
+        )
         if ev["benign_references"] == "model"
         else file_pairs(ben_eval, "benign evaluation data")
     )
@@ -228,7 +282,9 @@ def _calibrate(cfg: Mapping[str, Any], lm: LoadedModel, template: str, path: Pat
     return sets
 
 
-def _score(lm: LoadedModel, sets: Mapping[str, dict[str, torch.Tensor]], kind: str, batch: int, path: Path) -> dict[str, torch.Tensor]:
+def _score(
+    lm: LoadedModel, sets: Mapping[str, dict[str, torch.Tensor]], kind: str, batch: int, path: Path
+) -> dict[str, torch.Tensor]:
     tensors = sets["harmful" if kind.startswith("harm") else "benign"]
     batches = list(iter_batches(tensors, batch))
     if kind.endswith("unsigned"):
@@ -239,13 +295,15 @@ def _score(lm: LoadedModel, sets: Mapping[str, dict[str, torch.Tensor]], kind: s
     return scores
 
 
-def _mask(spec: PruneSpec, params, weights, scores, path: Path) -> dict[str, torch.Tensor]:  # noqa: ANN001
+def _mask(spec: PruneSpec, params, weights, scores, path: Path) -> dict[str, torch.Tensor]:
     mask = select(spec, params, weights, scores)
     save_mask(mask, path)
     return mask
 
 
-def _nll(lm: LoadedModel, sets: Mapping[str, dict[str, torch.Tensor]], batch: int, path: Path | None) -> dict[str, float]:
+def _nll(
+    lm: LoadedModel, sets: Mapping[str, dict[str, torch.Tensor]], batch: int, path: Path | None
+) -> dict[str, float]:
     nll = {
         "harmful": mean_response_nll(lm.model, sets["eval_harmful"], batch),
         "benign": mean_response_nll(lm.model, sets["eval_benign"], batch),

@@ -127,7 +127,7 @@ def _trim(batch: Batch) -> dict[str, torch.Tensor]:
     return {k: v[:, :width] for k, v in batch.items()}
 
 
-def _backward_each(model, params, batches, loss_of, fold, desc: str) -> None:  # noqa: ANN001
+def _backward_each(model, params, batches, loss_of, fold, desc: str) -> None:
     """Run loss_of(batch).backward() per batch with only ``params`` requiring grad; fold grads as they land."""
     previous = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():

@@ -139,7 +139,7 @@ def test_hexphi_default_is_missing_with_instructions(shared_data: Path) -> None:
     with pytest.raises(DataError) as excinfo:
         load_records("hexphi", shared_data)
     message = error_of(excinfo)
-    assert str(shared_data / "hexphi") in message and "HEx-PHI" in message and "file=" in message
+    assert str(shared_data / "hexphi") in message and "HEx-PHI" in message and "data.harmful.file" in message
 
 
 def test_missing_file_without_download_explains_fix(tmp_path: Path) -> None:
@@ -182,6 +182,22 @@ def test_failed_download_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monk
         load_records("strongreject", tmp_path, download=True)
     assert "download" in error_of(excinfo) and "connection reset by peer" in error_of(excinfo)
     assert list((tmp_path / "strongreject").iterdir()) == []  # no truncated file, no temp file
+
+
+def test_hexphi_download_skips_removed_category(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    from huggingface_hub.errors import EntryNotFoundError
+
+    def fake_download(repo_id: str, filename: str, repo_type: str) -> str:
+        assert (repo_id, repo_type) == ("LLM-Tuning-Safety/HEx-PHI", "dataset")
+        if filename == "category_2.csv":
+            raise EntryNotFoundError("removed upstream")
+        return str(write(tmp_path / "cache" / filename, f"A prompt from {filename}\n"))
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    records = load_records("hexphi", tmp_path / "root", download=True)
+    assert len(records) == 10 and "child_abuse_content" not in {r.category for r in records}
+    assert len(list((tmp_path / "root" / "hexphi").glob("category_*.csv"))) == 10
 
 
 # --- small hand-made files ---------------------------------------------------------------------------------------

@@ -105,7 +105,9 @@ def test_signed_snip_global_equals_reference():
 def test_mask_counts_are_exact(rule, granularity, sparsity):
     weights, scores = synthetic()
     scores["harm"] = {n: -s.abs() for n, s in scores["harm"].items()}  # every weight eligible: counts are quotas
-    mask = select(PruneSpec(rule=rule, sparsity=sparsity, protect=0.1, granularity=granularity), PARAMS, weights, scores)
+    mask = select(
+        PruneSpec(rule=rule, sparsity=sparsity, protect=0.1, granularity=granularity), PARAMS, weights, scores
+    )
     if granularity == "global":
         expected = round(sparsity * N)
     elif granularity == "matrix":
@@ -194,7 +196,8 @@ def test_unsigned_benign_importance_reads_unsigned_scores():
 
 
 @pytest.mark.parametrize(
-    "field,value", [("sparsity", -0.1), ("sparsity", 1.5), ("protect", 2.0), ("rule", "bogus"), ("granularity", "layer")]
+    "field,value",
+    [("sparsity", -0.1), ("sparsity", 1.5), ("protect", 2.0), ("rule", "bogus"), ("granularity", "layer")],
 )
 def test_bad_specs_fail_with_one_line(field, value):
     with pytest.raises(HarmsweepError) as err:
@@ -206,8 +209,16 @@ def test_apply_mask_and_counts():
     model = torch.nn.Module()
     for n, s in SHAPES.items():
         model.register_parameter(n.replace(".", "_"), torch.nn.Parameter(torch.ones(s)))
-    params = {n.replace(".", "_"): ScoredParam(n.replace(".", "_"), p.layer, p.module_type, p.rows_dim) for n, p in PARAMS.items()}
-    mask = {"l0_q": torch.tensor([0, 5]), "l0_down": torch.tensor([], dtype=torch.long), "l1_q": torch.tensor([1]), "l1_c_fc": torch.tensor([3, 4, 7])}
+    params = {
+        n.replace(".", "_"): ScoredParam(n.replace(".", "_"), p.layer, p.module_type, p.rows_dim)
+        for n, p in PARAMS.items()
+    }
+    mask = {
+        "l0_q": torch.tensor([0, 5]),
+        "l0_down": torch.tensor([], dtype=torch.long),
+        "l1_q": torch.tensor([1]),
+        "l1_c_fc": torch.tensor([3, 4, 7]),
+    }
     apply_mask(model, mask)
     named = dict(model.named_parameters())
     assert [int((named[n] == 0).sum()) for n in mask] == [2, 0, 1, 3]

@@ -58,7 +58,7 @@ def test_signed_snip_equals_autograd(arch):
     names = list(scores)
     loss = reference_loss(lm.model, tensors, range(len(PAIRS)))
     grads = torch.autograd.grad(loss, [params[n] for n in names])
-    for name, grad in zip(names, grads):
+    for name, grad in zip(names, grads, strict=True):
         expected = (params[name].detach() * grad).float()
         assert scores[name].dtype == torch.float32
         torch.testing.assert_close(scores[name], expected, rtol=1e-4, atol=1e-7)
@@ -107,7 +107,7 @@ def test_unsigned_snip_is_sum_of_per_sample_absolute_gradients():
     total = {n: torch.zeros_like(params[n]) for n in names}
     for i in range(len(PAIRS)):
         grads = torch.autograd.grad(reference_loss(lm.model, tensors, [i]), [params[n] for n in names])
-        for n, g in zip(names, grads):
+        for n, g in zip(names, grads, strict=True):
             total[n] += g.abs()
     for n in names:
         torch.testing.assert_close(scores[n], (params[n].detach().abs() * total[n]).float(), rtol=1e-4, atol=1e-7)

@@ -41,7 +41,7 @@ HUB_SOURCES: dict[str, str] = {
 # How to get the gated HEx-PHI data; shown when it is missing or cannot be downloaded.
 HEXPHI_HOWTO = (
     "HEx-PHI is gated and not redistributable: obtain it under its license from "
-    f"{HUB_SOURCES['hexphi']} and point the data.hexphi file setting (file=DIR) at the folder holding "
+    f"{HUB_SOURCES['hexphi']} and point the dataset's file setting (data.harmful.file=DIR) at the folder holding "
     "category_1.csv ... category_11.csv, or accept the license, log in (`huggingface-cli login` or HF_TOKEN) "
     "and set download=true"
 )

@@ -107,7 +107,7 @@ def _locate(name: str, root: Path | None, file: str | Path | None, download: boo
     if file is not None:
         path = Path(file).expanduser()
         if not path.exists():
-            raise data_error(path, f"{name} file not found; check the file setting (file=PATH) for this dataset")
+            raise data_error(path, f"{name} file not found; check the dataset's file setting (e.g. data.harmful.file)")
         return path
     if root is None:
         raise DataError("no data root: set data.root=DIR or HARMSWEEP_DATA")
@@ -121,8 +121,8 @@ def _locate(name: str, root: Path | None, file: str | Path | None, download: boo
         raise data_error(candidates[0], f"no HEx-PHI category_N.csv files here; {HEXPHI_HOWTO}")
     raise data_error(
         candidates[0],
-        f"{name} data not found; point data.root at the folder that holds {DEFAULT_PATHS[name][0]}, pass file=PATH, "
-        f"or (with internet) set download=true to fetch it from {HUB_SOURCES[name]}",
+        f"{name} data not found; point data.root at the folder that holds {DEFAULT_PATHS[name][0]}, set its file "
+        f"(e.g. data.harmful.file=PATH), or (with internet) set download=true to fetch it from {HUB_SOURCES[name]}",
     )
 
 
@@ -196,8 +196,9 @@ def _finalize(records: list[Record], path: Path, name: str, categories: list[str
     if not kept:
         raise data_error(path, f"{name}: no usable rows (no non-blank prompts)")
     if len(kept) < len(records):
-        log.info("%s: dropped %d blank or duplicate rows of %d in %s", name, len(records) - len(kept), len(records),
-                 path)
+        log.info(
+            "%s: dropped %d blank or duplicate rows of %d in %s", name, len(records) - len(kept), len(records), path
+        )
     if isinstance(categories, str):  # `categories: malware` in a config means one category, not its letters
         categories = [categories]
     if not categories:
@@ -279,8 +280,11 @@ def _load_wei2024(path: Path, name: str) -> list[Record]:
     rows, header = _read_csv(path, ["prompt", "response"])
     index = "" if "" in header else None  # the unnamed pandas index column, a stable row id
     return [
-        Record(_strip_inst(row["prompt"] or ""), (row["response"] or "").strip() or None,
-               source_id=f"{name}:{(row[index] if index is not None else '') or i}")
+        Record(
+            _strip_inst(row["prompt"] or ""),
+            (row["response"] or "").strip() or None,
+            source_id=f"{name}:{(row[index] if index is not None else '') or i}",
+        )
         for i, row in enumerate(rows)
     ]
 
@@ -342,6 +346,7 @@ def _load_custom(path: Path, columns: Mapping[str, str] | None) -> list[Record]:
     mapping = {**CUSTOM_DEFAULT_COLUMNS, **(columns or {})}
     required = dict.fromkeys([mapping["prompt"], *(columns or {}).values()])  # named explicitly, so must exist
     suffix = path.suffix.lower()
+    rows: list[dict[str, Any]]
     if suffix == ".csv":
         rows, header = _read_csv(path, required)
         available: set[str] = set(header)

@@ -1,0 +1,160 @@
+"""The harmsweep command end to end on tiny models: result.json, artifacts, re-runs, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+REQUIRED = {"run_id", "model", "alignment", "n_scored", "n_pruned", "actual_sparsity", "metrics", "artifacts"}
+METRICS = {"nll_harmful_before", "nll_harmful_after", "nll_benign_before", "nll_benign_after", "selectivity"}
+
+
+def harmsweep(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HARMSWEEP_CACHE": str(cwd / "cache"), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "harmsweep.cli", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture
+def pair_files(tmp_path: Path) -> tuple[Path, Path]:
+    harmful = tmp_path / "harmful.jsonl"
+    benign = tmp_path / "benign.jsonl"
+    harmful.write_text("".join(
+        json.dumps({"prompt": f"How do I do bad thing {i}?", "response": f"Sure, here is bad thing {i}: step one, step two."}) + "\n"
+        for i in range(12)
+    ))  # fmt: skip
+    benign.write_text("".join(
+        json.dumps({"prompt": f"Name fruit number {i}.", "response": f"Fruit {i} is an apple, crisp and sweet."}) + "\n"
+        for i in range(12)
+    ))  # fmt: skip
+    return harmful, benign
+
+
+def file_run_args(run_dir: Path, harmful: Path, benign: Path, *extra: str) -> list[str]:
+    return [
+        "model=tiny_llama", "calibration=file", f"calibration.harmful.file={harmful}", f"calibration.benign.file={benign}",
+        "calibration.n=6", "evaluation.n=4", "evaluation.benign_references=dataset", "pruning.sparsity=0.02",
+        "data.root=null", f"hydra.run.dir={run_dir}", *extra,
+    ]  # fmt: skip
+
+
+def test_run_from_files_writes_a_complete_result(tmp_path, pair_files):
+    run_dir = tmp_path / "run"
+    proc = harmsweep(*file_run_args(run_dir, *pair_files), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((run_dir / "result.json").read_text())
+    assert set(result) >= REQUIRED and set(result["metrics"]) >= METRICS
+    assert result["model"] == "tiny_llama" and result["alignment"] == "aligned"
+    assert result["n_pruned"] == round(0.02 * result["n_scored"])
+    assert result["actual_sparsity"] == result["n_pruned"] / result["n_scored"]  # random init: no zeros before
+    assert sum(result["pruning"]["per_layer"].values()) == result["n_pruned"]
+    assert sum(result["pruning"]["per_module_type"].values()) == result["n_pruned"]
+    assert all(isinstance(v, int | float) or v is None for v in result["metrics"].values())
+    for path in result["artifacts"].values():
+        assert Path(path).is_file()
+    mask = load_file(result["artifacts"]["mask"])
+    assert sum(t.numel() for t in mask.values()) == result["n_pruned"]
+    scores = load_file(result["artifacts"]["scores_harm"])
+    assert all(name.startswith("model.layers.") and name.endswith(".weight") for name in scores)
+    assert result["metrics"]["nll_harmful_before"] != result["metrics"]["nll_harmful_after"]
+    assert "pruned" in proc.stdout and "harmful NLL" in proc.stdout
+
+
+def test_rerun_is_idempotent_and_resumes_from_finished_stages(tmp_path, pair_files):
+    run_dir = tmp_path / "run"
+    args = file_run_args(run_dir, *pair_files)
+    assert harmsweep(*args, cwd=tmp_path).returncode == 0
+    first = (run_dir / "result.json").read_text()
+    stamp = (run_dir / "result.json").stat().st_mtime_ns
+    assert harmsweep(*args, cwd=tmp_path).returncode == 0
+    assert (run_dir / "result.json").stat().st_mtime_ns == stamp  # done runs are not redone
+    # Crash after scoring: result and mask gone; the re-run reuses calibration and scores untouched.
+    scores_stamp = (run_dir / "scores_harm.safetensors").stat().st_mtime_ns
+    (run_dir / "result.json").unlink()
+    (run_dir / "mask.safetensors").unlink()
+    assert harmsweep(*args, cwd=tmp_path).returncode == 0
+    assert (run_dir / "scores_harm.safetensors").stat().st_mtime_ns == scores_stamp
+    again = json.loads((run_dir / "result.json").read_text())
+    assert again["metrics"] == json.loads(first)["metrics"]
+
+
+def test_run_on_shared_data_with_prefilling(tmp_path, shared_data):
+    run_dir = tmp_path / "run"
+    proc = harmsweep(
+        "model=tiny_qwen2", f"data.root={shared_data}", "calibration.n=4", "evaluation.n=4",
+        "calibration.harmful.max_new_tokens=6", "pruning.rule=random", "pruning.sparsity=0.01", f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["pruning"]["rule"] == "random" and result["n_pruned"] == round(0.01 * result["n_scored"])
+    pairs = [json.loads(line) for line in (run_dir / "calibration.jsonl").read_text().splitlines()]
+    by_set = {s: [p for p in pairs if p["set"] == s] for s in ("harmful", "eval_harmful", "benign", "eval_benign")}
+    assert all(len(v) == 4 for v in by_set.values())
+    assert all(p["response"].startswith("Sure") for p in by_set["harmful"])  # prefilled "Sure, here is"
+    assert not {p["prompt"] for p in by_set["harmful"]} & {p["prompt"] for p in by_set["eval_harmful"]}
+    assert not {p["prompt"] for p in by_set["benign"]} & {p["prompt"] for p in by_set["eval_benign"]}
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("model=no_such_model", "unknown model 'no_such_model'"),
+        ("pruning=bogus", "unknown pruning 'bogus'"),
+        ("pruning.sparsity=-0.1", "pruning.sparsity=-0.1 must lie in [0, 1]"),
+        ("pruning.sparsity=1.5", "pruning.sparsity=1.5 must lie in [0, 1]"),
+        ("pruning.rule=magic", "pruning.rule=magic is not one of"),
+        ("data.root=/no/such/folder", "data root not found: /no/such/folder"),
+        ("calibration.harmful.file=/no/such.jsonl", "calibration.harmful.file not found"),
+        ("calibration.n=0", "calibration.n=0 must be at least 1"),
+    ],
+)
+def test_bad_overrides_fail_in_one_line_and_leave_no_result(tmp_path, override, expected):
+    run_dir = tmp_path / "run"
+    proc = harmsweep("model=tiny_llama", "data.root=/tmp", override, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("harmsweep: error: ") and expected in lines[0], proc.stderr
+    assert not (run_dir / "result.json").exists()
+
+
+def test_unavailable_variant_says_what_to_do(tmp_path):
+    proc = harmsweep("alignment=base", "data.root=/tmp", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "HuggingFaceTB/SmolLM2-135M" in proc.stderr and "model.path=DIR" in proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1
+
+
+def test_runs_land_in_a_folder_named_by_their_config(tmp_path, pair_files):
+    harmful, benign = pair_files
+    args = [a for a in file_run_args(tmp_path / "unused", harmful, benign) if not a.startswith("hydra.run.dir")]
+    out = tmp_path / "outputs"
+    proc = harmsweep(*args, f"hydra.run.dir={out}/runs/${{harmsweep_run_id:}}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (folder,) = (out / "runs").iterdir()
+    assert json.loads((folder / "result.json").read_text())["run_id"] == folder.name
+    # Same config with another storage place (paths are not part of the id): same id.
+    proc = harmsweep(
+        *args, f"hydra.run.dir={out}/runs/${{harmsweep_run_id:}}", f"paths.cache_dir={tmp_path}/c2", cwd=tmp_path
+    )
+    assert proc.returncode == 0 and len(list((out / "runs").iterdir())) == 1
+
+
+def test_a_folder_holding_another_run_is_refused(tmp_path, pair_files):
+    run_dir = tmp_path / "run"
+    assert harmsweep(*file_run_args(run_dir, *pair_files), cwd=tmp_path).returncode == 0
+    proc = harmsweep(*file_run_args(run_dir, *pair_files, "pruning.sparsity=0.05"), cwd=tmp_path)
+    assert proc.returncode == 2 and "holds run" in proc.stderr
+    assert json.loads((run_dir / "result.json").read_text())["metrics"]["target_sparsity"] == 0.02

