@@ -47,7 +47,7 @@ NOT_IN_RUN_ID = ("paths", "logger", "launcher", "hydra")
 def run_id(cfg: Mapping[str, Any]) -> str:
     """Hash of the resolved config minus where things are stored and how they are launched/logged."""
     kept = {k: v for k, v in cfg.items() if k not in NOT_IN_RUN_ID}
-    kept["data"] = {k: v for k, v in kept.get("data", {}).items() if k != "root"}
+    kept["data"] = {k: v for k, v in kept.get("data", {}).items() if k not in ("root", "download")}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -84,7 +84,9 @@ def check_config(cfg: Mapping[str, Any]) -> PruneSpec:
         path = cal[key.split(".")[1]].get("file")
         if path and not Path(path).is_file():
             raise HarmsweepError(f"{key} not found: {path}")
-    needs_root = mode != "file" or not cal["benign"].get("file")
+    harmful_from_root = mode != "file" and not data["harmful"].get("file")
+    benign_from_root = not cal["benign"].get("file") and not data["benign"].get("file")
+    needs_root = harmful_from_root or benign_from_root
     root = data.get("root")
     if needs_root and (not root or not Path(str(root)).is_dir()):
         raise HarmsweepError(
@@ -235,6 +237,7 @@ def _calibrate(
             data["root"],
             file=data["harmful"].get("file"),
             categories=data["harmful"].get("categories"),
+            download=bool(data.get("download")),
         )
     harm_cal, harm_eval = split_disjoint(harmful, n, n_eval, seed)
     if harm["responses"] == "file":
@@ -254,7 +257,9 @@ def _calibrate(
     if cal["benign"].get("file"):
         benign = load_records("custom", None, file=cal["benign"]["file"])
     else:
-        benign = load_records(data["benign"]["name"], data["root"], file=data["benign"].get("file"))
+        benign = load_records(
+            data["benign"]["name"], data["root"], file=data["benign"].get("file"), download=bool(data.get("download"))
+        )
     ben_cal, ben_eval = split_disjoint(benign, n, n_eval, seed)
     ben_eval_pairs = (
         generate_responses(
