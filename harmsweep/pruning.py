@@ -30,6 +30,7 @@ RULES = ("signed_snip", "no_set_difference", "unsigned_snip", "magnitude", "rand
 GRANULARITIES = ("global", "matrix", "row")
 BENIGN_IMPORTANCE = ("abs_signed", "unsigned", "signed")
 _BINS = 1 << 16
+_HALF = 1 << 15  # shifts the signed high half of a key into a bin index
 _TAKE_ALL = -1
 
 
@@ -77,10 +78,13 @@ class PruneSpec:
 # ---------------------------------------------------------------- streaming top-k (pure functions)
 
 
+EXCLUDED = torch.iinfo(torch.int32).min  # only NaN bit patterns map here, so it marks "not eligible"
+
+
 def float_keys(x: torch.Tensor) -> torch.Tensor:
-    """Order-preserving map of float32 values to int64 keys in [0, 2**32)."""
-    bits = x.detach().float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    return torch.where(bits >= 0x80000000, 0xFFFFFFFF - bits, bits | 0x80000000)
+    """Order-preserving map of float32 values to int32 keys (negative floats get their magnitude bits flipped)."""
+    bits = x.detach().float().contiguous().view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,7 @@ class Threshold:
 def top_k_threshold(names: Sequence[str], keys_of: Callable[[str], torch.Tensor], k: int) -> Threshold:
     """Exact top-k over the keys of many matrices, streamed: radix select on 16+16 bits.
 
-    ``keys_of(name)`` returns a matrix's keys (``float_keys``), with -1 where an entry is excluded.
+    ``keys_of(name)`` returns a matrix's keys (``float_keys``), with EXCLUDED where an entry is not eligible.
     Ties at the threshold are broken by matrix order, then flat index, so the result is deterministic.
     """
     if k <= 0:
@@ -113,7 +117,7 @@ def top_k_threshold(names: Sequence[str], keys_of: Callable[[str], torch.Tensor]
     high = torch.zeros(_BINS, dtype=torch.int64)
     for name in names:
         keys = keys_of(name)
-        high += torch.bincount((keys[keys >= 0] >> 16).view(-1), minlength=_BINS)
+        high += torch.bincount(((keys[keys != EXCLUDED] >> 16) + _HALF).view(-1), minlength=_BINS)
     total = int(high.sum())
     if total == 0:
         return Threshold(None, {})
@@ -122,9 +126,9 @@ def top_k_threshold(names: Sequence[str], keys_of: Callable[[str], torch.Tensor]
     low = torch.zeros(_BINS, dtype=torch.int64)
     for name in names:
         keys = keys_of(name)
-        low += torch.bincount((keys[(keys >> 16) == hi] & 0xFFFF).view(-1), minlength=_BINS)
+        low += torch.bincount((keys[(keys >> 16) == hi - _HALF] & 0xFFFF).view(-1), minlength=_BINS)
     lo, above_lo = _bucket_from_top(low, k - above)
-    key = (hi << 16) | lo
+    key = (hi - _HALF) * _BINS + lo
     ties_needed = k - above - above_lo
     if ties_needed == int(low[lo]):
         return Threshold(key, {name: _TAKE_ALL for name in names})
@@ -218,8 +222,8 @@ def _select_unit(spec: PruneSpec, views: _Scores, unit: list[str], size: int) ->
 
     def harm_keys(n: str) -> torch.Tensor:
         h = views.harm(n)
-        keys = float_keys(h).masked_fill_(h == float("-inf"), -1)
-        return keys if fractions else keys.masked_fill_(protected_mask(n), -1)
+        keys = float_keys(h).masked_fill_(h == float("-inf"), EXCLUDED)
+        return keys if fractions else keys.masked_fill_(protected_mask(n), EXCLUDED)
 
     chosen = top_k_threshold(unit, harm_keys, _count(spec.harm_fraction if fractions else spec.sparsity, size))
     out = {}

@@ -93,6 +93,9 @@ def test_embedded_gguf_converts_once_and_reloads_from_cache(smol_cache):
     assert first.fingerprint == second.fingerprint
     assert second.tokenizer.eos_token == "<|im_end|>" and second.tokenizer.chat_template
     assert not list((smol_cache / "models").glob("*.tmp-*"))
+    by_path = load_model({"name": "any", "path": str(embedded_gguf(**SMOL))}, "base", smol_cache)
+    assert by_path.source.startswith("gguf:") and by_path.fingerprint == first.fingerprint
+    assert (converted / "config.json").stat().st_mtime_ns == stamp
 
 
 @pytest.mark.slow

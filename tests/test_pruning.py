@@ -7,6 +7,7 @@ import torch
 
 from harmsweep.errors import HarmsweepError
 from harmsweep.pruning import (
+    EXCLUDED,
     PruneSpec,
     apply_mask,
     float_keys,
@@ -65,7 +66,7 @@ def test_streaming_top_k_equals_sort_with_ties_and_exclusions(k):
     excluded = {n: torch.rand(m.shape, generator=g) < 0.3 for n, m in mats.items()}
 
     def keys_of(n):
-        return float_keys(mats[n]).masked_fill(excluded[n], -1)
+        return float_keys(mats[n]).masked_fill(excluded[n], EXCLUDED)
 
     th = top_k_threshold(list(mats), keys_of, k)
     got = torch.cat([(th.mask(n, keys_of(n)) & ~excluded[n]).view(-1) for n in mats])
@@ -79,7 +80,7 @@ def test_streaming_top_k_equals_sort_with_ties_and_exclusions(k):
 def test_float_keys_preserve_order():
     x = torch.tensor([float("-inf"), -3.5, -1e-30, -0.0, 0.0, 1e-30, 2.0, float("inf")])
     keys = float_keys(x)
-    assert torch.all(keys[1:] >= keys[:-1]) and keys.min() >= 0 and keys.max() < 2**32
+    assert keys.dtype == torch.int32 and torch.all(keys[1:] > keys[:-1]) and int(keys.min()) > EXCLUDED
 
 
 # ---------------------------------------------------------------- rules and counts
