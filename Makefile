@@ -39,7 +39,8 @@ lint: venv
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 bench: venv
-	$(BIN)/python bench/scoring.py $(ARGS)
+	$(BIN)/python bench/scoring.py
+	$(BIN)/python bench/generation.py
 
 clean:
 	rm -rf $(VENV) outputs/runs outputs/sweeps

@@ -38,19 +38,34 @@ def check_group_overrides(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
                 _fail(f"unknown {key} '{option}' (available: {', '.join(options)})")
 
 
+SUMMARY = (
+    ("harmful NLL", "nll_harmful"),
+    ("benign NLL", "nll_benign"),
+    ("keyword ASR", "asr_keyword_mean"),
+    ("refusal rate", "refusal_rate"),
+    ("StrongREJECT", "strongreject_mean"),
+    ("rubric score", "rubric_mean"),
+    ("perplexity", "perplexity"),
+    ("recognition", "recognition_accuracy"),
+)
+
+
 def summary(result: dict[str, Any]) -> str:
+    """A few lines: what was pruned, and each headline metric before -> after."""
     m = result["metrics"]
-    sel = "n/a" if m.get("selectivity") is None else f"{m['selectivity']:.2f}"
-    return "\n".join(
-        [
-            f"run {result['run_id']}: {result['model']} ({result['alignment']}), rule {result['pruning']['rule']}",
-            f"  pruned {result['n_pruned']:,} of {result['n_scored']:,} scored weights "
-            f"(actual sparsity {result['actual_sparsity']:.3g})",
-            f"  harmful NLL {m['nll_harmful_before']:.3f} -> {m['nll_harmful_after']:.3f} ({m['delta_nll_harmful']:+.3f})",
-            f"  benign  NLL {m['nll_benign_before']:.3f} -> {m['nll_benign_after']:.3f} ({m['delta_nll_benign']:+.3f})",
-            f"  selectivity {sel}",
-        ]
-    )
+    lines = [
+        f"run {result['run_id']}: {result['model']} ({result['alignment']}), rule {result['pruning']['rule']}",
+        f"  pruned {result['n_pruned']:,} of {result['n_scored']:,} scored weights "
+        f"(actual sparsity {result['actual_sparsity']:.3g})",
+    ]
+    for label, key in SUMMARY:
+        before, after = m.get(f"{key}_before"), m.get(f"{key}_after")
+        if isinstance(before, int | float) and isinstance(after, int | float):
+            lines.append(f"  {label:<13}{before:8.3f} -> {after:8.3f} ({after - before:+.3f})")
+    if m.get("selectivity") is not None:
+        lines.append(f"  selectivity  {m['selectivity']:8.2f}  (harmful NLL rise / benign NLL rise)")
+    lines += [f"  skipped {name}: {why}" for name, why in result.get("skipped_metrics", {}).items()]
+    return "\n".join(lines)
 
 
 def _run_id_resolver(*, _root_: Any) -> str:

@@ -1,55 +1,117 @@
-"""Batched greedy generation with left padding and the KV cache.
+"""Batched generation with left padding and the KV cache: greedy, or seeded sampling.
 
 Prompts arrive as token ids (already templated, possibly with a prefilled assistant prefix), are
-sorted by length so each batch pads little, and come back in their original order.
+sorted by length so each batch pads little, and come back in their original order. The optional
+vLLM backend (GPU clusters, ``pip install 'harmsweep[vllm]'``) is imported only when selected and
+reads the (possibly pruned) weights from a temporary folder of this run, never a shared one.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from harmsweep.errors import HarmsweepError
 
-def generate_greedy(
+BACKENDS = ("hf", "vllm")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings; do_sample=False is greedy and ignores the rest."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
+    sampling: Sampling,
     batch_size: int,
     desc: str = "generating",
+    backend: str = "hf",
+    scratch: Path | None = None,
 ) -> list[list[int]]:
-    """Greedy continuation ids of each prompt, cut before the first end-of-sequence token."""
-    pad = tokenizer.pad_token_id
-    stop = model.generation_config.eos_token_id
-    stops = set(stop if isinstance(stop, list) else [stop]) | {tokenizer.eos_token_id}
+    """Continuation ids of each prompt, cut before the first end-of-sequence token."""
+    if backend == "vllm":
+        return _generate_vllm(model, tokenizer, prompts, sampling, scratch)
+    if backend != "hf":
+        raise HarmsweepError(f"eval.generation.backend={backend} is not one of {', '.join(BACKENDS)}")
+    stops = _stop_ids(model, tokenizer)
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
+    if sampling.do_sample:
+        torch.manual_seed(sampling.seed)
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         width = max(len(prompts[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for row, i in enumerate(chunk):
             ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
             mask[row, width - len(prompts[i]) :] = 1
+        extra = {"temperature": sampling.temperature, "top_p": sampling.top_p} if sampling.do_sample else {}
         with torch.no_grad():
             generated = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
+                max_new_tokens=sampling.max_new_tokens,
+                do_sample=sampling.do_sample,
+                pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=sorted(stops),
+                **extra,
             )
         for row, i in enumerate(chunk):
-            continuation = generated[row, width:].tolist()
-            cut = next((j for j, t in enumerate(continuation) if t in stops), len(continuation))
-            out[i] = continuation[:cut]
+            out[i] = _cut(generated[row, width:].tolist(), stops)
         bar.update(len(chunk))
     bar.close()
     return out
+
+
+def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    stop = model.generation_config.eos_token_id
+    return {t for t in (stop if isinstance(stop, list) else [stop]) if t is not None} | {tokenizer.eos_token_id}
+
+
+def _cut(continuation: list[int], stops: set[int]) -> list[int]:
+    return continuation[: next((j for j, t in enumerate(continuation) if t in stops), len(continuation))]
+
+
+def _generate_vllm(model, tokenizer, prompts, sampling: Sampling, scratch: Path | None) -> list[list[int]]:
+    """vLLM reads weights from disk: save the in-memory (pruned) model to a folder private to this call."""
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError:
+        raise HarmsweepError(
+            "eval.generation.backend=vllm needs vLLM: pip install 'harmsweep[vllm]' on a GPU machine"
+        ) from None
+    folder = Path(tempfile.mkdtemp(prefix="vllm-model-", dir=scratch))
+    try:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        llm = LLM(model=str(folder), dtype=str(model.dtype).removeprefix("torch."), seed=sampling.seed)
+        params = SamplingParams(
+            max_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature if sampling.do_sample else 0.0,
+            top_p=sampling.top_p if sampling.do_sample else 1.0,
+            seed=sampling.seed,
+        )
+        outputs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params)
+        stops = _stop_ids(model, tokenizer)
+        return [_cut(list(o.outputs[0].token_ids), stops) for o in outputs]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

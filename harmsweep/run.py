@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,7 +20,7 @@ import torch
 import transformers
 
 import harmsweep
-from harmsweep.artifacts import write_json
+from harmsweep.artifacts import write_json, write_jsonl
 from harmsweep.calibration import (
     PLAIN_TEMPLATE,
     RESPONSE_MODES,
@@ -32,9 +33,10 @@ from harmsweep.calibration import (
     resolve_template,
     save_sets,
 )
-from harmsweep.data import load_records, split_disjoint
+from harmsweep.data import Record, load_records, split_disjoint
 from harmsweep.errors import HarmsweepError
-from harmsweep.evaluation import likelihood_metrics, mean_response_nll
+from harmsweep.evaluation.suite import JUDGES, HeldOut, Suite, deltas, plan
+from harmsweep.generation import Sampling
 from harmsweep.models import LoadedModel, load_model
 from harmsweep.pruning import PruneSpec, apply_mask, load_mask, mask_counts, save_mask, select
 from harmsweep.scoring import load_scores, save_scores, scored_parameters, signed_snip, unsigned_snip
@@ -69,11 +71,12 @@ def prune_spec(cfg: Mapping[str, Any]) -> PruneSpec:
 def check_config(cfg: Mapping[str, Any]) -> PruneSpec:
     """Every check that needs no model, so bad input fails in a second, before any work."""
     spec = prune_spec(cfg)
+    plan(cfg["eval"], cfg["judges"])
     cal, data = cfg["calibration"], cfg["data"]
     mode = cal["harmful"]["responses"]
     if mode not in RESPONSE_MODES:
         raise HarmsweepError(f"calibration.harmful.responses={mode} is not one of {', '.join(RESPONSE_MODES)}")
-    for key, value in (("calibration.n", cal["n"]), ("evaluation.n", cfg["evaluation"]["n"])):
+    for key, value in (("calibration.n", cal["n"]), ("eval.n", cfg["eval"]["n"])):
         if int(value) < 1:
             raise HarmsweepError(f"{key}={value} must be at least 1")
     if mode == "file" and not cal["harmful"].get("file"):
@@ -108,8 +111,11 @@ def run_pipeline(cfg: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
     lm = _timed(timings, "load", lambda: _load(cfg))
     template = resolve_template(lm.tokenizer, cfg["alignment"]["template"])
     cal_path = run_dir / "calibration.safetensors"
+    splits = held_out_splits(cfg)
     sets = _timed(
-        timings, "calibrate", lambda: _stage(cal_path, lambda: _calibrate(cfg, lm, template, cal_path), load_sets)
+        timings,
+        "calibrate",
+        lambda: _stage(cal_path, lambda: _calibrate(cfg, lm, template, splits, cal_path), load_sets),
     )
 
     params = scored_parameters(lm.model)
@@ -127,22 +133,26 @@ def run_pipeline(cfg: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
         timings, "mask", lambda: _stage(mask_path, lambda: _mask(spec, params, weights, scores, mask_path), load_mask)
     )
 
-    eval_batch = int(cfg["evaluation"]["batch_size"])
-    before_path = run_dir / "nll_before.json"
+    held = HeldOut(splits.harmful_eval, splits.benign_eval, {k: sets[k] for k in ("eval_harmful", "eval_benign")})
+    suite = Suite(cfg, lm, template, held, scratch=run_dir)
+    before_path = run_dir / "eval_before.json"
     before = _timed(
         timings,
         "evaluate_before",
-        lambda: _stage(before_path, lambda: _nll(lm, sets, eval_batch, before_path), _read_json),
+        lambda: _stage(before_path, lambda: _evaluate(suite, "before", before_path), _read_json),
     )
     zeros_before = sum(int((w == 0).sum()) for w in weights.values())
     apply_mask(lm.model, mask)
     zeros_after = sum(int((w == 0).sum()) for w in weights.values())
-    after = _timed(timings, "evaluate_after", lambda: _nll(lm, sets, eval_batch, None))
+    after = _timed(timings, "evaluate_after", lambda: _evaluate(suite, "after", None))
+    write_jsonl(before["items"] + after["items"], run_dir / "items.jsonl")
 
     n_scored = sum(w.numel() for w in weights.values())
     n_pruned = sum(int(idx.numel()) for idx in mask.values())
     metrics = {
-        **likelihood_metrics(before, after),
+        **before["metrics"],
+        **after["metrics"],
+        **deltas(before["metrics"], after["metrics"]),
         "n_pruned": n_pruned,
         "target_sparsity": spec.sparsity,
         # weights this pruning zeroed; selected weights that were zero already (GGUF dequantisation
@@ -162,11 +172,16 @@ def run_pipeline(cfg: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
         "actual_sparsity": metrics["actual_sparsity"],
         "zero_fraction_before": zeros_before / n_scored,
         "metrics": metrics,
+        "skipped_metrics": plan(cfg["eval"], cfg["judges"])[1],
+        "judges": {
+            name: suite.judge_versions().get(name) for name in plan(cfg["eval"], cfg["judges"])[0] if name in JUDGES
+        },
         "pruning": {**spec.__dict__, **mask_counts(params, mask)},
         "artifacts": {
             "calibration": str(cal_path),
             **{f"scores_{k}": str(run_dir / f"scores_{k}.safetensors") for k in scores},
             "mask": str(mask_path),
+            "items": str(run_dir / "items.jsonl"),
         },
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "versions": {
@@ -222,63 +237,73 @@ def _load(cfg: Mapping[str, Any]) -> LoadedModel:
     return lm
 
 
-def _calibrate(
-    cfg: Mapping[str, Any], lm: LoadedModel, template: str, path: Path
-) -> dict[str, dict[str, torch.Tensor]]:
-    """Harmful and benign pairs for scoring plus held-out ones for evaluation, never overlapping."""
-    cal, data, ev = cfg["calibration"], cfg["data"], cfg["evaluation"]
-    n, n_eval, seed = int(cal["n"]), int(ev["n"]), int(cfg["seed"])
-    harm = cal["harmful"]
-    if harm["responses"] == "file":
-        harmful = load_records("custom", None, file=harm["file"])
+@dataclass(frozen=True)
+class Splits:
+    """Calibration and held-out records; the two never share a prompt."""
+
+    harmful_cal: list[Record]
+    harmful_eval: list[Record]
+    benign_cal: list[Record]
+    benign_eval: list[Record]
+
+
+def held_out_splits(cfg: Mapping[str, Any]) -> Splits:
+    """Seeded, prompt-disjoint calibration/evaluation splits of the harmful and benign data."""
+    cal, data, seed = cfg["calibration"], cfg["data"], int(cfg["seed"])
+    n, n_eval, download = int(cal["n"]), int(cfg["eval"]["n"]), bool(data.get("download"))
+    if cal["harmful"]["responses"] == "file":
+        harmful = load_records("custom", None, file=cal["harmful"]["file"])
     else:
+        spec = data["harmful"]
         harmful = load_records(
-            data["harmful"]["name"],
-            data["root"],
-            file=data["harmful"].get("file"),
-            categories=data["harmful"].get("categories"),
-            download=bool(data.get("download")),
-        )
-    harm_cal, harm_eval = split_disjoint(harmful, n, n_eval, seed)
-    if harm["responses"] == "file":
-        harm_pairs = file_pairs(harm_cal + harm_eval, "calibration.harmful.file")
-    else:
-        k = int(harm["prefill_tokens"]) if harm["responses"] == "prefill" else 0
-        harm_pairs = generate_responses(
-            lm.model,
-            lm.tokenizer,
-            harm_cal + harm_eval,
-            template,
-            prefill_tokens=k,
-            max_new_tokens=int(harm["max_new_tokens"]),
-            batch_size=int(cal["gen_batch_size"]),
-            desc="harmful responses",
+            spec["name"], data["root"], file=spec.get("file"), categories=spec.get("categories"), download=download
         )
     if cal["benign"].get("file"):
         benign = load_records("custom", None, file=cal["benign"]["file"])
     else:
-        benign = load_records(
-            data["benign"]["name"], data["root"], file=data["benign"].get("file"), download=bool(data.get("download"))
-        )
-    ben_cal, ben_eval = split_disjoint(benign, n, n_eval, seed)
-    ben_eval_pairs = (
-        generate_responses(
+        benign = load_records(data["benign"]["name"], data["root"], file=data["benign"].get("file"), download=download)
+    splits = Splits(*split_disjoint(harmful, n, n_eval, seed), *split_disjoint(benign, n, n_eval, seed))
+    for a, b in ((splits.harmful_cal, splits.harmful_eval), (splits.benign_cal, splits.benign_eval)):
+        if {r.prompt for r in a} & {r.prompt for r in b}:
+            raise RuntimeError("a held-out prompt is also a calibration prompt")
+    return splits
+
+
+def _calibrate(
+    cfg: Mapping[str, Any], lm: LoadedModel, template: str, splits: Splits, path: Path
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Harmful and benign pairs for scoring, plus the held-out reference responses for harm likelihood."""
+    cal, ev = cfg["calibration"], cfg["eval"]
+    n, harm = int(cal["n"]), cal["harmful"]
+    harm_cal, harm_eval, ben_eval = splits.harmful_cal, splits.harmful_eval, splits.benign_eval
+    greedy = Sampling(max_new_tokens=int(harm["max_new_tokens"]))
+
+    def answers(records: list[Record], prefill_tokens: int, desc: str) -> list[Pair]:
+        batch = int(cal["gen_batch_size"])
+        return generate_responses(
             lm.model,
             lm.tokenizer,
-            ben_eval,
+            records,
             template,
-            prefill_tokens=0,
-            max_new_tokens=int(harm["max_new_tokens"]),
-            batch_size=int(cal["gen_batch_size"]),
-            desc="benign references",
+            prefill_tokens=prefill_tokens,
+            sampling=greedy,
+            batch_size=batch,
+            desc=desc,
         )
-        if ev["benign_references"] == "model"
-        else file_pairs(ben_eval, "benign evaluation data")
-    )
+
+    if harm["responses"] == "file":
+        harm_pairs = file_pairs(harm_cal + harm_eval, "calibration.harmful.file")
+    else:
+        k = int(harm["prefill_tokens"]) if harm["responses"] == "prefill" else 0
+        harm_pairs = answers(harm_cal + harm_eval, k, "harmful responses")
+    if ev["benign_references"] == "model":
+        ben_eval_pairs = answers(ben_eval, 0, "benign references")
+    else:
+        ben_eval_pairs = file_pairs(ben_eval, "benign evaluation data")
     pairs: dict[str, list[Pair]] = {
         "harmful": harm_pairs[:n],
         "eval_harmful": harm_pairs[n:],
-        "benign": file_pairs(ben_cal, "benign calibration data"),
+        "benign": file_pairs(splits.benign_cal, "benign calibration data"),
         "eval_benign": ben_eval_pairs,
     }
     max_len = int(cal["max_length"])
@@ -306,13 +331,9 @@ def _mask(spec: PruneSpec, params, weights, scores, path: Path) -> dict[str, tor
     return mask
 
 
-def _nll(
-    lm: LoadedModel, sets: Mapping[str, dict[str, torch.Tensor]], batch: int, path: Path | None
-) -> dict[str, float]:
-    nll = {
-        "harmful": mean_response_nll(lm.model, sets["eval_harmful"], batch),
-        "benign": mean_response_nll(lm.model, sets["eval_benign"], batch),
-    }
+def _evaluate(suite: Suite, stage: str, path: Path | None) -> dict[str, Any]:
+    metrics, items = suite.run(stage)
+    out = {"metrics": metrics, "items": items}
     if path is not None:
-        write_json(nll, path)
-    return nll
+        write_json(out, path)
+    return out

@@ -19,6 +19,7 @@ from harmsweep.calibration import (
 )
 from harmsweep.data import Record
 from harmsweep.errors import HarmsweepError
+from harmsweep.generation import Sampling
 from harmsweep.losses import per_sample_nll
 
 PAIRS = [
@@ -90,7 +91,14 @@ def test_prefilling_puts_the_first_k_target_tokens_in_the_assistant_turn():
         head = prompt_ids(lm.tokenizer, recs[0].prompt, "chat")
         assert prompts[0] == head + target_ids[:k] and prefixes[0] == target_ids[:k]
     pairs = generate_responses(
-        lm.model, lm.tokenizer, recs, "chat", prefill_tokens=6, max_new_tokens=5, batch_size=4, desc="t"
+        lm.model,
+        lm.tokenizer,
+        recs,
+        "chat",
+        prefill_tokens=6,
+        sampling=Sampling(max_new_tokens=5),
+        batch_size=4,
+        desc="t",
     )
     assert pairs[0].response.startswith(lm.tokenizer.decode(target_ids[:6]))
     with pytest.raises(HarmsweepError, match="target"):
@@ -103,10 +111,24 @@ def test_batched_generation_matches_one_at_a_time():
         Record(prompt=p, source_id=f"r:{i}") for i, p in enumerate(["a", "a much longer prompt here", "mid prompt"])
     ]
     batched = generate_responses(
-        lm.model, lm.tokenizer, recs, "chat", prefill_tokens=0, max_new_tokens=8, batch_size=3, desc="t"
+        lm.model,
+        lm.tokenizer,
+        recs,
+        "chat",
+        prefill_tokens=0,
+        sampling=Sampling(max_new_tokens=8),
+        batch_size=3,
+        desc="t",
     )
     single = generate_responses(
-        lm.model, lm.tokenizer, recs, "chat", prefill_tokens=0, max_new_tokens=8, batch_size=1, desc="t"
+        lm.model,
+        lm.tokenizer,
+        recs,
+        "chat",
+        prefill_tokens=0,
+        sampling=Sampling(max_new_tokens=8),
+        batch_size=1,
+        desc="t",
     )
     assert [p.response for p in batched] == [p.response for p in single]
 

@@ -45,7 +45,7 @@ def pair_files(tmp_path: Path) -> tuple[Path, Path]:
 def file_run_args(run_dir: Path, harmful: Path, benign: Path, *extra: str) -> list[str]:
     return [
         "model=tiny_llama", "calibration=file", f"calibration.harmful.file={harmful}", f"calibration.benign.file={benign}",
-        "calibration.n=6", "evaluation.n=4", "evaluation.benign_references=dataset", "pruning.sparsity=0.02",
+        "calibration.n=6", "eval.n=4", "eval.benign_references=dataset", "pruning.sparsity=0.02",
         "data.root=null", f"hydra.run.dir={run_dir}", *extra,
     ]  # fmt: skip
 
@@ -93,7 +93,7 @@ def test_rerun_is_idempotent_and_resumes_from_finished_stages(tmp_path, pair_fil
 def test_run_on_shared_data_with_prefilling(tmp_path, shared_data):
     run_dir = tmp_path / "run"
     proc = harmsweep(
-        "model=tiny_qwen2", f"data.root={shared_data}", "calibration.n=4", "evaluation.n=4",
+        "model=tiny_qwen2", f"data.root={shared_data}", "calibration.n=4", "eval.n=4",
         "calibration.harmful.max_new_tokens=6", "pruning.rule=random", "pruning.sparsity=0.01", f"hydra.run.dir={run_dir}",
         cwd=tmp_path,
     )  # fmt: skip
@@ -169,8 +169,8 @@ def test_user_supplied_hexphi_folder_with_on_policy_responses(tmp_path, pair_fil
     run_dir = tmp_path / "run"
     proc = harmsweep(
         "model=tiny_gpt2", "data=hexphi", f"data.harmful.file={hexphi}", "data.harmful.categories=[malware]",
-        "calibration=on_policy", f"calibration.benign.file={pair_files[1]}", "calibration.n=2", "evaluation.n=1",
-        "calibration.harmful.max_new_tokens=4", "evaluation.benign_references=dataset", "data.root=null",
+        "calibration=on_policy", f"calibration.benign.file={pair_files[1]}", "calibration.n=2", "eval.n=1",
+        "calibration.harmful.max_new_tokens=4", "eval.benign_references=dataset", "data.root=null",
         f"hydra.run.dir={run_dir}", cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr

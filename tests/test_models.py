@@ -102,7 +102,7 @@ def test_embedded_gguf_converts_once_and_reloads_from_cache(smol_cache):
 def test_demo_sized_run_on_the_embedded_model(tmp_path, smol_cache, shared_data):
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "harmsweep.cli", f"data.root={shared_data}", "calibration.n=4", "evaluation.n=4",
+        [sys.executable, "-m", "harmsweep.cli", f"data.root={shared_data}", "calibration.n=4", "eval.n=4",
          "calibration.batch_size=4", "calibration.harmful.max_new_tokens=12", "pruning.sparsity=1e-5",
          f"hydra.run.dir={run_dir}"],
         cwd=ROOT, env={**os.environ, "HARMSWEEP_CACHE": str(smol_cache)}, capture_output=True, text=True, timeout=900,
@@ -112,3 +112,23 @@ def test_demo_sized_run_on_the_embedded_model(tmp_path, smol_cache, shared_data)
     assert result["n_scored"] == 106_168_320 and result["n_pruned"] == 1062
     assert result["model_source"].startswith("gguf:") and result["template"] == "chat"
     assert result["metrics"]["nll_harmful_after"] > result["metrics"]["nll_harmful_before"]
+
+
+def test_peft_adapter_directory_loads_on_its_base_with_the_base_tokenizer(tmp_path):
+    """The StrongREJECT judge ships as a LoRA adapter: an adapter folder must load like a model."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = {"name": "t", "variants": {"aligned": {"tiny": tiny_spec("llama")}}}
+    base = load_model(cfg, "aligned", tmp_path)
+    base.model.save_pretrained(tmp_path / "base")
+    base.tokenizer.save_pretrained(tmp_path / "base")
+    adapted = get_peft_model(base.model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    adapted.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    adapted.save_pretrained(tmp_path / "adapter")  # no tokenizer files in the adapter folder
+    assert not list((tmp_path / "adapter").glob("tokenizer*"))
+    loaded = load_model({"name": "judge", "path": str(tmp_path / "adapter")}, "aligned", tmp_path)
+    ids = torch.tensor([[256, 10, 20, 30]])
+    with torch.no_grad():
+        expected = adapted(input_ids=ids).logits
+        torch.testing.assert_close(loaded.model(input_ids=ids).logits, expected)
+    assert loaded.tokenizer.chat_template == base.tokenizer.chat_template

@@ -1,5 +1,5 @@
-"""Measurements of a (pruned) model: judge-free likelihood metrics for now."""
+"""Measurements of a model before and after pruning: likelihood, judged generations, utility, recognition."""
 
-from harmsweep.evaluation.likelihood import likelihood_metrics, mean_response_nll
+from harmsweep.evaluation.likelihood import mean_response_nll
 
-__all__ = ["likelihood_metrics", "mean_response_nll"]
+__all__ = ["mean_response_nll"]

@@ -1,0 +1,196 @@
+"""The measurements taken before and after pruning, chosen by ``eval.metrics``.
+
+Harm is measured on held-out harmful prompts only (never calibration prompts): by likelihood of
+reference responses (judge-free), and by generating answers and judging them (keyword refusal,
+StrongREJECT fine-tuned or rubric judge). Utility by benign perplexity and lm-eval tasks;
+dissociation by recognition accuracy and the refusal rate on plain (un-attacked) harmful prompts.
+A judge listed in ``eval.metrics`` but not configured (no weights path, no endpoint) is skipped
+and the reason recorded, so the CPU default runs everywhere and picks the judge up when it exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harmsweep.calibration import Pair, generate_responses
+from harmsweep.data import Record
+from harmsweep.errors import HarmsweepError
+from harmsweep.evaluation.likelihood import mean_response_nll
+from harmsweep.generation import BACKENDS, Sampling
+from harmsweep.models import LoadedModel
+
+METRICS = (
+    "harm_likelihood",
+    "refusal",
+    "strongreject_finetuned",
+    "strongreject_rubric",
+    "perplexity",
+    "recognition",
+    "lm_eval",
+)
+JUDGES = {"refusal": "asr_keyword", "strongreject_finetuned": "strongreject", "strongreject_rubric": "rubric"}
+ATTACKS = ("none", "prefill")
+COUNTS = ("_n_before", "_unscored_before")
+
+
+@dataclass
+class HeldOut:
+    """Held-out data: prompts to generate from and references whose likelihood is measured."""
+
+    harmful: list[Record]
+    benign: list[Record]
+    references: Mapping[str, Mapping[str, torch.Tensor]]  # "eval_harmful", "eval_benign" tokenised sets
+
+
+def plan(ev: Mapping[str, Any], judges: Mapping[str, Any]) -> tuple[list[str], dict[str, str]]:
+    """Metrics that will run, and those skipped with the reason (a judge that is not configured)."""
+    unknown = [m for m in ev["metrics"] if m not in METRICS]
+    if unknown:
+        raise HarmsweepError(f"eval.metrics has unknown {', '.join(unknown)} (known: {', '.join(METRICS)})")
+    gen = ev["generation"]
+    if gen["attack"] not in ATTACKS:
+        raise HarmsweepError(f"eval.generation.attack={gen['attack']} is not one of {', '.join(ATTACKS)}")
+    if gen["backend"] not in BACKENDS:
+        raise HarmsweepError(f"eval.generation.backend={gen['backend']} is not one of {', '.join(BACKENDS)}")
+    run, skipped = [], {}
+    for metric in ev["metrics"]:
+        if metric == "strongreject_finetuned" and not judges[metric].get("path"):
+            skipped[metric] = (
+                "no judge weights: set judges.strongreject_finetuned.path=qylu4156/strongreject-15k-v1 or a local copy"
+            )
+        elif metric == "strongreject_rubric" and not judges[metric].get("base_url"):
+            skipped[metric] = "no endpoint: set judges.strongreject_rubric.base_url=URL (key from its api_key_env)"
+        elif metric == "lm_eval" and not ev["lm_eval"]["tasks"]:
+            skipped[metric] = "no tasks: set eval.lm_eval.tasks=[...]"
+        else:
+            run.append(metric)
+    return run, skipped
+
+
+@dataclass
+class Suite:
+    """Runs the planned metrics on a model in its current state; judges are loaded once and reused."""
+
+    cfg: Mapping[str, Any]
+    lm: LoadedModel
+    template: str
+    held: HeldOut
+    scratch: Path
+    _cache: dict[str, Any] = field(default_factory=dict)  # judges and answers, reused across calls
+
+    def run(self, stage: str) -> tuple[dict[str, float | int | None], list[dict[str, Any]]]:
+        ev = self.cfg["eval"]
+        metrics_to_run, _ = plan(ev, self.cfg["judges"])
+        metrics: dict[str, float | int | None] = {}
+        items: list[dict[str, Any]] = []
+        model, tok, batch = self.lm.model, self.lm.tokenizer, int(ev["batch_size"])
+        if "harm_likelihood" in metrics_to_run:
+            metrics["nll_harmful"] = mean_response_nll(model, self.held.references["eval_harmful"], batch)
+            metrics["nll_benign"] = mean_response_nll(model, self.held.references["eval_benign"], batch)
+        attack = ev["generation"]["attack"]
+        judged = [m for m in metrics_to_run if m in JUDGES]
+        if judged:
+            answers = self._answers(attack, stage)
+            prompts, responses = [p.prompt for p in answers], [p.response for p in answers]
+            categories = [r.category for r in self.held.harmful]
+            for name in judged:
+                scores = self._judge(name).score(prompts, responses)
+                metrics.update(self._summarize(JUDGES[name], scores, categories))
+                items += [
+                    {"stage": stage, "metric": name, "attack": attack, "source_id": p.source_id, "category": p.category,
+                     "prompt": p.prompt, "response": p.response, "score": s}
+                    for p, s in zip(answers, scores, strict=True)
+                ]  # fmt: skip
+        if "refusal" in metrics_to_run:
+            from harmsweep.judges.refusal import is_refusal
+
+            plain = self._answers("none", stage)
+            metrics["refusal_rate"] = sum(is_refusal(p.response) for p in plain) / len(plain)
+        if "perplexity" in metrics_to_run:
+            from harmsweep.evaluation.utility import perplexity
+
+            texts = [r.response for r in self.held.benign if r.response]
+            ppl = perplexity(model, tok, texts, batch, int(ev["perplexity"]["max_length"]))
+            metrics["perplexity"] = ppl["perplexity"]
+        if "recognition" in metrics_to_run:
+            from harmsweep.evaluation.recognition import recognition
+
+            rec, rows = recognition(
+                model,
+                tok,
+                [r.prompt for r in self.held.harmful],
+                [r.prompt for r in self.held.benign],
+                self.template,
+                batch,
+            )
+            metrics.update(rec)
+            items += [{"stage": stage, "metric": "recognition", **row} for row in rows]
+        if "lm_eval" in metrics_to_run:
+            from harmsweep.evaluation.utility import lm_eval_tasks
+
+            lm_cfg = ev["lm_eval"]
+            metrics.update(
+                lm_eval_tasks(model, tok, lm_cfg["tasks"], limit=lm_cfg["limit"], batch_size=int(lm_cfg["batch_size"]),
+                              seed=int(self.cfg["seed"]))
+            )  # fmt: skip
+        return {with_stage(k, stage): v for k, v in metrics.items()}, items
+
+    def judge_versions(self) -> dict[str, str]:
+        """Name and version of each judge used, recorded in result.json."""
+        return {name: self._cache[name].version for name in JUDGES if name in self._cache}
+
+    def _answers(self, attack: str, stage: str) -> list[Pair]:
+        """The model's answers to the held-out harmful prompts; computed once per (stage, attack)."""
+        key = f"answers/{stage}/{attack}"
+        if key not in self._cache:
+            gen = self.cfg["eval"]["generation"]
+            sampling = Sampling(
+                max_new_tokens=int(gen["max_new_tokens"]), do_sample=bool(gen["do_sample"]),
+                temperature=float(gen["temperature"]), top_p=float(gen["top_p"]), seed=int(self.cfg["seed"]),
+            )  # fmt: skip
+            self._cache[key] = generate_responses(
+                self.lm.model, self.lm.tokenizer, self.held.harmful, self.template,
+                prefill_tokens=int(gen["prefill_tokens"]) if attack == "prefill" else 0, sampling=sampling,
+                batch_size=int(gen["batch_size"]), desc=f"answers {stage} ({attack})", backend=gen["backend"],
+                scratch=self.scratch,
+            )  # fmt: skip
+        return self._cache[key]
+
+    def _judge(self, name: str) -> Any:
+        if name not in self._cache:
+            from harmsweep.judges import make_judge
+
+            self._cache[name] = make_judge(self.cfg["judges"][name], cache_dir=self.cfg["paths"]["cache_dir"])
+        return self._cache[name]
+
+    @staticmethod
+    def _summarize(prefix: str, scores: Sequence[float | None], categories: Sequence[str | None]) -> dict[str, Any]:
+        from harmsweep.judges import summarize
+
+        return summarize(prefix, scores, categories if any(categories) else None)
+
+
+def with_stage(name: str, stage: str) -> str:
+    """'x' -> 'x_before'; 'x/cat' -> 'x_before/cat' (the stage stays next to the metric name)."""
+    head, sep, tail = name.partition("/")
+    return f"{head}_{stage}{sep}{tail}"
+
+
+def deltas(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, float | None]:
+    """after - before for every numeric metric measured in both stages, and the NLL selectivity."""
+    out: dict[str, float | None] = {}
+    for key, value in before.items():
+        twin = key.replace("_before", "_after", 1)
+        if key.split("/")[0].endswith(COUNTS):
+            continue  # item counts: a difference says nothing
+        if isinstance(value, int | float) and isinstance(after.get(twin), int | float):
+            out["delta_" + key.replace("_before", "", 1)] = after[twin] - value
+    if "delta_nll_harmful" in out and "delta_nll_benign" in out:
+        d_b = out["delta_nll_benign"]
+        out["selectivity"] = out["delta_nll_harmful"] / d_b if d_b is not None and d_b > 1e-9 else None
+    return out

@@ -1,0 +1,162 @@
+"""Utility after pruning: perplexity on plain text and lm-eval benchmarks on the in-memory model.
+
+Pruning harmful weights is only useful if general ability survives; these two measurements are the
+"what did it cost" side of every sweep point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import math
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from harmsweep.errors import HarmsweepError
+
+DEFAULT_TASKS_DIR = Path(__file__).resolve().parents[2] / "conf" / "lm_eval_tasks"
+
+
+def perplexity(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    batch_size: int,
+    max_length: int,
+) -> dict[str, float]:
+    """Token-weighted perplexity exp(sum NLL / predicted tokens) over all texts.
+
+    Each text is tokenised on its own (with BOS when the tokenizer adds one) so batching never
+    changes what a token is conditioned on; padding is right-side and never counted.
+    """
+    rows = [tokenizer(t, add_special_tokens=True)["input_ids"][:max_length] for t in texts]
+    rows = [r for r in rows if len(r) >= 2]  # a single token predicts nothing
+    if not rows:
+        raise HarmsweepError("perplexity needs at least one text of two or more tokens")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            width = max(len(r) for r in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, r in enumerate(chunk):
+                ids[i, : len(r)] = torch.tensor(r)
+                mask[i, : len(r)] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+            nll = functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            keep = mask[:, 1:].bool()
+            total += float(nll[keep].double().sum())
+            count += int(keep.sum())
+    mean = total / count
+    return {"perplexity": math.exp(mean), "nll": mean, "tokens": float(count)}
+
+
+def lm_eval_tasks(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: Sequence[str],
+    *,
+    limit: int | None,
+    batch_size: int,
+    include_path: str | Path | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Zero-shot lm-eval scores of the in-memory model as flat ``lm_eval/<task>/<metric>`` floats.
+
+    Local tasks may name their data files relative to their YAML (see conf/lm_eval_tasks); those
+    paths are made absolute here because ``datasets`` resolves them against the current directory.
+    Global RNG states are restored afterwards so evaluation does not shift later random baselines.
+    """
+    import lm_eval  # slow import: only when lm-eval is actually asked for
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(include_path or DEFAULT_TASKS_DIR))
+    specs = [_task_spec(manager, name) for name in tasks]
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    with _restored_rng():
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=specs,
+            num_fewshot=0,
+            limit=limit,
+            log_samples=False,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+            task_manager=manager,
+        )
+    if out is None:
+        raise HarmsweepError("lm-eval returned no results (is this a non-zero distributed rank?)")
+    return flatten_results(out["results"])
+
+
+def flatten_results(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """``{"task": {"acc,none": x}}`` -> ``{"lm_eval/task/acc": x}``; stderr and non-numbers dropped."""
+    flat: dict[str, float] = {}
+    for task, metrics in results.items():
+        for key, value in metrics.items():
+            metric, _, filt = key.partition(",")
+            if not filt or metric.endswith("_stderr") or isinstance(value, bool):
+                continue
+            if not isinstance(value, int | float):
+                continue
+            name = metric if filt == "none" else f"{metric}/{filt}"
+            flat[f"lm_eval/{task}/{name}"] = float(value)
+    return flat
+
+
+def _task_spec(manager: Any, name: str) -> str | dict[str, Any]:
+    """The task name, or its loaded config with data files rebased onto the YAML's folder."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    entry = manager.task_index.get(name)
+    if entry is None:
+        close = difflib.get_close_matches(name, manager.all_tasks, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see `lm-eval ls tasks`"
+        raise HarmsweepError(f"unknown lm-eval task {name!r}{hint}")
+    if entry.yaml_path is None:
+        return name
+    cfg = load_yaml(entry.yaml_path, resolve_func=True)
+    files = (cfg.get("dataset_kwargs") or {}).get("data_files")
+    if cfg.get("task") != name or "group" in cfg or not files:
+        return name
+    rebased = _rebase(files, Path(entry.yaml_path).parent)
+    if rebased == files:
+        return name
+    cfg["dataset_kwargs"] = {**cfg["dataset_kwargs"], "data_files": rebased}
+    return cfg
+
+
+def _rebase(files: Any, base: Path) -> Any:
+    """Relative paths that exist next to the YAML become absolute; anything else is left alone."""
+    if isinstance(files, Mapping):
+        return {k: _rebase(v, base) for k, v in files.items()}
+    if isinstance(files, list | tuple):
+        return [_rebase(v, base) for v in files]
+    if isinstance(files, str) and "://" not in files and not Path(files).is_absolute() and (base / files).exists():
+        return str((base / files).resolve())
+    return files
+
+
+@contextlib.contextmanager
+def _restored_rng() -> Iterator[None]:
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng():
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
