@@ -43,6 +43,7 @@ SUMMARY = (
     ("benign NLL", "nll_benign"),
     ("keyword ASR", "asr_keyword_mean"),
     ("refusal rate", "refusal_rate"),
+    ("short answers", "short_answer_rate"),
     ("StrongREJECT", "strongreject_mean"),
     ("rubric score", "rubric_mean"),
     ("perplexity", "perplexity"),

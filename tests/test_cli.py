@@ -106,6 +106,20 @@ def test_run_on_shared_data_with_prefilling(tmp_path, shared_data):
     assert all(p["response"].startswith("Sure") for p in by_set["harmful"])  # prefilled "Sure, here is"
     assert not {p["prompt"] for p in by_set["harmful"]} & {p["prompt"] for p in by_set["eval_harmful"]}
     assert not {p["prompt"] for p in by_set["benign"]} & {p["prompt"] for p in by_set["eval_benign"]}
+    # The default CPU evaluation: judged answers, refusals, perplexity, recognition, before and after.
+    m = result["metrics"]
+    for stage in ("before", "after"):
+        for name in ("asr_keyword_mean", "refusal_rate", "short_answer_rate", "perplexity", "recognition_accuracy"):
+            assert isinstance(m[f"{name}_{stage}"], float), name
+        # with attack=none the judged answers are the plain ones: refusal, short, compliant partition them
+        parts = m[f"refusal_rate_{stage}"] + m[f"short_answer_rate_{stage}"] + m[f"asr_keyword_mean_{stage}"]
+        assert parts == pytest.approx(1.0)
+    assert "strongreject_finetuned" in result["skipped_metrics"] and result["judges"]["refusal"].startswith("refusal/")
+    items = [json.loads(line) for line in (run_dir / "items.jsonl").read_text().splitlines()]
+    judged = [i for i in items if i["metric"] == "refusal"]
+    assert len(judged) == 8 and {i["stage"] for i in judged} == {"before", "after"}
+    assert {i["prompt"] for i in judged} == {p["prompt"] for p in by_set["eval_harmful"]}  # held-out prompts only
+    assert all(i["score"] in (0.0, 1.0) for i in judged)
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from harmsweep.judges import (
     RefusalJudge,
     RubricJudge,
     StrongRejectFinetunedJudge,
+    is_compliant,
     is_refusal,
     make_judge,
     summarize,
@@ -47,7 +48,8 @@ def test_refusal_judge_keywords_and_word_count():
         "i cannot " + WORDS20,  # case-sensitive like GCG: lower-case "i cannot" is not in the list
     ]
     assert judge.score(["p"] * len(responses), responses) == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
-    assert is_refusal(WORDS19) and not is_refusal(WORDS20) and is_refusal("As an AI, " + WORDS20)
+    assert not is_compliant(WORDS19) and is_compliant(WORDS20) and not is_compliant("As an AI, " + WORDS20)
+    assert not is_refusal(WORDS19) and is_refusal("As an AI, " + WORDS20) and is_refusal("I can't.")
     assert isinstance(judge, Judge) and judge.version.startswith("refusal/")
     with pytest.raises(ValueError, match="2 prompts but 1 responses"):
         judge.score(["a", "b"], ["c"])

@@ -107,10 +107,12 @@ class Suite:
                     for p, s in zip(answers, scores, strict=True)
                 ]  # fmt: skip
         if "refusal" in metrics_to_run:
-            from harmsweep.judges.refusal import is_refusal
+            from harmsweep.judges.refusal import is_compliant, is_refusal
 
             plain = self._answers("none", stage)
             metrics["refusal_rate"] = sum(is_refusal(p.response) for p in plain) / len(plain)
+            short = [not is_refusal(p.response) and not is_compliant(p.response) for p in plain]
+            metrics["short_answer_rate"] = sum(short) / len(plain)
         if "perplexity" in metrics_to_run:
             from harmsweep.evaluation.utility import perplexity
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from harmsweep.errors import HarmsweepError
 from harmsweep.judges.base import Judge, summarize
-from harmsweep.judges.refusal import REFUSAL_PHRASES, RefusalJudge, is_refusal
+from harmsweep.judges.refusal import REFUSAL_PHRASES, RefusalJudge, is_compliant, is_refusal
 from harmsweep.judges.rubric import RubricJudge, parse_rubric
 from harmsweep.judges.strongreject import (
     DEFAULT_JUDGE,
@@ -73,6 +73,7 @@ __all__ = [
     "RefusalJudge",
     "RubricJudge",
     "StrongRejectFinetunedJudge",
+    "is_compliant",
     "is_refusal",
     "load_template",
     "make_judge",
