@@ -69,6 +69,15 @@ def summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _mark_failed(run_dir: Path, message: str) -> None:
+    """A FAILED file with the error: SLURM reports COMPLETED for Python exceptions, this does not."""
+    import traceback
+
+    from harmsweep.artifacts import write_json
+
+    write_json({"error": message, "traceback": traceback.format_exc()}, run_dir / "FAILED")
+
+
 def _run_id_resolver(*, _root_: Any) -> str:
     """``${harmsweep_run_id:}``: the run id of the composed config, so run folders are named by it."""
     from omegaconf import OmegaConf
@@ -88,22 +97,27 @@ def main() -> None:
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def app(cfg: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+        from omegaconf.errors import OmegaConfBaseException
 
         from harmsweep.errors import HarmsweepError
         from harmsweep.run import run_pipeline
 
         logging.getLogger("transformers").setLevel(logging.ERROR)
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        hydra_cfg = HydraConfig.get()
+        run_dir = Path(hydra_cfg.runtime.output_dir)
+        sweep = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
         try:
             plain = OmegaConf.to_container(cfg, resolve=True)
-            result = run_pipeline(plain, run_dir)
-        except HarmsweepError as exc:
-            _fail(str(exc).splitlines()[0])
-        except Exception as exc:  # config interpolation errors are user errors too
-            from omegaconf.errors import OmegaConfBaseException
-
-            if isinstance(exc, OmegaConfBaseException):
-                _fail(str(exc).splitlines()[0])
+            result = run_pipeline(plain, run_dir, sweep=sweep)
+        except (HarmsweepError, OmegaConfBaseException) as exc:
+            message = str(exc).splitlines()[0]
+            _mark_failed(run_dir, message)
+            if sweep is not None:
+                raise  # the sweep (local or SLURM) must end non-zero and name the failing job
+            _fail(message)
+        except BaseException as exc:
+            _mark_failed(run_dir, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             raise
         print(summary(result))
         print(f"  results in {run_dir}")

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,6 +21,7 @@ import transformers
 
 import harmsweep
 from harmsweep.artifacts import write_json, write_jsonl
+from harmsweep.cache import VERSIONS, cached, content_key, write_key_info
 from harmsweep.calibration import (
     PLAIN_TEMPLATE,
     RESPONSE_MODES,
@@ -40,6 +41,7 @@ from harmsweep.generation import Sampling
 from harmsweep.models import LoadedModel, load_model
 from harmsweep.pruning import PruneSpec, apply_mask, load_mask, mask_counts, save_mask, select
 from harmsweep.scoring import load_scores, save_scores, scored_parameters, signed_snip, unsigned_snip
+from harmsweep.tracking import open_tracker
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -98,34 +100,80 @@ def check_config(cfg: Mapping[str, Any]) -> PruneSpec:
     return spec
 
 
-def run_pipeline(cfg: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
+def run_pipeline(cfg: Mapping[str, Any], run_dir: Path, sweep: str | None = None) -> dict[str, Any]:
+    """Run (or finish, or return the finished) run of ``cfg`` in ``run_dir``, logging it when configured."""
     spec = check_config(cfg)
     rid = run_id(cfg)
     _claim(run_dir, rid, cfg)
+    (run_dir / "FAILED").unlink(missing_ok=True)  # a retry clears the previous failure
     result_path = run_dir / "result.json"
     if result_path.is_file():
         log.info("run %s is already done: %s", rid, result_path)
         return json.loads(result_path.read_text())
+    logger_cfg = dict(cfg.get("logger") or {"name": "none"})
+    if sweep and not logger_cfg.get("group"):
+        logger_cfg["group"] = sweep
+    tracker = open_tracker(logger_cfg, run_id=rid, run_dir=run_dir, config=cfg)
+    failed = True
+    try:
+        result = _run(cfg, spec, rid, run_dir)
+        items = [json.loads(line) for line in Path(result["artifacts"]["items"]).read_text().splitlines()]
+        tracker.log_result(result, items, Path(result["artifacts"]["mask"]))
+        failed = False
+        return result
+    finally:
+        tracker.finish(failed=failed)
+
+
+def _run(cfg: Mapping[str, Any], spec: PruneSpec, rid: str, run_dir: Path) -> dict[str, Any]:
+    result_path = run_dir / "result.json"
     torch.manual_seed(int(cfg["seed"]))
     timings: dict[str, float] = {}
+    computed: dict[str, bool] = {}  # which shared artifacts this run computed (False: reused)
     lm = _timed(timings, "load", lambda: _load(cfg))
     template = resolve_template(lm.tokenizer, cfg["alignment"]["template"])
-    cal_path = run_dir / "calibration.safetensors"
     splits = held_out_splits(cfg)
-    sets = _timed(
-        timings,
-        "calibrate",
-        lambda: _stage(cal_path, lambda: _calibrate(cfg, lm, template, splits, cal_path), load_sets),
+    root = Path(cfg["paths"]["artifacts"]) if cfg["paths"].get("artifacts") else run_dir / "artifacts"
+    cal_info = {
+        "version": VERSIONS["calibration"],
+        "model": lm.fingerprint,
+        "dtype": cfg["model"]["dtype"],
+        "template": template,
+        "records": content_key(
+            [
+                asdict(r)
+                for part in (splits.harmful_cal, splits.harmful_eval, splits.benign_cal, splits.benign_eval)
+                for r in part
+            ]
+        ),
+        "calibration": {k: v for k, v in cfg["calibration"].items() if k != "batch_size"},
+        "benign_references": cfg["eval"]["benign_references"],
+    }
+    cal_entry = root / "calibration" / content_key(cal_info)
+    start = time.perf_counter()
+    sets, computed["calibration"] = cached(
+        cal_entry,
+        lambda e: _calibrate(cfg, lm, template, splits, e / "calibration.safetensors", cal_info),
+        lambda e: load_sets(e / "calibration.safetensors"),
+        "calibration.safetensors",
     )
+    timings["calibrate"] = time.perf_counter() - start
 
     params = scored_parameters(lm.model)
     batch = int(cfg["calibration"]["batch_size"])
-    scores = {}
+    scores, score_paths = {}, {}
     for kind in sorted(spec.needed_scores()):
+        info = {"version": VERSIONS["scores"], "calibration": cal_entry.name, "kind": kind, "batch_size": batch}
+        entry = root / "scores" / content_key(info)
         start = time.perf_counter()
-        path = run_dir / f"scores_{kind}.safetensors"
-        scores[kind] = load_scores(path) if path.is_file() else _score(lm, sets, kind, batch, path)
+        scores[kind], computed[f"scores_{kind}"] = cached(
+            entry,
+            lambda e, kind=kind, info=info: _score(lm, sets, kind, batch, e / "scores.safetensors", info),
+            lambda e: load_scores(e / "scores.safetensors"),
+            "scores.safetensors",
+        )
         timings[f"score_{kind}"] = time.perf_counter() - start
+        score_paths[f"scores_{kind}"] = str(entry / "scores.safetensors")
 
     weights = {n: p for n, p in lm.model.named_parameters() if n in params}
     mask_path = run_dir / "mask.safetensors"
@@ -177,9 +225,11 @@ def run_pipeline(cfg: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
             name: suite.judge_versions().get(name) for name in plan(cfg["eval"], cfg["judges"])[0] if name in JUDGES
         },
         "pruning": {**spec.__dict__, **mask_counts(params, mask)},
+        "computed": computed,
+        "scoring_passes": sum(_passes(sets, k, batch) for k in scores if computed[f"scores_{k}"]),
         "artifacts": {
-            "calibration": str(cal_path),
-            **{f"scores_{k}": str(run_dir / f"scores_{k}.safetensors") for k in scores},
+            "calibration": str(cal_entry / "calibration.safetensors"),
+            **score_paths,
             "mask": str(mask_path),
             "items": str(run_dir / "items.jsonl"),
         },
@@ -270,7 +320,7 @@ def held_out_splits(cfg: Mapping[str, Any]) -> Splits:
 
 
 def _calibrate(
-    cfg: Mapping[str, Any], lm: LoadedModel, template: str, splits: Splits, path: Path
+    cfg: Mapping[str, Any], lm: LoadedModel, template: str, splits: Splits, path: Path, info: Mapping[str, Any]
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Harmful and benign pairs for scoring, plus the held-out reference responses for harm likelihood."""
     cal, ev = cfg["calibration"], cfg["eval"]
@@ -308,12 +358,18 @@ def _calibrate(
     }
     max_len = int(cal["max_length"])
     sets = {name: encode_pairs(lm.tokenizer, ps, template, max_len) for name, ps in pairs.items()}
+    write_key_info(path.parent, info)
     save_sets(sets, pairs, path)
     return sets
 
 
 def _score(
-    lm: LoadedModel, sets: Mapping[str, dict[str, torch.Tensor]], kind: str, batch: int, path: Path
+    lm: LoadedModel,
+    sets: Mapping[str, dict[str, torch.Tensor]],
+    kind: str,
+    batch: int,
+    path: Path,
+    info: Mapping[str, Any],
 ) -> dict[str, torch.Tensor]:
     tensors = sets["harmful" if kind.startswith("harm") else "benign"]
     batches = list(iter_batches(tensors, batch))
@@ -321,8 +377,15 @@ def _score(
         scores = unsigned_snip(lm.model, batches, desc=f"scoring {kind}")
     else:
         scores = signed_snip(lm.model, batches, tensors["input_ids"].size(0), desc=f"scoring {kind}")
+    write_key_info(path.parent, info)
     save_scores(scores, path)
     return scores
+
+
+def _passes(sets: Mapping[str, dict[str, torch.Tensor]], kind: str, batch: int) -> int:
+    """Forward+backward passes that scoring ``kind`` takes: one per batch, or per sample (unsigned)."""
+    n = sets["harmful" if kind.startswith("harm") else "benign"]["input_ids"].size(0)
+    return n if kind.endswith("unsigned") else -(-n // batch)
 
 
 def _mask(spec: PruneSpec, params, weights, scores, path: Path) -> dict[str, torch.Tensor]:

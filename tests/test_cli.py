@@ -81,12 +81,15 @@ def test_rerun_is_idempotent_and_resumes_from_finished_stages(tmp_path, pair_fil
     assert harmsweep(*args, cwd=tmp_path).returncode == 0
     assert (run_dir / "result.json").stat().st_mtime_ns == stamp  # done runs are not redone
     # Crash after scoring: result and mask gone; the re-run reuses calibration and scores untouched.
-    scores_stamp = (run_dir / "scores_harm.safetensors").stat().st_mtime_ns
+    scores_file = Path(json.loads(first)["artifacts"]["scores_harm"])
+    scores_stamp = scores_file.stat().st_mtime_ns
     (run_dir / "result.json").unlink()
     (run_dir / "mask.safetensors").unlink()
     assert harmsweep(*args, cwd=tmp_path).returncode == 0
-    assert (run_dir / "scores_harm.safetensors").stat().st_mtime_ns == scores_stamp
+    assert scores_file.stat().st_mtime_ns == scores_stamp
     again = json.loads((run_dir / "result.json").read_text())
+    assert again["computed"] == {"calibration": False, "scores_benign": False, "scores_harm": False}
+    assert again["scoring_passes"] == 0 and json.loads(first)["scoring_passes"] == 2  # 6 samples, batches of 8
     assert again["metrics"] == json.loads(first)["metrics"]
 
 
@@ -100,7 +103,8 @@ def test_run_on_shared_data_with_prefilling(tmp_path, shared_data):
     assert proc.returncode == 0, proc.stderr
     result = json.loads((run_dir / "result.json").read_text())
     assert result["pruning"]["rule"] == "random" and result["n_pruned"] == round(0.01 * result["n_scored"])
-    pairs = [json.loads(line) for line in (run_dir / "calibration.jsonl").read_text().splitlines()]
+    calibration = Path(result["artifacts"]["calibration"]).with_suffix(".jsonl")
+    pairs = [json.loads(line) for line in calibration.read_text().splitlines()]
     by_set = {s: [p for p in pairs if p["set"] == s] for s in ("harmful", "eval_harmful", "benign", "eval_benign")}
     assert all(len(v) == 4 for v in by_set.values())
     assert all(p["response"].startswith("Sure") for p in by_set["harmful"])  # prefilled "Sure, here is"
@@ -188,7 +192,9 @@ def test_user_supplied_hexphi_folder_with_on_policy_responses(tmp_path, pair_fil
         f"hydra.run.dir={run_dir}", cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    pairs = [json.loads(line) for line in (run_dir / "calibration.jsonl").read_text().splitlines()]
+    result = json.loads((run_dir / "result.json").read_text())
+    calibration = Path(result["artifacts"]["calibration"]).with_suffix(".jsonl")
+    pairs = [json.loads(line) for line in calibration.read_text().splitlines()]
     harmful = [p for p in pairs if p["set"] in ("harmful", "eval_harmful")]
     assert len(harmful) == 3 and all(p["category"] == "malware" for p in harmful)
 
@@ -202,3 +208,35 @@ def test_unknown_category_is_a_one_line_error(tmp_path, shared_data):
     assert proc.returncode == 2 and "no_such_harm" in proc.stderr
     assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1
     assert not (run_dir / "result.json").exists()
+
+
+def test_a_failing_job_leaves_failed_and_the_sweep_exits_non_zero(tmp_path, pair_files):
+    harmful, benign = pair_files
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "q", "response": "r"}\n{not json\n')
+    args = [
+        a
+        for a in file_run_args(tmp_path / "x", harmful, benign)
+        if not a.startswith(("hydra.run", "calibration.harmful.file"))
+    ]
+    sweep = tmp_path / "sweep"
+    proc = harmsweep(
+        "-m",
+        *args,
+        "eval=likelihood",
+        f"calibration.harmful.file={harmful},{broken}",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode != 0
+    (failed,) = sweep.glob("*/FAILED")
+    assert "broken.jsonl" in json.loads(failed.read_text())["error"] and not (failed.parent / "result.json").exists()
+    assert len(list(sweep.glob("*/result.json"))) == 1  # the good job finished
+
+    # Fix the input in place (same config, same run id): the retry succeeds and clears the marker.
+    broken.write_text(harmful.read_text())
+    proc = harmsweep(
+        *args, "eval=likelihood", f"calibration.harmful.file={broken}", f"hydra.run.dir={failed.parent}", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert not failed.exists() and (failed.parent / "result.json").is_file()
