@@ -113,6 +113,8 @@ def run_pipeline(cfg: Mapping[str, Any], run_dir: Path, sweep: str | None = None
     logger_cfg = dict(cfg.get("logger") or {"name": "none"})
     if sweep and not logger_cfg.get("group"):
         logger_cfg["group"] = sweep
+    if cfg.get("experiment") and not logger_cfg.get("job_type"):
+        logger_cfg["job_type"] = cfg["experiment"]
     tracker = open_tracker(logger_cfg, run_id=rid, run_dir=run_dir, config=cfg)
     failed = True
     try:

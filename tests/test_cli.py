@@ -137,6 +137,8 @@ def test_run_on_shared_data_with_prefilling(tmp_path, shared_data):
         ("data.root=/no/such/folder", "data root not found: /no/such/folder"),
         ("calibration.harmful.file=/no/such.jsonl", "calibration.harmful.file not found"),
         ("calibration.n=0", "calibration.n=0 must be at least 1"),
+        ("pruning.sparsty=1e-4", "Key 'sparsty' not in 'PruningConfig'"),
+        ("calibration.n=many", "could not be converted to Integer"),
     ],
 )
 def test_bad_overrides_fail_in_one_line_and_leave_no_result(tmp_path, override, expected):

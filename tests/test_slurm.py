@@ -41,7 +41,7 @@ def _quiet(*cmd: str, timeout: float = 20) -> subprocess.CompletedProcess:
 
 def cluster_ready() -> bool:
     """A node that takes jobs, and sacct (submitit needs it to notice jobs that died without a result)."""
-    if not shutil.which("sinfo"):
+    if not shutil.which("sinfo") or "is UP" not in _quiet("scontrol", "ping").stdout:  # sinfo waits 9 s if it is down
         return False
     states = _quiet("sinfo", "-h", "-o", "%T").stdout.split()
     return any(s.rstrip("*~#$@") in ("idle", "mixed", "allocated") for s in states) and (

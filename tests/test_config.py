@@ -1,0 +1,88 @@
+"""The config tree: every preset composes and is tested, the schema rejects typos, run ids are stable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from harmsweep.cli import _one_line, _run_id_resolver
+from harmsweep.config import register
+from harmsweep.run import run_id
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+OmegaConf.register_new_resolver("harmsweep_run_id", _run_id_resolver, replace=True)
+register()
+
+# What each experiment preset must sweep. A preset missing here fails test_every_preset_has_a_test.
+EXPERIMENTS = {
+    "compression": {"alignment", "pruning.rule", "pruning.sparsity"},
+    "local_sweep": {"pruning.rule", "pruning.sparsity"},
+}
+SPARSITY_PRESETS = {"paper": 7, "coarse": 4}
+
+
+def composed(*overrides: str, hydra: bool = False):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def plain(*overrides: str) -> dict:
+    return OmegaConf.to_container(composed(*overrides), resolve=True)
+
+
+def test_every_preset_has_a_test():
+    assert {p.stem for p in (CONF / "experiment").glob("*.yaml")} == set(EXPERIMENTS)
+    assert {p.stem for p in (CONF / "sparsity").glob("*.yaml")} == set(SPARSITY_PRESETS)
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_experiment_presets_compose_and_sweep_what_they_say(name):
+    cfg = composed(f"experiment={name}", hydra=True)
+    assert cfg.experiment == name
+    assert set(cfg.hydra.sweeper.params) == EXPERIMENTS[name]
+    assert cfg.eval.metrics == ["harm_likelihood"]
+
+
+@pytest.mark.parametrize("name,count", sorted(SPARSITY_PRESETS.items()))
+def test_sparsity_presets_sweep_valid_fractions(name, count):
+    values = composed(f"sparsity={name}", hydra=True).hydra.sweeper.params["pruning.sparsity"].split(",")
+    assert len(values) == count and all(0 < float(v) < 1 for v in values)
+
+
+@pytest.mark.parametrize("model", sorted(p.stem for p in (CONF / "model").glob("*.yaml")))
+def test_every_model_names_checkpoints_for_its_variants(model):
+    cfg = plain(f"model={model}")
+    assert cfg["model"]["name"] == model and cfg["model"]["trust_remote_code"] is False
+    assert "aligned" in cfg["model"]["variants"]
+    for spec in cfg["model"]["variants"].values():
+        assert {"hub_id", "embedded", "tiny", "path"} & set(spec)
+    for variant in cfg["model"]["variants"]:
+        assert (CONF / "alignment" / f"{variant}.yaml").is_file(), f"alignment={variant} is not selectable"
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("pruning.sparsty=1e-4", "sparsty"),
+        ("pruning.sparsity=lots", "could not be converted to Float"),
+        ("calibration.n=many", "could not be converted to Integer"),
+        ("eval.generation.do_sample=perhaps", "not a valid bool"),
+        ("data.harmful.categories=3", "ListConfig"),
+    ],
+)
+def test_schema_rejects_typos_and_wrong_types(override, message):
+    with pytest.raises(Exception) as err:
+        composed(override)
+    assert message in _one_line(err.value)  # what the CLI prints, in one line
+
+
+def test_run_id_depends_on_what_changes_results_only():
+    base = run_id(plain())
+    assert base == run_id(plain())  # same config, same id
+    for relevant in ("pruning.sparsity=1e-4", "seed=1", "model=tiny_llama", "calibration.n=16", "eval.n=8"):
+        assert run_id(plain(relevant)) != base, relevant
+    for irrelevant in ("paths.cache_dir=/elsewhere", "data.root=/other/data", "logger=wandb", "data.download=true"):
+        assert run_id(plain(irrelevant)) == base, irrelevant
