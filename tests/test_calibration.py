@@ -90,19 +90,23 @@ def test_prefilling_puts_the_first_k_target_tokens_in_the_assistant_turn():
         prompts, prefixes = attack_prompts(lm.tokenizer, recs, "chat", k)
         head = prompt_ids(lm.tokenizer, recs[0].prompt, "chat")
         assert prompts[0] == head + target_ids[:k] and prefixes[0] == target_ids[:k]
-    pairs = generate_responses(
+    pairs = answers(lm, recs, prefill=6, new=5, batch=4)
+    assert pairs[0].response.startswith(lm.tokenizer.decode(target_ids[:6]))
+    with pytest.raises(HarmsweepError, match="target"):
+        attack_prompts(lm.tokenizer, [Record(prompt="p", source_id="y:1")], "chat", 2)
+
+
+def answers(lm, recs, prefill: int, new: int, batch: int) -> list[Pair]:
+    return generate_responses(
         lm.model,
         lm.tokenizer,
         recs,
         "chat",
-        prefill_tokens=6,
-        sampling=Sampling(max_new_tokens=5),
-        batch_size=4,
+        prefill_tokens=prefill,
+        sampling=Sampling(max_new_tokens=new),
+        batch_size=batch,
         desc="t",
     )
-    assert pairs[0].response.startswith(lm.tokenizer.decode(target_ids[:6]))
-    with pytest.raises(HarmsweepError, match="target"):
-        attack_prompts(lm.tokenizer, [Record(prompt="p", source_id="y:1")], "chat", 2)
 
 
 def test_batched_generation_matches_one_at_a_time():
@@ -110,26 +114,8 @@ def test_batched_generation_matches_one_at_a_time():
     recs = [
         Record(prompt=p, source_id=f"r:{i}") for i, p in enumerate(["a", "a much longer prompt here", "mid prompt"])
     ]
-    batched = generate_responses(
-        lm.model,
-        lm.tokenizer,
-        recs,
-        "chat",
-        prefill_tokens=0,
-        sampling=Sampling(max_new_tokens=8),
-        batch_size=3,
-        desc="t",
-    )
-    single = generate_responses(
-        lm.model,
-        lm.tokenizer,
-        recs,
-        "chat",
-        prefill_tokens=0,
-        sampling=Sampling(max_new_tokens=8),
-        batch_size=1,
-        desc="t",
-    )
+    batched = answers(lm, recs, prefill=0, new=8, batch=3)
+    single = answers(lm, recs, prefill=0, new=8, batch=1)
     assert [p.response for p in batched] == [p.response for p in single]
 
 
