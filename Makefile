@@ -33,7 +33,7 @@ test: venv
 	$(BIN)/python -m pytest -q $(ARGS)
 
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest -q -m "not slow and not slurm" $(ARGS)
 
 lint: venv
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

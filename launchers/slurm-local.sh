@@ -238,7 +238,8 @@ start_accounting() {
   sacctmgr -n -P list cluster format=cluster | grep -qx "$CLUSTER" || sacctmgr -i add cluster "$CLUSTER" >/dev/null
 }
 
-node_ready() { sinfo -h -n "$NODE" -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated|completing)'; }
+# the node takes jobs: idle, mixed or allocated (not completing, draining, drained, down, or not responding: idle*)
+node_ready() { sinfo -h -n "$NODE" -o %T 2>/dev/null | grep -qxE '(idle|mixed|allocated)'; }
 
 cmd_start() {
   need_root
@@ -250,11 +251,19 @@ cmd_start() {
   running /run/slurmctld.pid || /usr/sbin/slurmctld
   wait_until 30 scontrol ping
   running /run/slurmd.pid || /usr/sbin/slurmd
-  # a node left DOWN/DRAINED by an earlier configuration stays so (state is saved in $SPOOL_CTLD): resume it
-  if ! wait_until 15 node_ready; then
-    scontrol update nodename="$NODE" state=resume 2>/dev/null || true
-    wait_until 30 node_ready || { sinfo -R >&2 || true; die "node $NODE did not come up (see $LOGDIR/slurmd.log)"; }
-  fi
+  # A node left DOWN or DRAINED (bad earlier settings, "Kill task failed") stays so, since slurmctld saves its state
+  # in $SPOOL_CTLD: resume it. Jobs recovered in COMPLETING state keep it busy until slurmd has cleaned them up.
+  local deadline=$((SECONDS + 90)) resumed=0 state
+  until node_ready; do
+    state=$(sinfo -h -n "$NODE" -o %T 2>/dev/null || true)
+    if ((!resumed)) && [[ $state =~ ^(drain|down|fail) ]]; then
+      say "node $NODE is $state ($(sinfo -h -n "$NODE" -o %E 2>/dev/null)): resuming it"
+      scontrol update nodename="$NODE" state=resume 2>/dev/null || true
+      resumed=1
+    fi
+    ((SECONDS < deadline)) || { sinfo -R >&2 || true; die "node $NODE did not come up (see $LOGDIR/slurmd.log)"; }
+    sleep 0.2
+  done
   say "up in $((SECONDS - t0))s: partition '$PARTITION' on node $NODE ($(nproc) CPUs, $(real_memory) MB$( ((GPUS > 0)) && echo ", $GPUS fake GPUs in partition 'gpu'"))"
   sinfo >&2
 }
@@ -281,8 +290,22 @@ stop_all() {
   for pf in "$@"; do running "$pf" || rm -f "$pf"; done
 }
 
+# Jobs still running when slurmd stops would go on as orphans, and steps that cannot report to a stopped slurmctld
+# end as "Kill task failed", which drains the node: cancel every job and let it finish first (a test cluster).
+cancel_jobs() {
+  running /run/slurmctld.pid && scontrol ping 2>/dev/null | grep -q 'is UP' || return 0
+  local jobs
+  jobs=$(squeue -h -o %A 2>/dev/null | sort -u | tr '\n' ' ')
+  [[ -n ${jobs// /} ]] || return 0
+  say "cancelling jobs: $jobs"
+  # shellcheck disable=SC2086
+  scancel $jobs 2>/dev/null || true
+  wait_until 60 bash -c '[[ -z $(squeue -h -o %A 2>/dev/null) ]]' || say "jobs still listed after 60 s: stopping anyway"
+}
+
 cmd_stop() {
   need_root
+  cancel_jobs
   # the Slurm daemons first (slurmctld hands its last accounting records to slurmdbd), then what they used
   stop_all /run/slurmd.pid /run/slurmctld.pid
   stop_all /run/slurmdbd.pid /run/mysqld/mysqld.pid /run/munge/munged.pid
