@@ -173,7 +173,7 @@ def main() -> None:
         run_dir = Path(hydra_cfg.runtime.output_dir)
         sweep = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
         try:
-            plain = OmegaConf.to_container(cfg, resolve=True)
+            plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
             result = run_pipeline(plain, run_dir, sweep=sweep)
         except (HarmsweepError, OmegaConfBaseException) as exc:
             message = str(exc).splitlines()[0]

@@ -89,6 +89,11 @@ def check_config(cfg: Mapping[str, Any]) -> PruneSpec:
         path = cal[key.split(".")[1]].get("file")
         if path and not Path(path).is_file():
             raise HarmsweepError(f"{key} not found: {path}")
+    for side in ("harmful", "benign"):
+        if data[side]["name"] == "custom" and not data[side].get("file"):
+            raise HarmsweepError(
+                f"data.{side}.name=custom needs data.{side}.file=PATH (CSV, JSON or JSONL with a prompt column)"
+            )
     harmful_from_root = mode != "file" and not data["harmful"].get("file")
     benign_from_root = not cal["benign"].get("file") and not data["benign"].get("file")
     needs_root = harmful_from_root or benign_from_root

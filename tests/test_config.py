@@ -30,7 +30,7 @@ def composed(*overrides: str, hydra: bool = False):
 
 
 def plain(*overrides: str) -> dict:
-    return OmegaConf.to_container(composed(*overrides), resolve=True)
+    return OmegaConf.to_container(composed(*overrides), resolve=True, throw_on_missing=True)
 
 
 def test_every_preset_has_a_test():
@@ -86,3 +86,18 @@ def test_run_id_depends_on_what_changes_results_only():
         assert run_id(plain(relevant)) != base, relevant
     for irrelevant in ("paths.cache_dir=/elsewhere", "data.root=/other/data", "logger=wandb", "data.download=true"):
         assert run_id(plain(irrelevant)) == base, irrelevant
+
+
+@pytest.mark.parametrize("data", sorted(p.stem for p in (CONF / "data").glob("*.yaml")))
+def test_every_data_config_composes(data):
+    overrides = [f"data={data}"] + (["data.harmful.file=/tmp/prompts.csv"] if data == "custom" else [])
+    cfg = plain(*overrides)
+    assert cfg["data"]["harmful"]["name"] and cfg["data"]["benign"]["name"]
+
+
+def test_custom_data_requires_its_file():
+    from harmsweep.errors import HarmsweepError
+    from harmsweep.run import check_config
+
+    with pytest.raises(HarmsweepError, match=r"data\.harmful\.file=PATH"):
+        check_config(plain("data=custom", "data.root=/tmp"))
