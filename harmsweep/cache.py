@@ -1,7 +1,8 @@
 """A content-keyed artifact cache shared by every run of every sweep.
 
-Calibration sets and scores depend on the model, the exact records, the settings and the code,
-not on the pruning rule or sparsity: keyed by a hash of those, a K-level sparsity sweep scores once.
+Calibration sets, scores and the unpruned model's evaluation depend on the model, the exact records,
+the settings and the code, not on the pruning rule or sparsity: keyed by a hash of those, a K-level
+sparsity sweep calibrates, scores and evaluates the unpruned model once.
 Concurrent jobs that need the same key serialise on a lock file: exactly one computes, the others
 wait and then load. Artifacts appear by atomic rename (artifacts.atomic_path), so a crashed writer
 leaves nothing that looks complete, and its lock dies with its process.
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Bump when the code that produces an artifact changes its output: old entries are then ignored.
-VERSIONS = {"calibration": "calibration-v1", "scores": "scores-v1"}
+VERSIONS = {"calibration": "calibration-v1", "scores": "scores-v1", "eval": "eval-before-v1"}
 
 
 def content_key(*parts: Any) -> str:

@@ -190,16 +190,23 @@ def _run(cfg: Mapping[str, Any], spec: PruneSpec, rid: str, run_dir: Path) -> di
 
     held = HeldOut(splits.harmful_eval, splits.benign_eval, {k: sets[k] for k in ("eval_harmful", "eval_benign")})
     suite = Suite(cfg, lm, template, held, scratch=run_dir)
-    before_path = run_dir / "eval_before.json"
-    before = _timed(
-        timings,
-        "evaluate_before",
-        lambda: _stage(before_path, lambda: _evaluate(suite, "before", before_path), _read_json),
+    # The unpruned model's measurements are the same for every rule and sparsity: shared like scores.
+    before_info = {"version": VERSIONS["eval"], "calibration": cal_entry.name, "eval": cfg["eval"],
+                   "judges": cfg["judges"], "seed": cfg["seed"]}  # fmt: skip
+    before_entry = root / "eval_before" / content_key(before_info)
+    start = time.perf_counter()
+    before, computed["eval_before"] = cached(
+        before_entry,
+        lambda e: _evaluate(suite, "before", e / "eval_before.json", before_info),
+        lambda e: _read_json(e / "eval_before.json"),
+        "eval_before.json",
     )
+    timings["evaluate_before"] = time.perf_counter() - start
     zeros_before = sum(int((w == 0).sum()) for w in weights.values())
     apply_mask(lm.model, mask)
     zeros_after = sum(int((w == 0).sum()) for w in weights.values())
     after = _timed(timings, "evaluate_after", lambda: _evaluate(suite, "after", None))
+    artifacts_before = str(before_entry / "eval_before.json")
     write_jsonl(before["items"] + after["items"], run_dir / "items.jsonl")
 
     n_scored = sum(w.numel() for w in weights.values())
@@ -238,6 +245,7 @@ def _run(cfg: Mapping[str, Any], spec: PruneSpec, rid: str, run_dir: Path) -> di
             "calibration": str(cal_entry / "calibration.safetensors"),
             **score_paths,
             "mask": str(mask_path),
+            "eval_before": artifacts_before,
             "items": str(run_dir / "items.jsonl"),
         },
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
@@ -401,9 +409,10 @@ def _mask(spec: PruneSpec, params, weights, scores, path: Path) -> dict[str, tor
     return mask
 
 
-def _evaluate(suite: Suite, stage: str, path: Path | None) -> dict[str, Any]:
+def _evaluate(suite: Suite, stage: str, path: Path | None, info: Mapping[str, Any] | None = None) -> dict[str, Any]:
     metrics, items = suite.run(stage)
     out = {"metrics": metrics, "items": items}
     if path is not None:
+        write_key_info(path.parent, info or {})
         write_json(out, path)
     return out

@@ -99,6 +99,8 @@ def test_a_sparsity_sweep_scores_once(tmp_path, pair_files):  # noqa: F811
     assert len(results) == 3
     assert sorted(r["scoring_passes"] for r in results) == [0, 0, 2]  # 2 batches (harmful, benign) scored once
     assert len({r["artifacts"]["scores_harm"] for r in results}) == 1
+    assert sum(r["computed"]["eval_before"] for r in results) == 1  # the unpruned model is evaluated once
+    assert len({json.dumps(r["metrics"]["nll_harmful_before"]) for r in results}) == 1
     assert sorted(r["n_pruned"] for r in results) == sorted(
         round(s * results[0]["n_scored"]) for s in (0.001, 0.01, 0.05)
     )
@@ -122,9 +124,10 @@ def test_kill_9_then_rerun_gives_the_same_result_without_recomputing(tmp_path, p
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HARMSWEEP_CACHE": str(tmp_path / "cache")}
     proc = subprocess.Popen([sys.executable, "-m", "harmsweep.cli", *args], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    marker = {"calibration": "artifacts/calibration/*/calibration.safetensors", "eval_before": "eval_before.json"}[
-        kill_after
-    ]
+    marker = {
+        "calibration": "artifacts/calibration/*/calibration.safetensors",
+        "eval_before": "artifacts/eval_before/*/eval_before.json",
+    }[kill_after]
     deadline = time.time() + 120
     while not list(crash_dir.glob(marker)) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)

@@ -88,7 +88,12 @@ def test_rerun_is_idempotent_and_resumes_from_finished_stages(tmp_path, pair_fil
     assert harmsweep(*args, cwd=tmp_path).returncode == 0
     assert scores_file.stat().st_mtime_ns == scores_stamp
     again = json.loads((run_dir / "result.json").read_text())
-    assert again["computed"] == {"calibration": False, "scores_benign": False, "scores_harm": False}
+    assert again["computed"] == {
+        "calibration": False,
+        "scores_benign": False,
+        "scores_harm": False,
+        "eval_before": False,
+    }
     assert again["scoring_passes"] == 0 and json.loads(first)["scoring_passes"] == 2  # 6 samples, batches of 8
     assert again["metrics"] == json.loads(first)["metrics"]
 
