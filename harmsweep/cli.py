@@ -143,7 +143,7 @@ def _run_id_resolver(*, _root_: Any) -> str:
     """``${harmsweep_run_id:}``: the run id of the composed config, so run folders are named by it."""
     from omegaconf import OmegaConf
 
-    from harmsweep.run import run_id
+    from harmsweep.config import run_id
 
     tree = OmegaConf.to_container(_root_, resolve=False)
     tree.pop("hydra", None)

@@ -1,17 +1,27 @@
-"""The config schema: structured configs that make Hydra reject a typo'd key or a wrong type.
+"""The config: its schema (typos and wrong types fail while composing), its checks, its identity.
 
 conf/config.yaml composes onto ``Config`` (registered as ``harmsweep_schema``), so an override such
 as ``pruning.sparsty=1e-4`` or ``pruning.sparsity=lots`` fails while composing, before any work.
-Value ranges and cross-field rules stay in the stage modules (PruneSpec.validate, run.check_config),
-next to the code they protect. Free-form parts (a model's checkpoints, judge options) stay dicts.
+Value ranges and cross-field rules are checked by check_config (with PruneSpec.validate and the
+evaluation plan) before any work; run_id names a run by what can change its results.
+Free-form parts (a model's checkpoints, judge options) stay dicts.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+
+from harmsweep.calibration import RESPONSE_MODES
+from harmsweep.errors import HarmsweepError
+from harmsweep.evaluation.suite import plan
+from harmsweep.pruning import PruneSpec
 
 
 @dataclass
@@ -146,6 +156,66 @@ class Config:
     experiment: str | None = None  # name of the experiment preset, if any (W&B job type)
     seed: int = 0
     device: str = "auto"
+
+
+NOT_IN_RUN_ID = ("paths", "logger", "launcher", "hydra")
+
+
+def run_id(cfg: Mapping[str, Any]) -> str:
+    """Hash of the resolved config minus where things are stored and how they are launched/logged."""
+    kept = {k: v for k, v in cfg.items() if k not in NOT_IN_RUN_ID}
+    kept["data"] = {k: v for k, v in kept.get("data", {}).items() if k not in ("root", "download")}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def prune_spec(cfg: Mapping[str, Any]) -> PruneSpec:
+    p = cfg["pruning"]
+    spec = PruneSpec(
+        rule=p["rule"],
+        sparsity=float(p["sparsity"]),
+        protect=float(p["protect"]),
+        harm_fraction=None if p.get("harm_fraction") is None else float(p["harm_fraction"]),
+        granularity=p["granularity"],
+        benign_importance=p["benign_importance"],
+        seed=int(cfg["seed"]),
+    )
+    spec.validate()
+    return spec
+
+
+def check_config(cfg: Mapping[str, Any]) -> PruneSpec:
+    """Every check that needs no model, so bad input fails in a second, before any work."""
+    spec = prune_spec(cfg)
+    plan(cfg["eval"], cfg["judges"])
+    cal, data = cfg["calibration"], cfg["data"]
+    mode = cal["harmful"]["responses"]
+    if mode not in RESPONSE_MODES:
+        raise HarmsweepError(f"calibration.harmful.responses={mode} is not one of {', '.join(RESPONSE_MODES)}")
+    for key, value in (("calibration.n", cal["n"]), ("eval.n", cfg["eval"]["n"])):
+        if int(value) < 1:
+            raise HarmsweepError(f"{key}={value} must be at least 1")
+    if mode == "file" and not cal["harmful"].get("file"):
+        raise HarmsweepError(
+            "calibration.harmful.responses=file needs calibration.harmful.file=PATH (JSONL: prompt, response)"
+        )
+    for key in ("calibration.harmful.file", "calibration.benign.file"):
+        path = cal[key.split(".")[1]].get("file")
+        if path and not Path(path).is_file():
+            raise HarmsweepError(f"{key} not found: {path}")
+    for side in ("harmful", "benign"):
+        if data[side]["name"] == "custom" and not data[side].get("file"):
+            raise HarmsweepError(
+                f"data.{side}.name=custom needs data.{side}.file=PATH (CSV, JSON or JSONL with a prompt column)"
+            )
+    harmful_from_root = mode != "file" and not data["harmful"].get("file")
+    benign_from_root = not cal["benign"].get("file") and not data["benign"].get("file")
+    needs_root = harmful_from_root or benign_from_root
+    root = data.get("root")
+    if needs_root and (not root or not Path(str(root)).is_dir()):
+        raise HarmsweepError(
+            f"data root not found: {root} (set data.root=DIR or the HARMSWEEP_DATA environment variable)"
+        )
+    return spec
 
 
 def register() -> None:

@@ -9,8 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from harmsweep.cli import _one_line, _run_id_resolver
-from harmsweep.config import register
-from harmsweep.run import run_id
+from harmsweep.config import register, run_id
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 OmegaConf.register_new_resolver("harmsweep_run_id", _run_id_resolver, replace=True)
@@ -96,8 +95,8 @@ def test_every_data_config_composes(data):
 
 
 def test_custom_data_requires_its_file():
+    from harmsweep.config import check_config
     from harmsweep.errors import HarmsweepError
-    from harmsweep.run import check_config
 
     with pytest.raises(HarmsweepError, match=r"data\.harmful\.file=PATH"):
         check_config(plain("data=custom", "data.root=/tmp"))
