@@ -9,36 +9,24 @@ outputs/bench/generation.json.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
 import time
-from pathlib import Path
 
-import yaml
+import common
 
 from harmsweep.calibration import attack_prompts
 from harmsweep.data import load_records, take
 from harmsweep.generation import Sampling, generate
-from harmsweep.models import load_model
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2_135m")
-    parser.add_argument("--n", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--new", type=int, default=48)
-    parser.add_argument("--reps", type=int, default=2)
-    parser.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "generation.json"))
-    args = parser.parse_args()
+    p = common.parser(__doc__, "generation", reps=2)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--new", type=int, default=48)
+    args = p.parse_args()
 
-    cfg = yaml.safe_load((ROOT / "conf" / "model" / f"{args.model}.yaml").read_text())
-    lm = load_model(cfg, "aligned", os.environ.get("HARMSWEEP_CACHE", str(Path.home() / ".cache" / "harmsweep")))
-    root = os.environ.get("HARMSWEEP_DATA", str(ROOT.parent / "shared" / "data"))
+    lm = common.model(args.model)
+    root = common.data_root()
     prompts, _ = attack_prompts(lm.tokenizer, take(load_records("advbench", root), args.n, seed=0), "chat", 0)
     sampling = Sampling(max_new_tokens=args.new)
     sizes = {"batched": args.batch, "one at a time": 1}
@@ -60,11 +48,9 @@ def main() -> None:
         print(f"{name:<16}{med[name]:>10.2f}{tokens / med[name]:>10.1f}")
     speedup = med["one at a time"] / med["batched"]
     print(f"speed-up {speedup:.2f}x (goal >= 5x); identical outputs: {same}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     record = {"model": args.model, "n": args.n, "batch": args.batch, "new_tokens": args.new, "tokens": tokens,
               "times_s": times, "median_s": med, "speedup": speedup, "identical_outputs": same}  # fmt: skip
-    out.write_text(json.dumps(record, indent=2))
+    common.write(args.out, record)
 
 
 if __name__ == "__main__":

@@ -8,23 +8,17 @@ claim, not the absolute time). Prints a table and writes JSON to outputs/bench/s
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
+import common
 import torch
-import yaml
 
 from harmsweep.calibration import encode_pairs, file_pairs, iter_batches
 from harmsweep.data import load_records, take
-from harmsweep.models import load_model
 from harmsweep.scoring import signed_snip
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def bare_loop(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> None:
@@ -43,19 +37,13 @@ def bare_loop(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2_135m")
-    parser.add_argument("--n", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "scoring.json"))
-    args = parser.parse_args()
+    p = common.parser(__doc__, "scoring", reps=3)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=128)
+    args = p.parse_args()
 
-    cfg = yaml.safe_load((ROOT / "conf" / "model" / f"{args.model}.yaml").read_text())
-    cache = os.environ.get("HARMSWEEP_CACHE", str(Path.home() / ".cache" / "harmsweep"))
-    lm = load_model(cfg, "aligned", cache)
-    data_root = os.environ.get("HARMSWEEP_DATA", str(ROOT.parent / "shared" / "data"))
+    lm = common.model(args.model)
+    data_root = common.data_root()
     pairs = file_pairs(take(load_records("alpaca", data_root), args.n, seed=0), "alpaca")
     tensors = encode_pairs(lm.tokenizer, pairs, "chat", args.max_length)
     batches = list(iter_batches(tensors, args.batch))
@@ -79,13 +67,11 @@ def main() -> None:
     for k, v in times.items():
         print(f"{k:<24}{med[k]:>10.2f}{min(v):>10.2f}{max(v):>10.2f}")
     print(f"ratio signed SNIP / bare: {ratio:.3f} (goal <= 1.15)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    common.write(args.out, {
         "model": args.model, "n": args.n, "batch": args.batch, "tokens": tokens, "times_s": times,
         "median_s": med, "ratio": ratio, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "torch": torch.__version__,
-    }, indent=2))  # fmt: skip
+    })  # fmt: skip
 
 
 if __name__ == "__main__":

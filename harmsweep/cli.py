@@ -57,6 +57,7 @@ INFO_FLAGS = ("--help", "-h", "--hydra-help", "--version", "--info", "-i", "--sh
 def check_composition(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
     """Compose every value of every override once, so a typo'd key or a wrong type fails in one line.
 
+    Needs the run-id resolver and the schema registered (main does both).
     The schema (harmsweep/config.py) makes Hydra reject them too, but over several lines and, in a
     multirun, only when the job with the bad value starts.
     """
@@ -65,9 +66,6 @@ def check_composition(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from harmsweep.config import register
-
-    register()
     args = _overrides(argv)
     try:
         parsed = OverridesParser.create().parse_overrides(args)
@@ -152,12 +150,14 @@ def _run_id_resolver(*, _root_: Any) -> str:
 
 def main() -> None:
     check_group_overrides(sys.argv[1:])
-    from omegaconf import OmegaConf as _OmegaConf
-
-    _OmegaConf.register_new_resolver("harmsweep_run_id", _run_id_resolver, replace=True)
-    check_composition(sys.argv[1:])
     import hydra
     from omegaconf import DictConfig, OmegaConf
+
+    from harmsweep.config import register
+
+    OmegaConf.register_new_resolver("harmsweep_run_id", _run_id_resolver, replace=True)
+    register()
+    check_composition(sys.argv[1:])
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def app(cfg: DictConfig) -> None:
@@ -187,10 +187,6 @@ def main() -> None:
         print(summary(result))
         print(f"  results in {run_dir}")
 
-    OmegaConf.register_new_resolver("harmsweep_run_id", _run_id_resolver, replace=True)
-    from harmsweep.config import register
-
-    register()
     app()
 
 

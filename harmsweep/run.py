@@ -64,8 +64,7 @@ def run_pipeline(cfg: Mapping[str, Any], run_dir: Path, sweep: str | None = None
     tracker = open_tracker(logger_cfg, run_id=rid, run_dir=run_dir, config=cfg)
     failed = True
     try:
-        result = _run(cfg, spec, rid, run_dir)
-        items = [json.loads(line) for line in Path(result["artifacts"]["items"]).read_text().splitlines()]
+        result, items = _run(cfg, spec, rid, run_dir)
         tracker.log_result(result, items, Path(result["artifacts"]["mask"]))
         failed = False
         return result
@@ -73,7 +72,10 @@ def run_pipeline(cfg: Mapping[str, Any], run_dir: Path, sweep: str | None = None
         tracker.finish(failed=failed)
 
 
-def _run(cfg: Mapping[str, Any], spec: PruneSpec, rid: str, run_dir: Path) -> dict[str, Any]:
+def _run(
+    cfg: Mapping[str, Any], spec: PruneSpec, rid: str, run_dir: Path
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The stages; returns the result and the per-item rows (also written to items.jsonl)."""
     result_path = run_dir / "result.json"
     torch.manual_seed(int(cfg["seed"]))
     timings: dict[str, float] = {}
@@ -148,7 +150,8 @@ def _run(cfg: Mapping[str, Any], spec: PruneSpec, rid: str, run_dir: Path) -> di
     zeros_after = sum(int((w == 0).sum()) for w in weights.values())
     after = _timed(timings, "evaluate_after", lambda: _evaluate(suite, "after", None))
     artifacts_before = str(before_entry / "eval_before.json")
-    write_jsonl(before["items"] + after["items"], run_dir / "items.jsonl")
+    items = before["items"] + after["items"]
+    write_jsonl(items, run_dir / "items.jsonl")
 
     n_scored = sum(w.numel() for w in weights.values())
     n_pruned = sum(int(idx.numel()) for idx in mask.values())
@@ -198,7 +201,7 @@ def _run(cfg: Mapping[str, Any], spec: PruneSpec, rid: str, run_dir: Path) -> di
         "config": dict(cfg),
     }
     write_json(result, result_path)
-    return result
+    return result, items
 
 
 def _claim(run_dir: Path, rid: str, cfg: Mapping[str, Any]) -> None:

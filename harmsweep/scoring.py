@@ -102,7 +102,7 @@ def unsigned_snip(model: nn.Module, batches: Iterable[Batch], desc: str = "unsig
     def samples() -> Iterable[Batch]:
         for batch in batches:
             for i in range(batch["input_ids"].size(0)):
-                yield _trim({k: v[i : i + 1] for k, v in batch.items()})
+                yield {k: v[i : i + 1] for k, v in batch.items()}  # _backward_each trims the padding
 
     _backward_each(model, params, samples(), lambda b: _batch_nll(model, b).sum(), fold, desc)
     return {n: s.mul_(params[n].detach().abs()) for n, s in sums.items()}

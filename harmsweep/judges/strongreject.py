@@ -19,7 +19,6 @@ shift-invariant); only the last position's logits are computed (saves memory for
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import inspect
 import json
 import logging
@@ -117,12 +116,6 @@ class StrongRejectFinetunedJudge:
         **kwargs: Any,
     ) -> StrongRejectFinetunedJudge:
         """Load the judge from a hub id or a local directory (merged model, or LoRA adapter with peft)."""
-        local = Path(os.path.expanduser(path))
-        if (local / "adapter_config.json").is_file() and importlib.util.find_spec("peft") is None:
-            raise HarmsweepError(
-                f"judge path {path} holds a LoRA adapter, which needs peft (pip install peft) and its base model; "
-                "or merge the adapter into the base model and pass that directory"
-            )
         loaded = load_model({"name": "strongreject_judge", "path": path, "dtype": dtype}, "aligned", cache_dir)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
