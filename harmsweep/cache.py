@@ -19,17 +19,29 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Bump when the code that produces an artifact changes its output: old entries are then ignored.
-VERSIONS = {"calibration": "calibration-v1", "scores": "scores-v1", "eval": "eval-before-v1"}
+VERSIONS = {"calibration": "calibration-v1", "scores": "scores-v2", "eval": "eval-before-v1"}
 
 
 def content_key(*parts: Any) -> str:
     """Stable hash of JSON-serialisable parts (dict order does not matter)."""
     text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def tensor_key(tensors: Mapping[str, Any]) -> str:
+    """Content hash of named tensors (a tokenised calibration set): equal sets share their scores."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:20]
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from hydra.core.config_store import ConfigStore
 from harmsweep.calibration import RESPONSE_MODES
 from harmsweep.errors import HarmsweepError
 from harmsweep.evaluation.suite import plan
+from harmsweep.finetune import FinetuneSpec
 from harmsweep.pruning import PruneSpec
 
 
@@ -34,9 +35,27 @@ class ModelConfig:
 
 
 @dataclass
+class DeriveConfig:
+    """A safety fine-tune of the ``parent`` variant (harmsweep/derive.py)."""
+
+    parent: str = "aligned"
+    refusals: str = "wei2024_refusals"  # dataset of harmful prompts with refusals
+    refusals_file: str | None = None  # or a JSONL/CSV of prompt, response
+    refusal_model: str | None = None  # or: answers of this aligned model (path or hub id) to the prompts
+    benign: str = "alpaca_eval"  # benign pairs mixed in (a source other than the held-out benign data)
+    n_harmful: int = 64
+    n_benign: int = 64
+    exclude: list[str] = field(default_factory=lambda: ["strongreject"])  # datasets whose prompts never train
+    check: list[str] = field(default_factory=lambda: ["advbench", "strongreject"])  # held-out refusal check
+    eval_n: int = 32  # held-out prompts per checked dataset for the parent-vs-derived check
+    finetune: FinetuneSpec = field(default_factory=lambda: FinetuneSpec(lr=2e-4, epochs=2, batch_size=8))
+
+
+@dataclass
 class AlignmentConfig:
     name: str = "aligned"
     template: str = "chat"
+    derive: DeriveConfig | None = None  # set: the checkpoint is derived from another variant by fine-tuning
 
 
 @dataclass
@@ -143,6 +162,49 @@ class PathsConfig:
 
 
 @dataclass
+class CrossHarmConfig:
+    """Experiment 2: calibrate per harm category, prune, evaluate every category (experiments/cross_harm.py)."""
+
+    categories: list[str] | None = None  # null: every category of data.harmful
+    judges: list[str] = field(default_factory=list)  # judged generations per cell (refusal, strongreject_*)
+    controls: list[str] = field(default_factory=lambda: ["benign", "random"])
+    control_benign: str = "alpaca_eval"  # the benign-calibrated control row's data
+
+
+@dataclass
+class EMDomain:
+    name: str = "insecure"
+    file: str | None = None  # JSONL of {"messages": [...]}; null: em/insecure_small.jsonl under data.root
+
+
+@dataclass
+class EMConfig:
+    """Experiment 3: emergent misalignment with and without harm pruning (experiments/em.py)."""
+
+    domains: list[EMDomain] = field(default_factory=lambda: [EMDomain()])
+    arms: list[str] = field(default_factory=lambda: ["none", "prune_before", "prune_after"])
+    questions: str | None = None  # null: em/first_plot_questions.yaml under data.root
+    question_ids: list[str] | None = None
+    samples_per_question: int = 4
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    n_train: int | None = None  # null: the whole domain file
+    judge: dict[str, Any] = field(default_factory=lambda: {"name": "em_proxy"})
+    finetune: FinetuneSpec = field(default_factory=lambda: FinetuneSpec(lr=1e-4, epochs=3, batch_size=4, max_length=384))
+
+
+@dataclass
+class DissociationConfig:
+    """Experiment 4: harm vs refusal pruning on generation/recognition, and recovery (experiments/dissociation.py)."""
+
+    refusals: str = "wei2024_refusals"  # harmful prompts with refusal responses: the control's calibration
+    refusals_file: str | None = None
+    recovery_steps: int = 8  # fine-tune steps on harmful pairs after harm pruning; 0: no recovery curve
+    recovery_every: int = 2
+    finetune: FinetuneSpec = field(default_factory=lambda: FinetuneSpec(lr=1e-4, batch_size=8, epochs=100))
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
@@ -154,6 +216,9 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     experiment: str | None = None  # name of the experiment preset, if any (W&B job type)
+    cross_harm: CrossHarmConfig | None = None  # set by experiment=cross_harm
+    em: EMConfig | None = None  # set by experiment=em
+    dissociation: DissociationConfig | None = None  # set by experiment=dissociation
     seed: int = 0
     device: str = "auto"
 
@@ -163,7 +228,7 @@ NOT_IN_RUN_ID = ("paths", "logger", "launcher", "hydra")
 
 def run_id(cfg: Mapping[str, Any]) -> str:
     """Hash of the resolved config minus where things are stored and how they are launched/logged."""
-    kept = {k: v for k, v in cfg.items() if k not in NOT_IN_RUN_ID}
+    kept = {k: v for k, v in cfg.items() if k not in NOT_IN_RUN_ID and v is not None}
     kept["data"] = {k: v for k, v in kept.get("data", {}).items() if k not in ("root", "download")}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
 

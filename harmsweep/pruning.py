@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import zlib
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -269,6 +270,24 @@ def apply_mask(model: torch.nn.Module, mask: Mapping[str, torch.Tensor]) -> None
         for name, idx in mask.items():
             if idx.numel():
                 named[name].view(-1)[idx.to(named[name].device)] = 0
+
+
+@contextmanager
+def pruned(model: torch.nn.Module, mask: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Zero the selected weights for the duration of the block, then put their values back.
+
+    Experiments compare many masks on one loaded model; restoring only the masked entries costs
+    K values instead of a copy of the model.
+    """
+    named = dict(model.named_parameters())
+    saved = {n: named[n].detach().view(-1)[idx.to(named[n].device)].clone() for n, idx in mask.items() if idx.numel()}
+    apply_mask(model, mask)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, values in saved.items():
+                named[name].view(-1)[mask[name].to(values.device)] = values
 
 
 def mask_counts(params: Mapping[str, ScoredParam], mask: Mapping[str, torch.Tensor]) -> dict[str, dict[str, int]]:

@@ -20,7 +20,7 @@ import transformers
 
 import harmsweep
 from harmsweep.artifacts import write_json, write_jsonl
-from harmsweep.cache import VERSIONS, cached, content_key, write_key_info
+from harmsweep.cache import VERSIONS, cached, content_key, tensor_key, write_key_info
 from harmsweep.calibration import (
     PLAIN_TEMPLATE,
     Pair,
@@ -34,8 +34,10 @@ from harmsweep.calibration import (
 )
 from harmsweep.config import check_config, run_id
 from harmsweep.data import Record, load_records, split_disjoint
+from harmsweep.derive import derivation, load_derived, norm_prompt, trained_prompts
 from harmsweep.errors import HarmsweepError
 from harmsweep.evaluation.suite import JUDGES, HeldOut, Suite, deltas, plan
+from harmsweep.experiments import runner
 from harmsweep.generation import Sampling
 from harmsweep.models import LoadedModel, load_model
 from harmsweep.pruning import PruneSpec, apply_mask, load_mask, mask_counts, save_mask, select
@@ -64,8 +66,10 @@ def run_pipeline(cfg: Mapping[str, Any], run_dir: Path, sweep: str | None = None
     tracker = open_tracker(logger_cfg, run_id=rid, run_dir=run_dir, config=cfg)
     failed = True
     try:
-        result, items = _run(cfg, spec, rid, run_dir)
-        tracker.log_result(result, items, Path(result["artifacts"]["mask"]))
+        body = runner(cfg.get("experiment")) or _run
+        result, items = body(cfg, spec, rid, run_dir)
+        mask = result.get("artifacts", {}).get("mask")
+        tracker.log_result(result, items, Path(mask) if mask else None)
         failed = False
         return result
     finally:
@@ -80,50 +84,22 @@ def _run(
     torch.manual_seed(int(cfg["seed"]))
     timings: dict[str, float] = {}
     computed: dict[str, bool] = {}  # which shared artifacts this run computed (False: reused)
-    lm = _timed(timings, "load", lambda: _load(cfg))
+    lm = _timed(timings, "load", lambda: load_run_model(cfg))
     template = resolve_template(lm.tokenizer, cfg["alignment"]["template"])
-    splits = held_out_splits(cfg)
-    root = Path(cfg["paths"]["artifacts"]) if cfg["paths"].get("artifacts") else run_dir / "artifacts"
-    cal_info = {
-        "version": VERSIONS["calibration"],
-        "model": lm.fingerprint,
-        "dtype": cfg["model"]["dtype"],
-        "template": template,
-        "records": content_key(
-            [
-                asdict(r)
-                for part in (splits.harmful_cal, splits.harmful_eval, splits.benign_cal, splits.benign_eval)
-                for r in part
-            ]
-        ),
-        "calibration": {k: v for k, v in cfg["calibration"].items() if k != "batch_size"},
-        "benign_references": cfg["eval"]["benign_references"],
-    }
-    cal_entry = root / "calibration" / content_key(cal_info)
+    splits = held_out_splits(cfg, exclude=trained_prompts(lm.source, cfg["paths"]["cache_dir"]))
+    root = artifacts_root(cfg, run_dir)
     start = time.perf_counter()
-    sets, computed["calibration"] = cached(
-        cal_entry,
-        lambda e: _calibrate(cfg, lm, template, splits, e / "calibration.safetensors", cal_info),
-        lambda e: load_sets(e / "calibration.safetensors"),
-        "calibration.safetensors",
-    )
+    sets, cal_entry, computed["calibration"] = calibrate(cfg, lm, template, splits, root)
     timings["calibrate"] = time.perf_counter() - start
 
     params = scored_parameters(lm.model)
     batch = int(cfg["calibration"]["batch_size"])
     scores, score_paths = {}, {}
     for kind in sorted(spec.needed_scores()):
-        info = {"version": VERSIONS["scores"], "calibration": cal_entry.name, "kind": kind, "batch_size": batch}
-        entry = root / "scores" / content_key(info)
         start = time.perf_counter()
-        scores[kind], computed[f"scores_{kind}"] = cached(
-            entry,
-            lambda e, kind=kind, info=info: _score(lm, sets, kind, batch, e / "scores.safetensors", info),
-            lambda e: load_scores(e / "scores.safetensors"),
-            "scores.safetensors",
-        )
+        scores[kind], path, computed[f"scores_{kind}"] = score(lm, cfg, sets, kind, root)
         timings[f"score_{kind}"] = time.perf_counter() - start
-        score_paths[f"scores_{kind}"] = str(entry / "scores.safetensors")
+        score_paths[f"scores_{kind}"] = str(path)
 
     weights = {n: p for n, p in lm.model.named_parameters() if n in params}
     mask_path = run_dir / "mask.safetensors"
@@ -173,6 +149,7 @@ def _run(
         "model_source": lm.source,
         "model_fingerprint": lm.fingerprint,
         "template": template if template == "chat" else f"plain: {PLAIN_TEMPLATE!r}",
+        "derivation": derivation(lm.source, cfg["paths"]["cache_dir"]),
         "n_scored": n_scored,
         "n_pruned": n_pruned,
         "actual_sparsity": metrics["actual_sparsity"],
@@ -202,6 +179,59 @@ def _run(
     }
     write_json(result, result_path)
     return result, items
+
+
+def artifacts_root(cfg: Mapping[str, Any], run_dir: Path) -> Path:
+    """Where shared artifacts live: the configured cache, or the run folder when sharing is off."""
+    return Path(cfg["paths"]["artifacts"]) if cfg["paths"].get("artifacts") else run_dir / "artifacts"
+
+
+def calibrate(
+    cfg: Mapping[str, Any], lm: LoadedModel, template: str, splits: Splits, root: Path
+) -> tuple[dict[str, dict[str, torch.Tensor]], Path, bool]:
+    """The calibration and reference sets of ``splits`` (cached by content): sets, cache entry, computed?"""
+    cal_info = {
+        "version": VERSIONS["calibration"],
+        "model": lm.fingerprint,
+        "dtype": cfg["model"]["dtype"],
+        "template": template,
+        "records": content_key(
+            [
+                asdict(r)
+                for part in (splits.harmful_cal, splits.harmful_eval, splits.benign_cal, splits.benign_eval)
+                for r in part
+            ]
+        ),
+        "calibration": {k: v for k, v in cfg["calibration"].items() if k != "batch_size"},
+        "benign_references": cfg["eval"]["benign_references"],
+    }
+    entry = root / "calibration" / content_key(cal_info)
+    sets, computed = cached(
+        entry,
+        lambda e: _calibrate(cfg, lm, template, splits, e / "calibration.safetensors", cal_info),
+        lambda e: load_sets(e / "calibration.safetensors"),
+        "calibration.safetensors",
+    )
+    return sets, entry, computed
+
+
+def score(
+    lm: LoadedModel, cfg: Mapping[str, Any], sets: Mapping[str, dict[str, torch.Tensor]], kind: str, root: Path
+) -> tuple[dict[str, torch.Tensor], Path, bool]:
+    """Scores of kind ``harm_*`` (on sets["harmful"]) or ``benign_*`` (sets["benign"]), cached by the
+    tokenised set's content, so runs whose calibration differs only on the other side share them."""
+    tensors = sets["harmful" if kind.startswith("harm") else "benign"]
+    batch = int(cfg["calibration"]["batch_size"])
+    info = {"version": VERSIONS["scores"], "model": lm.fingerprint, "dtype": cfg["model"]["dtype"],
+            "set": tensor_key(tensors), "kind": kind, "batch_size": batch}  # fmt: skip
+    entry = root / "scores" / content_key(info)
+    scores, computed = cached(
+        entry,
+        lambda e: _score(lm, tensors, kind, batch, e / "scores.safetensors", info),
+        lambda e: load_scores(e / "scores.safetensors"),
+        "scores.safetensors",
+    )
+    return scores, entry / "scores.safetensors", computed
 
 
 def _claim(run_dir: Path, rid: str, cfg: Mapping[str, Any]) -> None:
@@ -237,8 +267,12 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
-def _load(cfg: Mapping[str, Any]) -> LoadedModel:
-    lm = load_model(cfg["model"], cfg["alignment"]["name"], cfg["paths"]["cache_dir"])
+def load_run_model(cfg: Mapping[str, Any]) -> LoadedModel:
+    """The checkpoint the config names (derived variants trained or loaded from the cache), on its device."""
+    if cfg["alignment"].get("derive"):
+        lm = load_derived(cfg)
+    else:
+        lm = load_model(cfg["model"], cfg["alignment"]["name"], cfg["paths"]["cache_dir"])
     device = cfg.get("device", "auto")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -256,8 +290,11 @@ class Splits:
     benign_eval: list[Record]
 
 
-def held_out_splits(cfg: Mapping[str, Any]) -> Splits:
-    """Seeded, prompt-disjoint calibration/evaluation splits of the harmful and benign data."""
+def held_out_splits(cfg: Mapping[str, Any], exclude: set[str] | frozenset[str] = frozenset()) -> Splits:
+    """Seeded, prompt-disjoint calibration/evaluation splits of the harmful and benign data.
+
+    ``exclude``: normalised prompts to drop first (those a derived model was fine-tuned on).
+    """
     cal, data, seed = cfg["calibration"], cfg["data"], int(cfg["seed"])
     n, n_eval, download = int(cal["n"]), int(cfg["eval"]["n"]), bool(data.get("download"))
     if cal["harmful"]["responses"] == "file":
@@ -271,6 +308,9 @@ def held_out_splits(cfg: Mapping[str, Any]) -> Splits:
         benign = load_records("custom", None, file=cal["benign"]["file"])
     else:
         benign = load_records(data["benign"]["name"], data["root"], file=data["benign"].get("file"), download=download)
+    if exclude:
+        harmful = [r for r in harmful if norm_prompt(r.prompt) not in exclude]
+        benign = [r for r in benign if norm_prompt(r.prompt) not in exclude]
     splits = Splits(*split_disjoint(harmful, n, n_eval, seed), *split_disjoint(benign, n, n_eval, seed))
     for a, b in ((splits.harmful_cal, splits.harmful_eval), (splits.benign_cal, splits.benign_eval)):
         if {r.prompt for r in a} & {r.prompt for r in b}:
@@ -323,14 +363,8 @@ def _calibrate(
 
 
 def _score(
-    lm: LoadedModel,
-    sets: Mapping[str, dict[str, torch.Tensor]],
-    kind: str,
-    batch: int,
-    path: Path,
-    info: Mapping[str, Any],
+    lm: LoadedModel, tensors: Mapping[str, torch.Tensor], kind: str, batch: int, path: Path, info: Mapping[str, Any]
 ) -> dict[str, torch.Tensor]:
-    tensors = sets["harmful" if kind.startswith("harm") else "benign"]
     batches = list(iter_batches(tensors, batch))
     if kind.endswith("unsigned"):
         scores = unsigned_snip(lm.model, batches, desc=f"scoring {kind}")

@@ -10,6 +10,7 @@ One W&B run per harmsweep run, with id = run_id and resume="allow", so a requeue
            `pruned/layer_<i>` and `pruned/<module_type>`: summary keys (not a Table) become columns of
            the project's runs table, so a sweep can be compared and plotted layer by layer
   items    a Table of per-prompt scores; the prompt/response text only with log_generations=true
+  figures  each experiment matrix/curve (transfer, overlap, EM arms, recovery) as a Table figures/<name>
   mask     mask.safetensors as an artifact of type "mask" with log_mask=true
 Offline runs land in <dir or run_dir>/wandb/offline-run-<time>-<run_id>/ for a later `wandb sync`.
 Offline, each (re)start writes its own offline-run-* folder carrying the same run id.
@@ -59,12 +60,23 @@ class WandbTracker(Tracker):
             return
         _guarded("summary", lambda: run.summary.update(summary_of(result)))
         _guarded("items table", lambda: self._log_items(items))
+        for name, path in (result.get("figures") or {}).items():
+            _guarded(f"figure {name}", lambda name=name, path=path: self._log_figure(name, Path(path)))
         if self._cfg.get("log_mask", False):
             _guarded("mask artifact", lambda: self._log_mask(result, mask_path))
 
     def _log_items(self, items: Sequence[Mapping[str, Any]]) -> None:
         columns, rows = item_rows(items, with_text=bool(self._cfg.get("log_generations", False)))
         self._run.log({"items": self._wandb.Table(columns=columns, data=rows)})
+
+    def _log_figure(self, name: str, path: Path) -> None:
+        """An experiment's matrix or curve (rows x cols JSON) as a Table, one row per matrix row."""
+        import json
+
+        figure = json.loads(path.read_text())
+        columns = ["row", *figure["cols"]]
+        rows = [[row, *values] for row, values in zip(figure["rows"], figure["values"], strict=True)]
+        self._run.log({f"figures/{name}": self._wandb.Table(columns=columns, data=rows)})
 
     def _log_mask(self, result: Mapping[str, Any], mask_path: Path | None) -> None:
         if mask_path is None or not Path(mask_path).is_file():

@@ -1,0 +1,148 @@
+"""Experiment 4, dissociation: pruning harm generation should leave recognising and refusing harm intact.
+
+Arms, each measured with the run's evaluation suite (harm likelihood, judged harmfulness under the
+configured attack, refusal rate on plain prompts, recognition "is this harmful?", perplexity) plus the
+likelihood of held-out refusals:
+  unpruned         the reference
+  harm_pruned      the paper's rule on harmful responses
+  refusal_pruned   the same rule calibrated on *refusals* to harmful prompts: the double-dissociation
+                   control, expected to show the opposite pattern (refusals break, harm does not drop)
+  harm_pruned_recovered   the harm-pruned model after fine-tuning on harmful pairs
+Recovery: harm NLL against fine-tuning steps on the calibration's harmful pairs (``recovery`` curve).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harmsweep.calibration import file_pairs
+from harmsweep.data import load_records
+from harmsweep.derive import norm_prompt
+from harmsweep.errors import HarmsweepError
+from harmsweep.evaluation.likelihood import mean_response_nll
+from harmsweep.evaluation.suite import HeldOut, Suite
+from harmsweep.experiments.common import Context, finish, open_context
+from harmsweep.experiments.matrices import Matrix, mask_size, overlap_matrix
+from harmsweep.finetune import FinetuneSpec, finetune
+from harmsweep.pruning import PruneSpec, apply_mask, mask_counts, pruned
+from harmsweep.run import calibrate
+
+ARMS = ("unpruned", "harm_pruned", "refusal_pruned", "harm_pruned_recovered")
+
+
+def run(
+    cfg: Mapping[str, Any], spec: PruneSpec, rid: str, run_dir: Path
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    dis = cfg["dissociation"]
+    ctx = open_context(cfg, spec, run_dir)
+    sets, _, ctx.computed["calibration"] = ctx.timed(
+        "calibrate", lambda: calibrate(cfg, ctx.lm, ctx.template, ctx.splits, ctx.root)
+    )
+    refusal_cal, refusal_eval = _refusal_sets(ctx, dis)
+    masks = {
+        "harm_pruned": ctx.mask(sets["harmful"], sets["benign"]),
+        "refusal_pruned": ctx.mask(refusal_cal, sets["benign"]),
+    }
+    held = HeldOut(ctx.splits.harmful_eval, ctx.splits.benign_eval,
+                   {k: sets[k] for k in ("eval_harmful", "eval_benign")})  # fmt: skip
+    suite = Suite(cfg, ctx.lm, ctx.template, held, scratch=run_dir)
+    batch = int(cfg["eval"]["batch_size"])
+
+    def measure(stage: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        metrics, items = ctx.timed(f"evaluate_{stage}", lambda: suite.run(stage))
+        metrics = {k.replace(f"_{stage}", "", 1): v for k, v in metrics.items()}
+        metrics["nll_refusal"] = mean_response_nll(ctx.lm.model, refusal_eval, batch)
+        return metrics, items
+
+    arms: dict[str, dict[str, Any]] = {}
+    items: list[dict[str, Any]] = []
+    arms["unpruned"], rows = measure("unpruned")
+    items += rows
+    for arm, mask in masks.items():
+        with pruned(ctx.lm.model, mask):
+            arms[arm], rows = measure(arm)
+        items += rows
+
+    curve = None
+    if int(dis["recovery_steps"]) > 0:
+        curve = _recover(ctx, dis, masks["harm_pruned"], sets)
+        arms["harm_pruned_recovered"], rows = measure("harm_pruned_recovered")
+        items += rows
+    figures = {"dissociation": _table(arms)}
+    if curve is not None:
+        figures["recovery"] = curve
+    figures["overlap_intersection"], figures["overlap_jaccard"] = overlap_matrix(masks, ctx.n_scored())
+    metrics = {f"{name}/{arm}": value for arm, measured in arms.items() for name, value in measured.items()
+               if isinstance(value, int | float)}  # fmt: skip
+    for arm, mask in masks.items():
+        metrics[f"n_pruned/{arm}"] = mask_size(mask)
+    extra = {"arms": list(arms), "pruned_counts": {arm: mask_counts(ctx.params, m) for arm, m in masks.items()}}
+    return finish(ctx, rid, metrics, figures, extra), items
+
+
+def _refusal_sets(ctx: Context, dis: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Refusal pairs: calibration ones never on a held-out prompt; evaluation ones for held-out prompts first."""
+    if dis.get("refusals_file"):
+        records = load_records("custom", None, file=dis["refusals_file"])
+    else:
+        records = load_records(dis["refusals"], ctx.cfg["data"]["root"])
+    first: dict[str, Any] = {}
+    for r in records:
+        if r.response:
+            first.setdefault(norm_prompt(r.prompt), r)
+    held = {norm_prompt(r.prompt) for r in ctx.splits.harmful_eval}
+    n, n_eval = int(ctx.cfg["calibration"]["n"]), int(ctx.cfg["eval"]["n"])
+    evaluation = [r for key, r in first.items() if key in held][:n_eval]
+    rest = [r for key, r in first.items() if key not in held]
+    rng = random.Random(int(ctx.cfg["seed"]))
+    rng.shuffle(rest)
+    evaluation += rest[n : n + n_eval - len(evaluation)]
+    if len(rest) < n or not evaluation:
+        raise HarmsweepError(f"dissociation needs {n} refusal pairs for calibration and some for evaluation; "
+                             f"{dis.get('refusals_file') or dis['refusals']} has {len(first)} prompts")  # fmt: skip
+    return ctx.encode(file_pairs(rest[:n], "refusal pairs")), ctx.encode(file_pairs(evaluation, "refusal pairs"))
+
+
+def _recover(ctx: Context, dis: Mapping[str, Any], mask, sets) -> Matrix:
+    """Fine-tune the harm-pruned model on harmful pairs; harm/benign NLL every few steps."""
+    spec = FinetuneSpec.from_config({**dis["finetune"], "max_steps": int(dis["recovery_steps"])})
+    every, batch = int(dis["recovery_every"]), int(ctx.cfg["eval"]["batch_size"])
+    model = ctx.lm.model
+    apply_mask(model, mask)
+    rows: dict[str, list[float]] = {}
+
+    def point(step: int, loss: float) -> None:
+        if step % every == 0 or step == spec.steps(sets["harmful"]["input_ids"].size(0)):
+            rows[str(step)] = [mean_response_nll(model, sets["eval_harmful"], batch),
+                               mean_response_nll(model, sets["eval_benign"], batch), loss]  # fmt: skip
+
+    point(0, math.nan)
+    ctx.timed("recovery", lambda: finetune(model, sets["harmful"], spec, on_step=point))
+    curve = Matrix(
+        rows=list(rows), cols=["nll_harmful", "nll_benign", "train_loss"], values=list(rows.values()),
+        kind="curve", note="recovery: held-out harmful/benign NLL of the harm-pruned model vs fine-tuning steps "
+        "on the harmful calibration pairs (row = optimizer step)",
+    )  # fmt: skip
+    return curve
+
+
+def _table(arms: Mapping[str, Mapping[str, Any]]) -> Matrix:
+    cols = sorted({k for m in arms.values() for k, v in m.items() if isinstance(v, int | float) and "/" not in k})
+    values = [[_plain(m.get(c)) for c in cols] for m in arms.values()]
+    return Matrix(
+        rows=list(arms),
+        cols=cols,
+        values=values,
+        kind="values",
+        note="each arm's evaluation; harm pruning should move harm metrics, refusal pruning refusal ones",
+    )
+
+
+def _plain(value: Any) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
