@@ -114,7 +114,9 @@ def summary(result: dict[str, Any]) -> str:
     """A few lines: what was pruned, and each headline metric before -> after."""
     m = result["metrics"]
     if result.get("figures") is not None:  # an experiment: its headline numbers and where its figures are
-        lines = [f"run {result['run_id']}: experiment {result['experiment']} on {result['model']} ({result['alignment']})"]
+        lines = [
+            f"run {result['run_id']}: experiment {result['experiment']} on {result['model']} ({result['alignment']})"
+        ]
         lines += [f"  {k:<40}{v:10.4f}" for k, v in m.items() if isinstance(v, int | float) and not isinstance(v, bool)]
         lines += [f"  figure {name}: {path}" for name, path in result["figures"].items()]
         return "\n".join(lines)

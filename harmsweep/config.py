@@ -190,7 +190,9 @@ class EMConfig:
     temperature: float = 1.0
     n_train: int | None = None  # null: the whole domain file
     judge: dict[str, Any] = field(default_factory=lambda: {"name": "em_proxy"})
-    finetune: FinetuneSpec = field(default_factory=lambda: FinetuneSpec(lr=1e-4, epochs=3, batch_size=4, max_length=384))
+    finetune: FinetuneSpec = field(
+        default_factory=lambda: FinetuneSpec(lr=1e-4, epochs=3, batch_size=4, max_length=384)
+    )
 
 
 @dataclass

@@ -16,9 +16,14 @@ OmegaConf.register_new_resolver("harmsweep_run_id", _run_id_resolver, replace=Tr
 register()
 
 # What each experiment preset must sweep. A preset missing here fails test_every_preset_has_a_test.
-EXPERIMENTS = {
-    "compression": {"alignment", "pruning.rule", "pruning.sparsity"},
-    "local_sweep": {"pruning.rule", "pruning.sparsity"},
+LIKELIHOOD = ["harm_likelihood"]
+EXPERIMENTS = {  # preset -> (what it sweeps, what it measures)
+    "compression": ({"alignment", "pruning.rule", "pruning.sparsity"}, LIKELIHOOD),
+    "local_sweep": ({"pruning.rule", "pruning.sparsity"}, LIKELIHOOD),
+    "align": ({"alignment", "pruning.sparsity"}, ["harm_likelihood", "refusal", "perplexity"]),
+    "cross_harm": ({"pruning.sparsity"}, LIKELIHOOD),
+    "dissociation": ({"pruning.sparsity"}, ["harm_likelihood", "refusal", "recognition", "perplexity"]),
+    "em": ({"pruning.sparsity"}, LIKELIHOOD),
 }
 SPARSITY_PRESETS = {"paper": 7, "coarse": 4}
 
@@ -41,8 +46,11 @@ def test_every_preset_has_a_test():
 def test_experiment_presets_compose_and_sweep_what_they_say(name):
     cfg = composed(f"experiment={name}", hydra=True)
     assert cfg.experiment == name
-    assert set(cfg.hydra.sweeper.params) == EXPERIMENTS[name]
-    assert cfg.eval.metrics == ["harm_likelihood"]
+    swept, metrics = EXPERIMENTS[name]
+    assert set(cfg.hydra.sweeper.params) == swept
+    assert list(cfg.eval.metrics) == metrics
+    if name in ("cross_harm", "em", "dissociation"):  # each sets its own typed block
+        assert cfg[name] is not None
 
 
 @pytest.mark.parametrize("name,count", sorted(SPARSITY_PRESETS.items()))
