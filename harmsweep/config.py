@@ -274,6 +274,7 @@ def check_config(cfg: Mapping[str, Any]) -> PruneSpec:
             raise HarmsweepError(
                 f"data.{side}.name=custom needs data.{side}.file=PATH (CSV, JSON or JSONL with a prompt column)"
             )
+    _check_experiment(cfg)
     harmful_from_root = mode != "file" and not data["harmful"].get("file")
     benign_from_root = not cal["benign"].get("file") and not data["benign"].get("file")
     needs_root = harmful_from_root or benign_from_root
@@ -283,6 +284,29 @@ def check_config(cfg: Mapping[str, Any]) -> PruneSpec:
             f"data root not found: {root} (set data.root=DIR or the HARMSWEEP_DATA environment variable)"
         )
     return spec
+
+
+def _check_experiment(cfg: Mapping[str, Any]) -> None:
+    """Fine-tune blocks and experiment blocks are checked here too, not minutes into a run."""
+    name = cfg.get("experiment")
+    if name in EXPERIMENT_BLOCKS and not cfg.get(name):
+        raise HarmsweepError(f"experiment={name} needs its {name}: block; use the preset: -m experiment={name}")
+    derive = cfg["alignment"].get("derive")
+    for where, block in (
+        ("alignment.derive", derive),
+        ("em", cfg.get("em")),
+        ("dissociation", cfg.get("dissociation")),
+    ):
+        if block:
+            FinetuneSpec.from_config(block["finetune"])
+            if where == "alignment.derive" and block["parent"] == cfg["alignment"]["name"]:
+                raise HarmsweepError(f"alignment.derive.parent={block['parent']} names the derived variant itself")
+    dis = cfg.get("dissociation")
+    if dis and (int(dis["recovery_steps"]) < 0 or int(dis["recovery_every"]) < 1):
+        raise HarmsweepError("dissociation.recovery_steps must be >= 0 and dissociation.recovery_every >= 1")
+
+
+EXPERIMENT_BLOCKS = ("cross_harm", "em", "dissociation")
 
 
 def register() -> None:

@@ -108,3 +108,22 @@ def test_custom_data_requires_its_file():
 
     with pytest.raises(HarmsweepError, match=r"data\.harmful\.file=PATH"):
         check_config(plain("data=custom", "data.root=/tmp"))
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["experiment=em", "em.finetune.method=adam"], "finetune.method=adam"),
+        (["experiment=dissociation", "dissociation.recovery_every=0"], "recovery_every >= 1"),
+        (["alignment=safety_tuned", "alignment.derive.finetune.rnak=4"], "rnak"),
+        (["alignment=safety_tuned", "alignment.derive.parent=safety_tuned"], "names the derived variant itself"),
+        (["experiment=em", "em=null"], "needs its em: block"),
+    ],
+)
+def test_experiment_settings_are_checked_before_any_work(overrides, message):
+    """A one-line error while composing (typos) or from check_config (values), before any model loads."""
+    from harmsweep.config import check_config
+
+    with pytest.raises(Exception) as err:  # composition and check errors differ in type
+        check_config(plain(*overrides, "data.root=/tmp"))
+    assert message in _one_line(err.value)

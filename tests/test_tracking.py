@@ -325,3 +325,25 @@ def test_a_harmsweep_multirun_logs_one_wandb_run_per_run_grouped_by_sweep(tmp_pa
         assert "${" not in json.dumps(back["config"]) and back["config"]["pruning"]["rule"] == result["pruning"]["rule"]
         assert back["summary"]["nll_harmful_after"] == result["metrics"]["nll_harmful_after"]
         assert back["summary"]["n_pruned"] == result["n_pruned"]
+
+
+def test_experiment_figures_are_logged_as_tables(tmp_path: Path) -> None:
+    """An experiment's matrices (result["figures"]: name -> JSON file) come back as W&B tables, row by row."""
+    from harmsweep.experiments import save_figures
+    from harmsweep.experiments.matrices import Matrix
+
+    run_dir = tmp_path / "runs" / RID
+    run_dir.mkdir(parents=True)
+    transfer = Matrix(rows=["violence", "control: random"], cols=["violence", "hate"],
+                      values=[[0.5, 0.25], [0.0, None]], kind="relative_reduction")  # fmt: skip
+    result = {**make_result(run_dir), "figures": save_figures({"transfer_nll": transfer}, run_dir)}
+    tracker = open_tracker(logger_cfg(), run_id=RID, run_dir=run_dir, config=run_config(tmp_path))
+    try:
+        tracker.log_result(result, [], None)
+    finally:
+        tracker.finish()
+    (run,) = offline_runs(run_dir)
+    back = inspect(run)
+    table = read_table(run, back["summary"], "figures/transfer_nll")
+    assert table["columns"] == ["row", "violence", "hate"]
+    assert table["data"] == [["violence", 0.5, 0.25], ["control: random", 0.0, None]]
