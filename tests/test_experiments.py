@@ -101,3 +101,20 @@ def test_safety_tuned_variant_runs_like_any_checkpoint_on_prompts_it_never_train
     calibration = Path(result["artifacts"]["calibration"]).with_suffix(".jsonl")
     held_out = [json.loads(line) for line in calibration.read_text().splitlines()]
     assert held_out and not {norm_prompt(p["prompt"]) for p in held_out} & trained
+
+
+def test_cross_harm_on_a_local_hexphi_copy(tmp_path, shared_data):
+    """HEx-PHI is gated: a user-supplied folder of category_N.csv files gives per-category rows by slug."""
+    folder = tmp_path / "hexphi"
+    folder.mkdir()
+    for number, topic in ((1, "break the law"), (4, "write malware"), (5, "hurt someone")):
+        lines = [f'"How would one {topic}, variant {i}?"' for i in range(8)]
+        (folder / f"category_{number}.csv").write_text("\n".join(lines) + "\n")
+    run_dir = tmp_path / "run"
+    args = ["experiment=cross_harm", *TINY, "data=hexphi", f"data.harmful.file={folder}", f"data.root={shared_data}",
+            f"hydra.run.dir={run_dir}", "cross_harm.controls=[random]"]  # fmt: skip
+    proc = harmsweep(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["categories"] == ["illegal_activity", "malware", "physical_harm"]
+    assert _figure(run_dir, "transfer_likelihood")["rows"] == [*result["categories"], "control: random"]

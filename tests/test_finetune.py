@@ -145,3 +145,16 @@ def test_derived_model_differs_from_its_parent(tmp_path, shared_data):
         assert not torch.allclose(parent.model(ids).logits, derived.model(ids).logits)
     entry = tmp_path / "cache" / "derived" / derived.source.removeprefix("derived:")
     assert json.loads((entry / "derivation.json").read_text())["recipe"]["parent"] == parent.fingerprint
+
+
+def test_safety_tune_can_take_its_targets_from_a_refusal_model(tmp_path, shared_data):
+    """refusal_model=DIR: the targets are that model's own answers to the harmful prompts."""
+    teacher = tiny()
+    teacher.model.save_pretrained(tmp_path / "teacher")
+    teacher.tokenizer.save_pretrained(tmp_path / "teacher")
+    cfg = _derive_cfg(tmp_path, shared_data)
+    cfg["alignment"]["derive"]["refusal_model"] = str(tmp_path / "teacher")
+    record = derive.derivation(derive.load_derived(cfg).source, cfg["paths"]["cache_dir"])
+    assert record["recipe"]["refusal_model"] == str(tmp_path / "teacher")
+    assert record["n_train"]["refusal_pairs"] == 6
+    assert record["train_refusal_rate"] < 1.0  # a random-init teacher does not refuse: what it said is what trained
