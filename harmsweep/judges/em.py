@@ -14,7 +14,6 @@ of alphabetic tokens, share of common English words, longest run of one repeated
 
 from __future__ import annotations
 
-import http.client
 import itertools
 import json
 import logging
@@ -22,14 +21,12 @@ import math
 import os
 import re
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from harmsweep.errors import HarmsweepError
+from harmsweep.judges.endpoint import post_choice
 
 log = logging.getLogger(__name__)
 
@@ -212,41 +209,12 @@ class EndpointEMJudge:
         return score, None if score is not None else text_label(text or str(top[0].get("token", "") if top else ""))
 
     def _post(self, body: bytes) -> dict[str, Any] | None:
-        """choices[0] of the response, or None after max_retries retries. Never puts the key in logs or errors."""
-        reason = "no attempt"
-        for attempt in range(self.max_retries + 1):
-            headers = {
-                "Content-Type": "application/json",
-                "Authorization": f"Bearer {os.environ.get(self.api_key_env, '')}",
-            }
-            request = urllib.request.Request(self.url, data=body, method="POST", headers=headers)
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
-                    choice = json.loads(resp.read())["choices"][0]
-                if not isinstance(choice, dict):
-                    raise TypeError
-                return choice
-            except urllib.error.HTTPError as exc:
-                exc.close()
-                reason = f"HTTP {exc.code}"
-                if exc.code in (401, 403, 404):
-                    raise HarmsweepError(
-                        f"EM judge endpoint {self.url} answered HTTP {exc.code} for model={self.model}; "
-                        f"check base_url, model and the key in ${self.api_key_env}"
-                    ) from None
-                if exc.code != 429 and exc.code < 500:
-                    break  # a client error will not go away by retrying
-            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
-                reason = type(exc).__name__
-            except (ValueError, KeyError, IndexError, TypeError):
-                reason = "malformed response body"
-                break
-            if attempt < self.max_retries:
-                time.sleep(self.backoff_s * 2**attempt)
-        with self._lock:
-            self.n_failed += 1
-        log.warning("%s: giving up on a judge request (%s); it is counted as unscored", self.name, reason)
-        return None
+        choice = post_choice(self.url, body, who="EM judge", model=self.model, api_key_env=self.api_key_env,
+                             max_retries=self.max_retries, backoff_s=self.backoff_s, timeout_s=self.timeout_s)  # fmt: skip
+        if choice is None:
+            with self._lock:
+                self.n_failed += 1
+        return choice
 
 
 _ENDPOINT_KEYS = (

@@ -10,20 +10,17 @@ The API key is read from the environment at request time and is never stored, lo
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import os
 import re
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from harmsweep.errors import HarmsweepError
 from harmsweep.judges.base import check_pairs
+from harmsweep.judges.endpoint import post_choice
 
 log = logging.getLogger(__name__)
 
@@ -155,38 +152,6 @@ class RubricJudge:
         return parsed
 
     def _post(self, body: bytes) -> str | None:
-        """The answer text, or None after max_retries retries. Never puts the key in logs or errors."""
-        reason = "no attempt"
-        for attempt in range(self.max_retries + 1):
-            request = urllib.request.Request(
-                self.url,
-                data=body,
-                method="POST",
-                headers={
-                    "Content-Type": "application/json",
-                    "Authorization": f"Bearer {os.environ.get(self.api_key_env, '')}",
-                },
-            )
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
-                    payload = json.loads(resp.read())
-                return str(payload["choices"][0]["message"]["content"] or "")
-            except urllib.error.HTTPError as exc:
-                exc.close()
-                reason = f"HTTP {exc.code}"
-                if exc.code in (401, 403, 404):
-                    raise HarmsweepError(
-                        f"rubric judge endpoint {self.url} answered HTTP {exc.code} for model={self.model}; "
-                        f"check base_url, model and the key in ${self.api_key_env}"
-                    ) from None
-                if exc.code != 429 and exc.code < 500:
-                    break  # a client error will not go away by retrying
-            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
-                reason = type(exc).__name__
-            except (ValueError, KeyError, IndexError, TypeError):
-                reason = "malformed response body"
-                break
-            if attempt < self.max_retries:
-                time.sleep(self.backoff_s * 2**attempt)
-        log.warning("%s: giving up on an item (%s); it is counted as unscored", self.name, reason)
-        return None
+        choice = post_choice(self.url, body, who="rubric judge", model=self.model, api_key_env=self.api_key_env,
+                             max_retries=self.max_retries, backoff_s=self.backoff_s, timeout_s=self.timeout_s)  # fmt: skip
+        return None if choice is None else str((choice.get("message") or {}).get("content") or "")
