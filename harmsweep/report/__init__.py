@@ -1,0 +1,1 @@
+"""Aggregate finished runs into the compression report: tables, plots, HTML, a W&B report run."""
