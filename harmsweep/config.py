@@ -48,7 +48,9 @@ class DeriveConfig:
     exclude: list[str] = field(default_factory=lambda: ["strongreject"])  # datasets whose prompts never train
     check: list[str] = field(default_factory=lambda: ["advbench", "strongreject"])  # held-out refusal check
     eval_n: int = 32  # held-out prompts per checked dataset for the parent-vs-derived check
-    finetune: FinetuneSpec = field(default_factory=lambda: FinetuneSpec(lr=2e-4, epochs=2, batch_size=8, max_length=192))
+    finetune: FinetuneSpec = field(
+        default_factory=lambda: FinetuneSpec(lr=2e-4, epochs=2, batch_size=8, max_length=192)
+    )
 
 
 @dataclass

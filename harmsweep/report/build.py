@@ -1,0 +1,299 @@
+"""The compression report of experiment 1: runs.csv, compression.csv, PNGs and one self-contained report.html.
+
+One row per (model, alignment variant) holds the three compression metrics side by side: (A) the smallest
+sparsity reaching each harm-reduction target while utility stays above the floor, read off that variant's
+signed-SNIP curve; (B) concentration of the positive harm score at K = round(k_sparsity * N), and its Gini;
+(C) Jaccard separation of TopK(H) and TopK(U). Every value carries the run ids it was computed from, and each
+variant's score files are loaded once.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from harmsweep.report import figures as figs
+from harmsweep.report import page
+from harmsweep.report.collect import Collected, ReportError, collect, is_number, require_rows
+from harmsweep.report.compression import CurvePoint, concentration, gini, separation, threshold_sparsity
+
+IDENTITY = ("model", "alignment", "rule", "protect", "n_runs", "harm_measure", "utility_measure")
+
+
+@dataclass
+class Report:
+    """What build_report wrote, and the rows behind it (for printing and for the W&B report run)."""
+
+    out_dir: Path
+    html: Path
+    runs_csv: Path
+    compression_csv: Path
+    images: list[Path]
+    compression: list[dict[str, Any]]
+    runs: list[dict[str, Any]]
+    n_failed: int = 0
+    skipped: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def target_name(target: float) -> str:
+    """0.5 -> 'A50', 0.8 -> 'A80', 0.925 -> 'A92.5'."""
+    return f"A{target * 100:g}"
+
+
+def _curve_rows(rows: Sequence[Mapping[str, Any]], rule: str) -> tuple[list[Mapping[str, Any]], Any]:
+    """The variant's runs of ``rule`` at its most common protected fraction (one curve: other values would mix)."""
+    of_rule = [r for r in rows if r.get("rule") == rule]
+    if not of_rule:
+        return [], None
+    protect = Counter(r.get("protect") for r in of_rule).most_common(1)[0][0]
+    return [r for r in of_rule if r.get("protect") == protect], protect
+
+
+def _scores_source(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The run whose score files B and C read: the first (by run id) with a harm score file on disk."""
+    candidates = sorted((r for r in rows if r.get("scores_harm")), key=lambda r: str(r["run_id"]))
+    on_disk = [r for r in candidates if Path(str(r["scores_harm"])).is_file()]
+    return (on_disk or candidates or [None])[0]
+
+
+def _finite_or_none(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def score_metrics(harm_path: str, benign_path: str | None, k: int) -> dict[str, Any]:
+    """B (concentration at k), Gini and C (separation at k) from the score files, loaded once for all three."""
+    from harmsweep.scoring import load_scores
+
+    harm = load_scores(harm_path)
+    out: dict[str, Any] = {"B_concentration": concentration(harm, k), "gini": gini(harm), "C_separation": None}
+    if benign_path and Path(benign_path).is_file():
+        out["C_separation"] = separation(harm, load_scores(benign_path), k)
+    return {key: _finite_or_none(v) for key, v in out.items()}  # NaN (no positive mass) reads as missing
+
+
+def _metric_a(curve: Sequence[Mapping[str, Any]], targets: Sequence[float], floor: float) -> dict[str, Any]:
+    """A per target: label, numeric sparsity and the run ids it was read from."""
+    points = [
+        CurvePoint(figs.curve_x(r), r.get("harm_reduction"), r.get("utility_ratio"), str(r["run_id"]))
+        for r in curve
+        if figs.curve_x(r) is not None
+    ]
+    out: dict[str, Any] = {}
+    for target in targets:
+        crossing = threshold_sparsity(points, target, floor)
+        name = target_name(target)
+        out.update(
+            {name: crossing.label, f"{name}_sparsity": crossing.sparsity, f"{name}_runs": " ".join(crossing.run_ids)}
+        )
+    return out
+
+
+def _metrics_bc(
+    group: Sequence[Mapping[str, Any]], curve: Sequence[Mapping[str, Any]], k_sparsity: float
+) -> dict[str, Any]:
+    """B, Gini and C from one run's score files (the variant's scores are shared by its runs: loaded once).
+
+    K = round(k_sparsity * N), at least 1: at the paper's 5e-6 a tiny model would otherwise select nothing.
+    """
+    source = _scores_source(curve) or _scores_source(group)
+    n = next((r.get("n_scored") for r in group if is_number(r.get("n_scored"))), None)
+    k = max(1, round(k_sparsity * n)) if n else None
+    out: dict[str, Any] = {"N": n, "K": k, "B_concentration": None, "gini": None, "C_separation": None}
+    out.update({"scores_run": None, "scores_harm": None, "scores_benign": None, "note": ""})
+    if source is None or k is None:
+        out["note"] = "no score files recorded (W&B source, or no scored rule in this variant)"
+    elif not Path(str(source["scores_harm"])).is_file():
+        out["note"] = f"score file missing: {source['scores_harm']}"
+    else:
+        out.update(score_metrics(str(source["scores_harm"]), source.get("scores_benign"), k))
+        out.update({key: source.get(key) for key in ("scores_harm", "scores_benign")})
+        out["scores_run"] = source["run_id"]
+    return out
+
+
+def compression_rows(
+    rows: Sequence[Mapping[str, Any]],
+    k_sparsity: float = 5e-6,
+    targets: Sequence[float] = (0.5, 0.8),
+    utility_floor: float = 0.95,
+    rule: str = figs.MAIN_RULE,
+) -> list[dict[str, Any]]:
+    """One row per (model, alignment): A per target, B, Gini, C, and the run ids behind each."""
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for r in figs.plain_rows(rows):
+        groups.setdefault((str(r.get("model")), str(r.get("alignment"))), []).append(r)
+    out = []
+    for (model, alignment), group in sorted(groups.items()):
+        curve, protect = _curve_rows(group, rule)
+        row: dict[str, Any] = {
+            "model": model,
+            "alignment": alignment,
+            "rule": rule,
+            "protect": protect,
+            "n_runs": len(curve),
+            "harm_measure": "+".join(sorted({str(r.get("harm_measure")) for r in curve})) or None,
+            "utility_measure": "+".join(sorted({str(r.get("utility_measure")) for r in curve})) or None,
+        }
+        row.update(_metric_a(curve, targets, utility_floor))
+        row.update(_metrics_bc(group, curve, k_sparsity))
+        mixed = [m for m in ("harm_measure", "utility_measure") if "+" in str(row[m])]
+        if mixed:
+            flags = " / ".join(f"--{m.replace('_', '-')}" for m in mixed)
+            row["note"] = "; ".join(filter(None, [f"runs measured differently: force one with {flags}", row["note"]]))
+        out.append(row)
+    return out
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: Path, columns: Sequence[str] | None = None) -> Path:
+    """All columns (union, first-seen order); None as an empty cell, floats at full precision."""
+    cols = list(columns or dict.fromkeys(k for r in rows for k in r))
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({c: "" if r.get(c) is None else r.get(c) for c in cols})
+    tmp.replace(path)
+    return path
+
+
+def _compression_section(rows: Sequence[Mapping[str, Any]], targets: Sequence[float], k_sparsity: float) -> str:
+    """Variants side by side: one column per variant, one row per metric, run ids under each value."""
+    if not rows:
+        return page.note("No plain pruning runs: nothing to compare.")
+    header = ["", *(f"{r['model']} / {r['alignment']}" for r in rows)]
+    lines: list[list[str]] = []
+    for name in (target_name(t) for t in targets):
+        lines.append([f"<b>{name}</b>", *(page.cell(r[name], r[f"{name}_runs"]) for r in rows)])
+    for key, label in (
+        ("B_concentration", "B concentration @K"),
+        ("gini", "Gini"),
+        ("C_separation", "C separation @K"),
+    ):
+        lines.append([f"<b>{label}</b>", *(page.cell(r[key], r["scores_run"]) for r in rows)])
+    for key in ("K", "N", *IDENTITY[2:], "note"):
+        lines.append([f"<b>{key}</b>", *(page.cell(r.get(key)) for r in rows)])
+    text = (
+        "AX: smallest sparsity at which the harm reduction reaches X% while the utility ratio stays at or above the "
+        "floor (interpolated in log sparsity between the two runs named; '>s': not reached up to s). "
+        f"B: share of the positive harm score held by the top K = round({k_sparsity:g} x N) weights. Gini of the "
+        f"positive harm scores. C: Jaccard overlap of TopK(harm) and TopK(benign importance); lower = more separate."
+    )
+    return page.table(header, lines) + page.note(text)
+
+
+def _curves_section(png: Path, images: Sequence[Path]) -> str:
+    if png not in images:
+        return page.note("No plain runs with a sparsity.")
+    return page.image(png, "harm and utility curves") + page.note(
+        "Per run, harm reduction and utility ratio relative to the unpruned model (measures in the runs table); "
+        "points at one sparsity are averaged. Random and magnitude pruning are the controls (dashed)."
+    )
+
+
+def _where_section(rows: Sequence[Mapping[str, Any]], images: Sequence[Path]) -> str:
+    """The bar charts and the counts they were drawn from, with the run each came from."""
+    sources = figs.count_sources(rows)
+    if not sources:
+        return page.note(f"No {figs.MAIN_RULE} run recorded pruned counts.")
+    counts = [
+        {"variant": f"{v[0]} / {v[1]}", "run": r["run_id"], "sparsity": r.get("sparsity"), "n_pruned": r.get("n_pruned"),
+         **{k: r[k] for k in r if k.startswith("pruned/")}}
+        for v, r in sources.items()
+    ]  # fmt: skip
+    return "".join(page.image(p, p.stem) for p in images if p.name.startswith("pruned_")) + page.records_table(counts)
+
+
+def _experiment_section(figures: Sequence[Any], out_dir: Path, images: list[Path]) -> str:
+    parts = []
+    for i, fig in enumerate(figures):
+        try:
+            matrix = figs.load_matrix(fig.path)
+        except (OSError, ValueError) as exc:
+            parts.append(f"<h3>{page.esc(fig.name)}</h3>" + page.note(f"unreadable: {exc}"))
+            continue
+        run = f"<span class='ids'>run {page.esc(fig.run_id)}</span>"
+        parts.append(f"<h3>{page.esc(fig.experiment)} · {page.esc(fig.name)} {run}</h3>")
+        if figs.is_heatmap(fig):
+            png = figs.plot_heatmap(fig, matrix, out_dir / f"exp_{i:02d}_{fig.run_id}_{fig.name}.png")
+            images.append(png)
+            parts.append(page.image(png, f"{fig.name} heatmap"))
+        parts.append(page.matrix_table(matrix))
+        chance = matrix.get("chance")
+        notes = [str(matrix.get("kind") or ""), str(matrix.get("note") or "")]
+        notes.append(f"chance level K/N = {chance:.3g}" if is_number(chance) else "")
+        parts.append(page.note(". ".join(n.rstrip(". ") for n in notes if n) + "."))
+    return "".join(parts)
+
+
+def build_report(
+    folders: Iterable[Path | str],
+    out_dir: Path | str,
+    k_sparsity: float = 5e-6,
+    targets: Sequence[float] = (0.5, 0.8),
+    utility_floor: float = 0.95,
+    harm_measure: str | None = None,
+    utility_measure: str | None = None,
+    collected: Collected | None = None,
+) -> Report:
+    """Collect the runs under ``folders`` (or take ``collected``, e.g. from W&B) and write the report files."""
+    data = collected if collected is not None else collect(folders, harm_measure, utility_measure)
+    require_rows(data)
+    if not k_sparsity > 0 or not all(t > 0 for t in targets):
+        raise ReportError(f"--k-sparsity ({k_sparsity}) and the targets ({targets}) must be > 0")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("exp_*.png"), *out.glob("pruned_*.png"), out / "curves.png"]:
+        stale.unlink(missing_ok=True)  # a rebuilt report never shows a previous build's plot
+    rows = data.rows
+    comp = compression_rows(rows, k_sparsity, targets, utility_floor)
+    images = [p for p in [figs.plot_curves(rows, out / "curves.png", targets, utility_floor)] if p]
+    images += figs.plot_counts(rows, out / "pruned_layers.png", out / "pruned_module_types.png")
+    sections = [
+        ("Compression per variant", "compression", _compression_section(comp, targets, k_sparsity)),
+        ("Harm and utility vs sparsity", "curves", _curves_section(out / "curves.png", images)),
+        ("Where the pruned weights sit", "where", _where_section(rows, images)),
+    ]
+    if data.figures:
+        sections.append(("Experiment figures", "experiments", _experiment_section(data.figures, out, images)))
+    sections.append(("All runs", "runs", page.records_table(rows)))
+    runs_csv = write_csv(rows, out / "runs.csv")
+    comp_csv = write_csv(comp, out / "compression.csv")
+    settings = {
+        "sources": data.sources, "k_sparsity": k_sparsity, "targets": list(targets), "utility_floor": utility_floor,
+        "harm_measure": harm_measure or "auto", "utility_measure": utility_measure or "auto", "n_runs": len(rows),
+        "n_failed": len(data.failed), "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }  # fmt: skip
+    intro = page.note(
+        f"{len(rows)} finished runs from {', '.join(data.sources)}; {len(data.failed)} failed runs left out"
+        + (f"; {len(data.skipped)} results skipped ({'; '.join(data.skipped)})" if data.skipped else "")
+        + f". Harm measure: {settings['harm_measure']}, utility measure: {settings['utility_measure']}, "
+        f"utility floor {utility_floor:g}. Built {settings['created']}. Tables: runs.csv, compression.csv."
+    )
+    html_path = out / "report.html"
+    tmp = html_path.with_suffix(".html.tmp")
+    tmp.write_text(page.render("harmsweep compression report", intro, sections), encoding="utf-8")
+    tmp.replace(html_path)
+    return Report(out, html_path, runs_csv, comp_csv, images, comp, rows, len(data.failed), data.skipped, settings)
+
+
+def summary_text(report: Report, targets: Sequence[float] | None = None) -> str:
+    """The compression table as aligned text, then where the report is."""
+    names = [target_name(t) for t in (targets or report.settings.get("targets", (0.5, 0.8)))]
+    header = ["variant", *names, "K", "B", "Gini", "C", "runs"]
+    lines = [
+        [f"{r['model']}/{r['alignment']}", *(str(r[n]) for n in names), page.fmt(r["K"]),
+         *(page.fmt(r[k]) for k in ("B_concentration", "gini", "C_separation")), str(r["n_runs"])]
+        for r in report.compression
+    ]  # fmt: skip
+    widths = [max(len(x) for x in col) for col in zip(header, *lines, strict=True)]
+    text = ["  ".join(x.ljust(w) for x, w in zip(line, widths, strict=True)).rstrip() for line in [header, *lines]]
+    failed = f", {report.n_failed} failed left out" if report.n_failed else ""
+    return "\n".join([f"{len(report.runs)} runs{failed}", *text, f"report: {report.html}"])
