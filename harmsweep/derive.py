@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ import torch
 
 from harmsweep.artifacts import write_json
 from harmsweep.cache import cached, content_key, write_key_info
-from harmsweep.calibration import Pair, encode_pairs, file_pairs, generate_responses, resolve_template
+from harmsweep.calibration import Pair, encode_pairs, file_pairs, generate_responses, prompt_ids, resolve_template
 from harmsweep.data import Record, load_records
 from harmsweep.errors import HarmsweepError
 from harmsweep.evaluation.utility import perplexity
@@ -43,7 +43,12 @@ def load_derived(cfg: Mapping[str, Any]) -> LoadedModel:
     derive, model_cfg = cfg["alignment"]["derive"], cfg["model"]
     cache_dir = Path(str(cfg["paths"]["cache_dir"])).expanduser()
     parent = load_model(model_cfg, derive["parent"], cache_dir)
-    harmful, benign, held_harmful, held_benign = _data(derive, cfg["data"], int(cfg["seed"]))
+    template = resolve_template(parent.tokenizer, cfg["alignment"]["template"])
+
+    def fits(prompt: str) -> bool:  # at most half the token budget, so every pair keeps a response
+        return len(prompt_ids(parent.tokenizer, prompt, template)) <= int(derive["finetune"]["max_length"]) // 2
+
+    harmful, benign, held_harmful, held_benign = _data(derive, cfg["data"], int(cfg["seed"]), fits)
     spec = FinetuneSpec.from_config(derive["finetune"])
     recipe = {
         "version": VERSION,
@@ -91,7 +96,7 @@ def norm_prompt(prompt: str) -> str:
 
 
 def _data(
-    derive: Mapping[str, Any], data: Mapping[str, Any], seed: int
+    derive: Mapping[str, Any], data: Mapping[str, Any], seed: int, fits: Callable[[str], bool]
 ) -> tuple[list[Record], list[Record], list[Record], list[Record]]:
     """Training harmful/benign records and held-out harmful/benign records, prompt-disjoint."""
     root = data.get("root")
@@ -102,12 +107,11 @@ def _data(
     excluded = {norm_prompt(r.prompt) for name in derive["exclude"] for r in load_records(name, root)}
     first: dict[str, Record] = {}
     for r in refusals:  # Wei et al. give several refusals per prompt: keep the first
-        if norm_prompt(r.prompt) not in excluded and (r.response or derive.get("refusal_model")):
+        if norm_prompt(r.prompt) not in excluded and (r.response or derive.get("refusal_model")) and fits(r.prompt):
             first.setdefault(norm_prompt(r.prompt), r)
     rng = random.Random(seed)
     harmful = _sample(list(first.values()), int(derive["n_harmful"]), rng, "harmful training prompts")
-    room = 2 * int(derive["finetune"]["max_length"])  # characters: about half the token budget, leaving the rest
-    pool = [r for r in load_records(derive["benign"], root) if r.response and len(r.prompt) <= room]
+    pool = [r for r in load_records(derive["benign"], root) if r.response and fits(r.prompt)]
     benign = _sample(pool, int(derive["n_benign"]), rng, "benign training pairs")
     trained = {norm_prompt(r.prompt) for r in harmful + benign}
     n_eval = int(derive["eval_n"])

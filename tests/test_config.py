@@ -24,6 +24,7 @@ EXPERIMENTS = {  # preset -> (what it sweeps, what it measures)
     "cross_harm": ({"pruning.sparsity"}, LIKELIHOOD),
     "dissociation": ({"pruning.sparsity"}, ["harm_likelihood", "refusal", "recognition", "perplexity"]),
     "em": ({"pruning.sparsity"}, LIKELIHOOD),
+    "demo": ({"alignment", "pruning.rule", "pruning.sparsity"}, ["harm_likelihood", "refusal", "perplexity"]),
 }
 SPARSITY_PRESETS = {"paper": 7, "coarse": 4}
 
