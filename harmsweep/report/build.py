@@ -296,4 +296,22 @@ def summary_text(report: Report, targets: Sequence[float] | None = None) -> str:
     widths = [max(len(x) for x in col) for col in zip(header, *lines, strict=True)]
     text = ["  ".join(x.ljust(w) for x, w in zip(line, widths, strict=True)).rstrip() for line in [header, *lines]]
     failed = f", {report.n_failed} failed left out" if report.n_failed else ""
-    return "\n".join([f"{len(report.runs)} runs{failed}", *text, f"report: {report.html}"])
+    return "\n".join([f"{len(report.runs)} runs{failed}", *text, *_headlines(report), f"report: {report.html}"])
+
+
+def _headlines(report: Report) -> list[str]:
+    """Per variant, the signed-SNIP point that removes most harm while utility stays above the floor."""
+    floor = float(report.settings.get("utility_floor", 0.95))
+    out = []
+    for comp in report.compression:
+        points = [r for r in report.runs if r.get("model") == comp["model"] and r.get("alignment") == comp["alignment"]
+                  and r.get("rule") == "signed_snip" and r.get("harm_reduction") is not None
+                  and r.get("utility_ratio") is not None]  # fmt: skip
+        kept = [r for r in points if r["utility_ratio"] >= floor]
+        if not points:
+            continue
+        best = max(kept, key=lambda r: r["harm_reduction"]) if kept else max(points, key=lambda r: r["utility_ratio"])
+        note = "" if kept else f" (no point keeps utility >= {floor:g}; the gentlest shown)"
+        out.append(f"  {comp['alignment']}: harm -{best['harm_reduction']:.0%} at utility {best['utility_ratio']:.2f}, "
+                   f"sparsity {best['sparsity']:g} (run {best['run_id']}){note}")  # fmt: skip
+    return out
