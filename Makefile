@@ -40,9 +40,15 @@ test-fast: venv
 lint: venv
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
+# Speed claims, rerunnable (not part of `make test`): each prints a table and writes outputs/bench/<name>.json.
+# BENCH_LARGE=1 adds mask selection over 1e9 scores (~9 GB RAM); the cold demo is `python bench/demo.py --cold`.
 bench: venv
 	$(BIN)/python bench/scoring.py
+	$(BIN)/python bench/per_layer.py
+	$(BIN)/python bench/sweep_reuse.py
+	$(BIN)/python bench/mask_select.py --sizes 1e8 $(if $(filter 1,$(BENCH_LARGE)),1e9)
 	$(BIN)/python bench/generation.py
+	$(BIN)/python bench/demo.py
 
 clean:
 	rm -rf $(VENV) outputs/runs outputs/sweeps outputs/demo

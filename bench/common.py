@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -39,3 +41,43 @@ def write(out: str, record: dict[str, Any]) -> None:
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2))
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on: cores, memory, torch threads, versions."""
+    import platform
+
+    import torch
+
+    mem = None
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "memory_bytes": mem,
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}  # fmt: skip
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median and min-max of repeated measurements."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A plain-text table: the first column left-aligned, the others right-aligned."""
+    cells = [[str(h) for h in headers]] + [[_cell(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+             for r in cells]  # fmt: skip
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def mib(n_bytes: float) -> float:
+    return n_bytes / 2**20
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)

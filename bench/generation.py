@@ -43,13 +43,16 @@ def main() -> None:
     print(
         f"model {args.model}: {args.n} AdvBench prompts, greedy, up to {args.new} new tokens, {tokens} tokens generated"
     )
-    print(f"{'variant':<16}{'median s':>10}{'tokens/s':>10}")
+    print(f"{'variant':<16}{'median s':>10}{'min s':>10}{'max s':>10}{'tokens/s':>10}")
     for name in sizes:
-        print(f"{name:<16}{med[name]:>10.2f}{tokens / med[name]:>10.1f}")
+        print(
+            f"{name:<16}{med[name]:>10.2f}{min(times[name]):>10.2f}{max(times[name]):>10.2f}{tokens / med[name]:>10.1f}"
+        )
     speedup = med["one at a time"] / med["batched"]
     print(f"speed-up {speedup:.2f}x (goal >= 5x); identical outputs: {same}")
     record = {"model": args.model, "n": args.n, "batch": args.batch, "new_tokens": args.new, "tokens": tokens,
-              "times_s": times, "median_s": med, "speedup": speedup, "identical_outputs": same}  # fmt: skip
+              "times_s": times, "median_s": med, "speedup": speedup, "identical_outputs": same,
+              "machine": common.machine()}  # fmt: skip
     common.write(args.out, record)
 
 

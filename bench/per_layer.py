@@ -1,0 +1,289 @@
+"""Signed SNIP (one forward+backward per batch, all layers at once) vs Wei et al.'s per-layer scheme.
+
+The per-layer scheme (re-implemented here, not AAC's code) scores one decoder layer at a time: for
+each layer l and each sample, one forward+backward with only layer l's linear weights requiring
+grad, L x N passes. Scores are linear in the gradient, so the per-layer sum of per-sample scores
+equals signed SNIP's batched score (checked, allclose rtol 1e-4). Random-init Llama models with
+hidden 256, intermediate 688, 4 heads and 2/4/8 layers, N byte-tokenised pairs, template "plain".
+
+Time: both variants in this process, alternated over repetitions after a discarded warm-up; the
+ratio per L is the claim (goal >= L/1.5). Signed SNIP with batch 1 is timed as well, to separate the
+layer factor from batching and padding. Memory: peak RSS of a fresh subprocess per measurement
+(`python bench/per_layer.py --child VARIANT L`), read as VmHWM, the counter ru_maxrss reports for
+the process's own memory (ru_maxrss itself also carries the parent's RSS at fork, so a large parent
+would mask the child's peak); the mark is reset through /proc/self/clear_refs once the model and
+data exist, and the peak is taken minus the RSS at that point. It is compared to the
+scores' fp32 buffer + activations, where "activations" is the extra peak of the same
+forward+backward with every weight's gradient dropped as it lands (no score buffer). Each child does
+a tiny warm-up pass first (one-time runtime allocations) and runs with MALLOC_MMAP_THRESHOLD_=65536,
+so freed tensors go back to the OS and RSS follows live memory.
+Writes JSON to outputs/bench/per_layer.json.
+
+    python bench/per_layer.py [--layers 2 4 8] [--n 8] [--batch 8] [--reps 5] [--mem-reps 2]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import common
+import torch
+from torch import nn
+
+from harmsweep.calibration import Pair, encode_pairs, iter_batches
+from harmsweep.losses import per_sample_nll
+from harmsweep.models import LoadedModel, build_tiny
+from harmsweep.scoring import scored_parameters, signed_snip
+
+VARIANTS = ("signed SNIP", "per-layer", "fwd+bwd, grads dropped")
+BATCH1 = "signed SNIP, batch 1"  # timed too: separates the layer factor from batching and padding
+CHILD = {"signed": "signed SNIP", "per_layer": "per-layer", "activations": "fwd+bwd, grads dropped"}
+
+
+def tiny_llama(layers: int, hidden: int = 256, intermediate: int = 688, heads: int = 4) -> LoadedModel:
+    """A random-init Llama like conf/model/tiny_llama.yaml's, larger, with the byte tokenizer."""
+    spec = {"model_type": "llama", "hidden_size": hidden, "intermediate_size": intermediate,
+            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": heads,
+            "max_position_embeddings": 512, "seed": 0}  # fmt: skip
+    lm = build_tiny(spec)
+    lm.model.eval()
+    return lm
+
+
+def pairs(n: int) -> list[Pair]:
+    """Simple pairs of varied length (so batches carry padding)."""
+    return [
+        Pair(
+            f"How do I finish task number {i}?",
+            f"Sure, here is task {i}: " + "gather the parts, then put them together. " * (1 + i % 3),
+            f"pair-{i}",
+        )
+        for i in range(n)
+    ]
+
+
+def encoded(lm: LoadedModel, n: int) -> dict[str, torch.Tensor]:
+    return encode_pairs(lm.tokenizer, pairs(n), "plain", 512)
+
+
+def _sample_nll(model: nn.Module, tensors: Mapping[str, torch.Tensor], i: int) -> torch.Tensor:
+    """One sample's response NLL, its padding trimmed."""
+    width = int(tensors["attention_mask"][i].sum())
+    ids, mask, labels = (tensors[k][i : i + 1, :width] for k in ("input_ids", "attention_mask", "labels"))
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    return per_sample_nll(logits, labels).sum()
+
+
+def per_layer_scores(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Wei et al.'s scheme with the signed score: per layer, per sample, only that layer's weights trainable.
+
+    Each sample's loss is divided by N, so the sum over samples is the same mean loss signed SNIP uses.
+    """
+    n = tensors["input_ids"].size(0)
+    named = dict(model.named_parameters())
+    params = scored_parameters(model)
+    scores = {name: torch.zeros_like(named[name], dtype=torch.float32) for name in params}
+    layers = sorted({p.layer for p in params.values()})
+    previous = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        for layer in layers:
+            names = [name for name, p in params.items() if p.layer == layer]
+            for name in names:
+                named[name].requires_grad_(True)
+            for i in range(n):
+                (_sample_nll(model, tensors, i) / n).backward()
+                for name in names:
+                    w = named[name]
+                    scores[name].addcmul_(w.detach(), w.grad)
+                    w.grad = None
+            for name in names:
+                named[name].requires_grad_(False)
+    finally:
+        for p, flag in previous.items():
+            p.requires_grad_(flag)
+            p.grad = None
+    return scores
+
+
+def grads_dropped(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> None:
+    """Signed SNIP's passes without its score buffer: each weight gradient is freed as it lands."""
+    scored = scored_parameters(model)
+    params = [p for n, p in model.named_parameters() if n in scored]
+    previous = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    handles = []
+    for p in params:
+        p.requires_grad_(True)
+        handles.append(p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None)))
+    try:
+        for batch in batches:
+            width = int(batch["attention_mask"].sum(dim=1).max())
+            b = {k: v[:, :width] for k, v in batch.items()}
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+            per_sample_nll(logits, b["labels"]).sum().backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in previous.items():
+            p.requires_grad_(flag)
+
+
+def run_variant(variant: str, lm: LoadedModel, tensors: dict[str, torch.Tensor], batch: int):
+    n = tensors["input_ids"].size(0)
+    if variant == "signed SNIP":
+        return signed_snip(lm.model, list(iter_batches(tensors, batch)), n_samples=n, desc=variant)
+    if variant == "per-layer":
+        return per_layer_scores(lm.model, tensors)
+    return grads_dropped(lm.model, list(iter_batches(tensors, batch)))
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def child(variant: str, layers: int, n: int, batch: int) -> None:
+    """One measurement in a fresh process: prints RSS once model and data exist, and the peak after."""
+    lm = tiny_llama(layers)
+    tensors = encoded(lm, n)
+    warm = encode_pairs(lm.tokenizer, [Pair("Hi?", "Sure.", "warm-up")], "plain", 64)
+    grads_dropped(lm.model, [warm])  # one-time runtime allocations (kernels, thread pools) happen here
+    base = _status("VmRSS")
+    reset = _reset_peak()
+    start = time.perf_counter()
+    run_variant(CHILD[variant], lm, tensors, batch)
+    seconds = time.perf_counter() - start
+    peak = _status("VmHWM")
+    ru_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"base_rss": base, "peak_rss": peak, "ru_maxrss": ru_maxrss, "peak_reset": reset,
+                      "seconds": seconds}))  # fmt: skip
+
+
+def _reset_peak() -> bool:
+    """Restart the kernel's peak-RSS mark (VmHWM) here, so model building does not count."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def measure_memory(variant: str, layers: int, n: int, batch: int) -> dict[str, int]:
+    key = next(k for k, v in CHILD.items() if v == variant)
+    cmd = [sys.executable, __file__, "--child", key, str(layers), "--n", str(n), "--batch", str(batch)]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed tensors go back to the OS: RSS tracks live memory
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = common.parser(__doc__, "per_layer", n=8, reps=5)
+    p.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--mem-reps", type=int, default=2, help="fresh subprocesses per variant and L")
+    p.add_argument("--child", nargs=2, metavar=("VARIANT", "L"), help=argparse_help())
+    args = p.parse_args()
+    if args.child:
+        child(args.child[0], int(args.child[1]), args.n, args.batch)
+        return
+
+    results = []
+    for layers in args.layers:
+        lm = tiny_llama(layers)
+        tensors = encoded(lm, args.n)
+        tokens = int(tensors["attention_mask"].sum())
+        snip = run_variant("signed SNIP", lm, tensors, args.batch)  # warm-up, and the equality check
+        ref = run_variant("per-layer", lm, tensors, args.batch)
+        scale = max(float(s.abs().max()) for s in snip.values())
+        max_diff = max(float((snip[k] - ref[k]).abs().max()) for k in snip)
+        same = all(torch.allclose(ref[k], snip[k], rtol=1e-4, atol=1e-6 * scale) for k in snip)
+        times: dict[str, list[float]] = {v: [] for v in (*VARIANTS[:2], BATCH1)}
+        for _ in range(args.reps):
+            for variant in times:
+                start = time.perf_counter()
+                if variant == BATCH1:
+                    run_variant("signed SNIP", lm, tensors, 1)
+                else:
+                    run_variant(variant, lm, tensors, args.batch)
+                times[variant].append(time.perf_counter() - start)
+        memory: dict[str, list[dict[str, int]]] = {v: [] for v in VARIANTS}
+        for _ in range(args.mem_reps):
+            for variant in VARIANTS:
+                memory[variant].append(measure_memory(variant, layers, args.n, args.batch))
+        named = dict(lm.model.named_parameters())
+        weights = sum(t.numel() * t.element_size() for t in lm.model.state_dict().values())
+        buffer = sum(named[k].numel() * 4 for k in snip)
+        largest = max(named[k].numel() * 4 for k in snip)
+        extra = {v: statistics.median(m["peak_rss"] - m["base_rss"] for m in memory[v]) for v in VARIANTS}
+        budget = buffer + extra[VARIANTS[2]] + largest
+        ratio = statistics.median(times["per-layer"]) / statistics.median(times["signed SNIP"])
+        ratio_b1 = statistics.median(times["per-layer"]) / statistics.median(times[BATCH1])
+        results.append({
+            "layers": layers, "n": args.n, "batch": args.batch, "tokens": tokens, "scores_equal": same,
+            "max_abs_diff": max_diff, "max_abs_score": scale, "times_s": times,
+            "time": {v: common.spread(t) for v, t in times.items()}, "ratio_per_layer_over_snip": ratio,
+            "ratio_per_layer_over_snip_batch1": ratio_b1,
+            "goal_ratio": layers / 1.5, "goal_met": ratio >= layers / 1.5, "passes": {"signed SNIP":
+            -(-args.n // args.batch), "per-layer": layers * args.n}, "memory_runs": memory,
+            "peak_rss_bytes": {v: statistics.median(m["peak_rss"] for m in memory[v]) for v in VARIANTS},
+            "peak_extra_bytes": extra, "weights_bytes": weights, "score_buffer_bytes": buffer,
+            "largest_matrix_grad_bytes": largest, "budget_extra_bytes": budget,
+            "memory_goal_met": extra["signed SNIP"] <= budget,
+        })  # fmt: skip
+        print(f"L={layers}: scores equal {same} (max |diff| {max_diff:.2e}, max |S| {scale:.2e})", flush=True)
+
+    mb = common.mib
+    print(
+        f"\nsigned SNIP vs per-layer scoring, N={args.n} pairs, batch {args.batch}, {args.reps} reps (median, min-max)"
+    )
+    rows = []
+    for r in results:
+        t = r["time"]
+        rows.append([str(r["layers"]), f"{r['passes']['signed SNIP']} / {r['passes']['per-layer']}",
+                     f"{t['signed SNIP']['median']:.3f} ({t['signed SNIP']['min']:.3f}-{t['signed SNIP']['max']:.3f})",
+                     f"{t['per-layer']['median']:.3f} ({t['per-layer']['min']:.3f}-{t['per-layer']['max']:.3f})",
+                     f"{r['ratio_per_layer_over_snip']:.2f}", f">= {r['goal_ratio']:.2f}",
+                     "met" if r["goal_met"] else "NOT met", str(r["scores_equal"]),
+                     f"{t[BATCH1]['median']:.3f} ({t[BATCH1]['min']:.3f}-{t[BATCH1]['max']:.3f})",
+                     f"{r['ratio_per_layer_over_snip_batch1']:.2f}"])  # fmt: skip
+    print(common.table(["L", "passes", "signed SNIP s", "per-layer s", "ratio", "goal", "", "same scores",
+                        "signed SNIP batch 1 s", "ratio to batch 1"], rows))  # fmt: skip
+    print(
+        f"\npeak RSS in a fresh process (MiB; median of {args.mem_reps}); extra = peak - RSS with model and data loaded"
+    )
+    rows = []
+    for r in results:
+        pk, ex = r["peak_rss_bytes"], r["peak_extra_bytes"]
+        rows.append([str(r["layers"]), f"{mb(r['weights_bytes']):.1f}", f"{mb(r['score_buffer_bytes']):.1f}",
+                     f"{mb(ex[VARIANTS[2]]):.1f}", f"{mb(r['budget_extra_bytes']):.1f}",
+                     f"{mb(pk['signed SNIP']):.0f} / +{mb(ex['signed SNIP']):.1f}",
+                     f"{mb(pk['per-layer']):.0f} / +{mb(ex['per-layer']):.1f}",
+                     "met" if r["memory_goal_met"] else "NOT met"])  # fmt: skip
+    print(common.table(["L", "weights", "score buffer", "activations", "budget", "signed SNIP peak/extra",
+                        "per-layer peak/extra", ""], rows))  # fmt: skip
+    print(
+        "budget = score buffer (fp32) + activations (the same passes with every gradient dropped as it lands)"
+        " + one matrix-sized slack"
+    )
+    common.write(args.out, {"benchmark": "per_layer", "machine": common.machine(), "results": results})
+
+
+def argparse_help() -> str:
+    return f"internal: measure one variant ({', '.join(CHILD)}) on L layers in this process"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""The benchmarks' own reference implementations agree with harmsweep's (bench/ runs them at scale)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import mask_select
+import per_layer
+
+from harmsweep.calibration import iter_batches
+from harmsweep.scoring import signed_snip
+
+
+def test_per_layer_scheme_sums_to_signed_snip():
+    lm = per_layer.tiny_llama(2, hidden=64, intermediate=128)
+    tensors = per_layer.encoded(lm, 4)
+    batched = signed_snip(lm.model, list(iter_batches(tensors, 4)), n_samples=4)
+    layered = per_layer.per_layer_scores(lm.model, tensors)
+    assert set(layered) == set(batched) and len(batched) == 14  # 2 layers x 7 linear weights
+    scale = max(float(s.abs().max()) for s in batched.values())
+    for name, s in batched.items():
+        torch.testing.assert_close(layered[name], s, rtol=1e-4, atol=1e-6 * scale)
+    assert all(not p.requires_grad or p.grad is None for p in lm.model.parameters())
+
+
+def test_full_sort_reference_selects_what_select_selects():
+    shapes = mask_select.layout(1e5)
+    harm, benign = mask_select.make_scores(shapes, "harm"), mask_select.make_scores(shapes, "benign")
+    n = sum(t.numel() for t in harm.values())
+    assert len(shapes) == 32 * 7 and abs(n - 1e5) < 2e3
+    chosen = mask_select.global_indices(mask_select.streaming(harm, benign, 1e-3, 0.01), harm)
+    assert chosen.numel() == round(1e-3 * n)
+    assert torch.equal(chosen, mask_select.reference(harm, benign, 1e-3, 0.01))
+    assert torch.equal(chosen, mask_select.reference(harm, benign, 1e-3, 0.01, "topk"))
+
+
+def test_full_sort_reference_breaks_ties_like_select():
+    shapes = mask_select.layout(2e4, layers=4)
+    harm = {n: t.mul(4).round() for n, t in mask_select.make_scores(shapes, "harm").items()}  # heavy ties
+    benign = {n: t.mul(4).round() for n, t in mask_select.make_scores(shapes, "benign").items()}
+    chosen = mask_select.global_indices(mask_select.streaming(harm, benign, 0.02, 0.05), harm)
+    assert torch.equal(chosen, mask_select.reference(harm, benign, 0.02, 0.05))
