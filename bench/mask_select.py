@@ -112,28 +112,12 @@ def reference(harm, benign, rho: float, protect: float, how: str = "full sort") 
     return idx[vals > float("-inf")].sort().values
 
 
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM), so the peak counts from here; False where not allowed."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
 def child(variant: str, total: float, save: str | None) -> None:
     """One measurement in a fresh process; prints JSON, saves the selected positions to ``save``."""
     shapes = layout(total)
     harm, benign = make_scores(shapes, "harm"), make_scores(shapes, "benign")
-    base = _status("VmRSS")
-    reset = _reset_peak()
+    base = common.status_bytes("VmRSS")
+    reset = common.reset_peak()
     start = time.perf_counter()
     if variant == "streaming":
         chosen = global_indices(streaming(harm, benign, RHO, PROTECT), harm)
@@ -141,7 +125,7 @@ def child(variant: str, total: float, save: str | None) -> None:
         chosen = reference(harm, benign, RHO, PROTECT, variant)
     seconds = time.perf_counter() - start
     # VmHWM: ru_maxrss's counter for this process alone (ru_maxrss also carries the parent's RSS at fork)
-    peak = _status("VmHWM")
+    peak = common.status_bytes("VmHWM")
     ru_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if save:
         torch.save(chosen, save)

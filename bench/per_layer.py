@@ -32,7 +32,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from pathlib import Path
 
 import common
 import torch
@@ -148,37 +147,21 @@ def run_variant(variant: str, lm: LoadedModel, tensors: dict[str, torch.Tensor],
     return grads_dropped(lm.model, list(iter_batches(tensors, batch)))
 
 
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def child(variant: str, layers: int, n: int, batch: int) -> None:
     """One measurement in a fresh process: prints RSS once model and data exist, and the peak after."""
     lm = tiny_llama(layers)
     tensors = encoded(lm, n)
     warm = encode_pairs(lm.tokenizer, [Pair("Hi?", "Sure.", "warm-up")], "plain", 64)
     grads_dropped(lm.model, [warm])  # one-time runtime allocations (kernels, thread pools) happen here
-    base = _status("VmRSS")
-    reset = _reset_peak()
+    base = common.status_bytes("VmRSS")
+    reset = common.reset_peak()
     start = time.perf_counter()
     run_variant(CHILD[variant], lm, tensors, batch)
     seconds = time.perf_counter() - start
-    peak = _status("VmHWM")
+    peak = common.status_bytes("VmHWM")
     ru_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"base_rss": base, "peak_rss": peak, "ru_maxrss": ru_maxrss, "peak_reset": reset,
                       "seconds": seconds}))  # fmt: skip
-
-
-def _reset_peak() -> bool:
-    """Restart the kernel's peak-RSS mark (VmHWM) here, so model building does not count."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
 
 
 def measure_memory(variant: str, layers: int, n: int, batch: int) -> dict[str, int]:
