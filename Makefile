@@ -42,6 +42,7 @@ lint: venv
 
 # Speed claims, rerunnable (not part of `make test`): each prints a table and writes outputs/bench/<name>.json.
 # BENCH_LARGE=1 adds mask selection over 1e9 scores (~9 GB RAM); the cold demo is `python bench/demo.py --cold`.
+bench: export TQDM_DISABLE = 1  # progress bars would bury the tables
 bench: venv
 	$(BIN)/python bench/scoring.py
 	$(BIN)/python bench/per_layer.py

@@ -8,7 +8,10 @@ hidden 256, intermediate 688, 4 heads and 2/4/8 layers, N byte-tokenised pairs, 
 
 Time: both variants in this process, alternated over repetitions after a discarded warm-up; the
 ratio per L is the claim (goal >= L/1.5). Signed SNIP with batch 1 is timed as well, to separate the
-layer factor from batching and padding. Memory: peak RSS of a fresh subprocess per measurement
+layer factor from batching and padding. Each layer's passes are timed too, as a fraction of one full
+forward+backward: the per-layer scheme freezes every other weight, so autograd stops the backward at
+layer l and a pass for a high layer costs well under a full pass (the ratio tends to about L/2, not
+L; the L/1.5 goal assumes full passes). Memory: peak RSS of a fresh subprocess per measurement
 (`python bench/per_layer.py --child VARIANT L`), read as VmHWM, the counter ru_maxrss reports for
 the process's own memory (ru_maxrss itself also carries the parent's RSS at fork, so a large parent
 would mask the child's peak); the mark is reset through /proc/self/clear_refs once the model and
@@ -19,11 +22,12 @@ a tiny warm-up pass first (one-time runtime allocations) and runs with MALLOC_MM
 so freed tensors go back to the OS and RSS follows live memory.
 Writes JSON to outputs/bench/per_layer.json.
 
-    python bench/per_layer.py [--layers 2 4 8] [--n 8] [--batch 8] [--reps 5] [--mem-reps 2]
+    python bench/per_layer.py [--layers 2 4 8] [--n 16] [--batch 8] [--reps 5] [--mem-reps 2]
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import resource
@@ -31,7 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import common
 import torch
@@ -81,10 +85,15 @@ def _sample_nll(model: nn.Module, tensors: Mapping[str, torch.Tensor], i: int) -
     return per_sample_nll(logits, labels).sum()
 
 
-def per_layer_scores(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def per_layer_scores(
+    model: nn.Module, tensors: Mapping[str, torch.Tensor], on_layer: Callable[[int], None] | None = None
+) -> dict[str, torch.Tensor]:
     """Wei et al.'s scheme with the signed score: per layer, per sample, only that layer's weights trainable.
 
     Each sample's loss is divided by N, so the sum over samples is the same mean loss signed SNIP uses.
+    With every other weight frozen, autograd stops each backward at layer l and computes no weight
+    gradient above it, so a pass for a high layer costs less than a full forward+backward.
+    `on_layer(l)` is called when layer l is done (the benchmark times each layer's passes with it).
     """
     n = tensors["input_ids"].size(0)
     named = dict(model.named_parameters())
@@ -107,6 +116,8 @@ def per_layer_scores(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> d
                     w.grad = None
             for name in names:
                 named[name].requires_grad_(False)
+            if on_layer is not None:
+                on_layer(layer)
     finally:
         for p, flag in previous.items():
             p.requires_grad_(flag)
@@ -173,7 +184,7 @@ def measure_memory(variant: str, layers: int, n: int, batch: int) -> dict[str, i
 
 
 def main() -> None:
-    p = common.parser(__doc__, "per_layer", n=8, reps=5)
+    p = common.parser(__doc__, "per_layer", n=16, reps=5)
     p.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--mem-reps", type=int, default=2, help="fresh subprocesses per variant and L")
@@ -194,14 +205,21 @@ def main() -> None:
         max_diff = max(float((snip[k] - ref[k]).abs().max()) for k in snip)
         same = all(torch.allclose(ref[k], snip[k], rtol=1e-4, atol=1e-6 * scale) for k in snip)
         times: dict[str, list[float]] = {v: [] for v in (*VARIANTS[:2], BATCH1)}
+        by_layer: list[list[float]] = []  # per repetition: seconds of each layer's N passes
         for _ in range(args.reps):
             for variant in times:
                 start = time.perf_counter()
                 if variant == BATCH1:
                     run_variant("signed SNIP", lm, tensors, 1)
+                elif variant == "per-layer":
+                    marks = [start]
+                    per_layer_scores(lm.model, tensors, on_layer=lambda _, m=marks: m.append(time.perf_counter()))
+                    by_layer.append([b - a for a, b in itertools.pairwise(marks)])
                 else:
                     run_variant(variant, lm, tensors, args.batch)
                 times[variant].append(time.perf_counter() - start)
+        full_pass = statistics.median(times[BATCH1])  # N full forward+backward passes, one sample each
+        pass_cost = [statistics.median(rep[i] for rep in by_layer) / full_pass for i in range(layers)]
         memory: dict[str, list[dict[str, int]]] = {v: [] for v in VARIANTS}
         for _ in range(args.mem_reps):
             for variant in VARIANTS:
@@ -219,7 +237,7 @@ def main() -> None:
             "max_abs_diff": max_diff, "max_abs_score": scale, "times_s": times,
             "time": {v: common.spread(t) for v, t in times.items()}, "ratio_per_layer_over_snip": ratio,
             "ratio_per_layer_over_snip_batch1": ratio_b1,
-            "goal_ratio": layers / 1.5, "goal_met": ratio >= layers / 1.5, "passes": {"signed SNIP":
+            "pass_cost_by_layer": pass_cost, "goal_ratio": layers / 1.5, "goal_met": ratio >= layers / 1.5, "passes": {"signed SNIP":
             -(-args.n // args.batch), "per-layer": layers * args.n}, "memory_runs": memory,
             "peak_rss_bytes": {v: statistics.median(m["peak_rss"] for m in memory[v]) for v in VARIANTS},
             "peak_extra_bytes": extra, "weights_bytes": weights, "score_buffer_bytes": buffer,
@@ -244,6 +262,11 @@ def main() -> None:
                      f"{r['ratio_per_layer_over_snip_batch1']:.2f}"])  # fmt: skip
     print(common.table(["L", "passes", "signed SNIP s", "per-layer s", "ratio", "goal", "", "same scores",
                         "signed SNIP batch 1 s", "ratio to batch 1"], rows))  # fmt: skip
+    print("\ncost of one per-layer pass, as a fraction of one full forward+backward (signed SNIP, batch 1),"
+          " from layer 0 (backward through every layer) up")  # fmt: skip
+    for r in results:
+        print(f"L={r['layers']}: " + " ".join(f"{c:.2f}" for c in r["pass_cost_by_layer"])
+              + f"  (mean {statistics.mean(r['pass_cost_by_layer']):.2f})")  # fmt: skip
     print(
         f"\npeak RSS in a fresh process (MiB; median of {args.mem_reps}); extra = peak - RSS with model and data loaded"
     )

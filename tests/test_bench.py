@@ -20,7 +20,9 @@ def test_per_layer_scheme_sums_to_signed_snip():
     lm = per_layer.tiny_llama(2, hidden=64, intermediate=128)
     tensors = per_layer.encoded(lm, 4)
     batched = signed_snip(lm.model, list(iter_batches(tensors, 4)), n_samples=4)
-    layered = per_layer.per_layer_scores(lm.model, tensors)
+    done: list[int] = []
+    layered = per_layer.per_layer_scores(lm.model, tensors, on_layer=done.append)
+    assert done == [0, 1]
     assert set(layered) == set(batched) and len(batched) == 14  # 2 layers x 7 linear weights
     scale = max(float(s.abs().max()) for s in batched.values())
     for name, s in batched.items():
