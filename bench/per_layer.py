@@ -152,10 +152,10 @@ def grads_dropped(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> N
 def run_variant(variant: str, lm: LoadedModel, tensors: dict[str, torch.Tensor], batch: int):
     n = tensors["input_ids"].size(0)
     if variant == "signed SNIP":
-        return signed_snip(lm.model, list(iter_batches(tensors, batch)), n_samples=n, desc=variant)
+        return signed_snip(lm.model, list(iter_batches(tensors, batch, by_length=True)), n_samples=n, desc=variant)
     if variant == "per-layer":
         return per_layer_scores(lm.model, tensors)
-    return grads_dropped(lm.model, list(iter_batches(tensors, batch)))
+    return grads_dropped(lm.model, list(iter_batches(tensors, batch, by_length=True)))
 
 
 def child(variant: str, layers: int, n: int, batch: int) -> None:

@@ -46,7 +46,7 @@ def main() -> None:
     data_root = common.data_root()
     pairs = file_pairs(take(load_records("alpaca", data_root), args.n, seed=0), "alpaca")
     tensors = encode_pairs(lm.tokenizer, pairs, "chat", args.max_length)
-    batches = list(iter_batches(tensors, args.batch))
+    batches = list(iter_batches(tensors, args.batch, by_length=True))
     tokens = int(tensors["attention_mask"].sum())
 
     times: dict[str, list[float]] = {"bare forward+backward": [], "signed SNIP": []}

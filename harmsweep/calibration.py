@@ -131,8 +131,16 @@ def file_pairs(records: Sequence[Record], what: str) -> list[Pair]:
     return [Pair(r.prompt, str(r.response), r.source_id, r.category) for r in records]
 
 
-def iter_batches(tensors: Mapping[str, torch.Tensor], batch_size: int) -> Iterator[Tensors]:
+def iter_batches(tensors: Mapping[str, torch.Tensor], batch_size: int, by_length: bool = False) -> Iterator[Tensors]:
+    """Consecutive batches; with ``by_length``, samples of similar length batched together, longest first.
+
+    Sums over samples (scores, mean NLL) do not depend on the order, and grouping by length cuts the
+    padding each batch computes on; longest first makes an out-of-memory batch fail at once.
+    """
     n = tensors["input_ids"].size(0)
+    if by_length:
+        order = torch.sort(tensors["attention_mask"].sum(dim=1), descending=True, stable=True).indices
+        tensors = {k: v[order] for k, v in tensors.items()}
     for start in range(0, n, batch_size):
         yield {k: v[start : start + batch_size] for k, v in tensors.items()}
 

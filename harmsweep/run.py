@@ -365,7 +365,7 @@ def _calibrate(
 def _score(
     lm: LoadedModel, tensors: Mapping[str, torch.Tensor], kind: str, batch: int, path: Path, info: Mapping[str, Any]
 ) -> dict[str, torch.Tensor]:
-    batches = list(iter_batches(tensors, batch))
+    batches = list(iter_batches(tensors, batch, by_length=True))
     if kind.endswith("unsigned"):
         scores = unsigned_snip(lm.model, batches, desc=f"scoring {kind}")
     else:

@@ -64,6 +64,22 @@ def test_signed_snip_equals_autograd(arch):
         torch.testing.assert_close(scores[name], expected, rtol=1e-4, atol=1e-7)
 
 
+def test_length_grouped_batches_hold_every_sample_once_longest_first_and_score_the_same():
+    lm = tiny("llama", torch.float64)
+    tensors = encoded(lm)
+    lengths = tensors["attention_mask"].sum(dim=1)
+    batches = list(iter_batches(tensors, 2, by_length=True))
+    assert [b["input_ids"].size(0) for b in batches] == [2, 2, 1]
+    seen = torch.cat([b["attention_mask"].sum(dim=1) for b in batches])
+    assert seen.tolist() == sorted(lengths.tolist(), reverse=True)
+    rows = sorted(tuple(r.tolist()) for b in batches for r in b["input_ids"])
+    assert rows == sorted(tuple(r.tolist()) for r in tensors["input_ids"])
+    grouped = signed_snip(lm.model, batches, n_samples=len(PAIRS))
+    plain = signed_snip(lm.model, iter_batches(tensors, 2), n_samples=len(PAIRS))
+    for name, s in plain.items():
+        torch.testing.assert_close(grouped[name], s, rtol=1e-6, atol=1e-9)
+
+
 def test_scoring_leaves_no_gradients_and_restores_flags():
     lm = tiny("llama")
     flags = {n: p.requires_grad for n, p in lm.model.named_parameters()}

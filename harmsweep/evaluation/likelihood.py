@@ -20,7 +20,7 @@ def mean_response_nll(model: PreTrainedModel, tensors: Mapping[str, torch.Tensor
     device = next(model.parameters()).device
     total, count = 0.0, 0
     with torch.no_grad():
-        for batch in iter_batches(tensors, batch_size):
+        for batch in iter_batches(tensors, batch_size, by_length=True):
             width = int(batch["attention_mask"].sum(dim=1).max())
             out = model(
                 input_ids=batch["input_ids"][:, :width].to(device),
