@@ -42,7 +42,7 @@ def load_derived(cfg: Mapping[str, Any]) -> LoadedModel:
     """The derived checkpoint of ``cfg.alignment.derive``: trained once, then loaded from the cache."""
     derive, model_cfg = cfg["alignment"]["derive"], cfg["model"]
     cache_dir = Path(str(cfg["paths"]["cache_dir"])).expanduser()
-    parent = load_model(model_cfg, derive["parent"], cache_dir)
+    parent = load_model(model_cfg, derive["parent"], cache_dir, weights=False)  # its weights only if training
     template = resolve_template(parent.tokenizer, cfg["alignment"]["template"])
 
     def fits(prompt: str) -> bool:  # at most half the token budget, so every pair keeps a response
@@ -65,12 +65,12 @@ def load_derived(cfg: Mapping[str, Any]) -> LoadedModel:
     device = _device(cfg)
 
     def train(entry: Path) -> None:
-        _train(parent, derive, spec, harmful, benign, (held_harmful, held_benign), recipe, entry, device, cache_dir)
+        full = load_model(model_cfg, derive["parent"], cache_dir)
+        _train(full, derive, spec, harmful, benign, (held_harmful, held_benign), recipe, entry, device, cache_dir)
 
     _, trained = cached(entry, train, lambda e: None, MARKER)
     if not trained:
         log.info("reusing the derived checkpoint %s", entry)
-    parent.model = None  # free the parent's weights before the derived copy loads
     derived = load_model({**model_cfg, "path": str(entry)}, "derived", cache_dir)
     derived.source = f"derived:{entry.name}"
     return derived

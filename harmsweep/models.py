@@ -48,14 +48,20 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class LoadedModel:
     """A model ready for scoring, with what is needed to reproduce where it came from."""
 
-    model: PreTrainedModel
+    model: PreTrainedModel | None  # None when loaded with weights=False
     tokenizer: PreTrainedTokenizerBase
     source: str  # human-readable origin: "gguf:/path", "dir:/path", "hub:id", "tiny:llama"
     fingerprint: str  # content key of the weights' origin (used for caching)
 
 
-def load_model(model_cfg: Mapping[str, Any], alignment: str, cache_dir: str | Path) -> LoadedModel:
-    """Load the checkpoint that ``model_cfg`` names for ``alignment`` (or ``model_cfg.path``)."""
+def load_model(
+    model_cfg: Mapping[str, Any], alignment: str, cache_dir: str | Path, weights: bool = True
+) -> LoadedModel:
+    """Load the checkpoint that ``model_cfg`` names for ``alignment`` (or ``model_cfg.path``).
+
+    ``weights=False`` gives the tokenizer, source and fingerprint only (``model`` is None): what a
+    cache lookup keyed by the checkpoint needs, without reading gigabytes of weights.
+    """
     name = model_cfg.get("name", "?")
     dtype = _dtype(model_cfg.get("dtype", "float32"))
     remote = bool(model_cfg.get("trust_remote_code", False))
@@ -69,22 +75,23 @@ def load_model(model_cfg: Mapping[str, Any], alignment: str, cache_dir: str | Pa
                 f"{', '.join(sorted(variants)) or 'none'}); pick one of those or pass model.path=DIR"
             )
         spec = variants[alignment]
-    loaded = _load_spec(spec, name, alignment, dtype, remote, Path(cache_dir))
-    loaded.model.eval()
+    loaded = _load_spec(spec, name, alignment, dtype, remote, Path(cache_dir), weights)
+    if loaded.model is not None:
+        loaded.model.eval()
     if loaded.tokenizer.pad_token is None:
         loaded.tokenizer.pad_token = loaded.tokenizer.eos_token
     return loaded
 
 
 def _load_spec(
-    spec: Mapping[str, Any], name: str, alignment: str, dtype: torch.dtype, remote: bool, cache: Path
+    spec: Mapping[str, Any], name: str, alignment: str, dtype: torch.dtype, remote: bool, cache: Path, weights: bool
 ) -> LoadedModel:
     if spec.get("tiny"):
         return build_tiny(dict(spec["tiny"]), dtype)
     if spec.get("embedded"):
         found = embedded_gguf(spec["embedded"]["package"], spec["embedded"]["file"])
         if found is not None:
-            return _from_dir(gguf_to_safetensors(found, cache), dtype, remote, f"gguf:{found}")
+            return _from_dir(gguf_to_safetensors(found, cache), dtype, remote, f"gguf:{found}", weights)
         if not spec.get("hub_id"):
             raise HarmsweepError(
                 f"the embedded model of model={name} is not installed: "
@@ -95,14 +102,14 @@ def _load_spec(
         if path.suffix == ".gguf":
             if not path.is_file():
                 raise HarmsweepError(f"GGUF file not found: {path}")
-            return _from_dir(gguf_to_safetensors(path, cache), dtype, remote, f"gguf:{path}")
+            return _from_dir(gguf_to_safetensors(path, cache), dtype, remote, f"gguf:{path}", weights)
         if path.is_dir():
-            return _from_dir(path, dtype, remote, f"dir:{path}")
+            return _from_dir(path, dtype, remote, f"dir:{path}", weights)
         if path.is_absolute() or str(spec["path"]).startswith("."):
             raise HarmsweepError(f"model.path not found: {path} (give a local directory, a .gguf file or a hub id)")
         spec = {"hub_id": str(spec["path"])}
     if spec.get("hub_id"):
-        return _from_hub(str(spec["hub_id"]), name, alignment, dtype, remote)
+        return _from_hub(str(spec["hub_id"]), name, alignment, dtype, remote, weights)
     raise HarmsweepError(f"checkpoint of model={name} alignment={alignment} names no path, hub_id, embedded or tiny")
 
 
@@ -125,23 +132,27 @@ def _tokenizer(path_or_id: str | Path, remote: bool) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(base, trust_remote_code=remote)
 
 
-def _from_dir(path: Path, dtype: torch.dtype, remote: bool, source: str) -> LoadedModel:
+def _from_dir(path: Path, dtype: torch.dtype, remote: bool, source: str, weights: bool) -> LoadedModel:
     tok = _tokenizer(path, remote)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=remote)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=remote) if weights else None
     return LoadedModel(model, tok, source, _dir_fingerprint(path))
 
 
-def _from_hub(hub_id: str, name: str, alignment: str, dtype: torch.dtype, remote: bool) -> LoadedModel:
+def _from_hub(hub_id: str, name: str, alignment: str, dtype: torch.dtype, remote: bool, weights: bool) -> LoadedModel:
     try:
         tok = _tokenizer(hub_id, remote)
-        model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype, trust_remote_code=remote)
+        if weights:
+            model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype, trust_remote_code=remote)
+            config = model.config
+        else:
+            model, config = None, AutoConfig.from_pretrained(hub_id, trust_remote_code=remote)
     except (OSError, ValueError) as exc:
         raise HarmsweepError(
             f"checkpoint {hub_id} (model={name}, alignment={alignment}) could not be loaded from the hub "
             f"({type(exc).__name__}); on a machine without internet download it elsewhere "
             f"(hf download {hub_id} --local-dir DIR) and pass model.path=DIR"
         ) from None
-    revision = getattr(model.config, "_commit_hash", None) or "unknown"
+    revision = getattr(config, "_commit_hash", None) or "unknown"
     return LoadedModel(model, tok, f"hub:{hub_id}", _hash(f"hub:{hub_id}@{revision}"))
 
 

@@ -10,7 +10,7 @@ import yaml
 from conftest import ROOT, tiny
 from omegaconf import OmegaConf
 
-from harmsweep import derive
+from harmsweep import derive, models
 from harmsweep.calibration import Pair, encode_pairs
 from harmsweep.config import Config
 from harmsweep.errors import HarmsweepError
@@ -134,6 +134,24 @@ def test_safety_tune_is_trained_once_then_reused(tmp_path, shared_data, monkeypa
     cfg["alignment"]["derive"]["finetune"]["lr"] = 1e-3
     monkeypatch.undo()
     assert derive.load_derived(cfg).source != first.source
+
+
+def test_a_cached_derived_model_loads_without_reading_its_parents_weights(tmp_path, shared_data, monkeypatch):
+    """A 7B parent would cost a minute and its size in RAM just to be fingerprinted."""
+    parent = tiny()
+    parent.model.save_pretrained(tmp_path / "parent")
+    parent.tokenizer.save_pretrained(tmp_path / "parent")
+    cfg = _derive_cfg(tmp_path, shared_data)
+    cfg["model"]["path"] = str(tmp_path / "parent")
+    first = derive.load_derived(cfg)
+    entry = tmp_path / "cache" / "derived" / first.source.removeprefix("derived:")
+    read: list[str] = []
+    real = models.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", lambda path, **kw: read.append(str(path))
+                        or real(path, **kw))  # fmt: skip
+    second = derive.load_derived(cfg)
+    assert read == [str(entry)]
+    assert second.source == first.source and second.fingerprint == first.fingerprint
 
 
 def test_derived_model_differs_from_its_parent(tmp_path, shared_data):

@@ -39,6 +39,28 @@ def test_local_directory_round_trip_gives_identical_logits(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(ids).logits, original.model(ids).logits)
     assert loaded.tokenizer.chat_template == original.tokenizer.chat_template
+    light = load_model({"name": "t", "path": str(tmp_path / "ckpt")}, "aligned", tmp_path, weights=False)
+    assert light.model is None and (light.source, light.fingerprint) == (loaded.source, loaded.fingerprint)
+    assert light.tokenizer("abc")["input_ids"] == loaded.tokenizer("abc")["input_ids"]
+
+
+def test_hub_checkpoint_from_the_local_hub_cache_with_and_without_weights(tmp_path, monkeypatch):
+    """A hub id resolves through the Hugging Face cache (laid out by hand here: no network)."""
+    original = load_model({"name": "t", "variants": {"aligned": {"tiny": tiny_spec("llama")}}}, "aligned", tmp_path)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--example-org--tiny-chat"
+    original.model.save_pretrained(repo / "snapshots" / commit)
+    original.tokenizer.save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    offline_hub(monkeypatch, tmp_path / "hub")
+    cfg = {"name": "t", "variants": {"aligned": {"hub_id": "example-org/tiny-chat"}}}
+    full, light = load_model(cfg, "aligned", tmp_path), load_model(cfg, "aligned", tmp_path, weights=False)
+    assert full.source == "hub:example-org/tiny-chat" and light.model is None
+    assert full.fingerprint == light.fingerprint
+    ids = torch.tensor([[256, 10, 20, 30, 40]])
+    with torch.no_grad():
+        torch.testing.assert_close(full.model(ids).logits, original.model(ids).logits)
 
 
 def test_missing_variant_lists_the_available_ones(tmp_path):
@@ -47,8 +69,15 @@ def test_missing_variant_lists_the_available_ones(tmp_path):
         load_model(cfg, "base", tmp_path)
 
 
-def test_unreachable_hub_checkpoint_says_how_to_get_it(tmp_path, monkeypatch):
+def offline_hub(monkeypatch, cache: Path) -> None:
+    """Hub offline mode with its cache at ``cache``: huggingface_hub reads both at import, so patch them."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+
+
+def test_unreachable_hub_checkpoint_says_how_to_get_it(tmp_path, monkeypatch):
+    offline_hub(monkeypatch, tmp_path / "hub")
     cfg = {"name": "m", "variants": {"base": {"hub_id": "example-org/not-cached-anywhere"}}}
     with pytest.raises(HarmsweepError) as err:
         load_model(cfg, "base", tmp_path)
