@@ -7,7 +7,8 @@ cold if the demo never ran; its time is reported, not counted as warm), then --r
 timed; goal < 1 min. Every result.json must be left untouched by a warm run (checked).
 Cold (--cold, not part of `make bench`: ~13 min on 2 cores): a fresh HARMSWEEP_CACHE in a temporary
 folder (model conversion, derived model training, all runs) and a fresh output folder, timed, then
-the warm runs on the same folders; goal <= 15 min after install.
+the warm runs on the same folders; goal <= 15 min after install. The cold run's report is kept in
+outputs/bench/demo_cold_report/ (compare it with docs/demo/).
 Writes JSON to outputs/bench/demo.json (demo_cold.json with --cold).
 
     python bench/demo.py [--reps 2] [--cold]
@@ -16,6 +17,7 @@ Writes JSON to outputs/bench/demo.json (demo_cold.json with --cold).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -61,6 +63,9 @@ def main() -> None:
             first = demo(folder, env)
             record["cold_s"] = first
             record["cold_goal_met"] = first <= COLD_GOAL_S
+            kept = Path(args.out).with_name("demo_cold_report")  # to compare with docs/demo after the folder goes
+            shutil.copytree(folder / "report", kept, dirs_exist_ok=True)
+            record["cold_report"] = str(kept)
             print(f"cold: {first:.0f} s", flush=True)
         else:
             folder = common.ROOT / "outputs" / "demo"
