@@ -236,8 +236,8 @@ def main() -> None:
             "layers": layers, "n": args.n, "batch": args.batch, "tokens": tokens, "scores_equal": same,
             "max_abs_diff": max_diff, "max_abs_score": scale, "times_s": times,
             "time": {v: common.spread(t) for v, t in times.items()}, "ratio_per_layer_over_snip": ratio,
-            "ratio_per_layer_over_snip_batch1": ratio_b1,
-            "pass_cost_by_layer": pass_cost, "goal_ratio": layers / 1.5, "goal_met": ratio >= layers / 1.5, "passes": {"signed SNIP":
+            "ratio_per_layer_over_snip_batch1": ratio_b1, "pass_cost_by_layer": pass_cost,
+            "goal_ratio": layers / 1.5, "goal_met": ratio >= layers / 1.5, "passes": {"signed SNIP":
             -(-args.n // args.batch), "per-layer": layers * args.n}, "memory_runs": memory,
             "peak_rss_bytes": {v: statistics.median(m["peak_rss"] for m in memory[v]) for v in VARIANTS},
             "peak_extra_bytes": extra, "weights_bytes": weights, "score_buffer_bytes": buffer,
