@@ -25,7 +25,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Bump when the code that produces an artifact changes its output: old entries are then ignored.
-VERSIONS = {"calibration": "calibration-v1", "scores": "scores-v2", "eval": "eval-before-v1"}
+VERSIONS = {
+    "calibration": "calibration-v1",
+    "scores": "scores-v2",
+    "eval": "eval-before-v1",
+    "references": "references-v1",
+}
 
 
 def content_key(*parts: Any) -> str:

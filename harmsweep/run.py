@@ -11,7 +11,6 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,25 +22,18 @@ from harmsweep.artifacts import write_json, write_jsonl
 from harmsweep.cache import VERSIONS, cached, content_key, tensor_key, write_key_info
 from harmsweep.calibration import (
     PLAIN_TEMPLATE,
-    Pair,
-    encode_pairs,
-    file_pairs,
-    generate_responses,
     iter_batches,
-    load_sets,
     resolve_template,
-    save_sets,
 )
 from harmsweep.config import check_config, run_id
-from harmsweep.data import Record, load_records, split_disjoint
-from harmsweep.derive import derivation, load_derived, norm_prompt, trained_prompts
+from harmsweep.derive import derivation, load_derived, trained_prompts
 from harmsweep.errors import HarmsweepError
 from harmsweep.evaluation.suite import JUDGES, HeldOut, Suite, deltas, plan
 from harmsweep.experiments import runner
-from harmsweep.generation import Sampling
 from harmsweep.models import LoadedModel, load_model
 from harmsweep.pruning import PruneSpec, apply_mask, load_mask, mask_counts, save_mask, select
 from harmsweep.scoring import load_scores, save_scores, scored_parameters, signed_snip, unsigned_snip
+from harmsweep.sets import calibrate, held_out_splits
 from harmsweep.tracking import open_tracker
 
 log = logging.getLogger(__name__)
@@ -186,35 +178,6 @@ def artifacts_root(cfg: Mapping[str, Any], run_dir: Path) -> Path:
     return Path(cfg["paths"]["artifacts"]) if cfg["paths"].get("artifacts") else run_dir / "artifacts"
 
 
-def calibrate(
-    cfg: Mapping[str, Any], lm: LoadedModel, template: str, splits: Splits, root: Path
-) -> tuple[dict[str, dict[str, torch.Tensor]], Path, bool]:
-    """The calibration and reference sets of ``splits`` (cached by content): sets, cache entry, computed?"""
-    cal_info = {
-        "version": VERSIONS["calibration"],
-        "model": lm.fingerprint,
-        "dtype": cfg["model"]["dtype"],
-        "template": template,
-        "records": content_key(
-            [
-                asdict(r)
-                for part in (splits.harmful_cal, splits.harmful_eval, splits.benign_cal, splits.benign_eval)
-                for r in part
-            ]
-        ),
-        "calibration": {k: v for k, v in cfg["calibration"].items() if k != "batch_size"},
-        "benign_references": cfg["eval"]["benign_references"],
-    }
-    entry = root / "calibration" / content_key(cal_info)
-    sets, computed = cached(
-        entry,
-        lambda e: _calibrate(cfg, lm, template, splits, e / "calibration.safetensors", cal_info),
-        lambda e: load_sets(e / "calibration.safetensors"),
-        "calibration.safetensors",
-    )
-    return sets, entry, computed
-
-
 def score(
     lm: LoadedModel, cfg: Mapping[str, Any], sets: Mapping[str, dict[str, torch.Tensor]], kind: str, root: Path
 ) -> tuple[dict[str, torch.Tensor], Path, bool]:
@@ -278,88 +241,6 @@ def load_run_model(cfg: Mapping[str, Any]) -> LoadedModel:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     lm.model.to(device)
     return lm
-
-
-@dataclass(frozen=True)
-class Splits:
-    """Calibration and held-out records; the two never share a prompt."""
-
-    harmful_cal: list[Record]
-    harmful_eval: list[Record]
-    benign_cal: list[Record]
-    benign_eval: list[Record]
-
-
-def held_out_splits(cfg: Mapping[str, Any], exclude: set[str] | frozenset[str] = frozenset()) -> Splits:
-    """Seeded, prompt-disjoint calibration/evaluation splits of the harmful and benign data.
-
-    ``exclude``: normalised prompts to drop first (those a derived model was fine-tuned on).
-    """
-    cal, data, seed = cfg["calibration"], cfg["data"], int(cfg["seed"])
-    n, n_eval, download = int(cal["n"]), int(cfg["eval"]["n"]), bool(data.get("download"))
-    if cal["harmful"]["responses"] == "file":
-        harmful = load_records("custom", None, file=cal["harmful"]["file"])
-    else:
-        spec = data["harmful"]
-        harmful = load_records(
-            spec["name"], data["root"], file=spec.get("file"), categories=spec.get("categories"), download=download
-        )
-    if cal["benign"].get("file"):
-        benign = load_records("custom", None, file=cal["benign"]["file"])
-    else:
-        benign = load_records(data["benign"]["name"], data["root"], file=data["benign"].get("file"), download=download)
-    if exclude:
-        harmful = [r for r in harmful if norm_prompt(r.prompt) not in exclude]
-        benign = [r for r in benign if norm_prompt(r.prompt) not in exclude]
-    splits = Splits(*split_disjoint(harmful, n, n_eval, seed), *split_disjoint(benign, n, n_eval, seed))
-    for a, b in ((splits.harmful_cal, splits.harmful_eval), (splits.benign_cal, splits.benign_eval)):
-        if {r.prompt for r in a} & {r.prompt for r in b}:
-            raise RuntimeError("a held-out prompt is also a calibration prompt")
-    return splits
-
-
-def _calibrate(
-    cfg: Mapping[str, Any], lm: LoadedModel, template: str, splits: Splits, path: Path, info: Mapping[str, Any]
-) -> dict[str, dict[str, torch.Tensor]]:
-    """Harmful and benign pairs for scoring, plus the held-out reference responses for harm likelihood."""
-    cal, ev = cfg["calibration"], cfg["eval"]
-    n, harm = int(cal["n"]), cal["harmful"]
-    harm_cal, harm_eval, ben_eval = splits.harmful_cal, splits.harmful_eval, splits.benign_eval
-    greedy = Sampling(max_new_tokens=int(harm["max_new_tokens"]))
-
-    def answers(records: list[Record], prefill_tokens: int, desc: str) -> list[Pair]:
-        batch = int(cal["gen_batch_size"])
-        return generate_responses(
-            lm.model,
-            lm.tokenizer,
-            records,
-            template,
-            prefill_tokens=prefill_tokens,
-            sampling=greedy,
-            batch_size=batch,
-            desc=desc,
-        )
-
-    if harm["responses"] == "file":
-        harm_pairs = file_pairs(harm_cal + harm_eval, "calibration.harmful.file")
-    else:
-        k = int(harm["prefill_tokens"]) if harm["responses"] == "prefill" else 0
-        harm_pairs = answers(harm_cal + harm_eval, k, "harmful responses")
-    if ev["benign_references"] == "model":
-        ben_eval_pairs = answers(ben_eval, 0, "benign references")
-    else:
-        ben_eval_pairs = file_pairs(ben_eval, "benign evaluation data")
-    pairs: dict[str, list[Pair]] = {
-        "harmful": harm_pairs[:n],
-        "eval_harmful": harm_pairs[n:],
-        "benign": file_pairs(splits.benign_cal, "benign calibration data"),
-        "eval_benign": ben_eval_pairs,
-    }
-    max_len = int(cal["max_length"])
-    sets = {name: encode_pairs(lm.tokenizer, ps, template, max_len) for name, ps in pairs.items()}
-    write_key_info(path.parent, info)
-    save_sets(sets, pairs, path)
-    return sets
 
 
 def _score(

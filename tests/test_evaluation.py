@@ -109,7 +109,7 @@ def test_vllm_backend_without_vllm_is_a_one_line_error():
 
 @pytest.mark.parametrize("harmful", ["advbench", "strongreject"])
 def test_held_out_prompts_never_include_calibration_prompts(shared_data, harmful):
-    from harmsweep.run import held_out_splits
+    from harmsweep.sets import held_out_splits
 
     cfg = {
         "seed": 5,

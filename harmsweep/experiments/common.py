@@ -24,8 +24,9 @@ from harmsweep.experiments import save_figures
 from harmsweep.experiments.matrices import Matrix
 from harmsweep.models import LoadedModel
 from harmsweep.pruning import PruneSpec, select
-from harmsweep.run import Splits, artifacts_root, held_out_splits, load_run_model, score
+from harmsweep.run import artifacts_root, load_run_model, score
 from harmsweep.scoring import ScoredParam, scored_parameters
+from harmsweep.sets import Splits, held_out_splits
 
 T = TypeVar("T")
 Tensors = dict[str, torch.Tensor]
