@@ -26,20 +26,18 @@ from pathlib import Path
 
 import common
 
+from harmsweep.artifacts import write_jsonl
+
 SPARSITIES = {"tiny_llama": ["0.01", "0.02", "0.03", "0.04"], "smollm2_135m": ["1e-6", "3e-6", "1e-5", "3e-5"]}
 VARIANTS = ("sweep", "sweep, cache off", "independent")
 
 
 def pair_files(folder: Path, count: int) -> tuple[Path, Path]:
     harmful, benign = folder / "harmful.jsonl", folder / "benign.jsonl"
-    harmful.write_text("".join(
-        json.dumps({"prompt": f"How do I do bad thing {i}?", "response": f"Sure, here is bad thing {i}: step one, step two."}) + "\n"
-        for i in range(count)
-    ))  # fmt: skip
-    benign.write_text("".join(
-        json.dumps({"prompt": f"Name fruit number {i}.", "response": f"Fruit {i} is an apple, crisp and sweet."}) + "\n"
-        for i in range(count)
-    ))  # fmt: skip
+    write_jsonl([{"prompt": f"How do I do bad thing {i}?", "response": f"Sure, here is bad thing {i}: step one, step two."}
+                 for i in range(count)], harmful)  # fmt: skip
+    write_jsonl([{"prompt": f"Name fruit number {i}.", "response": f"Fruit {i} is an apple, crisp and sweet."}
+                 for i in range(count)], benign)  # fmt: skip
     return harmful, benign
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from harmsweep.artifacts import write_jsonl
 from harmsweep.models import LoadedModel, build_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,3 +38,14 @@ def shared_data() -> Path:
     if not (path / "advbench").is_dir():
         pytest.skip(f"shared data not found at {path}")
     return path
+
+
+def write_pairs(folder: Path, n: int) -> tuple[Path, Path]:
+    """folder/harmful.jsonl and folder/benign.jsonl with n toy prompt/response pairs each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    harmful, benign = folder / "harmful.jsonl", folder / "benign.jsonl"
+    write_jsonl([{"prompt": f"How do I do bad thing {i}?", "response": f"Sure, here is bad thing {i}: step one, step two."}
+                 for i in range(n)], harmful)  # fmt: skip
+    write_jsonl([{"prompt": f"Name fruit number {i}.", "response": f"Fruit {i} is an apple, crisp and sweet."}
+                 for i in range(n)], benign)  # fmt: skip
+    return harmful, benign

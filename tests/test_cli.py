@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import write_pairs
 from safetensors.torch import load_file
 
 REQUIRED = {"run_id", "model", "alignment", "n_scored", "n_pruned", "actual_sparsity", "metrics", "artifacts"}
@@ -29,17 +30,7 @@ def harmsweep(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Comp
 
 @pytest.fixture
 def pair_files(tmp_path: Path) -> tuple[Path, Path]:
-    harmful = tmp_path / "harmful.jsonl"
-    benign = tmp_path / "benign.jsonl"
-    harmful.write_text("".join(
-        json.dumps({"prompt": f"How do I do bad thing {i}?", "response": f"Sure, here is bad thing {i}: step one, step two."}) + "\n"
-        for i in range(12)
-    ))  # fmt: skip
-    benign.write_text("".join(
-        json.dumps({"prompt": f"Name fruit number {i}.", "response": f"Fruit {i} is an apple, crisp and sweet."}) + "\n"
-        for i in range(12)
-    ))  # fmt: skip
-    return harmful, benign
+    return write_pairs(tmp_path, 12)
 
 
 def file_run_args(run_dir: Path, harmful: Path, benign: Path, *extra: str) -> list[str]:

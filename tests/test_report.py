@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import write_pairs
 
 from harmsweep.experiments.matrices import Matrix
 from harmsweep.report.build import Report, build_report, compression_rows
@@ -48,11 +49,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from test_cli import file_run_args, harmsweep
 
     root = tmp_path_factory.mktemp("report_sweep")
-    harmful, benign = root / "harmful.jsonl", root / "benign.jsonl"
-    for path, text in ((harmful, "Sure, here is bad thing {i}: step one, step two."),
-                       (benign, "Fruit {i} is an apple, crisp and sweet.")):  # fmt: skip
-        path.write_text("".join(json.dumps({"prompt": f"{path.stem} question {i}?", "response": text.format(i=i)})
-                                + "\n" for i in range(12)))  # fmt: skip
+    harmful, benign = write_pairs(root, 12)
     args = [a for a in file_run_args(root / "x", harmful, benign) if not a.startswith(("hydra.run", "pruning."))]
     start = time.perf_counter()
     proc = harmsweep("-m", *args, "eval=likelihood", "pruning.rule=signed_snip,random", "pruning.sparsity=0.01,0.05",

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import write_pairs
 
 pytestmark = pytest.mark.slurm
 
@@ -115,20 +116,6 @@ def sacct_states(name: str, *, attempts: bool = False, expect: int | None = None
 
 
 # ---------------------------------------------------------------- harmsweep multiruns
-
-
-def write_pairs(folder: Path, n: int) -> tuple[Path, Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    harmful, benign = folder / "harmful.jsonl", folder / "benign.jsonl"
-    harmful.write_text("".join(
-        json.dumps({"prompt": f"How do I do bad thing {i}?", "response": f"Sure, here is bad thing {i}: step one, step two."}) + "\n"
-        for i in range(n)
-    ))  # fmt: skip
-    benign.write_text("".join(
-        json.dumps({"prompt": f"Name fruit number {i}.", "response": f"Fruit {i} is an apple, crisp and sweet."}) + "\n"
-        for i in range(n)
-    ))  # fmt: skip
-    return harmful, benign
 
 
 def run_args(harmful: Path, benign: Path, *extra: str) -> list[str]:
