@@ -112,26 +112,37 @@ def top_k_threshold(names: Sequence[str], keys_of: Callable[[str], torch.Tensor]
 
     ``keys_of(name)`` returns a matrix's keys (``float_keys``), with EXCLUDED where an entry is not eligible.
     Ties at the threshold are broken by matrix order, then flat index, so the result is deterministic.
+    The histograms live on the device of the first matrix's keys (each matrix's counts join them
+    there), and no step depends on data until a pass is complete: one host sync per pass, not per matrix.
     """
     if k <= 0:
         return Threshold(None, {})
-    high = torch.zeros(_BINS, dtype=torch.int64)
+    high: torch.Tensor | None = None
     for name in names:
         keys = keys_of(name)
-        high += torch.bincount(((keys[keys != EXCLUDED] >> 16) + _HALF).view(-1), minlength=_BINS)
-    total = int(high.sum())
+        counts = torch.bincount(((keys >> 16) + _HALF).view(-1), minlength=_BINS)
+        high = counts if high is None else high.add_(counts.to(high.device))
+    if high is None:
+        return Threshold(None, {})
+    high[0] = 0  # bin 0 holds EXCLUDED (and negative NaN bit patterns): never eligible
+    host_high = high.cpu()
+    total = int(host_high.sum())
     if total == 0:
         return Threshold(None, {})
     k = min(k, total)
-    hi, above = _bucket_from_top(high, k)
-    low = torch.zeros(_BINS, dtype=torch.int64)
+    hi, above = _bucket_from_top(host_high, k)
+    low: torch.Tensor | None = None
     for name in names:
         keys = keys_of(name)
-        low += torch.bincount((keys[(keys >> 16) == hi - _HALF] & 0xFFFF).view(-1), minlength=_BINS)
-    lo, above_lo = _bucket_from_top(low, k - above)
+        # keys outside bucket hi count into an extra bin that is dropped: no boolean indexing, no sync
+        in_bucket = torch.where((keys >> 16) == hi - _HALF, keys & 0xFFFF, _BINS)
+        counts = torch.bincount(in_bucket.view(-1), minlength=_BINS + 1)[:_BINS]
+        low = counts if low is None else low.add_(counts.to(low.device))
+    host_low = low.cpu()
+    lo, above_lo = _bucket_from_top(host_low, k - above)
     key = (hi - _HALF) * _BINS + lo
     ties_needed = k - above - above_lo
-    if ties_needed == int(low[lo]):
+    if ties_needed == int(host_low[lo]):
         return Threshold(key, {name: _TAKE_ALL for name in names})
     ties: dict[str, int] = {}
     for name in names:
@@ -155,34 +166,51 @@ def _bucket_from_top(hist: torch.Tensor, k: int) -> tuple[int, int]:
 
 
 class _Scores:
-    """Per-matrix views of the score sets a rule needs; computed lazily, one matrix at a time."""
+    """Per-matrix views of the score sets a rule needs, on the compute device; one matrix at a time.
+
+    Scores may sit anywhere (host memory after scoring, a GPU, several GPUs with a device map): each
+    view moves just its matrix to ``device``, so a GPU ranks 7e9 scores with one matrix-sized temporary.
+    """
 
     def __init__(
-        self, spec: PruneSpec, weights: Mapping[str, torch.Tensor], scores: Mapping[str, Mapping[str, torch.Tensor]]
+        self,
+        spec: PruneSpec,
+        weights: Mapping[str, torch.Tensor],
+        scores: Mapping[str, Mapping[str, torch.Tensor]],
+        device: torch.device | str | None = None,
     ):
         missing = spec.needed_scores() - set(scores)
         if missing:
             raise ValueError(f"rule {spec.rule} needs score sets {sorted(missing)}")
         self.spec, self.weights, self.scores = spec, weights, scores
+        if device is None:
+            tensors = (t for group in (*scores.values(), weights) for t in group.values())
+            first = next(tensors, None)
+            device = first.device if first is not None else "cpu"
+        self.device = torch.device(device)
+
+    def _here(self, t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(self.device, non_blocking=True).float()
 
     def harm(self, name: str) -> torch.Tensor:
         """Ranking score of the rule (bigger = prune first), with -inf where not eligible."""
         rule = self.spec.rule
         if rule in ("signed_snip", "no_set_difference"):
-            h = -self.scores["harm"][name].float()
+            h = -self._here(self.scores["harm"][name])
             return h.masked_fill_(h <= 0, float("-inf"))  # only weights whose removal raises the harmful loss
         if rule == "unsigned_snip":
-            return self.scores["harm_unsigned"][name].float()
+            return self._here(self.scores["harm_unsigned"][name])
         if rule == "magnitude":
-            return -self.weights[name].detach().float().abs()
+            return -self._here(self.weights[name]).abs()
+        # drawn on the host so that a seed picks the same weights on every device
         gen = torch.Generator().manual_seed(self.spec.seed * 1_000_003 + zlib.crc32(name.encode()))
-        return torch.rand(self.weights[name].shape, generator=gen)
+        return torch.rand(self.weights[name].shape, generator=gen).to(self.device)
 
     def benign(self, name: str) -> torch.Tensor:
         how = self.spec.benign_importance
         if how == "unsigned":
-            return self.scores["benign_unsigned"][name].float()
-        s = self.scores["benign"][name].float()
+            return self._here(self.scores["benign_unsigned"][name])
+        s = self._here(self.scores["benign"][name])
         return s.abs() if how == "abs_signed" else -s
 
 
@@ -195,10 +223,14 @@ def select(
     params: Mapping[str, ScoredParam],
     weights: Mapping[str, torch.Tensor],
     scores: Mapping[str, Mapping[str, torch.Tensor]],
+    device: torch.device | str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Flat indices (sorted int64) of the weights to prune, per parameter name."""
+    """Flat indices (sorted int64, on the host) of the weights to prune, per parameter name.
+
+    ``device``: where the matrices are ranked (default: where the scores are); run.py passes the GPU.
+    """
     spec.validate()
-    views = _Scores(spec, weights, scores)
+    views = _Scores(spec, weights, scores, device)
     names = list(params)
     if spec.granularity == "row":
         return {n: _select_rows(spec, views, n, params[n].rows_dim) for n in names}
@@ -232,7 +264,7 @@ def _select_unit(spec: PruneSpec, views: _Scores, unit: list[str], size: int) ->
         mask = chosen.mask(n, harm_keys(n))
         if fractions:
             mask &= ~protected_mask(n)
-        out[n] = torch.nonzero(mask.view(-1)).view(-1)
+        out[n] = torch.nonzero(mask.view(-1)).view(-1).cpu()
     return out
 
 
@@ -257,7 +289,7 @@ def _select_rows(spec: PruneSpec, views: _Scores, name: str, rows_dim: int) -> t
         mask.scatter_(1, idx, vals > float("-inf"))
         if fractions:
             mask &= ~blocked
-    return torch.nonzero(rows(mask).reshape(-1)).view(-1)
+    return torch.nonzero(rows(mask).reshape(-1)).view(-1).cpu()
 
 
 # ---------------------------------------------------------------- applying and reporting
