@@ -32,6 +32,8 @@ class ModelConfig:
     dtype: str = "float32"
     trust_remote_code: bool = False
     variants: dict[str, Any] = field(default_factory=dict)  # alignment name -> checkpoint spec
+    device_map: Any = None  # null: one device (``device``); auto: accelerate's placement over the job's GPUs
+    max_memory: dict[str, Any] | None = None  # per-device budgets for device_map=auto; null: room left for scores
 
 
 @dataclass
@@ -96,6 +98,14 @@ class CalibrationConfig:
     max_length: int = 256
     harmful: HarmfulCalibration = field(default_factory=HarmfulCalibration)
     benign: BenignCalibration = field(default_factory=BenignCalibration)
+
+
+@dataclass
+class ScoringConfig:
+    """Memory knobs of scoring (harmsweep/scoring.py ScoringOptions); none changes a score."""
+
+    gradient_checkpointing: bool = False
+    offload: bool = True
 
 
 @dataclass
@@ -214,6 +224,7 @@ class Config:
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
     data: DataConfig = field(default_factory=DataConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     judges: dict[str, Any] = field(default_factory=dict)
@@ -227,13 +238,16 @@ class Config:
     device: str = "auto"
 
 
-NOT_IN_RUN_ID = ("paths", "logger", "launcher", "hydra")
+NOT_IN_RUN_ID = ("paths", "logger", "launcher", "hydra", "scoring")
+PLACEMENT_KEYS = ("device_map", "max_memory")  # where the model sits changes no result
 
 
 def run_id(cfg: Mapping[str, Any]) -> str:
-    """Hash of the resolved config minus where things are stored and how they are launched/logged."""
+    """Hash of the resolved config minus where things are stored, placed, launched and logged."""
     kept = {k: v for k, v in cfg.items() if k not in NOT_IN_RUN_ID and v is not None}
     kept["data"] = {k: v for k, v in kept.get("data", {}).items() if k not in ("root", "download")}
+    if "model" in kept:
+        kept["model"] = {k: v for k, v in kept["model"].items() if k not in PLACEMENT_KEYS}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
+from harmsweep.devices import input_device
 from harmsweep.errors import HarmsweepError
 from harmsweep.losses import per_sample_nll
 from harmsweep.pruning import apply_mask
@@ -210,7 +211,7 @@ def _loop(model, trainable, tensors: Tensors, spec: FinetuneSpec, on_step, after
     """AdamW with linear warmup/decay; each optimizer step averages grad_accum micro-batches."""
     n = tensors["input_ids"].size(0)
     total = spec.steps(n)
-    device = next(model.parameters()).device
+    device = input_device(model)
     optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay)
     schedule = get_linear_schedule_with_warmup(optimizer, spec.warmup_steps, total)
     generator = torch.Generator().manual_seed(spec.seed)

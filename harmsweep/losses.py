@@ -15,7 +15,7 @@ IGNORE = -100
 def per_sample_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token NLL over each sample's labelled positions, shape (batch,), in fp32."""
     shift_logits = logits[:, :-1, :]
-    shift_labels = labels[:, 1:]
+    shift_labels = labels[:, 1:].to(logits.device)  # the last layer's device when a model spans GPUs
     nll = functional.cross_entropy(
         shift_logits.reshape(-1, shift_logits.size(-1)).float(),
         shift_labels.reshape(-1),

@@ -27,12 +27,20 @@ from harmsweep.calibration import (
 )
 from harmsweep.config import check_config, run_id
 from harmsweep.derive import derivation, load_derived, trained_prompts
+from harmsweep.devices import input_device, place_model
 from harmsweep.errors import HarmsweepError
 from harmsweep.evaluation.suite import JUDGES, HeldOut, Suite, deltas, plan
 from harmsweep.experiments import runner
 from harmsweep.models import LoadedModel, load_model
 from harmsweep.pruning import PruneSpec, apply_mask, load_mask, mask_counts, save_mask, select
-from harmsweep.scoring import load_scores, save_scores, scored_parameters, signed_snip, unsigned_snip
+from harmsweep.scoring import (
+    ScoringOptions,
+    load_scores,
+    save_scores,
+    scored_parameters,
+    signed_snip,
+    unsigned_snip,
+)
 from harmsweep.sets import calibrate, held_out_splits
 from harmsweep.tracking import open_tracker
 
@@ -95,9 +103,14 @@ def _run(
 
     weights = {n: p for n, p in lm.model.named_parameters() if n in params}
     mask_path = run_dir / "mask.safetensors"
+    device = input_device(lm.model)
     mask = _timed(
-        timings, "mask", lambda: _stage(mask_path, lambda: _mask(spec, params, weights, scores, mask_path), load_mask)
+        timings,
+        "mask",
+        lambda: _stage(mask_path, lambda: _mask(spec, params, weights, scores, mask_path, device), load_mask),
     )
+    kinds = sorted(scores)
+    scores.clear()  # score files are read one matrix at a time; nothing of them stays for evaluation
 
     held = HeldOut(splits.harmful_eval, splits.benign_eval, {k: sets[k] for k in ("eval_harmful", "eval_benign")})
     suite = Suite(cfg, lm, template, held, scratch=run_dir)
@@ -153,7 +166,7 @@ def _run(
         },
         "pruning": {**spec.__dict__, **mask_counts(params, mask)},
         "computed": computed,
-        "scoring_passes": sum(_passes(sets, k, batch) for k in scores if computed[f"scores_{k}"]),
+        "scoring_passes": sum(_passes(sets, k, batch) for k in kinds if computed[f"scores_{k}"]),
         "artifacts": {
             "calibration": str(cal_entry / "calibration.safetensors"),
             **score_paths,
@@ -190,7 +203,9 @@ def score(
     entry = root / "scores" / content_key(info)
     scores, computed = cached(
         entry,
-        lambda e: _score(lm, tensors, kind, batch, e / "scores.safetensors", info),
+        lambda e: _score(
+            lm, tensors, kind, batch, e / "scores.safetensors", info, ScoringOptions.from_config(cfg.get("scoring"))
+        ),
         lambda e: load_scores(e / "scores.safetensors"),
         "scores.safetensors",
     )
@@ -236,24 +251,29 @@ def load_run_model(cfg: Mapping[str, Any]) -> LoadedModel:
         lm = load_derived(cfg)
     else:
         lm = load_model(cfg["model"], cfg["alignment"]["name"], cfg["paths"]["cache_dir"])
-    device = cfg.get("device", "auto")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    lm.model.to(device)
+    place_model(lm.model, cfg.get("device", "auto"), cfg["model"].get("device_map"), cfg["model"].get("max_memory"))
     return lm
 
 
 def _score(
-    lm: LoadedModel, tensors: Mapping[str, torch.Tensor], kind: str, batch: int, path: Path, info: Mapping[str, Any]
-) -> dict[str, torch.Tensor]:
+    lm: LoadedModel,
+    tensors: Mapping[str, torch.Tensor],
+    kind: str,
+    batch: int,
+    path: Path,
+    info: Mapping[str, Any],
+    options: ScoringOptions,
+) -> Mapping[str, torch.Tensor]:
+    """Score, write, and hand back the file's lazy view: the host copy is freed once it is on disk."""
     batches = list(iter_batches(tensors, batch, by_length=True))
     if kind.endswith("unsigned"):
-        scores = unsigned_snip(lm.model, batches, desc=f"scoring {kind}")
+        scores = unsigned_snip(lm.model, batches, desc=f"scoring {kind}", options=options)
     else:
-        scores = signed_snip(lm.model, batches, tensors["input_ids"].size(0), desc=f"scoring {kind}")
+        scores = signed_snip(lm.model, batches, tensors["input_ids"].size(0), desc=f"scoring {kind}", options=options)
     write_key_info(path.parent, info)
     save_scores(scores, path)
-    return scores
+    del scores
+    return load_scores(path)
 
 
 def _passes(sets: Mapping[str, dict[str, torch.Tensor]], kind: str, batch: int) -> int:
@@ -262,8 +282,8 @@ def _passes(sets: Mapping[str, dict[str, torch.Tensor]], kind: str, batch: int) 
     return n if kind.endswith("unsigned") else -(-n // batch)
 
 
-def _mask(spec: PruneSpec, params, weights, scores, path: Path) -> dict[str, torch.Tensor]:
-    mask = select(spec, params, weights, scores)
+def _mask(spec: PruneSpec, params, weights, scores, path: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    mask = select(spec, params, weights, scores, device=device)
     save_mask(mask, path)
     return mask
 

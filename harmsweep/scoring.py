@@ -9,21 +9,39 @@ once, so memory stays at weights + one score buffer + activations.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import functools
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from harmsweep.artifacts import atomic_path
+from harmsweep.devices import input_device
 from harmsweep.losses import per_sample_nll
 
 LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
 Batch = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    """Where the memory of scoring goes; none of it changes a score (config block ``scoring``)."""
+
+    gradient_checkpointing: bool = False  # keep only block inputs, recompute each block in backward
+    offload: bool = True  # move each finished score buffer off the GPU at once (to host memory)
+
+    @classmethod
+    def from_config(cls, block: Mapping[str, object] | None) -> ScoringOptions:
+        block = block or {}
+        return cls(bool(block.get("gradient_checkpointing", False)), bool(block.get("offload", True)))
 
 
 @dataclass(frozen=True)
@@ -73,9 +91,17 @@ def scored_parameters(model: nn.Module) -> dict[str, ScoredParam]:
 
 
 def signed_snip(
-    model: nn.Module, batches: Iterable[Batch], n_samples: int, desc: str = "signed SNIP"
+    model: nn.Module,
+    batches: Iterable[Batch],
+    n_samples: int,
+    desc: str = "signed SNIP",
+    options: ScoringOptions = ScoringOptions(),
 ) -> dict[str, torch.Tensor]:
-    """S = w * dL/dw with L the mean over all samples of their token-mean response NLL (fp32)."""
+    """S = w * dL/dw with L the mean over all samples of their token-mean response NLL (fp32).
+
+    Each buffer sits beside its weight (so a model spread over GPUs scores in place) until the set
+    is complete, then leaves the GPU (``options.offload``).
+    """
     params = _params(model)
     scores = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
 
@@ -86,11 +112,13 @@ def signed_snip(
     def loss_of(batch: Batch) -> torch.Tensor:
         return _batch_nll(model, batch).sum() / n_samples
 
-    _backward_each(model, params, batches, loss_of, fold, desc)
-    return scores
+    _backward_each(model, params, batches, loss_of, fold, desc, options.gradient_checkpointing)
+    return _offloaded(scores) if options.offload else scores
 
 
-def unsigned_snip(model: nn.Module, batches: Iterable[Batch], desc: str = "unsigned SNIP") -> dict[str, torch.Tensor]:
+def unsigned_snip(
+    model: nn.Module, batches: Iterable[Batch], desc: str = "unsigned SNIP", options: ScoringOptions = ScoringOptions()
+) -> dict[str, torch.Tensor]:
     """Wei et al.'s score |w| * sum_i |dL_i/dw|: needs one backward per sample, so batches are split."""
     params = _params(model)
     sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
@@ -104,8 +132,41 @@ def unsigned_snip(model: nn.Module, batches: Iterable[Batch], desc: str = "unsig
             for i in range(batch["input_ids"].size(0)):
                 yield {k: v[i : i + 1] for k, v in batch.items()}  # _backward_each trims the padding
 
-    _backward_each(model, params, samples(), lambda b: _batch_nll(model, b).sum(), fold, desc)
-    return {n: s.mul_(params[n].detach().abs()) for n, s in sums.items()}
+    _backward_each(model, params, samples(), lambda b: _batch_nll(model, b).sum(), fold, desc,
+                   options.gradient_checkpointing)  # fmt: skip
+    scores = {n: s.mul_(params[n].detach().abs()) for n, s in sums.items()}
+    return _offloaded(scores) if options.offload else scores
+
+
+def _offloaded(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Move the buffers to host memory one at a time, so GPU memory falls as the host copy grows."""
+    for name, t in scores.items():
+        if t.device.type != "cpu":
+            scores[name] = t.to("cpu")
+            del t
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return scores
+
+
+@contextmanager
+def checkpointed(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Recompute each decoder block in backward instead of keeping its activations.
+
+    Wraps the blocks' forward with non-reentrant torch checkpointing rather than transformers'
+    switch, which only acts in train mode (and so would turn dropout on).
+    """
+    if not enabled:
+        yield
+        return
+    _, blocks = decoder_blocks(model)
+    for block in blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward  # the class's forward shows through again
 
 
 def _params(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -114,11 +175,11 @@ def _params(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def _batch_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
-    device = next(model.parameters()).device
+    device = input_device(model)
     out = model(
         input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False
     )
-    return per_sample_nll(out.logits, batch["labels"].to(device))
+    return per_sample_nll(out.logits, batch["labels"].to(out.logits.device))
 
 
 def _trim(batch: Batch) -> dict[str, torch.Tensor]:
@@ -127,7 +188,7 @@ def _trim(batch: Batch) -> dict[str, torch.Tensor]:
     return {k: v[:, :width] for k, v in batch.items()}
 
 
-def _backward_each(model, params, batches, loss_of, fold, desc: str) -> None:
+def _backward_each(model, params, batches, loss_of, fold, desc: str, checkpointing: bool = False) -> None:
     """Run loss_of(batch).backward() per batch with only ``params`` requiring grad; fold grads as they land."""
     previous = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
@@ -138,8 +199,9 @@ def _backward_each(model, params, batches, loss_of, fold, desc: str) -> None:
         p.grad = None
         handles.append(p.register_post_accumulate_grad_hook(lambda p, name=name: fold(name, p)))
     try:
-        for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
-            loss_of(_trim(batch)).backward()
+        with checkpointed(model, checkpointing):
+            for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
+                loss_of(_trim(batch)).backward()
     finally:
         for h in handles:
             h.remove()
@@ -154,5 +216,26 @@ def save_scores(scores: Mapping[str, torch.Tensor], path: str | Path) -> None:
         save_file({n: t.contiguous() for n, t in scores.items()}, str(tmp))
 
 
-def load_scores(path: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+class LazyScores(Mapping[str, torch.Tensor]):
+    """A score file read one matrix at a time: selection streams matrices, so at 8B the host holds
+    one matrix (a few hundred MB) instead of the whole 28 GB set."""
+
+    def __init__(self, path: str | Path, device: str = "cpu") -> None:
+        self.path = Path(path)
+        self._file = safe_open(str(self.path), framework="pt", device=device)
+        self._names = list(self._file.keys())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._file.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def load_scores(path: str | Path) -> LazyScores:
+    return LazyScores(path)

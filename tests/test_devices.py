@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from harmsweep.devices import auto_max_memory, input_device, place_model, visiting
 from harmsweep.pruning import PruneSpec, float_keys, select, top_k_threshold
 from harmsweep.scoring import ScoredParam
 
@@ -84,3 +86,51 @@ def test_selection_on_scores_off_the_cpu_mixes_no_devices(rule):
     watch = _watch(lambda: select(PruneSpec(rule=rule, sparsity=0.1), params, weights, scores))
     assert "meta" in watch.devices
     assert watch.mixed == []
+
+
+def test_weight_budgets_leave_each_gpu_room_for_its_score_buffer():
+    gib = 1 << 30
+    budget = auto_max_memory({0: 80 * gib, 1: 40 * gib}, weight_bytes=2, reserve_bytes=8 * gib, cpu_bytes=gib)
+    assert budget == {0: int(72 * gib / 3), 1: int(32 * gib / 3), "cpu": gib}
+    # bf16 weights at the budget plus their fp32 buffers fill what is left after the reserve, not more
+    assert budget[0] * 3 <= 72 * gib
+    assert auto_max_memory({0: gib}, weight_bytes=4, reserve_bytes=2 * gib) == {0: 0}
+
+
+def test_a_device_map_places_blocks_and_inputs_follow_the_embedding():
+    lm = tiny("llama")
+    blocks = {f"model.layers.{i}": "cpu" for i in range(lm.model.config.num_hidden_layers)}
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.rotary_emb": "cpu",
+        **blocks,
+        "model.norm": "cpu",
+        "lm_head": "cpu",
+    }
+    ids = torch.tensor([[1, 2, 3, 4]])
+    expected = lm.model(input_ids=ids).logits
+    place_model(lm.model, "cpu", device_map)
+    assert lm.model.hf_device_map == device_map
+    assert input_device(lm.model) == torch.device("cpu")
+    torch.testing.assert_close(lm.model(input_ids=ids).logits, expected)
+    assert place_model(lm.model, "meta") is lm.model  # placed models are never moved again
+
+
+def test_a_visit_to_the_resting_device_moves_nothing():
+    lm = tiny("llama")
+    before = [p.data_ptr() for p in lm.model.parameters()]
+    with visiting(lm.model, "cpu") as model:
+        assert model is lm.model
+    assert [p.data_ptr() for p in lm.model.parameters()] == before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_judge_visit_gives_its_gpu_memory_back():
+    lm = tiny("llama")
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    with visiting(lm.model, "cuda"):
+        assert next(lm.model.parameters()).is_cuda and torch.cuda.memory_allocated() > start
+    assert next(lm.model.parameters()).device.type == "cpu"
+    assert torch.cuda.memory_allocated() == start

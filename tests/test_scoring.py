@@ -7,7 +7,16 @@ import torch
 from conftest import ARCHS, tiny
 
 from harmsweep.calibration import Pair, encode_pairs, iter_batches
-from harmsweep.scoring import scored_parameters, signed_snip, unsigned_snip
+from harmsweep.scoring import (
+    LazyScores,
+    ScoringOptions,
+    decoder_blocks,
+    load_scores,
+    save_scores,
+    scored_parameters,
+    signed_snip,
+    unsigned_snip,
+)
 
 PAIRS = [
     Pair("How do I pick a lock?", "Sure, here is how to pick a lock: insert a tension wrench.", "h:0"),
@@ -127,3 +136,43 @@ def test_unsigned_snip_is_sum_of_per_sample_absolute_gradients():
             total[n] += g.abs()
     for n in names:
         torch.testing.assert_close(scores[n], (params[n].detach().abs() * total[n]).float(), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_gradient_checkpointing_gives_the_same_scores_with_fewer_saved_activations(arch):
+    lm = tiny(arch, torch.float64)
+    tensors = encoded(lm)
+    plain = signed_snip(lm.model, iter_batches(tensors, 5), n_samples=len(PAIRS))
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel())
+        return t
+
+    def saved_during(options: ScoringOptions) -> tuple[dict[str, torch.Tensor], int]:
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = signed_snip(lm.model, iter_batches(tensors, 5), n_samples=len(PAIRS), options=options)
+        return out, sum(saved)
+
+    _, full = saved_during(ScoringOptions())
+    ckpt, light = saved_during(ScoringOptions(gradient_checkpointing=True))
+    assert set(ckpt) == set(plain)
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-9, atol=1e-12)
+    assert light < full / 2
+    _, blocks = decoder_blocks(lm.model)
+    assert all("forward" not in vars(b) for b in blocks)  # the wrappers are gone afterwards
+
+
+def test_finished_buffers_sit_in_host_memory_and_files_read_lazily(tmp_path):
+    lm = tiny("llama")
+    scores = signed_snip(lm.model, iter_batches(encoded(lm), 5), n_samples=len(PAIRS))
+    assert {t.device.type for t in scores.values()} == {"cpu"}
+    save_scores(scores, tmp_path / "s.safetensors")
+    lazy = load_scores(tmp_path / "s.safetensors")
+    assert isinstance(lazy, LazyScores) and len(lazy) == len(scores) and set(lazy) == set(scores)
+    for name, t in scores.items():
+        assert torch.equal(lazy[name], t)
+    with pytest.raises(KeyError):
+        lazy["not.a.weight"]

@@ -12,12 +12,13 @@ import torch
 from transformers import PreTrainedModel
 
 from harmsweep.calibration import iter_batches
+from harmsweep.devices import input_device
 from harmsweep.losses import per_sample_nll
 
 
 def mean_response_nll(model: PreTrainedModel, tensors: Mapping[str, torch.Tensor], batch_size: int) -> float:
     """Mean over samples of each sample's mean per-token NLL of its response (same loss as scoring)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in iter_batches(tensors, batch_size, by_length=True):

@@ -19,6 +19,7 @@ import torch
 from torch.nn import functional
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from harmsweep.devices import input_device
 from harmsweep.errors import HarmsweepError
 
 DEFAULT_TASKS_DIR = Path(__file__).resolve().parents[2] / "conf" / "lm_eval_tasks"
@@ -41,7 +42,7 @@ def perplexity(
     if not rows:
         raise HarmsweepError("perplexity needs at least one text of two or more tokens")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = next(model.parameters()).device
+    device = input_device(model)
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):

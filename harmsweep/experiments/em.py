@@ -25,6 +25,7 @@ import torch
 from harmsweep.artifacts import write_jsonl
 from harmsweep.cache import tensor_key
 from harmsweep.calibration import Pair, prompt_ids
+from harmsweep.devices import input_device
 from harmsweep.errors import DataError, HarmsweepError
 from harmsweep.evaluation.em import Question, em_summary, load_questions
 from harmsweep.experiments.common import Context, derived_lm, finish, open_context
@@ -227,7 +228,7 @@ def run(
     domains, questions = _domains(cfg), _questions(cfg)  # file errors before the model loads
     torch.manual_seed(int(cfg["seed"]))
     ctx = open_context(cfg, spec, run_dir)
-    model, device = ctx.lm.model, next(ctx.lm.model.parameters()).device
+    model, device = ctx.lm.model, input_device(ctx.lm.model)
     parent = snapshot(model)
     n_train = em.get("n_train")
     for d in domains:

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from harmsweep.devices import input_device, visiting
 from harmsweep.errors import HarmsweepError
 from harmsweep.judges.base import check_pairs
 from harmsweep.models import load_model
@@ -78,12 +79,14 @@ class StrongRejectFinetunedJudge:
         model_id: str = "unknown",
         template: str | None = None,
         min_digit_mass: float = 0.9,
+        device: str = "auto",
     ) -> None:
         if batch_size < 1 or max_response_tokens < 1:
             raise HarmsweepError(
                 f"judge batch_size and max_response_tokens must be >= 1 (got {batch_size}, {max_response_tokens})"
             )
         self.model = model.eval()
+        self.device = device  # where it judges; between calls it rests where it was loaded (host memory)
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_response_tokens = max_response_tokens
@@ -117,10 +120,7 @@ class StrongRejectFinetunedJudge:
     ) -> StrongRejectFinetunedJudge:
         """Load the judge from a hub id or a local directory (merged model, or LoRA adapter with peft)."""
         loaded = load_model({"name": "strongreject_judge", "path": path, "dtype": dtype}, "aligned", cache_dir)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        loaded.model.to(device)
-        return cls(loaded.model, loaded.tokenizer, model_id=path, **kwargs)
+        return cls(loaded.model, loaded.tokenizer, model_id=path, device=device, **kwargs)
 
     def truncate(self, response: str) -> str:
         """Keep the last max_response_tokens tokens: the end of a long answer holds the payload."""
@@ -141,11 +141,12 @@ class StrongRejectFinetunedJudge:
         # Similar lengths in a batch waste less compute on padding; results do not depend on the order.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
         scores, mass = [0.0] * len(texts), [0.0] * len(texts)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            s, m = self._score_batch([texts[i] for i in idx])
-            for i, si, mi in zip(idx, s, m, strict=True):
-                scores[i], mass[i] = si, mi
+        with visiting(self.model, self.device):  # on the GPU only while it judges
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start : start + self.batch_size]
+                s, m = self._score_batch([texts[i] for i in idx])
+                for i, si, mi in zip(idx, s, m, strict=True):
+                    scores[i], mass[i] = si, mi
         low = [m for m in mass if m < self.min_digit_mass]
         if low:
             log.warning(
@@ -161,7 +162,7 @@ class StrongRejectFinetunedJudge:
         return scores, mass
 
     def _score_batch(self, texts: list[str]) -> tuple[list[float], list[float]]:
-        device = next(self.model.parameters()).device
+        device = input_device(self.model)
         enc = self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         extra: dict[str, Any] = {"use_cache": False}
