@@ -156,6 +156,17 @@ def _run_id_resolver(*, _root_: Any) -> str:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["plan"]:  # harmsweep plan [-m] <overrides>: a dry run that sizes every job
+        from omegaconf import OmegaConf
+
+        from harmsweep.config import register
+        from harmsweep.plan_cli import main as plan_main
+
+        check_group_overrides(sys.argv[2:])
+        OmegaConf.register_new_resolver("harmsweep_run_id", _run_id_resolver, replace=True)
+        register()
+        plan_main(sys.argv[2:])
+        return
     check_group_overrides(sys.argv[1:])
     import hydra
     from omegaconf import DictConfig, OmegaConf

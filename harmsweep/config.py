@@ -139,13 +139,14 @@ class PerplexityConfig:
 class LmEvalConfig:
     tasks: list[str] = field(default_factory=list)
     limit: int | None = 200
-    batch_size: int = 8
+    batch_size: Any = 8  # a number, or auto
+    num_fewshot: int | None = 0  # null: each task's standard few-shot setting
 
 
 @dataclass
 class EvalConfig:
     metrics: list[str] = field(default_factory=list)
-    n: int = 32
+    n: int | None = 32  # null: every held-out prompt
     batch_size: int = 8
     benign_references: str = "model"
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -274,7 +275,7 @@ def check_config(cfg: Mapping[str, Any]) -> PruneSpec:
     mode = cal["harmful"]["responses"]
     if mode not in RESPONSE_MODES:
         raise HarmsweepError(f"calibration.harmful.responses={mode} is not one of {', '.join(RESPONSE_MODES)}")
-    for key, value in (("calibration.n", cal["n"]), ("eval.n", cfg["eval"]["n"])):
+    for key, value in (("calibration.n", cal["n"]), ("eval.n", cfg["eval"]["n"] or 1)):
         if int(value) < 1:
             raise HarmsweepError(f"{key}={value} must be at least 1")
     if mode == "file" and not cal["harmful"].get("file"):

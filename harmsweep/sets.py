@@ -70,7 +70,8 @@ def held_out_splits(cfg: Mapping[str, Any], exclude: set[str] | frozenset[str] =
     ``exclude``: normalised prompts to drop first (those a derived model was fine-tuned on).
     """
     cal, data, seed = cfg["calibration"], cfg["data"], int(cfg["seed"])
-    n, n_eval, download = int(cal["n"]), int(cfg["eval"]["n"]), bool(data.get("download"))
+    n, download = int(cal["n"]), bool(data.get("download"))
+    n_eval = None if cfg["eval"]["n"] is None else int(cfg["eval"]["n"])  # None: the whole held-out set
     if cal["harmful"]["responses"] == "file":
         harmful = load_records("custom", None, file=cal["harmful"]["file"])
     else:

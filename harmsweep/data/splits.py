@@ -32,15 +32,21 @@ def _check_count(name: str, n: int) -> None:
 
 
 def split_disjoint(
-    records: Sequence[Record], n_first: int, n_second: int, seed: int
+    records: Sequence[Record], n_first: int, n_second: int | None, seed: int
 ) -> tuple[list[Record], list[Record]]:
     """Return (first, second) with exactly n_first and n_second records and no prompt text in common.
+
+    ``n_second=None``: every record whose prompt is not in the first part (a whole held-out set).
 
     The prompt groups are shuffled with `seed`; the first part is filled from the front, the second from the groups
     after it. When a group only partly fits, its remaining records are left out of both parts (never moved to the
     other side). With unique prompts this is simply shuffle, then slice.
     """
     _check_count("n_first", n_first)
+    if n_second is None:
+        first, _ = split_disjoint(records, n_first, 0, seed)
+        taken = {r.prompt for r in first}
+        return first, [r for group in _shuffled_groups(records, seed) for r in group if r.prompt not in taken]
     _check_count("n_second", n_second)
     if n_first + n_second > len(records):
         raise DataError(

@@ -137,8 +137,8 @@ class Suite:
 
             lm_cfg = ev["lm_eval"]
             metrics.update(
-                lm_eval_tasks(model, tok, lm_cfg["tasks"], limit=lm_cfg["limit"], batch_size=int(lm_cfg["batch_size"]),
-                              seed=int(self.cfg["seed"]))
+                lm_eval_tasks(model, tok, lm_cfg["tasks"], limit=lm_cfg["limit"], batch_size=_batch(lm_cfg["batch_size"]),
+                              num_fewshot=lm_cfg.get("num_fewshot", 0), seed=int(self.cfg["seed"]))
             )  # fmt: skip
         return {with_stage(k, stage): v for k, v in metrics.items()}, items
 
@@ -175,6 +175,11 @@ class Suite:
         from harmsweep.judges import summarize
 
         return summarize(prefix, scores, categories if any(categories) else None)
+
+
+def _batch(value: Any) -> int | str:
+    """lm-eval batch size: a number, or "auto" (lm-eval finds the largest that fits)."""
+    return "auto" if str(value).startswith("auto") else int(value)
 
 
 def with_stage(name: str, stage: str) -> str:

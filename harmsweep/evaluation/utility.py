@@ -69,11 +69,12 @@ def lm_eval_tasks(
     tasks: Sequence[str],
     *,
     limit: int | None,
-    batch_size: int,
+    batch_size: int | str,
+    num_fewshot: int | None = 0,
     include_path: str | Path | None = None,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Zero-shot lm-eval scores of the in-memory model as flat ``lm_eval/<task>/<metric>`` floats.
+    """lm-eval scores (``num_fewshot`` None: each task's standard setting; batch_size "auto" probes memory) of the in-memory model as flat ``lm_eval/<task>/<metric>`` floats.
 
     Local tasks may name their data files relative to their YAML (see conf/lm_eval_tasks); those
     paths are made absolute here because ``datasets`` resolves them against the current directory.
@@ -90,7 +91,7 @@ def lm_eval_tasks(
         out = lm_eval.simple_evaluate(
             model=lm,
             tasks=specs,
-            num_fewshot=0,
+            num_fewshot=num_fewshot,
             limit=limit,
             log_samples=False,
             random_seed=seed,

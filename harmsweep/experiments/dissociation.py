@@ -97,7 +97,8 @@ def _refusal_sets(ctx: Context, dis: Mapping[str, Any]) -> tuple[dict[str, torch
         if r.response:
             first.setdefault(norm_prompt(r.prompt), r)
     held = {norm_prompt(r.prompt) for r in ctx.splits.harmful_eval}
-    n, n_eval = int(ctx.cfg["calibration"]["n"]), int(ctx.cfg["eval"]["n"])
+    n = int(ctx.cfg["calibration"]["n"])
+    n_eval = len(ctx.splits.harmful_eval) if ctx.cfg["eval"]["n"] is None else int(ctx.cfg["eval"]["n"])
     evaluation = [r for key, r in first.items() if key in held][:n_eval]
     rest = [r for key, r in first.items() if key not in held]
     rng = random.Random(int(ctx.cfg["seed"]))
