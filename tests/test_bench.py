@@ -47,3 +47,22 @@ def test_full_sort_reference_breaks_ties_like_select():
     benign = {n: t.mul(4).round() for n, t in mask_select.make_scores(shapes, "benign").items()}
     chosen = mask_select.global_indices(mask_select.streaming(harm, benign, 0.02, 0.05), harm)
     assert torch.equal(chosen, mask_select.reference(harm, benign, 0.02, 0.05))
+
+
+def test_the_gpu_check_script_runs_end_to_end_in_its_cpu_smoke_mode(tmp_path):
+    """bench/gpu_check.py is run once per GPU machine: it must not be the first time it runs at all."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "gpu_check.json"
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert record["end_to_end"]["ok"]
+    assert record["scoring"]["n_scored"] == 2 * (2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 352)
+    assert record["selection"]["n_pruned"] == round(5e-6 * record["scoring"]["n_scored"])
+    assert record["generation"]["tokens"] == 8 * 16
+    assert record["judge"]["scores_in_range"] and record["judge"]["memory_back"]
+    assert "measured/plan" in done.stdout
