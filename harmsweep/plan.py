@@ -203,7 +203,7 @@ class Workload:
     eval_batch: int
     prompt_length: int
     max_new_tokens: int
-    generations: int  # answer sets generated per stage (attacked + plain)
+    generations: int  # answer sets this job generates, over both stages (attacked and plain; before and after)
     judge_batch: int  # 0: no judge model
     judge_tokens: int
     checkpointing: bool
@@ -236,21 +236,17 @@ def size_job(shape: ModelShape, work: Workload, judge: ModelShape | None, speed:
     )
     per_set = work.cal_n if work.unsigned else math.ceil(work.cal_n / work.cal_batch)
     passes = work.score_sets * per_set
-    gen_tokens = work.generations * 2 * work.eval_prompts * work.max_new_tokens + work.cal_gen_tokens
+    gen_tokens = work.generations * work.eval_prompts * work.max_new_tokens + work.cal_gen_tokens
     flops = 6 * shape.n_params * work.score_sets * work.cal_n * work.cal_length
-    flops += (
-        2 * shape.n_params * (work.eval_forward_tokens + work.generations * 2 * work.eval_prompts * work.prompt_length)
-    )
-    decode_steps = (work.generations * 2 * math.ceil(work.eval_prompts / work.eval_batch) * work.max_new_tokens
+    flops += 2 * shape.n_params * (work.eval_forward_tokens + work.generations * work.eval_prompts * work.prompt_length)
+    decode_steps = (work.generations * math.ceil(work.eval_prompts / work.eval_batch) * work.max_new_tokens
                     + math.ceil(work.cal_gen_tokens / max(1, work.eval_batch)))  # fmt: skip
     seconds = flops / (speed.tflops * 1e12 * gpus) + decode_steps * shape.weight_bytes / (
         speed.bandwidth_gbs * 1e9 * gpus
     )
     seconds += shape.weight_bytes / (speed.load_gbs * 1e9)
     if judge is not None and work.judge_batch:
-        seconds += (
-            2 * judge.n_params * work.generations * 2 * work.eval_prompts * work.judge_tokens / (speed.tflops * 1e12)
-        )
+        seconds += 2 * judge.n_params * work.generations * work.eval_prompts * work.judge_tokens / (speed.tflops * 1e12)
     return JobSize(
         n_scored=shape.n_scored,
         weights=weights,

@@ -191,6 +191,16 @@ def _keys(cfg: Mapping[str, Any]) -> dict[str, str]:
     }
 
 
+def _held_out(cfg: Mapping[str, Any]) -> int:
+    """How many prompts eval.n=null evaluates: the exact split when the data is here, else AdvBench's 520 - n."""
+    from harmsweep.sets import held_out_splits
+
+    try:
+        return len(held_out_splits(cfg).harmful_eval)
+    except (HarmsweepError, OSError, KeyError, TypeError):
+        return 520 - int(cfg["calibration"]["n"])
+
+
 def _free_bytes(path: str | None) -> int | None:
     if not path:
         return None
@@ -227,9 +237,7 @@ def build(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
         keys = _keys(cfg)
         new = {name: k not in seen for name, k in keys.items()}
         n_scores_new = sum(v for name, v in new.items() if name.startswith("scores_"))
-        held_out = 0
-        if cfg["eval"]["n"] is None:
-            held_out = 520 - int(cfg["calibration"]["n"])  # AdvBench; the exact count needs the data
+        held_out = _held_out(cfg) if cfg["eval"]["n"] is None else 0
         work = _workload(cfg, {"calibration": new["calibration"], "eval_before": new["eval_before"],
                                "scores": n_scores_new}, gpus, held_out)  # fmt: skip
         size = size_job(shape, work, judge, speed)
