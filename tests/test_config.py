@@ -128,3 +128,31 @@ def test_experiment_settings_are_checked_before_any_work(overrides, message):
     with pytest.raises(Exception) as err:  # composition and check errors differ in type
         check_config(plain(*overrides, "data.root=/tmp"))
     assert message in _one_line(err.value)
+
+
+def test_gpu_presets_size_evaluation_for_an_80gb_card():
+    cfg = plain("eval=gpu")
+    ev = cfg["eval"]
+    assert ev["n"] is None  # the whole held-out set
+    assert ev["generation"]["max_new_tokens"] == 512  # StrongREJECT's setting
+    assert ev["generation"]["attack"] == "prefill"
+    assert ev["lm_eval"] == {**ev["lm_eval"], "batch_size": "auto", "num_fewshot": None, "limit": None}
+    assert "strongreject_finetuned" in ev["metrics"]
+    # the compression experiment on a GPU profile uses them; on the default CPU profile it stays judge-free
+    gpu = plain("experiment=compression", "hardware=gpu80")
+    assert gpu["eval"] == ev and gpu["device"] == "cuda"
+    assert plain("experiment=compression")["eval"]["metrics"] == LIKELIHOOD
+    node = plain("hardware=gpu_node")
+    assert node["model"]["device_map"] == "auto" and node["eval"]["generation"]["max_new_tokens"] == 512
+
+
+def test_the_node_launcher_asks_for_every_gpu_of_a_node():
+    launcher = composed("hydra/launcher=slurm_gpu_node", hydra=True).hydra.launcher
+    assert launcher.gpus_per_node == 8 and launcher.additional_parameters.exclusive is True
+
+
+def test_placement_and_scoring_memory_knobs_leave_the_run_id_alone():
+    base = run_id(plain("model=tiny_llama"))
+    for override in ("model.device_map=auto", "scoring.gradient_checkpointing=true", "scoring.offload=false"):
+        assert run_id(plain("model=tiny_llama", override)) == base, override
+    assert run_id(plain("model=tiny_llama", "device=cpu")) != base  # numerics differ between devices
