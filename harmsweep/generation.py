@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from harmsweep.devices import input_device
 from harmsweep.errors import HarmsweepError
 
 BACKENDS = ("hf", "vllm")
@@ -50,7 +51,7 @@ def generate(
     if backend != "hf":
         raise HarmsweepError(f"eval.generation.backend={backend} is not one of {', '.join(BACKENDS)}")
     stops = _stop_ids(model, tokenizer)
-    device = next(model.parameters()).device
+    device = input_device(model)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
     if sampling.do_sample:
