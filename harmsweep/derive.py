@@ -26,6 +26,7 @@ from harmsweep.artifacts import write_json
 from harmsweep.cache import cached, content_key, write_key_info
 from harmsweep.calibration import Pair, encode_pairs, file_pairs, generate_responses, prompt_ids, resolve_template
 from harmsweep.data import Record, load_records
+from harmsweep.devices import place_model
 from harmsweep.errors import HarmsweepError
 from harmsweep.evaluation.utility import perplexity
 from harmsweep.finetune import FinetuneSpec, finetune
@@ -151,13 +152,13 @@ def _train(
     cache_dir: Path,
 ) -> None:
     start = time.perf_counter()
-    model, tok = parent.model.to(device), parent.tokenizer
+    model, tok = place_model(parent.model, device), parent.tokenizer  # a device-mapped parent stays put
     template = resolve_template(tok, str(recipe["template"]))
     if derive.get("refusal_model"):
         teacher = load_model({"name": "refusal_model", "path": derive["refusal_model"]}, "aligned", cache_dir)
         teacher_template = resolve_template(teacher.tokenizer, "chat")
         harm_pairs = generate_responses(
-            teacher.model.to(device), teacher.tokenizer, harmful, teacher_template, prefill_tokens=0,
+            place_model(teacher.model, device), teacher.tokenizer, harmful, teacher_template, prefill_tokens=0,
             sampling=Sampling(max_new_tokens=64), batch_size=16, desc="refusals from refusal_model",
         )  # fmt: skip
         del teacher

@@ -75,7 +75,8 @@ def load_model(
                 f"{', '.join(sorted(variants)) or 'none'}); pick one of those or pass model.path=DIR"
             )
         spec = variants[alignment]
-    loaded = _load_spec(spec, name, alignment, dtype, remote, Path(cache_dir), weights)
+    placement = _placement(model_cfg, dtype)
+    loaded = _load_spec(spec, name, alignment, dtype, remote, Path(cache_dir), weights, placement)
     if loaded.model is not None:
         loaded.model.eval()
     if loaded.tokenizer.pad_token is None:
@@ -83,9 +84,30 @@ def load_model(
     return loaded
 
 
+def _placement(model_cfg: Mapping[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """from_pretrained's device_map and max_memory: a big model is placed while it loads, never all in host memory."""
+    device_map = model_cfg.get("device_map")
+    if not device_map:
+        return {}
+    from harmsweep.devices import auto_max_memory, free_gpu_memory
+
+    max_memory = model_cfg.get("max_memory")
+    if device_map == "auto" and not max_memory and free_gpu_memory():
+        max_memory = auto_max_memory(free_gpu_memory(), torch.tensor([], dtype=dtype).element_size())
+    return {"device_map": device_map, **({"max_memory": dict(max_memory)} if max_memory else {})}
+
+
 def _load_spec(
-    spec: Mapping[str, Any], name: str, alignment: str, dtype: torch.dtype, remote: bool, cache: Path, weights: bool
+    spec: Mapping[str, Any],
+    name: str,
+    alignment: str,
+    dtype: torch.dtype,
+    remote: bool,
+    cache: Path,
+    weights: bool,
+    placement: Mapping[str, Any] | None = None,
 ) -> LoadedModel:
+    placement = placement or {}
     if spec.get("tiny"):
         return build_tiny(dict(spec["tiny"]), dtype)
     if spec.get("embedded"):
@@ -104,12 +126,12 @@ def _load_spec(
                 raise HarmsweepError(f"GGUF file not found: {path}")
             return _from_dir(gguf_to_safetensors(path, cache), dtype, remote, f"gguf:{path}", weights)
         if path.is_dir():
-            return _from_dir(path, dtype, remote, f"dir:{path}", weights)
+            return _from_dir(path, dtype, remote, f"dir:{path}", weights, placement)
         if path.is_absolute() or str(spec["path"]).startswith("."):
             raise HarmsweepError(f"model.path not found: {path} (give a local directory, a .gguf file or a hub id)")
         spec = {"hub_id": str(spec["path"])}
     if spec.get("hub_id"):
-        return _from_hub(str(spec["hub_id"]), name, alignment, dtype, remote, weights)
+        return _from_hub(str(spec["hub_id"]), name, alignment, dtype, remote, weights, placement)
     raise HarmsweepError(f"checkpoint of model={name} alignment={alignment} names no path, hub_id, embedded or tiny")
 
 
@@ -132,17 +154,31 @@ def _tokenizer(path_or_id: str | Path, remote: bool) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(base, trust_remote_code=remote)
 
 
-def _from_dir(path: Path, dtype: torch.dtype, remote: bool, source: str, weights: bool) -> LoadedModel:
+def _from_dir(
+    path: Path, dtype: torch.dtype, remote: bool, source: str, weights: bool, placement: Mapping[str, Any] | None = None
+) -> LoadedModel:
     tok = _tokenizer(path, remote)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=remote) if weights else None
+    model = None
+    if weights:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=remote, **(placement or {}))
     return LoadedModel(model, tok, source, _dir_fingerprint(path))
 
 
-def _from_hub(hub_id: str, name: str, alignment: str, dtype: torch.dtype, remote: bool, weights: bool) -> LoadedModel:
+def _from_hub(
+    hub_id: str,
+    name: str,
+    alignment: str,
+    dtype: torch.dtype,
+    remote: bool,
+    weights: bool,
+    placement: Mapping[str, Any] | None = None,
+) -> LoadedModel:
     try:
         tok = _tokenizer(hub_id, remote)
         if weights:
-            model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype, trust_remote_code=remote)
+            model = AutoModelForCausalLM.from_pretrained(
+                hub_id, dtype=dtype, trust_remote_code=remote, **(placement or {})
+            )
             config = model.config
         else:
             model, config = None, AutoConfig.from_pretrained(hub_id, trust_remote_code=remote)

@@ -161,3 +161,17 @@ def test_peft_adapter_directory_loads_on_its_base_with_the_base_tokenizer(tmp_pa
         expected = adapted(input_ids=ids).logits
         torch.testing.assert_close(loaded.model(input_ids=ids).logits, expected)
     assert loaded.tokenizer.chat_template == base.tokenizer.chat_template
+
+
+def test_a_device_mapped_checkpoint_is_placed_while_it_loads(tmp_path):
+    cfg = {"name": "t", "variants": {"aligned": {"tiny": tiny_spec("llama")}}}
+    original = load_model(cfg, "aligned", tmp_path)
+    original.model.save_pretrained(tmp_path / "ckpt")
+    original.tokenizer.save_pretrained(tmp_path / "ckpt")
+    placed = load_model({"name": "t", "path": str(tmp_path / "ckpt"), "device_map": "auto"}, "aligned", tmp_path)
+    # accelerate placed it: all on the CPU here (transformers records no map for one device), over the GPUs on a node
+    assert set(getattr(placed.model, "hf_device_map", {"": "cpu"}).values()) == {"cpu"}
+    assert {p.device.type for p in placed.model.parameters()} == {"cpu"}
+    ids = torch.tensor([[256, 10, 20, 30, 40]])
+    with torch.no_grad():
+        torch.testing.assert_close(placed.model(ids).logits, original.model(ids).logits)
