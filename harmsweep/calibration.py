@@ -20,7 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from harmsweep.artifacts import atomic_path, write_jsonl
 from harmsweep.data import Record
 from harmsweep.errors import HarmsweepError
-from harmsweep.generation import Sampling, generate
+from harmsweep.generation import EngineInputs, Sampling, generate
 from harmsweep.losses import IGNORE
 
 PLAIN_TEMPLATE = "User: {prompt}\nAssistant:\n"
@@ -112,11 +112,11 @@ def generate_responses(
     batch_size: int,
     desc: str,
     backend: str = "hf",
-    scratch: Path | None = None,
+    engine: EngineInputs | None = None,
 ) -> list[Pair]:
     """The model's own responses; with prefill_tokens > 0 the first k target tokens are forced first."""
     prompts, prefixes = attack_prompts(tokenizer, records, template, prefill_tokens)
-    continuations = generate(model, tokenizer, prompts, sampling, batch_size, desc, backend, scratch)
+    continuations = generate(model, tokenizer, prompts, sampling, batch_size, desc, backend, engine)
     return [
         Pair(rec.prompt, tokenizer.decode(pre + cont, skip_special_tokens=True), rec.source_id, rec.category)
         for rec, pre, cont in zip(records, prefixes, continuations, strict=True)

@@ -2,17 +2,15 @@
 
 Prompts arrive as token ids (already templated, possibly with a prefilled assistant prefix), are
 sorted by length so each batch pads little, and come back in their original order. The optional
-vLLM backend (GPU clusters, ``pip install 'harmsweep[vllm]'``) is imported only when selected and
-reads the (possibly pruned) weights from a temporary folder of this run, never a shared one.
+vLLM backend (GPU clusters, ``pip install 'harmsweep[vllm]'``) is imported only when selected: one
+engine per job reads the model's checkpoint and applies the run's mask inside itself
+(harmsweep/vllm_engine.py).
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -22,6 +20,15 @@ from harmsweep.devices import input_device
 from harmsweep.errors import HarmsweepError
 
 BACKENDS = ("hf", "vllm")
+
+
+@dataclass(frozen=True)
+class EngineInputs:
+    """What the vLLM backend needs beyond the in-memory model: where its weights are, and the mask."""
+
+    source: str = ""  # LoadedModel.source: "dir:/path" or "hub:id" are loaded as they are
+    fingerprint: str = ""  # names the one scratch copy of a model without a checkpoint
+    mask: Mapping[str, torch.Tensor] | None = None  # applied inside the engine (None: unpruned)
 
 
 @dataclass(frozen=True)
@@ -43,11 +50,16 @@ def generate(
     batch_size: int,
     desc: str = "generating",
     backend: str = "hf",
-    scratch: Path | None = None,
+    engine: EngineInputs | None = None,
 ) -> list[list[int]]:
     """Continuation ids of each prompt, cut before the first end-of-sequence token."""
     if backend == "vllm":
-        return _generate_vllm(model, tokenizer, prompts, sampling, scratch)
+        from harmsweep.vllm_engine import generate_vllm
+
+        engine = engine or EngineInputs()
+        raw = generate_vllm(model, tokenizer, prompts, sampling, engine.source, engine.fingerprint, engine.mask)
+        stops = _stop_ids(model, tokenizer)
+        return [_cut(c, stops) for c in raw]
     if backend != "hf":
         raise HarmsweepError(f"eval.generation.backend={backend} is not one of {', '.join(BACKENDS)}")
     stops = _stop_ids(model, tokenizer)
@@ -90,29 +102,3 @@ def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set
 
 def _cut(continuation: list[int], stops: set[int]) -> list[int]:
     return continuation[: next((j for j, t in enumerate(continuation) if t in stops), len(continuation))]
-
-
-def _generate_vllm(model, tokenizer, prompts, sampling: Sampling, scratch: Path | None) -> list[list[int]]:
-    """vLLM reads weights from disk: save the in-memory (pruned) model to a folder private to this call."""
-    try:
-        from vllm import LLM, SamplingParams
-    except ImportError:
-        raise HarmsweepError(
-            "eval.generation.backend=vllm needs vLLM: pip install 'harmsweep[vllm]' on a GPU machine"
-        ) from None
-    folder = Path(tempfile.mkdtemp(prefix="vllm-model-", dir=scratch))
-    try:
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        llm = LLM(model=str(folder), dtype=str(model.dtype).removeprefix("torch."), seed=sampling.seed)
-        params = SamplingParams(
-            max_tokens=sampling.max_new_tokens,
-            temperature=sampling.temperature if sampling.do_sample else 0.0,
-            top_p=sampling.top_p if sampling.do_sample else 1.0,
-            seed=sampling.seed,
-        )
-        outputs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params)
-        stops = _stop_ids(model, tokenizer)
-        return [_cut(list(o.outputs[0].token_ids), stops) for o in outputs]
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)

@@ -113,7 +113,7 @@ def _run(
     scores.clear()  # score files are read one matrix at a time; nothing of them stays for evaluation
 
     held = HeldOut(splits.harmful_eval, splits.benign_eval, {k: sets[k] for k in ("eval_harmful", "eval_benign")})
-    suite = Suite(cfg, lm, template, held, scratch=run_dir)
+    suite = Suite(cfg, lm, template, held)
     # The unpruned model's measurements are the same for every rule and sparsity: shared like scores.
     before_info = {"version": VERSIONS["eval"], "calibration": cal_entry.name, "eval": cfg["eval"],
                    "judges": cfg["judges"], "seed": cfg["seed"]}  # fmt: skip
@@ -128,6 +128,7 @@ def _run(
     timings["evaluate_before"] = time.perf_counter() - start
     zeros_before = sum(int((w == 0).sum()) for w in weights.values())
     apply_mask(lm.model, mask)
+    suite.mask = mask  # generation engines that hold their own weights (vLLM) apply it too
     zeros_after = sum(int((w == 0).sum()) for w in weights.values())
     after = _timed(timings, "evaluate_after", lambda: _evaluate(suite, "after", None))
     artifacts_before = str(before_entry / "eval_before.json")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +20,7 @@ from harmsweep.calibration import Pair, generate_responses
 from harmsweep.data import Record
 from harmsweep.errors import HarmsweepError
 from harmsweep.evaluation.likelihood import mean_response_nll
-from harmsweep.generation import BACKENDS, Sampling
+from harmsweep.generation import BACKENDS, EngineInputs, Sampling
 from harmsweep.models import LoadedModel
 
 METRICS = (
@@ -80,7 +79,7 @@ class Suite:
     lm: LoadedModel
     template: str
     held: HeldOut
-    scratch: Path
+    mask: Mapping[str, torch.Tensor] | None = None  # what the model under test has pruned (for vLLM's copy)
     _cache: dict[str, Any] = field(default_factory=dict)  # judges and answers, reused across calls
 
     def run(self, stage: str) -> tuple[dict[str, float | int | None], list[dict[str, Any]]]:
@@ -159,11 +158,15 @@ class Suite:
                 self.lm.model, self.lm.tokenizer, self.held.harmful, self.template,
                 prefill_tokens=int(gen["prefill_tokens"]) if attack == "prefill" else 0, sampling=sampling,
                 batch_size=int(gen["batch_size"]), desc=f"answers {stage} ({attack})", backend=gen["backend"],
-                scratch=self.scratch,
+                engine=EngineInputs(self.lm.source, self.lm.fingerprint, self.mask),
             )  # fmt: skip
         return self._cache[key]
 
     def _judge(self, name: str) -> Any:
+        if self.cfg["eval"]["generation"]["backend"] == "vllm" and name != "refusal":
+            from harmsweep.vllm_engine import sleep_engine
+
+            sleep_engine()  # the engine's weights and KV cache leave the GPU before a judge model needs it
         if name not in self._cache:
             from harmsweep.judges import make_judge
 

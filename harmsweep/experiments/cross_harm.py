@@ -67,9 +67,13 @@ def run(
     after = {}
     for row, mask in masks.items():
         with pruned(ctx.lm.model, mask):
+            if suite is not None:
+                suite.mask = mask
             after[row] = ctx.timed(
                 "evaluate_rows", lambda r=row: _measure(ctx, refs, ben_refs, suite, r, judges, categories)
             )
+        if suite is not None:
+            suite.mask = None
 
     figures = _figures(before, after, masks, categories, judges, ctx.n_scored())
     items = [
@@ -147,7 +151,7 @@ def _suite(ctx: Context, per_cat: Mapping[str, Any], judges: list[str]) -> Suite
     harmful = [r for c in per_cat for r in per_cat[c]["splits"].harmful_eval]
     first = next(iter(per_cat.values()))
     cfg = {**ctx.cfg, "eval": {**ctx.cfg["eval"], "metrics": judges}}
-    return Suite(cfg, ctx.lm, ctx.template, HeldOut(harmful, first["splits"].benign_eval, {}), scratch=ctx.run_dir)
+    return Suite(cfg, ctx.lm, ctx.template, HeldOut(harmful, first["splits"].benign_eval, {}))
 
 
 def _measure(ctx, refs, ben_refs, suite: Suite | None, stage: str, judges: list[str], categories: list[str]):

@@ -51,7 +51,7 @@ def run(
     }
     held = HeldOut(ctx.splits.harmful_eval, ctx.splits.benign_eval,
                    {k: sets[k] for k in ("eval_harmful", "eval_benign")})  # fmt: skip
-    suite = Suite(cfg, ctx.lm, ctx.template, held, scratch=run_dir)
+    suite = Suite(cfg, ctx.lm, ctx.template, held)
     batch = int(cfg["eval"]["batch_size"])
 
     def measure(stage: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -66,7 +66,9 @@ def run(
     items += rows
     for arm, mask in masks.items():
         with pruned(ctx.lm.model, mask):
+            suite.mask = mask
             arms[arm], rows = measure(arm)
+        suite.mask = None
         items += rows
 
     curve = None
