@@ -140,6 +140,9 @@ def get_engine(spec: EngineSpec) -> Any:
             _engine["asleep"] = False
         return _engine["llm"]
     release_engine()
+    # apply_model sends our own function (apply_mask_in_model) to the workers; vLLM's V1 engine pickles
+    # callables for its worker processes only with this switch on
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     try:
         from vllm import LLM
     except ImportError:
