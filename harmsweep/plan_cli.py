@@ -314,6 +314,9 @@ def render(plan: Mapping[str, Any]) -> str:
 
 
 def main(argv: list[str]) -> None:
+    from harmsweep.cli import check_composition
+
+    check_composition(_args(argv)[1])  # a typo'd key or a wrong type: one line, exit 2
     try:
         plan, problems = build(argv)
     except HarmsweepError as exc:

@@ -104,3 +104,16 @@ def test_activation_estimate_matches_a_real_model_saved_bytes():
     assert abs(predicted - measured) / measured < 0.02
     assert shape.n_scored == sum(p.numel() for n, p in real.named_parameters() if ".layers." in n and p.dim() == 2)
     assert shape.activation_bytes(tokens, True) < shape.activation_bytes(tokens, False)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["model=tiny_llama", "pruning.sparsty=1"], "Key 'sparsty' not in 'PruningConfig'"),
+        (["model=tiny_llama", "pruning.sparsity=1e-3,1e-2"], "needs -m"),
+    ],
+)
+def test_bad_plan_requests_stop_with_one_line(tmp_path, args, message):
+    out = plan(tmp_path, *args)
+    assert out.returncode == 2
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1
