@@ -233,7 +233,9 @@ def build(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
         judge = None
         if judge_cfg is not None:
             jkey = json.dumps(judge_cfg.to_dict(), sort_keys=True, default=str)
-            judge = shapes.setdefault(jkey, model_shape(judge_cfg, "bfloat16"))
+            if jkey not in shapes:
+                shapes[jkey] = model_shape(judge_cfg, "bfloat16")
+            judge = shapes[jkey]
         keys = _keys(cfg)
         new = {name: k not in seen for name, k in keys.items()}
         n_scores_new = sum(v for name, v in new.items() if name.startswith("scores_"))
