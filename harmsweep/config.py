@@ -319,6 +319,12 @@ def _check_experiment(cfg: Mapping[str, Any]) -> None:
             if where == "alignment.derive" and block["parent"] == cfg["alignment"]["name"]:
                 raise HarmsweepError(f"alignment.derive.parent={block['parent']} names the derived variant itself")
     dis = cfg.get("dissociation")
+    tuned_in_memory = name == "em" or (name == "dissociation" and dis and int(dis["recovery_steps"]) > 0)
+    if tuned_in_memory and cfg["eval"]["generation"]["backend"] == "vllm":
+        raise HarmsweepError(
+            f"experiment={name} generates from models fine-tuned in memory, which a vLLM engine cannot see: "
+            "use eval.generation.backend=hf"
+        )
     if dis and (int(dis["recovery_steps"]) < 0 or int(dis["recovery_every"]) < 1):
         raise HarmsweepError("dissociation.recovery_steps must be >= 0 and dissociation.recovery_every >= 1")
 

@@ -119,6 +119,8 @@ def test_custom_data_requires_its_file():
         (["alignment=safety_tuned", "alignment.derive.finetune.rnak=4"], "rnak"),
         (["alignment=safety_tuned", "alignment.derive.parent=safety_tuned"], "names the derived variant itself"),
         (["experiment=em", "em=null"], "needs its em: block"),
+        (["experiment=em", "eval.generation.backend=vllm"], "use eval.generation.backend=hf"),
+        (["experiment=dissociation", "eval.generation.backend=vllm"], "fine-tuned in memory"),
     ],
 )
 def test_experiment_settings_are_checked_before_any_work(overrides, message):

@@ -177,7 +177,7 @@ class Arms:
         ]
         ids = [prompt_ids(tok, text, ctx.template) for _, _, _, text in asked]
         out = ctx.timed("generate", lambda: generate(ctx.lm.model, tok, ids, self.sampling, self.batch,
-                                                     f"EM answers ({arm})", self.backend, ctx.run_dir))  # fmt: skip
+                                                     f"EM answers ({arm})", self.backend))  # fmt: skip
         answers = [tok.decode(o, skip_special_tokens=True) for o in out]
         aligned, coherent = ctx.timed("judge", lambda: self.judge.score(
             [a[2] for a in asked], answers, [a[0].judge_prompts for a in asked]))  # fmt: skip
