@@ -120,7 +120,7 @@ def top_k_threshold(names: Sequence[str], keys_of: Callable[[str], torch.Tensor]
     high: torch.Tensor | None = None
     for name in names:
         keys = keys_of(name)
-        counts = torch.bincount(((keys >> 16) + _HALF).view(-1), minlength=_BINS)
+        counts = _counts((keys >> 16) + _HALF, keys != EXCLUDED, _BINS)
         high = counts if high is None else high.add_(counts.to(high.device))
     if high is None:
         return Threshold(None, {})
@@ -134,9 +134,7 @@ def top_k_threshold(names: Sequence[str], keys_of: Callable[[str], torch.Tensor]
     low: torch.Tensor | None = None
     for name in names:
         keys = keys_of(name)
-        # keys outside bucket hi count into an extra bin that is dropped: no boolean indexing, no sync
-        in_bucket = torch.where((keys >> 16) == hi - _HALF, keys & 0xFFFF, _BINS)
-        counts = torch.bincount(in_bucket.view(-1), minlength=_BINS + 1)[:_BINS]
+        counts = _counts(keys & 0xFFFF, (keys >> 16) == hi - _HALF, _BINS)
         low = counts if low is None else low.add_(counts.to(low.device))
     host_low = low.cpu()
     lo, above_lo = _bucket_from_top(host_low, k - above)
@@ -152,6 +150,17 @@ def top_k_threshold(names: Sequence[str], keys_of: Callable[[str], torch.Tensor]
         ties[name] = min(count, ties_needed)
         ties_needed -= ties[name]
     return Threshold(key, ties)
+
+
+def _counts(bins: torch.Tensor, keep: torch.Tensor, n: int) -> torch.Tensor:
+    """Histogram of ``bins`` where ``keep``, on their device.
+
+    On the CPU boolean indexing is cheapest. Elsewhere it would wait for the device (its output size
+    depends on the data), so entries not kept count into an extra bin that is dropped: no sync per matrix.
+    """
+    if bins.device.type == "cpu":
+        return torch.bincount(bins[keep].view(-1), minlength=n)
+    return torch.bincount(torch.where(keep, bins, n).view(-1), minlength=n + 1)[:n]
 
 
 def _bucket_from_top(hist: torch.Tensor, k: int) -> tuple[int, int]:
