@@ -20,13 +20,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from harmsweep.artifacts import write_json
 from harmsweep.cache import cached, content_key, write_key_info
 from harmsweep.calibration import Pair, encode_pairs, file_pairs, generate_responses, prompt_ids, resolve_template
 from harmsweep.data import Record, load_records
-from harmsweep.devices import place_model
+from harmsweep.devices import place_model, resolve_device
 from harmsweep.errors import HarmsweepError
 from harmsweep.evaluation.utility import perplexity
 from harmsweep.finetune import FinetuneSpec, finetune
@@ -88,8 +86,7 @@ def derivation(entry_or_source: str, cache_dir: str | Path) -> dict[str, Any] | 
 
 
 def _device(cfg: Mapping[str, Any]) -> str:
-    device = str(cfg.get("device", "auto"))
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    return resolve_device(str(cfg.get("device", "auto")))
 
 
 def norm_prompt(prompt: str) -> str:

@@ -91,9 +91,9 @@ def _placement(model_cfg: Mapping[str, Any], dtype: torch.dtype) -> dict[str, An
         return {}
     from harmsweep.devices import auto_max_memory, free_gpu_memory
 
-    max_memory = model_cfg.get("max_memory")
-    if device_map == "auto" and not max_memory and free_gpu_memory():
-        max_memory = auto_max_memory(free_gpu_memory(), torch.tensor([], dtype=dtype).element_size())
+    max_memory, free = model_cfg.get("max_memory"), free_gpu_memory()
+    if device_map == "auto" and not max_memory and free:
+        max_memory = auto_max_memory(free, torch.tensor([], dtype=dtype).element_size())
     return {"device_map": device_map, **({"max_memory": dict(max_memory)} if max_memory else {})}
 
 
