@@ -23,6 +23,7 @@ from harmsweep.errors import HarmsweepError
 from harmsweep.evaluation.suite import plan
 from harmsweep.finetune import FinetuneSpec
 from harmsweep.pruning import PruneSpec
+from harmsweep.score_store import StoreSpec
 
 
 @dataclass
@@ -106,6 +107,15 @@ class ScoringConfig:
 
     gradient_checkpointing: bool = False
     offload: bool = True
+
+
+@dataclass
+class ScoresConfig:
+    """How score sets are stored (harmsweep/score_store.py StoreSpec); masks do not depend on it."""
+
+    store: str = "compact"
+    keep: float = 0.011
+    keep_benign: float = 0.01
 
 
 @dataclass
@@ -226,6 +236,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    scores: ScoresConfig = field(default_factory=ScoresConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     judges: dict[str, Any] = field(default_factory=dict)
@@ -239,7 +250,7 @@ class Config:
     device: str = "auto"
 
 
-NOT_IN_RUN_ID = ("paths", "logger", "launcher", "hydra", "scoring")
+NOT_IN_RUN_ID = ("paths", "logger", "launcher", "hydra", "scoring", "scores")
 PLACEMENT_KEYS = ("device_map", "max_memory")  # where the model sits changes no result
 
 
@@ -270,6 +281,7 @@ def prune_spec(cfg: Mapping[str, Any]) -> PruneSpec:
 def check_config(cfg: Mapping[str, Any]) -> PruneSpec:
     """Every check that needs no model, so bad input fails in a second, before any work."""
     spec = prune_spec(cfg)
+    _check_store(spec, StoreSpec.from_config(cfg.get("scores")))
     plan(cfg["eval"], cfg["judges"])
     cal, data = cfg["calibration"], cfg["data"]
     mode = cal["harmful"]["responses"]
@@ -301,6 +313,24 @@ def check_config(cfg: Mapping[str, Any]) -> PruneSpec:
             f"data root not found: {root} (set data.root=DIR or the HARMSWEEP_DATA environment variable)"
         )
     return spec
+
+
+def _check_store(spec: PruneSpec, kept: StoreSpec) -> None:
+    """A compact set cannot serve a top-k larger than its tail: say which setting to raise before scoring."""
+    if kept.store != "compact":
+        return
+    wanted = spec.harm_fraction if spec.harm_fraction is not None else spec.sparsity
+    if spec.needed_scores() & {"harm", "harm_unsigned"} and wanted > kept.keep:
+        name = "harm_fraction" if spec.harm_fraction is not None else "sparsity"
+        raise HarmsweepError(
+            f"pruning.{name}={wanted:g} is more than the stored score tail scores.keep={kept.keep:g}: "
+            f"raise scores.keep (to at least {wanted:g} + pruning.protect to be safe) or use scores.store=dense"
+        )
+    if spec.protects and spec.protect > kept.keep_benign:
+        raise HarmsweepError(
+            f"pruning.protect={spec.protect:g} is more than the stored benign tail scores.keep_benign="
+            f"{kept.keep_benign:g}: raise scores.keep_benign or use scores.store=dense"
+        )
 
 
 def _check_experiment(cfg: Mapping[str, Any]) -> None:

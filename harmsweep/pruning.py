@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from harmsweep import score_store as store
 from harmsweep.artifacts import atomic_path
 from harmsweep.errors import HarmsweepError
 from harmsweep.scoring import ScoredParam
@@ -94,6 +95,7 @@ class Threshold:
 
     key: int | None  # None selects nothing
     ties: Mapping[str, int]  # per matrix: how many keys == key to take, in flat order (-1: all)
+    available: int = 0  # eligible keys in the stream: fewer than k means every one was taken
 
     def mask(self, name: str, keys: torch.Tensor) -> torch.Tensor:
         if self.key is None:
@@ -129,6 +131,7 @@ def top_k_threshold(names: Sequence[str], keys_of: Callable[[str], torch.Tensor]
     total = int(host_high.sum())
     if total == 0:
         return Threshold(None, {})
+    available = total
     k = min(k, total)
     hi, above = _bucket_from_top(host_high, k)
     low: torch.Tensor | None = None
@@ -141,7 +144,7 @@ def top_k_threshold(names: Sequence[str], keys_of: Callable[[str], torch.Tensor]
     key = (hi - _HALF) * _BINS + lo
     ties_needed = k - above - above_lo
     if ties_needed == int(host_low[lo]):
-        return Threshold(key, {name: _TAKE_ALL for name in names})
+        return Threshold(key, {name: _TAKE_ALL for name in names}, available)
     ties: dict[str, int] = {}
     for name in names:
         if ties_needed == 0:
@@ -149,7 +152,7 @@ def top_k_threshold(names: Sequence[str], keys_of: Callable[[str], torch.Tensor]
         count = int((keys_of(name) == key).sum())
         ties[name] = min(count, ties_needed)
         ties_needed -= ties[name]
-    return Threshold(key, ties)
+    return Threshold(key, ties, available)
 
 
 def _counts(bins: torch.Tensor, keep: torch.Tensor, n: int) -> torch.Tensor:
@@ -175,52 +178,72 @@ def _bucket_from_top(hist: torch.Tensor, k: int) -> tuple[int, int]:
 
 
 class _Scores:
-    """Per-matrix views of the score sets a rule needs, on the compute device; one matrix at a time.
+    """Per-matrix ranking values of the score sets a rule needs, on the compute device; one matrix at a time.
 
-    Scores may sit anywhere (host memory after scoring, a GPU, several GPUs with a device map): each
-    view moves just its matrix to ``device``, so a GPU ranks 7e9 scores with one matrix-sized temporary.
+    Scores may sit anywhere (host memory after scoring, a GPU, several GPUs with a device map, a compact
+    file of top tails): each view moves just its matrix to ``device``, so a GPU ranks 7e9 scores with one
+    matrix-sized temporary. Entries that are not eligible (or not stored) read -inf and are never chosen.
     """
 
     def __init__(
         self,
         spec: PruneSpec,
         weights: Mapping[str, torch.Tensor],
-        scores: Mapping[str, Mapping[str, torch.Tensor]],
+        scores: Mapping[str, Mapping[str, torch.Tensor] | store.TailScores],
         device: torch.device | str | None = None,
     ):
         missing = spec.needed_scores() - set(scores)
         if missing:
             raise ValueError(f"rule {spec.rule} needs score sets {sorted(missing)}")
         self.spec, self.weights, self.scores = spec, weights, scores
+        for kind in spec.needed_scores():
+            if isinstance(scores[kind], store.TailScores):
+                scores[kind].require_unit(spec.granularity)
         if device is None:
-            tensors = (t for group in (*scores.values(), weights) for t in group.values())
-            first = next(tensors, None)
+            dense = (g for g in scores.values() if not isinstance(g, store.TailScores))
+            first = next((t for group in (*dense, weights) for t in group.values()), None)
             device = first.device if first is not None else "cpu"
         self.device = torch.device(device)
 
-    def _here(self, t: torch.Tensor) -> torch.Tensor:
-        return t.detach().to(self.device, non_blocking=True).float()
+    def harm_set(self) -> str | None:
+        return {"signed_snip": "harm", "no_set_difference": "harm", "unsigned_snip": "harm_unsigned"}.get(
+            self.spec.rule
+        )
+
+    def benign_set(self) -> str:
+        return "benign_unsigned" if self.spec.benign_importance == "unsigned" else "benign"
 
     def harm(self, name: str) -> torch.Tensor:
         """Ranking score of the rule (bigger = prune first), with -inf where not eligible."""
         rule = self.spec.rule
         if rule in ("signed_snip", "no_set_difference"):
-            h = -self._here(self.scores["harm"][name])
-            return h.masked_fill_(h <= 0, float("-inf"))  # only weights whose removal raises the harmful loss
+            h = store.ranked(self.scores["harm"], name, "neg", self.device)
+            return h.masked_fill_(~(h > 0), float("-inf"))  # only weights whose removal raises the harmful loss
         if rule == "unsigned_snip":
-            return self._here(self.scores["harm_unsigned"][name])
+            return store.ranked(self.scores["harm_unsigned"], name, "pos", self.device)
         if rule == "magnitude":
-            return -self._here(self.weights[name]).abs()
+            return -self.weights[name].detach().to(self.device, non_blocking=True).float().abs()
         # drawn on the host so that a seed picks the same weights on every device
         gen = torch.Generator().manual_seed(self.spec.seed * 1_000_003 + zlib.crc32(name.encode()))
         return torch.rand(self.weights[name].shape, generator=gen).to(self.device)
 
     def benign(self, name: str) -> torch.Tensor:
-        how = self.spec.benign_importance
-        if how == "unsigned":
-            return self._here(self.scores["benign_unsigned"][name])
-        s = self._here(self.scores["benign"][name])
-        return s.abs() if how == "abs_signed" else -s
+        order = {"unsigned": "pos", "abs_signed": "abs", "signed": "neg"}[self.spec.benign_importance]
+        return store.ranked(self.scores[self.benign_set()], name, order, self.device)
+
+    def check(self, side: str, unit: list[str], available: int, k: int) -> None:
+        """Stop when a top-k reached past a compact set's stored tail (the dense set would answer differently)."""
+        kind = self.harm_set() if side == "harm" else self.benign_set()
+        scores = self.scores.get(kind) if kind else None
+        label = "*" if self.spec.granularity == "global" else unit[0]
+        if scores is not None and store.short(scores, label, available, k):
+            raise scores.too_short(f"pruning ({side} side)", k, label)
+
+    def check_rows(self, side: str, name: str, available: torch.Tensor, k: int) -> None:
+        kind = self.harm_set() if side == "harm" else self.benign_set()
+        scores = self.scores.get(kind) if kind else None
+        if isinstance(scores, store.TailScores) and scores.short_rows(name, available, k):
+            raise scores.too_short(f"pruning per row ({side} side)", k, name)
 
 
 def _count(fraction: float, size: int) -> int:
@@ -253,21 +276,29 @@ def select(
 def _select_unit(spec: PruneSpec, views: _Scores, unit: list[str], size: int) -> dict[str, torch.Tensor]:
     """Target count or fractions over one ranking unit (all matrices, or one), streamed per matrix."""
     fractions = spec.harm_fraction is not None
-    protected = (
-        top_k_threshold(unit, lambda n: float_keys(views.benign(n)), _count(spec.protect, size))
-        if spec.protects
-        else Threshold(None, {})
-    )
+
+    def benign_keys(n: str) -> torch.Tensor:
+        u = views.benign(n)
+        return float_keys(u).masked_fill_(u == float("-inf"), EXCLUDED)
+
+    protected = Threshold(None, {})
+    if spec.protects:
+        k_protect = _count(spec.protect, size)
+        protected = top_k_threshold(unit, benign_keys, k_protect)
+        views.check("benign", unit, protected.available, k_protect)
 
     def protected_mask(n: str) -> torch.Tensor:
-        return protected.mask(n, float_keys(views.benign(n))) if spec.protects else torch.zeros((), dtype=torch.bool)
+        return protected.mask(n, benign_keys(n)) if spec.protects else torch.zeros((), dtype=torch.bool)
 
     def harm_keys(n: str) -> torch.Tensor:
         h = views.harm(n)
         keys = float_keys(h).masked_fill_(h == float("-inf"), EXCLUDED)
         return keys if fractions else keys.masked_fill_(protected_mask(n), EXCLUDED)
 
-    chosen = top_k_threshold(unit, harm_keys, _count(spec.harm_fraction if fractions else spec.sparsity, size))
+    k = _count(spec.harm_fraction if fractions else spec.sparsity, size)
+    chosen = top_k_threshold(unit, harm_keys, k)
+    if spec.rule in ("signed_snip", "no_set_difference", "unsigned_snip"):
+        views.check("harm", unit, chosen.available, k)
     out = {}
     for n in unit:
         mask = chosen.mask(n, harm_keys(n))
@@ -275,6 +306,12 @@ def _select_unit(spec: PruneSpec, views: _Scores, unit: list[str], size: int) ->
             mask &= ~protected_mask(n)
         out[n] = torch.nonzero(mask.view(-1)).view(-1).cpu()
     return out
+
+
+def row_top(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the column indices of the k largest values, ties by column (a stable sort), and which are > -inf."""
+    idx = torch.sort(x, dim=1, descending=True, stable=True).indices[:, :k]
+    return idx, torch.gather(x, 1, idx) > float("-inf")
 
 
 def _select_rows(spec: PruneSpec, views: _Scores, name: str, rows_dim: int) -> torch.Tensor:
@@ -286,16 +323,20 @@ def _select_rows(spec: PruneSpec, views: _Scores, name: str, rows_dim: int) -> t
     harm = rows(views.harm(name))
     width = harm.size(1)
     blocked = torch.zeros_like(harm, dtype=torch.bool)
-    if spec.protects and _count(spec.protect, width) > 0:
-        idx = torch.topk(rows(views.benign(name)), _count(spec.protect, width), dim=1).indices
-        blocked.scatter_(1, idx, True)
+    k_protect = _count(spec.protect, width)
+    if spec.protects and k_protect > 0:
+        idx, kept = row_top(rows(views.benign(name)), k_protect)
+        views.check_rows("benign", name, kept.sum(1), k_protect)
+        blocked.scatter_(1, idx, kept)
     fractions = spec.harm_fraction is not None
     k = _count(spec.harm_fraction if fractions else spec.sparsity, width)
     mask = torch.zeros_like(blocked)
     if k > 0:
         ranked = harm if fractions else harm.masked_fill(blocked, float("-inf"))
-        vals, idx = torch.topk(ranked, k, dim=1)
-        mask.scatter_(1, idx, vals > float("-inf"))
+        idx, kept = row_top(ranked, k)
+        if spec.rule in ("signed_snip", "no_set_difference", "unsigned_snip"):
+            views.check_rows("harm", name, kept.sum(1), k)
+        mask.scatter_(1, idx, kept)
         if fractions:
             mask &= ~blocked
     return torch.nonzero(rows(mask).reshape(-1)).view(-1).cpu()

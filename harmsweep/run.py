@@ -25,7 +25,7 @@ from harmsweep.calibration import (
     iter_batches,
     resolve_template,
 )
-from harmsweep.config import check_config, run_id
+from harmsweep.config import check_config, prune_spec, run_id
 from harmsweep.derive import derivation, load_derived, trained_prompts
 from harmsweep.devices import input_device, place_model
 from harmsweep.errors import HarmsweepError
@@ -33,14 +33,9 @@ from harmsweep.evaluation.suite import JUDGES, HeldOut, Suite, deltas, plan
 from harmsweep.experiments import runner
 from harmsweep.models import LoadedModel, load_model
 from harmsweep.pruning import PruneSpec, apply_mask, load_mask, mask_counts, save_mask, select
-from harmsweep.scoring import (
-    ScoringOptions,
-    load_scores,
-    save_scores,
-    scored_parameters,
-    signed_snip,
-    unsigned_snip,
-)
+from harmsweep.score_store import Layout, ScoreSet, StoreSpec, open_scores, order_of
+from harmsweep.score_store import write as write_scores
+from harmsweep.scoring import ScoringOptions, scored_parameters, signed_snip, unsigned_snip
 from harmsweep.sets import calibrate, held_out_splits
 from harmsweep.tracking import open_tracker
 
@@ -97,7 +92,7 @@ def _run(
     scores, score_paths = {}, {}
     for kind in sorted(spec.needed_scores()):
         start = time.perf_counter()
-        scores[kind], path, computed[f"scores_{kind}"] = score(lm, cfg, sets, kind, root)
+        scores[kind], path, computed[f"scores_{kind}"] = score(lm, cfg, sets, kind, root, spec)
         timings[f"score_{kind}"] = time.perf_counter() - start
         score_paths[f"scores_{kind}"] = str(path)
 
@@ -193,21 +188,32 @@ def artifacts_root(cfg: Mapping[str, Any], run_dir: Path) -> Path:
 
 
 def score(
-    lm: LoadedModel, cfg: Mapping[str, Any], sets: Mapping[str, dict[str, torch.Tensor]], kind: str, root: Path
-) -> tuple[dict[str, torch.Tensor], Path, bool]:
+    lm: LoadedModel,
+    cfg: Mapping[str, Any],
+    sets: Mapping[str, dict[str, torch.Tensor]],
+    kind: str,
+    root: Path,
+    spec: PruneSpec | None = None,
+) -> tuple[ScoreSet, Path, bool]:
     """Scores of kind ``harm_*`` (on sets["harmful"]) or ``benign_*`` (sets["benign"]), cached by the
-    tokenised set's content, so runs whose calibration differs only on the other side share them."""
+    tokenised set's content, so runs whose calibration differs only on the other side share them.
+
+    A compact set (the default) is keyed by what it keeps too: the ranking ``spec`` reads, its unit
+    (``spec.granularity``) and ``scores.keep*``; a sparsity sweep shares one.
+    """
+    spec = spec or prune_spec(cfg)
     tensors = sets["harmful" if kind.startswith("harm") else "benign"]
     batch = int(cfg["calibration"]["batch_size"])
+    kept = StoreSpec.from_config(cfg.get("scores"))
+    layout = Layout(kept, kind, order_of(kind, spec.benign_importance), spec.granularity)
     info = {"version": VERSIONS["scores"], "model": lm.fingerprint, "dtype": cfg["model"]["dtype"],
-            "set": tensor_key(tensors), "kind": kind, "batch_size": batch}  # fmt: skip
+            "set": tensor_key(tensors), "kind": kind, "batch_size": batch, "store": layout.key()}  # fmt: skip
     entry = root / "scores" / content_key(info)
+    options = ScoringOptions.from_config(cfg.get("scoring"))
     scores, computed = cached(
         entry,
-        lambda e: _score(
-            lm, tensors, kind, batch, e / "scores.safetensors", info, ScoringOptions.from_config(cfg.get("scoring"))
-        ),
-        lambda e: load_scores(e / "scores.safetensors"),
+        lambda e: _score(lm, tensors, layout, batch, e / "scores.safetensors", info, options),
+        lambda e: open_scores(e / "scores.safetensors"),
         "scores.safetensors",
     )
     return scores, entry / "scores.safetensors", computed
@@ -259,22 +265,25 @@ def load_run_model(cfg: Mapping[str, Any]) -> LoadedModel:
 def _score(
     lm: LoadedModel,
     tensors: Mapping[str, torch.Tensor],
-    kind: str,
+    layout: Layout,
     batch: int,
     path: Path,
     info: Mapping[str, Any],
     options: ScoringOptions,
-) -> Mapping[str, torch.Tensor]:
-    """Score, write, and hand back the file's lazy view: the host copy is freed once it is on disk."""
+) -> ScoreSet:
+    """Score, write (its tail and summaries, or every score), and hand back the file's view: the full
+    host copy is freed once the file is on disk."""
     batches = list(iter_batches(tensors, batch, by_length=True))
+    kind = layout.kind
     if kind.endswith("unsigned"):
         scores = unsigned_snip(lm.model, batches, desc=f"scoring {kind}", options=options)
     else:
         scores = signed_snip(lm.model, batches, tensors["input_ids"].size(0), desc=f"scoring {kind}", options=options)
     write_key_info(path.parent, info)
-    save_scores(scores, path)
+    rows = {n: p.rows_dim for n, p in scored_parameters(lm.model).items()}
+    write_scores(scores, path, kind, layout.spec, layout.unit, layout.order, rows)
     del scores
-    return load_scores(path)
+    return open_scores(path)
 
 
 def _passes(sets: Mapping[str, dict[str, torch.Tensor]], kind: str, batch: int) -> int:

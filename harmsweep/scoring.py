@@ -13,17 +13,13 @@ import functools
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from harmsweep.artifacts import atomic_path
 from harmsweep.devices import input_device
 from harmsweep.losses import per_sample_nll
 
@@ -208,34 +204,3 @@ def _backward_each(model, params, batches, loss_of, fold, desc: str, checkpointi
         for p, flag in previous.items():
             p.requires_grad_(flag)
             p.grad = None
-
-
-def save_scores(scores: Mapping[str, torch.Tensor], path: str | Path) -> None:
-    """One tensor per scored parameter, named as in model.named_parameters(), written atomically."""
-    with atomic_path(path) as tmp:
-        save_file({n: t.contiguous() for n, t in scores.items()}, str(tmp))
-
-
-class LazyScores(Mapping[str, torch.Tensor]):
-    """A score file read one matrix at a time: selection streams matrices, so at 8B the host holds
-    one matrix (a few hundred MB) instead of the whole 28 GB set."""
-
-    def __init__(self, path: str | Path, device: str = "cpu") -> None:
-        self.path = Path(path)
-        self._file = safe_open(str(self.path), framework="pt", device=device)
-        self._names = list(self._file.keys())
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._names:
-            raise KeyError(name)
-        return self._file.get_tensor(name)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-
-def load_scores(path: str | Path) -> LazyScores:
-    return LazyScores(path)

@@ -12,6 +12,8 @@ import pytest
 from conftest import write_pairs
 from safetensors.torch import load_file
 
+from harmsweep.score_store import TailScores, open_scores
+
 REQUIRED = {"run_id", "model", "alignment", "n_scored", "n_pruned", "actual_sparsity", "metrics", "artifacts"}
 METRICS = {"nll_harmful_before", "nll_harmful_after", "nll_benign_before", "nll_benign_after", "selectivity"}
 
@@ -36,7 +38,7 @@ def pair_files(tmp_path: Path) -> tuple[Path, Path]:
 def file_run_args(run_dir: Path, harmful: Path, benign: Path, *extra: str) -> list[str]:
     return [
         "model=tiny_llama", "calibration=file", f"calibration.harmful.file={harmful}", f"calibration.benign.file={benign}",
-        "calibration.n=6", "eval.n=4", "eval.benign_references=dataset", "pruning.sparsity=0.02",
+        "calibration.n=6", "eval.n=4", "eval.benign_references=dataset", "pruning.sparsity=0.02", "scores.keep=0.2",
         "data.root=null", f"hydra.run.dir={run_dir}", *extra,
     ]  # fmt: skip
 
@@ -57,8 +59,10 @@ def test_run_from_files_writes_a_complete_result(tmp_path, pair_files):
         assert Path(path).is_file()
     mask = load_file(result["artifacts"]["mask"])
     assert sum(t.numel() for t in mask.values()) == result["n_pruned"]
-    scores = load_file(result["artifacts"]["scores_harm"])
+    scores = open_scores(result["artifacts"]["scores_harm"])  # compact: the stored top of H per scored matrix
+    assert isinstance(scores, TailScores) and scores.unit == "global" and scores.order == "neg"
     assert all(name.startswith("model.layers.") and name.endswith(".weight") for name in scores)
+    assert sum(scores.stored(n)[0].numel() for n in scores) == round(0.2 * result["n_scored"])
     assert result["metrics"]["nll_harmful_before"] != result["metrics"]["nll_harmful_after"]
     assert "pruned" in proc.stdout and "harmful NLL" in proc.stdout
 

@@ -6,13 +6,11 @@ import pytest
 import torch
 from conftest import ARCHS, tiny
 
+from harmsweep import score_store as store
 from harmsweep.calibration import Pair, encode_pairs, iter_batches
 from harmsweep.scoring import (
-    LazyScores,
     ScoringOptions,
     decoder_blocks,
-    load_scores,
-    save_scores,
     scored_parameters,
     signed_snip,
     unsigned_snip,
@@ -169,9 +167,9 @@ def test_finished_buffers_sit_in_host_memory_and_files_read_lazily(tmp_path):
     lm = tiny("llama")
     scores = signed_snip(lm.model, iter_batches(encoded(lm), 5), n_samples=len(PAIRS))
     assert {t.device.type for t in scores.values()} == {"cpu"}
-    save_scores(scores, tmp_path / "s.safetensors")
-    lazy = load_scores(tmp_path / "s.safetensors")
-    assert isinstance(lazy, LazyScores) and len(lazy) == len(scores) and set(lazy) == set(scores)
+    store.write(scores, tmp_path / "s.safetensors", "harm", store.StoreSpec(store="dense"))
+    lazy = store.open_scores(tmp_path / "s.safetensors")
+    assert isinstance(lazy, store.DenseScores) and len(lazy) == len(scores) and list(lazy) == list(scores)
     for name, t in scores.items():
         assert torch.equal(lazy[name], t)
     with pytest.raises(KeyError):

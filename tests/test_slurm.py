@@ -122,7 +122,7 @@ def run_args(harmful: Path, benign: Path, *extra: str) -> list[str]:
     return [
         "model=tiny_llama", "calibration=file", f"calibration.harmful.file={harmful}", f"calibration.benign.file={benign}",
         "data.root=null", "eval=likelihood", "eval.benign_references=dataset", "calibration.n=6", "eval.n=4",
-        "pruning.sparsity=0.02", *extra,
+        "pruning.sparsity=0.02", "scores.keep=0.2", *extra,
     ]  # fmt: skip
 
 

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from harmsweep.errors import HarmsweepError
 from harmsweep.report import figures as figs
 from harmsweep.report import page
 from harmsweep.report.collect import Collected, ReportError, collect, is_number, require_rows
@@ -69,13 +70,19 @@ def _finite_or_none(value: Any) -> Any:
 
 def score_metrics(harm_path: str, benign_path: str | None, k: int) -> dict[str, Any]:
     """B (concentration at k), Gini and C (separation at k) from the score files, loaded once for all three."""
-    from harmsweep.scoring import load_scores
+    from harmsweep.score_store import open_scores
 
-    harm = load_scores(harm_path)
-    out: dict[str, Any] = {"B_concentration": concentration(harm, k), "gini": gini(harm), "C_separation": None}
-    if benign_path and Path(benign_path).is_file():
-        out["C_separation"] = separation(harm, load_scores(benign_path), k)
-    return {key: _finite_or_none(v) for key, v in out.items()}  # NaN (no positive mass) reads as missing
+    harm = open_scores(harm_path)
+    out: dict[str, Any] = {"B_concentration": None, "gini": None, "C_separation": None}
+    notes = []
+    try:  # a compact set serves a top-k inside its stored tail only; it says so in one line otherwise
+        out.update(B_concentration=concentration(harm, k), gini=gini(harm))
+        if benign_path and Path(benign_path).is_file():
+            out["C_separation"] = separation(harm, open_scores(benign_path), k)
+    except (ValueError, HarmsweepError) as exc:
+        notes.append(str(exc))
+    out = {key: _finite_or_none(v) for key, v in out.items()}  # NaN (no positive mass) reads as missing
+    return {**out, "note": "; ".join(notes)} if notes else out
 
 
 def _metric_a(curve: Sequence[Mapping[str, Any]], targets: Sequence[float], floor: float) -> dict[str, Any]:

@@ -6,7 +6,7 @@ harm score H = -S_harm the top weights hold. (C) ``separation``: Jaccard overlap
 top-k benign-important weights (U = |S_benign|). Aligned models should need smaller sparsities, concentrate more and
 overlap less than their base models.
 
-Score sets are the raw signed SNIP S of ``harmsweep.scoring.load_scores`` (not negated). Top-k selections reuse the
+Score sets are the raw signed SNIP S of ``harmsweep.score_store.open_scores`` (not negated), dense or compact. Top-k selections reuse the
 streaming radix select of ``harmsweep.pruning`` (exact, ties broken as pruning breaks them), so (B) and (C) scale to
 7e9 scores with one matrix-sized temporary at a time; only the Gini needs a sort.
 """
@@ -14,12 +14,13 @@ streaming radix select of ``harmsweep.pruning`` (exact, ties broken as pruning b
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from harmsweep.pruning import EXCLUDED, float_keys, top_k_threshold
+from harmsweep import score_store as store
+from harmsweep.pruning import _BINS, EXCLUDED, Threshold, float_keys, top_k_threshold
 
 _GINI_CHUNK = 1 << 22  # values per float64 chunk in gini(): 32 MB of temporaries
 
@@ -118,76 +119,120 @@ def threshold_sparsity(points: Sequence[CurvePoint], target: float, utility_floo
 
 # ---------------------------------------------------------------- (B) concentration
 
-
-def _harm(s: torch.Tensor) -> torch.Tensor:
-    return -s.detach().float()
+Scores = Mapping[str, torch.Tensor] | store.TailScores
 
 
-def _harm_keys(s: torch.Tensor) -> torch.Tensor:
-    """Radix keys of H = -S, EXCLUDED where H is not positive (or NaN): only H > 0 is eligible, as in pruning."""
-    h = _harm(s)
+def _harm(scores: Scores, name: str) -> torch.Tensor:
+    """H = -S of one matrix (-inf where a compact set stores nothing, or S is NaN)."""
+    return store.ranked(scores, name, "neg")
+
+
+def _harm_keys(h: torch.Tensor) -> torch.Tensor:
+    """Radix keys of H, EXCLUDED where H is not positive: only H > 0 is eligible, as in pruning."""
     return float_keys(h).masked_fill_(~(h > 0), EXCLUDED)
 
 
-def concentration(scores: Mapping[str, torch.Tensor], k: int) -> float:
+def _top(scores: Scores, keys_of: Callable[[str], torch.Tensor], k: int, what: str) -> Threshold:
+    """Exact top-k of a ranking over a score set; a compact set whose tail is too short says so."""
+    threshold = top_k_threshold(list(scores), keys_of, k)
+    if store.short(scores, "*", threshold.available, k):
+        raise ValueError(str(scores.too_short(what, k, "*")))
+    return threshold
+
+
+def _positive_sum(scores: Scores) -> float:
+    stats = store.stats_of(scores)
+    if stats is not None and stats.harm_positive_sum is not None:
+        return stats.harm_positive_sum
+    return sum(float(_harm(scores, n).clamp_(min=0).sum(dtype=torch.float64)) for n in scores)
+
+
+def concentration(scores: Scores, k: int) -> float:
     """Metric (B): share of the total positive harm score sum(max(H, 0)) held by the k largest values of H = -S.
 
     Near 1 at small k means a few weights carry the harm. Exact: the k-th largest H is found by the streaming radix
-    select (ties at the threshold taken up to exactly k, in pruning's order); the sums are float64. Fewer than k
-    positive values: every positive one is counted (share 1). NaN when there is no positive mass.
+    select (ties at the threshold taken up to exactly k, in pruning's order); the sums are float64, the total read
+    from the set's summaries when it has them (a compact set stores only the top). Fewer than k positive values:
+    every positive one is counted (share 1). NaN when there is no positive mass.
     """
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
-    names = list(scores)
-    threshold = top_k_threshold(names, lambda n: _harm_keys(scores[n]), k)
-    top = total = 0.0
-    for name in names:
-        h = _harm(scores[name])
-        total += float(h[h > 0].sum(dtype=torch.float64))
-        top += float(h[threshold.mask(name, _harm_keys(scores[name]))].sum(dtype=torch.float64))
+    threshold = _top(scores, lambda n: _harm_keys(_harm(scores, n)), k, "metric B")
+    top = 0.0
+    for name in scores:
+        h = _harm(scores, name)
+        top += float(h[threshold.mask(name, _harm_keys(h))].sum(dtype=torch.float64))
+    total = _positive_sum(scores)
     return top / total if total > 0 else math.nan
 
 
-def gini(scores: Mapping[str, torch.Tensor]) -> float:
+def gini(scores: Scores, budget: int | None = None) -> float:
     """Gini coefficient of max(H, 0), H = -S, over all scored weights: 0 = spread evenly, -> 1 = held by few.
 
-    A threshold-free companion to ``concentration``. Exact: G = 2 * sum_i i * x_(i) / (n * sum x) - (n + 1) / n,
-    x ascending, i from 1, n = number of (non-NaN) scores. The n - P zeros sort first, so only the P positive values
-    are sorted: sum_i i * x_(i) = (n - P) * sum x + sum_j j * p_(j). Memory: one float32 buffer of P <= N values,
-    sorted in place (numpy's in-place sort, no index tensor), plus float64 chunks of ``_GINI_CHUNK`` values for the
-    cumulative sums and one matrix-sized temporary while filling the buffer; 28 GB at P = 7e9.
+    A threshold-free companion to ``concentration``; read from the set's summaries when present (a compact set
+    was summarised while the full set was in memory). Exact: G = 2 * sum_i i * x_(i) / (n * sum x) - (n + 1) / n,
+    x ascending, i from 1, n = number of (non-NaN) scores. The n - P zeros sort first, so only the P positive
+    values are ranked: sum_i i * x_(i) = (n - P) * sum x + sum_j j * p_(j). They are ranked in value ranges of at
+    most ``budget`` values (default max(2^26, P / 8)), found from a histogram of their top 16 bits: one sorted
+    float32 buffer of one range at a time (1.7 GB at 8B), and a pass over the set per range.
     NaN for an empty or all-zero set.
     """
+    stats = store.stats_of(scores)
+    if stats is not None and stats.gini is not None:
+        return stats.gini
+    if isinstance(scores, store.TailScores):
+        raise ValueError(f"{scores.path} has no Gini summary, and its stored tail cannot give one")
     n = positives = 0
-    for s in scores.values():
-        h = _harm(s)
-        n += int((~torch.isnan(h)).sum())
-        positives += int((h > 0).sum())
+    high = torch.zeros(_BINS, dtype=torch.int64)
+    for name in scores:
+        h = _harm(scores, name)
+        n += int((~torch.isnan(scores[name])).sum())
+        positive = h[h > 0]
+        positives += positive.numel()
+        high += torch.bincount((float_keys(positive) >> 16).view(-1), minlength=_BINS)
     if n == 0 or positives == 0:
         return math.nan
-    buffer = torch.empty(positives, dtype=torch.float32)
-    offset = 0
-    for s in scores.values():
-        h = _harm(s)
-        values = h[h > 0]
-        buffer[offset : offset + values.numel()] = values
-        offset += values.numel()
-    sorted_values = buffer.numpy()
-    sorted_values.sort()  # in place
+    budget = budget or max(1 << 26, positives // 8)
     total = weighted = 0.0
-    for start in range(0, positives, _GINI_CHUNK):
-        chunk = torch.from_numpy(sorted_values[start : start + _GINI_CHUNK]).double()
-        ranks = torch.arange(start + 1, start + 1 + chunk.numel(), dtype=torch.float64)
-        total += float(chunk.sum())
-        weighted += float((ranks * chunk).sum())
+    rank = 0
+    for lo, hi in _ranges(high, budget):
+        parts = []
+        for name in scores:
+            h = _harm(scores, name)
+            bins = float_keys(h) >> 16
+            parts.append(h[(h > 0) & (bins >= lo) & (bins < hi)])
+        chunk_values = torch.cat(parts).numpy()
+        chunk_values.sort()  # in place
+        for start in range(0, chunk_values.size, _GINI_CHUNK):
+            chunk = torch.from_numpy(chunk_values[start : start + _GINI_CHUNK]).double()
+            ranks = torch.arange(rank + 1, rank + 1 + chunk.numel(), dtype=torch.float64)
+            total += float(chunk.sum())
+            weighted += float((ranks * chunk).sum())
+            rank += chunk.numel()
     weighted += (n - positives) * total
     return 2 * weighted / (n * total) - (n + 1) / n
+
+
+def _ranges(hist: torch.Tensor, budget: int) -> list[tuple[int, int]]:
+    """Consecutive [lo, hi) bin ranges, ascending, each holding at most ``budget`` values (or one bin)."""
+    out, lo, count = [], None, 0
+    for b in torch.nonzero(hist).view(-1).tolist():
+        c = int(hist[b])
+        if lo is not None and count + c > budget:
+            out.append((lo, b))
+            lo, count = None, 0
+        if lo is None:
+            lo = b
+        count += c
+    if lo is not None:
+        out.append((lo, _BINS))
+    return out
 
 
 # ---------------------------------------------------------------- (C) separation
 
 
-def separation(harm_scores: Mapping[str, torch.Tensor], benign_scores: Mapping[str, torch.Tensor], k: int) -> float:
+def separation(harm_scores: Scores, benign_scores: Scores, k: int) -> float:
     """Metric (C): Jaccard overlap of TopK(H) and TopK(U) at equal k, H = -S_harm, U = |S_benign|.
 
     Lower = the harm weights are more distinct from the weights benign behaviour needs, so the set difference
@@ -203,19 +248,20 @@ def separation(harm_scores: Mapping[str, torch.Tensor], benign_scores: Mapping[s
             f"harm and benign score sets cover different matrices: {sorted(set(names) ^ set(benign_scores))}"
         )
     for name in names:
-        if harm_scores[name].shape != benign_scores[name].shape:
+        if _shape(harm_scores, name) != _shape(benign_scores, name):
             raise ValueError(
-                f"{name}: harm {tuple(harm_scores[name].shape)} vs benign {tuple(benign_scores[name].shape)}"
+                f"{name}: harm {tuple(_shape(harm_scores, name))} vs benign {tuple(_shape(benign_scores, name))}"
             )
 
     def harm_keys(name: str) -> torch.Tensor:
-        return _harm_keys(harm_scores[name])
+        return _harm_keys(_harm(harm_scores, name))
 
     def benign_keys(name: str) -> torch.Tensor:
-        return float_keys(benign_scores[name].detach().float().abs())
+        u = store.ranked(benign_scores, name, "abs")
+        return float_keys(u).masked_fill_(u == float("-inf"), EXCLUDED)
 
-    top_h = top_k_threshold(names, harm_keys, k)
-    top_u = top_k_threshold(names, benign_keys, k)
+    top_h = _top(harm_scores, harm_keys, k, "metric C (harm side)")
+    top_u = _top(benign_scores, benign_keys, k, "metric C (benign side)")
     size_h = size_u = both = 0
     for name in names:
         in_h = top_h.mask(name, harm_keys(name))
@@ -225,3 +271,7 @@ def separation(harm_scores: Mapping[str, torch.Tensor], benign_scores: Mapping[s
         both += int((in_h & in_u).sum())
     union = size_h + size_u - both
     return both / union if union else math.nan
+
+
+def _shape(scores: Scores, name: str) -> torch.Size:
+    return scores.shapes[name] if isinstance(scores, store.TailScores) else scores[name].shape
