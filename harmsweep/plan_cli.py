@@ -176,6 +176,7 @@ def _workload(cfg: Mapping[str, Any], new: Mapping[str, bool], gpus: int, held_o
 def _keys(cfg: Mapping[str, Any]) -> dict[str, str]:
     """What the shared artifacts of a job are keyed by (the parts of the config that feed their keys)."""
     from harmsweep.pruning import PruneSpec
+    from harmsweep.score_store import Layout, StoreSpec, order_of
 
     model = {k: v for k, v in cfg["model"].items() if k not in ("device_map", "max_memory")}
     base = json.dumps([model, cfg["alignment"], cfg["data"].get("harmful"), cfg["data"].get("benign"),
@@ -184,10 +185,12 @@ def _keys(cfg: Mapping[str, Any]) -> dict[str, str]:
     needed = PruneSpec(
         rule=p["rule"], protect=float(p["protect"]), benign_importance=p["benign_importance"]
     ).needed_scores()
+    kept = StoreSpec.from_config(cfg.get("scores"))
+    layout = {kind: Layout(kept, kind, order_of(kind, p["benign_importance"]), p["granularity"]).key() for kind in needed}
     return {
         "calibration": base + json.dumps(cfg["eval"]["n"]),
         "eval_before": base + json.dumps([cfg["eval"], cfg["judges"]], sort_keys=True, default=str),
-        **{f"scores_{kind}": base + kind for kind in needed},
+        **{f"scores_{kind}": base + kind + json.dumps(layout[kind], sort_keys=True) for kind in needed},
     }
 
 
@@ -212,8 +215,9 @@ def _free_bytes(path: str | None) -> int | None:
 
 def build(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
     """The plan of every job and the sweep's totals; also the problems that make it fail."""
-    from harmsweep.devices import GIB, SCORE_BYTES
+    from harmsweep.devices import GIB
     from harmsweep.plan import Throughput, model_shape, size_job
+    from harmsweep.score_store import StoreSpec, stored_bytes
 
     args, overrides = _args(argv)
     speed = Throughput(tflops=args.tflops, bandwidth_gbs=args.bandwidth_gbs)
@@ -238,19 +242,20 @@ def build(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
             judge = shapes[jkey]
         keys = _keys(cfg)
         new = {name: k not in seen for name, k in keys.items()}
-        n_scores_new = sum(v for name, v in new.items() if name.startswith("scores_"))
+        new_sets = [name.removeprefix("scores_") for name, v in new.items() if v and name.startswith("scores_")]
+        n_scores_new = len(new_sets)
         held_out = _held_out(cfg) if cfg["eval"]["n"] is None else 0
         work = _workload(cfg, {"calibration": new["calibration"], "eval_before": new["eval_before"],
                                "scores": n_scores_new}, gpus, held_out)  # fmt: skip
         size = size_job(shape, work, judge, speed)
         seen |= set(keys.values())
-        p = cfg["pruning"]
+        p, kept = cfg["pruning"], StoreSpec.from_config(cfg.get("scores"))
         k = round(float(p["harm_fraction"] if p.get("harm_fraction") is not None else p["sparsity"]) * shape.n_scored)
         job_disk = {
             "calibration": (4 * (work.cal_n + work.eval_prompts) * work.cal_length * 3 * 8)
             if new["calibration"]
             else 0,
-            "scores": n_scores_new * shape.n_scored * SCORE_BYTES,
+            "scores": sum(stored_bytes(kept, kind, shape.n_scored) for kind in new_sets),
             "masks": k * 8,
             "evaluations": work.eval_prompts * ITEM_BYTES * (1 + int(new["eval_before"])),
         }

@@ -144,7 +144,12 @@ def write(
     if kind == "harm":
         positive = sum(float(ranking(scores[n], "neg").clamp_(min=0).sum(dtype=torch.float64)) for n in names)
         stats = ScoreStats(stats.n, positive, gini(scores))
-    meta = {"harmsweep_format": spec.store, "kind": kind, "names": json.dumps(names), "stats": json.dumps(asdict(stats))}
+    meta = {
+        "harmsweep_format": spec.store,
+        "kind": kind,
+        "names": json.dumps(names),
+        "stats": json.dumps(asdict(stats)),
+    }
     if spec.store == "dense":
         tensors = {n: scores[n].detach().float().contiguous() for n in names}
     else:
@@ -308,3 +313,8 @@ def open_scores(path: str | Path) -> DenseScores | TailScores:
 def compact_bytes(n: int, keep: float) -> int:
     """Bytes of one compact set of ``n`` scores keeping ``keep`` of them (headers aside)."""
     return round(keep * n) * (INDEX_BYTES + VALUE_BYTES)
+
+
+def stored_bytes(kept: StoreSpec, kind: str, n: int) -> int:
+    """Bytes one set of ``kind`` over ``n`` scored weights takes on disk (and a cached run reads)."""
+    return n * VALUE_BYTES if kept.store == "dense" else compact_bytes(n, kept.fraction(kind))

@@ -71,10 +71,16 @@ def test_a_sweep_counts_shared_scores_once(tmp_path):
     jobs = result["jobs"]
     assert len(jobs) == 4
     n = jobs[0]["n_scored"]
-    # signed_snip needs harm + benign scores (computed by the first job); random needs none
-    assert [j["disk"]["scores"] for j in jobs] == [2 * n * SCORE_BYTES, 0, 0, 0]
+    # signed_snip needs harm + benign scores (computed by the first job); random needs none.
+    # Compact sets (the default) keep 1.1% of H and 1% of U, as (int32 index, fp32 value) pairs
+    compact = (round(0.011 * n) + round(0.01 * n)) * 8
+    assert [j["disk"]["scores"] for j in jobs] == [compact, 0, 0, 0]
     assert [j["passes"] > 0 for j in jobs] == [True, False, False, False]
-    assert result["disk"]["scores"] == 2 * n * SCORE_BYTES
+    assert result["disk"]["scores"] == compact
+    dense = plan(tmp_path, "-m", "model=tiny_llama", "pruning.sparsity=1e-3,1e-2", "scores.store=dense",
+                 "--json", str(tmp_path / "dense.json"))  # fmt: skip
+    assert dense.returncode == 0, dense.stderr
+    assert json.loads((tmp_path / "dense.json").read_text())["disk"]["scores"] == 2 * n * SCORE_BYTES
 
 
 @pytest.mark.parametrize(("content", "message"), [("{}", "is not a model config"), (None, "has no config.json")])

@@ -1,0 +1,176 @@
+"""Compact score sets: masks and report metrics identical to the dense set's, exact tails, one-line stops."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from test_pruning import PARAMS, SHAPES
+
+from harmsweep import score_store as store
+from harmsweep.errors import HarmsweepError
+from harmsweep.pruning import PruneSpec, select
+from harmsweep.report.compression import concentration, gini, separation
+
+N = sum(a * b for a, b in SHAPES.values())
+ROWS = {n: p.rows_dim for n, p in PARAMS.items()}
+
+
+def scores_with_ties(seed: int) -> tuple[dict, dict]:
+    """Signed and unsigned sets whose values repeat (rounded to 1/8), so tie order matters, plus a few zeros."""
+    g = torch.Generator().manual_seed(seed)
+    weights = {n: torch.randn(s, generator=g) for n, s in SHAPES.items()}
+    sets = {}
+    for kind in ("harm", "harm_unsigned", "benign", "benign_unsigned"):
+        sets[kind] = {n: (torch.randn(s, generator=g) * 8).round() / 8 for n, s in SHAPES.items()}
+        if kind.endswith("unsigned"):
+            sets[kind] = {n: t.abs() for n, t in sets[kind].items()}
+    return weights, sets
+
+
+def stored(tmp_path, dense_sets: dict, spec: PruneSpec, kept: store.StoreSpec) -> dict:
+    """Each needed set written as run.py writes it and opened back, in the layout ``spec`` reads."""
+    out = {}
+    for kind in spec.needed_scores():
+        path = tmp_path / f"{kind}-{kept.store}-{spec.granularity}-{spec.benign_importance}.safetensors"
+        order = store.order_of(kind, spec.benign_importance)
+        store.write(dense_sets[kind], path, kind, kept, spec.granularity, order, ROWS)
+        out[kind] = store.open_scores(path)
+    return out
+
+
+CASES = [
+    PruneSpec(
+        rule=rule,
+        sparsity=sparsity,
+        protect=protect,
+        granularity=granularity,
+        benign_importance=importance,
+        harm_fraction=fraction,
+    )
+    for rule, granularity, importance, (sparsity, protect, fraction) in itertools.product(
+        ("signed_snip", "no_set_difference", "unsigned_snip"),
+        ("global", "matrix", "row"),
+        ("abs_signed", "signed", "unsigned"),
+        ((0.01, 0.05, None), (0.05, 0.1, None), (0.0, 0.1, None), (0.02, 0.1, 0.08), (0.1, 0.0, None)),
+    )
+]
+
+
+@pytest.mark.parametrize("spec", CASES, ids=lambda s: f"{s.rule}-{s.granularity}-{s.benign_importance}-{s.sparsity}-"
+                         f"{s.protect}-{s.harm_fraction}")  # fmt: skip
+def test_masks_from_compact_sets_equal_masks_from_dense_sets(tmp_path, spec):
+    weights, sets = scores_with_ties(1)
+    kept = store.StoreSpec(keep=0.25, keep_benign=0.1)  # keep >= sparsity + protect: always enough
+    dense = select(spec, PARAMS, weights, stored(tmp_path, sets, spec, store.StoreSpec(store="dense")))
+    compact = select(spec, PARAMS, weights, stored(tmp_path, sets, spec, kept))
+    reference = select(spec, PARAMS, weights, sets)  # the in-memory tensors the files came from
+    quota = spec.harm_fraction or spec.sparsity
+    assert sum(t.numel() for t in compact.values()) > 0 or round(quota * (12 if spec.granularity == "row" else N)) == 0
+    for name in PARAMS:
+        assert torch.equal(compact[name], dense[name]), name
+        assert torch.equal(dense[name], reference[name]), name
+
+
+def test_tail_is_the_exact_prefix_of_the_ranking_with_ties_in_pruning_order(tmp_path):
+    _, sets = scores_with_ties(2)
+    k = round(0.1 * N)
+    store.write(sets["harm"], tmp_path / "h.safetensors", "harm", store.StoreSpec(keep=0.1), "global", "neg")
+    tail = store.open_scores(tmp_path / "h.safetensors")
+    h = torch.cat([-sets["harm"][n].reshape(-1) for n in SHAPES])
+    expected = torch.sort(h.masked_fill(h <= 0, float("-inf")), descending=True, stable=True).indices[:k]
+    offsets = dict(zip(SHAPES, np.cumsum([0] + [a * b for a, b in SHAPES.values()])[:-1], strict=True))
+    got = torch.cat([tail.stored(n)[0] + int(offsets[n]) for n in SHAPES])
+    assert sorted(got.tolist()) == sorted(expected.tolist())  # ties broken by matrix order, then flat index
+    for n in SHAPES:  # the raw S values sit beside their indices
+        idx, value = tail.stored(n)
+        assert torch.equal(value, sets["harm"][n].reshape(-1)[idx])
+    assert tail.truncated == {"*": True} and tail.k == {"*": k}
+
+
+def test_report_metrics_from_compact_equal_those_from_dense(tmp_path):
+    _, sets = scores_with_ties(3)
+    files = {}
+    for fmt in ("dense", "compact"):
+        kept = store.StoreSpec(store=fmt, keep=0.05, keep_benign=0.05)
+        for kind, order in (("harm", "neg"), ("benign", "abs")):
+            path = tmp_path / f"{kind}-{fmt}.safetensors"
+            store.write(sets[kind], path, kind, kept, "global", order)
+            files[fmt, kind] = store.open_scores(path)
+    for k in (1, 10, round(0.05 * N)):
+        b = {fmt: concentration(files[fmt, "harm"], k) for fmt in ("dense", "compact")}
+        c = {fmt: separation(files[fmt, "harm"], files[fmt, "benign"], k) for fmt in ("dense", "compact")}
+        assert b["dense"] == b["compact"] and c["dense"] == c["compact"]
+        assert b["dense"] == pytest.approx(concentration(sets["harm"], k), rel=1e-12)  # the in-memory computation
+        assert c["dense"] == separation(sets["harm"], sets["benign"], k)
+    assert gini(files["dense", "harm"]) == gini(files["compact", "harm"]) == pytest.approx(gini(sets["harm"]), 1e-12)
+
+
+def numpy_gini(values: np.ndarray) -> float:
+    """Independent: mean absolute difference over twice the mean, over all pairs."""
+    x = np.maximum(values.astype(np.float64), 0)
+    return float(np.abs(x[:, None] - x[None, :]).sum() / (2 * x.size**2 * x.mean()))
+
+
+@pytest.mark.parametrize("budget", [None, 7, 50])  # small budgets: many value ranges, each sorted on its own
+def test_streamed_gini_equals_an_independent_computation(budget):
+    g = torch.Generator().manual_seed(4)
+    scores = {n: torch.randn(s, generator=g) * torch.rand(s, generator=g) ** 3 for n, s in SHAPES.items()}
+    h = -torch.cat([t.reshape(-1) for t in scores.values()]).numpy()
+    assert gini(scores, budget=budget) == pytest.approx(numpy_gini(h), rel=1e-10)
+
+
+def test_summaries_are_exact_and_survive_the_file(tmp_path):
+    _, sets = scores_with_ties(5)
+    sets["harm"]["l0.q"][0, 0] = float("nan")  # a NaN score counts nowhere
+    store.write(sets["harm"], tmp_path / "h.safetensors", "harm", store.StoreSpec(), "global", "neg")
+    stats = store.open_scores(tmp_path / "h.safetensors").stats
+    h = -torch.cat([t.reshape(-1) for t in sets["harm"].values()]).double()
+    assert stats.n == N - 1
+    assert stats.harm_positive_sum == pytest.approx(float(h[h > 0].sum()), rel=1e-12)
+    assert stats.gini == pytest.approx(numpy_gini(np.nan_to_num(h.numpy(), nan=0.0)[~np.isnan(h.numpy())]), 1e-10)
+
+
+def test_a_request_past_the_stored_tail_stops_in_one_line(tmp_path):
+    """Protected weights at the top of H push the K-th eligible one past a tail that holds K entries."""
+    weights, sets = scores_with_ties(6)
+    spec = PruneSpec(sparsity=0.05, protect=0.1)
+    sets["benign"] = {n: -s for n, s in sets["harm"].items()}  # U = |S_benign| = H: the top of H is protected
+    files = stored(tmp_path, sets, spec, store.StoreSpec(keep=0.06, keep_benign=0.1))
+    with pytest.raises(HarmsweepError, match=r"raise scores\.keep, or use scores\.store=dense") as info:
+        select(spec, PARAMS, weights, files)
+    assert "\n" not in str(info.value)
+    roomy = stored(tmp_path / "roomy", sets, spec, store.StoreSpec(keep=0.2, keep_benign=0.1))
+    assert sum(t.numel() for t in select(spec, PARAMS, weights, roomy).values()) == round(0.05 * N)
+
+
+def test_a_complete_tail_serves_every_request(tmp_path):
+    """When a unit has fewer eligible weights than the tail holds, asking for more is answered as dense would."""
+    weights, sets = scores_with_ties(7)
+    sets["harm"] = {n: s.abs() for n, s in sets["harm"].items()}  # H = -S <= 0 everywhere but one weight
+    sets["harm"]["l1.q"][3, 4] = -1.0
+    spec = PruneSpec(sparsity=0.2, protect=0.0)
+    files = stored(tmp_path, sets, spec, store.StoreSpec(keep=0.01))
+    mask = select(spec, PARAMS, weights, files)
+    assert {n: t.tolist() for n, t in mask.items() if t.numel()} == {"l1.q": [3 * 16 + 4]}
+    assert files["harm"].truncated == {"*": False}
+
+
+def test_a_compact_set_refuses_another_ranking_or_unit(tmp_path):
+    weights, sets = scores_with_ties(8)
+    spec = PruneSpec(sparsity=0.01, protect=0.05)
+    files = stored(tmp_path, sets, spec, store.StoreSpec(keep=0.1, keep_benign=0.1))  # benign kept by |S|
+    with pytest.raises(HarmsweepError, match="keeps the top of \\|S\\|, but this reader ranks by -S"):
+        select(PruneSpec(sparsity=0.01, protect=0.05, benign_importance="signed"), PARAMS, weights, files)
+    with pytest.raises(HarmsweepError, match="keeps score tails per global unit, not per matrix"):
+        select(PruneSpec(sparsity=0.01, protect=0.05, granularity="matrix"), PARAMS, weights, files)
+
+
+def test_compact_bytes_at_the_default_settings():
+    """The figure the README quotes: Llama-3.1-8B's 6,979,321,856 scored weights, harm + benign set."""
+    n, kept = 6_979_321_856, store.StoreSpec()
+    per_variant = store.compact_bytes(n, kept.keep) + store.compact_bytes(n, kept.keep_benign)
+    assert per_variant < 2e9 and per_variant == pytest.approx(1.17e9, rel=0.01)
+    assert 2 * 4 * n / per_variant > 20  # a cached run reads under 1/20 of the dense bytes
