@@ -174,3 +174,23 @@ def test_compact_bytes_at_the_default_settings():
     per_variant = store.compact_bytes(n, kept.keep) + store.compact_bytes(n, kept.keep_benign)
     assert per_variant < 2e9 and per_variant == pytest.approx(1.17e9, rel=0.01)
     assert 2 * 4 * n / per_variant > 20  # a cached run reads under 1/20 of the dense bytes
+
+
+def test_the_report_never_reads_a_damaged_score_file(tmp_path):
+    from harmsweep.cache import write_manifest
+    from harmsweep.report.build import _metrics_bc
+
+    _, sets = scores_with_ties(9)
+    entry = tmp_path / "scores" / "abc"
+    entry.mkdir(parents=True)
+    store.write(sets["harm"], entry / "scores.safetensors", "harm", store.StoreSpec(keep=0.1), "global", "neg")
+    write_manifest(entry, "scores.safetensors")
+    rows = [{"run_id": "r1", "scores_harm": str(entry / "scores.safetensors"), "scores_benign": None, "n_scored": N}]
+    intact = _metrics_bc(rows, rows, 0.01)
+    assert intact["note"] == "" and intact["B_concentration"] == concentration(sets["harm"], round(0.01 * N))
+    data = bytearray((entry / "scores.safetensors").read_bytes())
+    data[-5] ^= 0xFF  # one flipped byte in the stored values
+    (entry / "scores.safetensors").write_bytes(bytes(data))
+    damaged = _metrics_bc(rows, rows, 0.01)
+    assert damaged["B_concentration"] is None and damaged["gini"] is None
+    assert damaged["note"].startswith("score file damaged, not read: abc: scores.safetensors has sha256")

@@ -118,11 +118,23 @@ def _metrics_bc(
         out["note"] = "no score files recorded (W&B source, or no scored rule in this variant)"
     elif not Path(str(source["scores_harm"])).is_file():
         out["note"] = f"score file missing: {source['scores_harm']}"
+    elif problem := _damaged(source.get("scores_harm"), source.get("scores_benign")):
+        out["note"] = f"score file damaged, not read: {problem}"
     else:
         out.update(score_metrics(str(source["scores_harm"]), source.get("scores_benign"), k))
         out.update({key: source.get(key) for key in ("scores_harm", "scores_benign")})
         out["scores_run"] = source["run_id"]
     return out
+
+
+def _damaged(*paths: Any) -> str | None:
+    """A score file whose cache entry no longer matches its manifest is never read (the run recomputes it)."""
+    from harmsweep.cache import MANIFEST, entry_problem
+
+    for path in (Path(str(p)) for p in paths if p):
+        if (path.parent / MANIFEST).is_file() and (problem := entry_problem(path.parent, path.name)):
+            return f"{path.parent.name}: {problem}"
+    return None
 
 
 def compression_rows(
