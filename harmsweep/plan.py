@@ -254,7 +254,7 @@ def size_job(shape: ModelShape, work: Workload, judge: ModelShape | None, speed:
         activations=acts,
         kv_cache=kv,
         judge=judge_bytes,
-        peak=phases[phase],
+        peak=phases.get(phase, weights),
         phase=phase,
         passes=passes,
         generated_tokens=gen_tokens,
