@@ -139,6 +139,9 @@ def test_run_on_shared_data_with_prefilling(tmp_path, shared_data):
         ("calibration.n=0", "calibration.n=0 must be at least 1"),
         ("pruning.sparsty=1e-4", "Key 'sparsty' not in 'PruningConfig'"),
         ("calibration.n=many", "could not be converted to Integer"),
+        ("pruning.sparsity=0.05", "pruning.sparsity=0.05 is more than the stored score tail scores.keep=0.011"),
+        ("pruning.protect=0.05", "raise scores.keep_benign or use scores.store=dense"),
+        ("scores.store=sparse", "scores.store=sparse is not one of compact, dense"),
     ],
 )
 def test_bad_overrides_fail_in_one_line_and_leave_no_result(tmp_path, override, expected):

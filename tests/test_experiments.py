@@ -14,7 +14,7 @@ CATEGORIES = ["Violence", "Sexual content", "Disinformation and deception"]
 TINY = [
     "model=tiny_llama", "calibration.n=4", "eval.n=4", "calibration.max_length=1024",
     "calibration.harmful.max_new_tokens=8", "eval.benign_references=dataset", "eval.generation.max_new_tokens=8",
-    "pruning.sparsity=0.01",
+    "pruning.sparsity=0.01", "scores.keep=0.2",
 ]  # fmt: skip
 
 
