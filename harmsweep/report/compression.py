@@ -189,7 +189,7 @@ def gini(scores: Scores, budget: int | None = None) -> float:
         n += int((~torch.isnan(scores[name])).sum())
         positive = h[h > 0]
         positives += positive.numel()
-        high += torch.bincount((float_keys(positive) >> 16).view(-1), minlength=_BINS)
+        high += torch.bincount((float_keys(positive) >> 16).view(-1), minlength=_BINS).cpu()
     if n == 0 or positives == 0:
         return math.nan
     budget = budget or max(1 << 26, positives // 8)
@@ -201,7 +201,7 @@ def gini(scores: Scores, budget: int | None = None) -> float:
             h = _harm(scores, name)
             bins = float_keys(h) >> 16
             parts.append(h[(h > 0) & (bins >= lo) & (bins < hi)])
-        chunk_values = torch.cat(parts).numpy()
+        chunk_values = torch.cat([t.cpu() for t in parts]).numpy()  # scores may sit on a GPU (scoring.offload=false)
         chunk_values.sort()  # in place
         for start in range(0, chunk_values.size, _GINI_CHUNK):
             chunk = torch.from_numpy(chunk_values[start : start + _GINI_CHUNK]).double()
