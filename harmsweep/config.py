@@ -248,9 +248,12 @@ class Config:
     dissociation: DissociationConfig | None = None  # set by experiment=dissociation
     seed: int = 0
     device: str = "auto"
+    stage: str = "run"  # run | prepare: a launcher's job making a group's shared artifacts (run.prepare)
+    prepare_scores: list[str] | None = None  # stage=prepare: score kinds to make; null: what pruning needs
 
 
-NOT_IN_RUN_ID = ("paths", "logger", "launcher", "hydra", "scoring", "scores")
+# stage, prepare_scores: a prepare job is its group's first run with another stage (harmsweep/launcher.py)
+NOT_IN_RUN_ID = ("paths", "logger", "launcher", "hydra", "scoring", "scores", "stage", "prepare_scores")
 PLACEMENT_KEYS = ("device_map", "max_memory")  # where the model sits changes no result
 
 

@@ -186,7 +186,9 @@ def _keys(cfg: Mapping[str, Any]) -> dict[str, str]:
         rule=p["rule"], protect=float(p["protect"]), benign_importance=p["benign_importance"]
     ).needed_scores()
     kept = StoreSpec.from_config(cfg.get("scores"))
-    layout = {kind: Layout(kept, kind, order_of(kind, p["benign_importance"]), p["granularity"]).key() for kind in needed}
+    layout = {
+        kind: Layout(kept, kind, order_of(kind, p["benign_importance"]), p["granularity"]).key() for kind in needed
+    }
     return {
         "calibration": base + json.dumps(cfg["eval"]["n"]),
         "eval_before": base + json.dumps([cfg["eval"], cfg["judges"]], sort_keys=True, default=str),

@@ -47,6 +47,11 @@ def run_pipeline(cfg: Mapping[str, Any], run_dir: Path, sweep: str | None = None
     """Run (or finish, or return the finished) run of ``cfg`` in ``run_dir``, logging it when configured."""
     spec = check_config(cfg)
     rid = run_id(cfg)
+    stage = cfg.get("stage") or "run"
+    if stage == "prepare":  # a launcher's job making its group's shared artifacts: no pruning, no W&B run
+        return prepare(cfg, spec, rid, run_dir)
+    if stage != "run":
+        raise HarmsweepError(f"stage={stage} is not one of run, prepare")
     _claim(run_dir, rid, cfg)
     (run_dir / "FAILED").unlink(missing_ok=True)  # a retry clears the previous failure
     result_path = run_dir / "result.json"
@@ -63,6 +68,7 @@ def run_pipeline(cfg: Mapping[str, Any], run_dir: Path, sweep: str | None = None
     try:
         body = runner(cfg.get("experiment")) or _run
         result, items = body(cfg, spec, rid, run_dir)
+        _log_reused(result)
         mask = result.get("artifacts", {}).get("mask")
         tracker.log_result(result, items, Path(mask) if mask else None)
         failed = False
@@ -107,18 +113,9 @@ def _run(
     kinds = sorted(scores)
     scores.clear()  # score files are read one matrix at a time; nothing of them stays for evaluation
 
-    held = HeldOut(splits.harmful_eval, splits.benign_eval, {k: sets[k] for k in ("eval_harmful", "eval_benign")})
-    suite = Suite(cfg, lm, template, held)
-    # The unpruned model's measurements are the same for every rule and sparsity: shared like scores.
-    before_info = {"version": VERSIONS["eval"], "calibration": cal_entry.name, "eval": cfg["eval"],
-                   "judges": cfg["judges"], "seed": cfg["seed"]}  # fmt: skip
-    before_entry = root / "eval_before" / content_key(before_info)
     start = time.perf_counter()
-    before, computed["eval_before"] = cached(
-        before_entry,
-        lambda e: _evaluate(suite, "before", e / "eval_before.json", before_info),
-        lambda e: _read_json(e / "eval_before.json"),
-        "eval_before.json",
+    suite, before, computed["eval_before"], before_path = evaluate_before(
+        cfg, lm, template, splits, sets, cal_entry, root
     )
     timings["evaluate_before"] = time.perf_counter() - start
     zeros_before = sum(int((w == 0).sum()) for w in weights.values())
@@ -126,7 +123,7 @@ def _run(
     suite.mask = mask  # generation engines that hold their own weights (vLLM) apply it too
     zeros_after = sum(int((w == 0).sum()) for w in weights.values())
     after = _timed(timings, "evaluate_after", lambda: _evaluate(suite, "after", None))
-    artifacts_before = str(before_entry / "eval_before.json")
+    artifacts_before = str(before_path)
     items = before["items"] + after["items"]
     write_jsonl(items, run_dir / "items.jsonl")
 
@@ -305,3 +302,100 @@ def _evaluate(suite: Suite, stage: str, path: Path | None, info: Mapping[str, An
         write_key_info(path.parent, info or {})
         write_json(out, path)
     return out
+
+
+# ---------------------------------------------------------------- shared stages (also the launcher's prepare jobs)
+
+
+def evaluate_before(
+    cfg: Mapping[str, Any],
+    lm: LoadedModel,
+    template: str,
+    splits: Any,
+    sets: Mapping[str, dict[str, torch.Tensor]],
+    cal_entry: Path,
+    root: Path,
+) -> tuple[Suite, dict[str, Any], bool, Path]:
+    """The unpruned model's evaluation, cached like scores (the same for every rule and sparsity).
+
+    Returns the suite (which evaluates the pruned model after), the evaluation, whether this call computed
+    it, and its file.
+    """
+    held = HeldOut(splits.harmful_eval, splits.benign_eval, {k: sets[k] for k in ("eval_harmful", "eval_benign")})
+    suite = Suite(cfg, lm, template, held)
+    before_info = {"version": VERSIONS["eval"], "calibration": cal_entry.name, "eval": cfg["eval"],
+                   "judges": cfg["judges"], "seed": cfg["seed"]}  # fmt: skip
+    entry = root / "eval_before" / content_key(before_info)
+    before, computed = cached(
+        entry,
+        lambda e: _evaluate(suite, "before", e / "eval_before.json", before_info),
+        lambda e: _read_json(e / "eval_before.json"),
+        "eval_before.json",
+    )
+    return suite, before, computed, entry / "eval_before.json"
+
+
+def prepare(cfg: Mapping[str, Any], spec: PruneSpec, rid: str, run_dir: Path) -> dict[str, Any]:
+    """``stage=prepare``: a group's shared artifacts, made once before its runs start (harmsweep/launcher.py).
+
+    Calibration, every score set in ``prepare_scores`` (``kind`` or ``kind@granularity@benign_importance``:
+    compact score sets are keyed by the ranking and unit their readers use; null: what ``spec`` needs) and
+    the unpruned evaluation, into the shared artifact cache; nothing is pruned. ``run_dir/prepare.json``,
+    written last, lists what was made, so a relaunch needs no second prepare job.
+    """
+    from dataclasses import replace
+
+    torch.manual_seed(int(cfg["seed"]))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "FAILED").unlink(missing_ok=True)
+    wanted = cfg.get("prepare_scores")
+    entries = sorted(set(wanted)) if wanted is not None else sorted(spec.needed_scores())
+    timings: dict[str, float] = {}
+    computed: dict[str, bool] = {}
+    lm = _timed(timings, "load", lambda: load_run_model(cfg))
+    template = resolve_template(lm.tokenizer, cfg["alignment"]["template"])
+    splits = held_out_splits(cfg, exclude=trained_prompts(lm.source, cfg["paths"]["cache_dir"]))
+    root = artifacts_root(cfg, run_dir)
+    start = time.perf_counter()
+    sets, cal_entry, computed["calibration"] = calibrate(cfg, lm, template, splits, root)
+    timings["calibrate"] = time.perf_counter() - start
+    artifacts = {"calibration": str(cal_entry / "calibration.safetensors")}
+    for entry in entries:
+        kind, *layout = entry.split("@")
+        variant = spec
+        if layout:  # the ranking and unit of the run that reads it; nothing else of the spec keys a score set
+            importance = layout[1] if len(layout) > 1 else spec.benign_importance
+            variant = replace(spec, granularity=layout[0], benign_importance=importance)
+        start = time.perf_counter()
+        _, path, computed[f"scores_{entry}"] = score(lm, cfg, sets, kind, root, variant)
+        timings[f"score_{entry}"] = time.perf_counter() - start
+        artifacts[f"scores_{entry}"] = str(path)
+    start = time.perf_counter()
+    _, _, computed["eval_before"], before_path = evaluate_before(cfg, lm, template, splits, sets, cal_entry, root)
+    timings["evaluate_before"] = time.perf_counter() - start
+    artifacts["eval_before"] = str(before_path)
+    for name, made in computed.items():
+        log.info("%s %s: %s", "computed" if made else "reusing", name, artifacts[name])
+    result = {
+        "run_id": rid,
+        "experiment": "prepare",
+        "stage": "prepare",
+        "model": cfg["model"]["name"],
+        "alignment": cfg["alignment"]["name"],
+        "prepared_scores": entries,
+        "computed": computed,
+        "artifacts": artifacts,
+        "metrics": {f"seconds_{k}": round(v, 3) for k, v in timings.items()},
+        "figures": {},  # cli.summary prints it like an experiment's result: its timings
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+    }
+    write_json(result, run_dir / "prepare.json")
+    return result
+
+
+def _log_reused(result: Mapping[str, Any]) -> None:
+    """One line per shared artifact the run took from the cache (made by a prepare job or an earlier run)."""
+    paths = result.get("artifacts") or {}
+    for name, made in (result.get("computed") or {}).items():
+        if not made:
+            log.info("reusing %s: %s", name, paths.get(name, "(cached)"))

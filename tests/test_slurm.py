@@ -86,15 +86,19 @@ def slurm_cluster() -> Iterator[None]:
 
 @pytest.fixture
 def job_name(slurm_cluster) -> Iterator[str]:
-    """A Slurm job name unique to this test; whatever is left of its jobs is cancelled afterwards."""
+    """A Slurm job name unique to this test; whatever is left of its jobs is cancelled afterwards.
+
+    Prepare jobs (harmsweep/launcher.py) are named <name>-prepare: they are cleaned up too.
+    """
     name = f"hstest-{uuid.uuid4().hex[:10]}"
     yield name
+    names = f"{name},{name}-prepare"
     # a job may still be completing when its driver has its result: give it a moment before cancelling leftovers
     for _ in range(50):
-        if not _quiet("squeue", "-h", f"--name={name}", "-o", "%i").stdout.strip():
+        if not _quiet("squeue", "-h", f"--name={names}", "-o", "%i").stdout.strip():
             return
         time.sleep(0.2)
-    _quiet("scancel", f"--name={name}")
+    _quiet("scancel", f"--name={names}")
 
 
 def sacct_states(name: str, *, attempts: bool = False, expect: int | None = None) -> list[tuple[str, str, str]]:
@@ -166,9 +170,13 @@ def job_logs(sweep_dir: Path) -> str:
 
 
 def test_multirun_through_slurm_completes_every_job(tmp_path, job_name):
+    """The plain job array (prepare_shared=false: no prepare job; the default is tested below)."""
     harmful, benign = write_pairs(tmp_path / "data", 12)
     sweep = tmp_path / "sweep"
-    proc = multirun(sweep, job_name, *run_args(harmful, benign), "pruning=signed_snip,random", cache=tmp_path / "cache")
+    proc = multirun(
+        sweep, job_name, *run_args(harmful, benign), "pruning=signed_snip,random",
+        "hydra.launcher.prepare_shared=false", cache=tmp_path / "cache",
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:] + job_logs(sweep)
 
     done = results(sweep)
@@ -328,3 +336,95 @@ def test_gpu_profile_is_accepted_by_slurm(tmp_path, job_name):
     assert "#SBATCH --gpus-per-node=1" in script.read_text()
     tres = _quiet("sacct", "-n", "-P", "-X", "-S", "now-1days", f"--name={job_name}", "-o", "AllocTRES").stdout
     assert "gres/gpu=1" in tres, tres
+
+
+# ---------------------------------------------------------------- no idle GPUs: prepare jobs, relaunches
+
+
+def sacct_jobs(name: str, expect: int) -> list[dict[str, str]]:
+    """Every job of a test (its runs and its <name>-prepare jobs), oldest first, once `expect` of them ended."""
+    cmd = ["sacct", "-n", "-P", "-X", "-S", "now-1days", f"--name={name},{name}-prepare", "-o",
+           "JobID,JobName,State,Submit,Start,End"]  # fmt: skip
+    keys = ("id", "name", "state", "submit", "start", "end")
+    rows: list[dict[str, str]] = []
+    for _ in range(50):
+        rows = [dict(zip(keys, line.split("|"), strict=True)) for line in _quiet(*cmd).stdout.split()]
+        if sum(r["state"] == "COMPLETED" for r in rows) >= expect:
+            break
+        time.sleep(0.2)
+    return rows
+
+
+def _run_logs(sweep: Path) -> dict[str, str]:
+    """Each job's submitit log (stdout + stderr), by job id."""
+    return {p.name.split("_log")[0]: p.read_text() for p in (sweep / ".submitit").glob("*/*_log.*")}
+
+
+def test_a_sweep_group_starts_after_its_prepare_job_and_waits_on_no_lock(tmp_path, job_name):
+    """Four runs that differ only in pruning.*: one <name>-prepare job makes calibration, scores and the unpruned
+    evaluation; the four runs are an array that Slurm starts only after it ended (afterok), and reuse all of it."""
+    harmful, benign = write_pairs(tmp_path / "data", 12)
+    sweep = tmp_path / "sweep"
+    proc = multirun(
+        sweep, job_name, *run_args(harmful, benign), "pruning=signed_snip,random", "pruning.sparsity=0.01,0.02",
+        cache=tmp_path / "cache",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:] + job_logs(sweep)
+    done = results(sweep)
+    assert len(done) == 4
+    for result in done.values():  # nothing shared was computed by a run: the prepare job made it all
+        assert result["computed"] and not any(result["computed"].values()), result["computed"]
+    (marker,) = sweep.glob(".prepare/*/prepare.json")
+    prepared = json.loads(marker.read_text())
+    assert all(prepared["computed"].values()) and prepared["prepared_scores"] == [
+        "benign@global@abs_signed", "harm@global@abs_signed"]  # fmt: skip
+
+    jobs = sacct_jobs(job_name, expect=5)
+    prepare = [j for j in jobs if j["name"] == f"{job_name}-prepare"]
+    runs = [j for j in jobs if j["name"] == job_name]
+    assert len(prepare) == 1 and len(runs) == 4, jobs
+    assert all(j["state"] == "COMPLETED" for j in jobs), jobs
+    for run in runs:  # Slurm started no run before the prepare job had ended
+        assert run["start"] >= prepare[0]["end"], jobs
+    print("[slurm] sacct:\n" + "\n".join("|".join(j.values()) for j in jobs))
+    scripts = {p.read_text() for p in (sweep / ".submitit").glob("*/*_submission.sh")}
+    (array,) = [t for t in scripts if "#SBATCH --array=0-3%" in t]
+    assert f"#SBATCH --dependency=afterok:{prepare[0]['id']}" in array and "#SBATCH --requeue" in array
+    assert f"#SBATCH --job-name={job_name}-prepare" in "".join(scripts)
+
+    logs = _run_logs(sweep)
+    run_logs = [text for job_id, text in logs.items() if job_id.split("_")[0] == runs[0]["id"].split("_")[0]]
+    assert len(run_logs) >= 4
+    joined = "\n".join(run_logs)
+    assert "computed concurrently" not in joined  # no run waited on another's lock
+    for artifact in ("reusing calibration", "reusing eval_before", "reusing scores_harm"):
+        assert artifact in joined, joined[-3000:]
+
+
+def test_relaunching_a_finished_sweep_submits_no_job(tmp_path, job_name):
+    harmful, benign = write_pairs(tmp_path / "data", 12)
+    sweep = tmp_path / "sweep"
+    args = (*run_args(harmful, benign), "pruning=signed_snip,random", "pruning.sparsity=0.01,0.02")
+    first = multirun(sweep, job_name, *args, cache=tmp_path / "cache")
+    assert first.returncode == 0, first.stderr[-3000:] + job_logs(sweep)
+    before = sacct_jobs(job_name, expect=5)
+    assert len(before) == 5  # a prepare job and four runs
+
+    start = time.monotonic()
+    again = multirun(sweep, job_name, *args, cache=tmp_path / "cache")
+    seconds = time.monotonic() - start
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "4 of 4 runs are done already: not submitted" in again.stdout + again.stderr
+    time.sleep(1)
+    assert sacct_jobs(job_name, expect=5) == before  # Slurm saw no new job
+    print(f"[slurm] relaunch of a finished 4-run sweep: {seconds:.1f}s, no job")
+
+    # one run removed: only it is submitted again, alone (its group's artifacts are still prepared)
+    (victim,) = [p for p in results(sweep) if results(sweep)[p]["pruning"]["rule"] == "random"][:1]
+    for path in (sweep / victim).glob("result.json"):
+        path.unlink()
+    third = multirun(sweep, job_name, *args, cache=tmp_path / "cache")
+    assert third.returncode == 0, third.stderr[-3000:]
+    after = sacct_jobs(job_name, expect=6)
+    assert len(after) == 6 and after[-1]["name"] == job_name, after
+    assert len(results(sweep)) == 4

@@ -66,7 +66,9 @@ class Context:
         sets = {"harmful": harmful, "benign": benign}
         out = {}
         for kind in sorted(spec.needed_scores()):
-            out[kind], _, computed = self.timed(f"score_{kind}", lambda k=kind: score(lm, self.cfg, sets, k, self.root, spec))
+            out[kind], _, computed = self.timed(
+                f"score_{kind}", lambda k=kind: score(lm, self.cfg, sets, k, self.root, spec)
+            )
             self.computed[f"scores_{kind}"] = self.computed.get(f"scores_{kind}", False) or computed
         return out
 

@@ -1,0 +1,1 @@
+"""Hydra plugin: harmsweep's launchers (the code is in harmsweep/launcher.py)."""
