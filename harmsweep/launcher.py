@@ -18,7 +18,7 @@ hydra-submitit-launcher's SlurmLauncher / LocalLauncher with this module's launc
    gets none. Experiments with their own bodies (experiments.RUNNERS), runs without a shared cache
    (paths.artifacts=null) and groups of one are submitted as before. ``hydra.launcher.prepare_shared=false``
    turns grouping off (every run computes or waits for what it needs, under the cache's lock).
-3. **Storage is checked before anything is submitted.** On SLURM the shared artifacts must not land in
+3. **Storage is checked before anything is submitted** (harmsweep/sweep_storage.py). On SLURM the shared artifacts must not land in
    $HOME: a ``paths.artifacts`` not given on the command line that would be under $HOME becomes
    ``$SCRATCH/harmsweep/artifacts``, or, without $SCRATCH, the driver stops with one line. A sweep whose
    artifacts do not fit the free space (harmsweep plan's sizing, plan_cli.build) stops with one line too.
@@ -40,6 +40,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, LocalQueueConf, SlurmQueueConf
+
+from harmsweep.sweep_storage import disk_problem, overridden, scratch_overrides
 
 log = logging.getLogger(__name__)
 
@@ -241,85 +243,6 @@ def dependency_parameters(additional: Mapping[str, Any], job_ids: Sequence[str])
     return {**additional, "dependency": f"{existing},{after}" if existing else after}
 
 
-# ---------------------------------------------------------------- storage
-
-
-def _under(path: Path, folder: Path) -> bool:
-    try:
-        return path.resolve().is_relative_to(folder.resolve())
-    except OSError:
-        return False
-
-
-def _given(overrides: Sequence[str], key: str) -> bool:
-    return any(o.split("=", 1)[0].lstrip("+~") == key for o in overrides)
-
-
-def scratch_overrides(jobs: Sequence[Job], env: Mapping[str, str] | None = None) -> list[str]:
-    """On SLURM: the override that moves a default artifact folder under $HOME to $SCRATCH; [] if none is.
-
-    Raises HarmsweepError when such a folder would be under $HOME and $SCRATCH is unset. An explicit
-    ``paths.artifacts=DIR`` on the command line is taken as given.
-    """
-    from harmsweep.errors import HarmsweepError
-
-    env = os.environ if env is None else env
-    home = env.get("HOME")
-    if not home:
-        return []
-    for job in jobs:
-        artifacts = (job.cfg or {}).get("paths", {}).get("artifacts")
-        if not artifacts or _given(job.overrides, "paths.artifacts"):
-            continue
-        path = Path(os.path.expanduser(str(artifacts)))
-        if not _under(path, Path(home)):
-            continue
-        scratch = env.get("SCRATCH")
-        if not scratch:
-            raise HarmsweepError(
-                f"paths.artifacts would be {path}, under $HOME: on a SLURM cluster the shared artifacts (score sets "
-                "of 1.2 GB per 8B variant, 56 GB dense) belong on scratch storage: set paths.artifacts=DIR, or "
-                "export SCRATCH (default: "
-                "$SCRATCH/harmsweep/artifacts)"
-            )
-        return [f"paths.artifacts={Path(scratch) / 'harmsweep' / 'artifacts'}"]
-    return []
-
-
-def disk_problem(task_overrides: Sequence[str], extra: Sequence[str] = ()) -> str | None:
-    """harmsweep plan's disk sizing of the sweep (plan_cli.build): its problem line when it does not fit.
-
-    A sweep that cannot be sized here (a model config not available offline, a sizing error) is not
-    stopped for that: one warning line, and it is submitted.
-    """
-    from hydra.core.global_hydra import GlobalHydra
-
-    from harmsweep.plan_cli import build
-
-    hydra = GlobalHydra.instance()
-    saved = hydra.hydra
-    hydra.clear()  # build() composes with its own initialize_config_dir, which needs Hydra uninitialised
-    try:
-        plan, _ = build(["-m", *task_overrides, *extra])
-    except Exception as exc:  # sizing is advice: a model it cannot read must not stop a sweep
-        detail = str(exc).splitlines()[0] if str(exc) else ""
-        log.warning(f"harmsweep: could not size the sweep's disk use ({type(exc).__name__}: {detail}); not checked")
-        return None
-    finally:
-        GlobalHydra.instance().hydra = saved
-    disk = plan["disk"]
-    if disk["free"] is None or disk["total"] <= disk["free"]:
-        return None
-    return (
-        f"the sweep writes {_size(disk['total'])} of artifacts but {disk['artifacts']} has {_size(disk['free'])} "
-        "free (harmsweep plan -m ... shows the sizes): free space or set paths.artifacts=DIR"
-    )
-
-
-def _size(n_bytes: float) -> str:
-    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
-
-
 def fail(message: str) -> None:
     """One line and exit 2, before anything is submitted (as the CLI does for user errors)."""
     print(f"harmsweep: error: {message}", file=sys.stderr)
@@ -492,7 +415,7 @@ class SweepLauncherMixin:
         if extra:
             log.info(f"harmsweep: {extra[0]} (the default would be under $HOME)")
             for job in pending:
-                if _given(job.overrides, "paths.artifacts"):  # its own (e.g. swept) folder: as given
+                if overridden(job.overrides, "paths.artifacts"):  # its own (e.g. swept) folder: as given
                     continue
                 job.overrides.append(extra[0])
                 if job.cfg is not None:
