@@ -42,12 +42,14 @@ lint: venv
 
 # Speed claims, rerunnable (not part of `make test`): each prints a table and writes outputs/bench/<name>.json.
 # BENCH_LARGE=1 adds mask selection over 1e9 scores (~9 GB RAM); the cold demo is `python bench/demo.py --cold`.
+# bench/relaunch.py needs the local SLURM cluster (launchers/slurm-local.sh up) and is run on its own.
 bench: export TQDM_DISABLE = 1  # progress bars would bury the tables
 bench: venv
 	$(BIN)/python bench/scoring.py
 	$(BIN)/python bench/per_layer.py
 	$(BIN)/python bench/sweep_reuse.py
 	$(BIN)/python bench/mask_select.py --sizes 1e8 $(if $(filter 1,$(BENCH_LARGE)),1e9)
+	$(BIN)/python bench/score_store.py
 	$(BIN)/python bench/generation.py
 	$(BIN)/python bench/demo.py
 
