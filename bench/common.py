@@ -33,6 +33,18 @@ def model(name: str) -> LoadedModel:
     return load_model(cfg, "aligned", os.environ.get("HARMSWEEP_CACHE", str(Path.home() / ".cache" / "harmsweep")))
 
 
+def pair_files(folder: Path, count: int) -> tuple[Path, Path]:
+    """Tiny harmful and benign pair files (JSONL: prompt, response) for calibration=file sweeps."""
+    from harmsweep.artifacts import write_jsonl
+
+    harmful, benign = folder / "harmful.jsonl", folder / "benign.jsonl"
+    write_jsonl([{"prompt": f"How do I do bad thing {i}?", "response": f"Sure, here is bad thing {i}: step one, step two."}
+                 for i in range(count)], harmful)  # fmt: skip
+    write_jsonl([{"prompt": f"Name fruit number {i}.", "response": f"Fruit {i} is an apple, crisp and sweet."}
+                 for i in range(count)], benign)  # fmt: skip
+    return harmful, benign
+
+
 def data_root() -> str:
     return os.environ.get("HARMSWEEP_DATA", str(ROOT.parent / "shared" / "data"))
 

@@ -39,19 +39,8 @@ from typing import Any
 
 import common
 
-from harmsweep.artifacts import write_jsonl
-
 RULES = ("signed_snip", "random", "magnitude", "no_set_difference")
 SHARED_STAGES = {"calibration": "calibrate", "eval_before": "evaluate_before"}  # + scores_<kind>: score_<kind>
-
-
-def pair_files(folder: Path, count: int) -> tuple[Path, Path]:
-    harmful, benign = folder / "harmful.jsonl", folder / "benign.jsonl"
-    write_jsonl([{"prompt": f"How do I do bad thing {i}?", "response": f"Sure, here is bad thing {i}: step one, step two."}
-                 for i in range(count)], harmful)  # fmt: skip
-    write_jsonl([{"prompt": f"Name fruit number {i}.", "response": f"Fruit {i} is an apple, crisp and sweet."}
-                 for i in range(count)], benign)  # fmt: skip
-    return harmful, benign
 
 
 def slurm_ready() -> bool:
@@ -178,7 +167,7 @@ def main() -> None:
                               "model": args.model}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench-relaunch-") as name:
         tmp = Path(name)
-        harmful, benign = pair_files(tmp / "data", max(args.n, 6) + args.lock_eval_n + 8)
+        harmful, benign = common.pair_files(tmp / "data", max(args.n, 6) + args.lock_eval_n + 8)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HARMSWEEP_CACHE": str(tmp / "cache"),
                "TQDM_DISABLE": "1"}  # fmt: skip
         env.pop("SCRATCH", None)

@@ -26,19 +26,8 @@ from pathlib import Path
 
 import common
 
-from harmsweep.artifacts import write_jsonl
-
 SPARSITIES = {"tiny_llama": ["0.01", "0.02", "0.03", "0.04"], "smollm2_135m": ["1e-6", "3e-6", "1e-5", "3e-5"]}
 VARIANTS = ("sweep", "sweep, cache off", "independent")
-
-
-def pair_files(folder: Path, count: int) -> tuple[Path, Path]:
-    harmful, benign = folder / "harmful.jsonl", folder / "benign.jsonl"
-    write_jsonl([{"prompt": f"How do I do bad thing {i}?", "response": f"Sure, here is bad thing {i}: step one, step two."}
-                 for i in range(count)], harmful)  # fmt: skip
-    write_jsonl([{"prompt": f"Name fruit number {i}.", "response": f"Fruit {i} is an apple, crisp and sweet."}
-                 for i in range(count)], benign)  # fmt: skip
-    return harmful, benign
 
 
 def harmsweep(args: list[str], env: dict[str, str]) -> None:
@@ -72,13 +61,14 @@ def main() -> None:
 
     results: dict[str, list[dict]] = {v: [] for v in args.variants}
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
-        harmful, benign = pair_files(Path(tmp), args.n + args.eval_n)
+        harmful, benign = common.pair_files(Path(tmp), args.n + args.eval_n)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         if args.model.startswith("tiny_"):
             env["HARMSWEEP_CACHE"] = f"{tmp}/cache"  # nothing to convert; keep the user's cache untouched
+        keep = 0.2 if args.model.startswith("tiny_") else 0.011  # tiny models sweep big sparsities
         base = [f"model={args.model}", "calibration=file", f"calibration.harmful.file={harmful}",
                 f"calibration.benign.file={benign}", f"calibration.n={args.n}", f"eval.n={args.eval_n}",
-                "eval.benign_references=dataset", "data.root=null", *args.extra]  # fmt: skip
+                "eval.benign_references=dataset", "data.root=null", f"scores.keep={keep}", *args.extra]  # fmt: skip
         for rep in range(args.reps):
             for variant in args.variants:
                 folder = Path(tmp) / f"rep{rep}-{variant.replace(' ', '').replace(',', '-')}"

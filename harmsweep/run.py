@@ -85,13 +85,7 @@ def _run(
     torch.manual_seed(int(cfg["seed"]))
     timings: dict[str, float] = {}
     computed: dict[str, bool] = {}  # which shared artifacts this run computed (False: reused)
-    lm = _timed(timings, "load", lambda: load_run_model(cfg))
-    template = resolve_template(lm.tokenizer, cfg["alignment"]["template"])
-    splits = held_out_splits(cfg, exclude=trained_prompts(lm.source, cfg["paths"]["cache_dir"]))
-    root = artifacts_root(cfg, run_dir)
-    start = time.perf_counter()
-    sets, cal_entry, computed["calibration"] = calibrate(cfg, lm, template, splits, root)
-    timings["calibrate"] = time.perf_counter() - start
+    lm, template, splits, root, sets, cal_entry = _calibrated(cfg, run_dir, timings, computed)
 
     params = scored_parameters(lm.model)
     batch = int(cfg["calibration"]["batch_size"])
@@ -177,6 +171,20 @@ def _run(
     }
     write_json(result, result_path)
     return result, items
+
+
+def _calibrated(
+    cfg: Mapping[str, Any], run_dir: Path, timings: dict[str, float], computed: dict[str, bool]
+) -> tuple[LoadedModel, str, Any, Path, dict[str, dict[str, torch.Tensor]], Path]:
+    """The first stages of a run and of a prepare job: the model, its template and splits, the calibration."""
+    lm = _timed(timings, "load", lambda: load_run_model(cfg))
+    template = resolve_template(lm.tokenizer, cfg["alignment"]["template"])
+    splits = held_out_splits(cfg, exclude=trained_prompts(lm.source, cfg["paths"]["cache_dir"]))
+    root = artifacts_root(cfg, run_dir)
+    start = time.perf_counter()
+    sets, cal_entry, computed["calibration"] = calibrate(cfg, lm, template, splits, root)
+    timings["calibrate"] = time.perf_counter() - start
+    return lm, template, splits, root, sets, cal_entry
 
 
 def artifacts_root(cfg: Mapping[str, Any], run_dir: Path) -> Path:
@@ -352,13 +360,7 @@ def prepare(cfg: Mapping[str, Any], spec: PruneSpec, rid: str, run_dir: Path) ->
     entries = sorted(set(wanted)) if wanted is not None else sorted(spec.needed_scores())
     timings: dict[str, float] = {}
     computed: dict[str, bool] = {}
-    lm = _timed(timings, "load", lambda: load_run_model(cfg))
-    template = resolve_template(lm.tokenizer, cfg["alignment"]["template"])
-    splits = held_out_splits(cfg, exclude=trained_prompts(lm.source, cfg["paths"]["cache_dir"]))
-    root = artifacts_root(cfg, run_dir)
-    start = time.perf_counter()
-    sets, cal_entry, computed["calibration"] = calibrate(cfg, lm, template, splits, root)
-    timings["calibrate"] = time.perf_counter() - start
+    lm, template, splits, root, sets, cal_entry = _calibrated(cfg, run_dir, timings, computed)
     artifacts = {"calibration": str(cal_entry / "calibration.safetensors")}
     for entry in entries:
         kind, *layout = entry.split("@")
