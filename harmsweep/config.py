@@ -297,6 +297,12 @@ def check_config(cfg: Mapping[str, Any]) -> PruneSpec:
         raise HarmsweepError(
             "calibration.harmful.responses=file needs calibration.harmful.file=PATH (JSONL: prompt, response)"
         )
+    if mode != "file" and cal["harmful"].get("file"):
+        raise HarmsweepError(
+            f"calibration.harmful.file={cal['harmful']['file']} is read only with calibration=file (harmful "
+            f"responses from the file; now they come from calibration.harmful.responses={mode}): add calibration=file "
+            "to use it, or drop the file setting"
+        )
     for key in ("calibration.harmful.file", "calibration.benign.file"):
         path = cal[key.split(".")[1]].get("file")
         if path and not Path(path).is_file():

@@ -66,7 +66,7 @@ def load_model(
     dtype = _dtype(model_cfg.get("dtype", "float32"))
     remote = bool(model_cfg.get("trust_remote_code", False))
     if model_cfg.get("path"):
-        spec: Mapping[str, Any] = {"path": model_cfg["path"]}
+        spec: Mapping[str, Any] = {k: model_cfg.get(k) for k in ("path", "revision", "base_revision")}
     else:
         variants = model_cfg.get("variants") or {}
         if alignment not in variants:
@@ -129,10 +129,39 @@ def _load_spec(
             return _from_dir(path, dtype, remote, f"dir:{path}", weights, placement)
         if path.is_absolute() or str(spec["path"]).startswith("."):
             raise HarmsweepError(f"model.path not found: {path} (give a local directory, a .gguf file or a hub id)")
-        spec = {"hub_id": str(spec["path"])}
+        spec = {**spec, "hub_id": str(spec["path"])}
     if spec.get("hub_id"):
-        return _from_hub(str(spec["hub_id"]), name, alignment, dtype, remote, weights, placement)
+        revisions = _revisions(spec)
+        return _from_hub(str(spec["hub_id"]), name, alignment, dtype, remote, weights, {**placement, **revisions})
     raise HarmsweepError(f"checkpoint of model={name} alignment={alignment} names no path, hub_id, embedded or tiny")
+
+
+def _revisions(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """from_pretrained's pins: ``revision`` of the checkpoint; for a PEFT adapter, ``base_revision`` of its base."""
+    revision, base = spec.get("revision"), spec.get("base_revision")
+    if base:
+        return {"revision": base, **({"adapter_kwargs": {"revision": revision}} if revision else {})}
+    return {"revision": revision} if revision else {}
+
+
+def _check_model_dir(path: Path) -> None:
+    """A folder that is neither a model nor an adapter fails in one line, not in a peft traceback."""
+    import json
+
+    if (path / "adapter_config.json").is_file():
+        return
+    config = path / "config.json"
+    if not config.is_file():
+        raise HarmsweepError(f"{path} has no config.json (nor adapter_config.json): it is not a model folder")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (ValueError, AttributeError):
+        model_type = None
+    if not model_type:
+        raise HarmsweepError(
+            f"{config} is not a model config (no model_type): model.path must be a Hugging Face model folder "
+            "(config.json with model_type, and weights), a PEFT adapter folder, a .gguf file or a hub id"
+        )
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -141,10 +170,10 @@ def _dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def _tokenizer(path_or_id: str | Path, remote: bool) -> PreTrainedTokenizerBase:
+def _tokenizer(path_or_id: str | Path, remote: bool, revision: str | None = None) -> PreTrainedTokenizerBase:
     """The checkpoint's tokenizer, or for a PEFT adapter without one, its base model's."""
     try:
-        return AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=remote)
+        return AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=remote, revision=revision)
     except (OSError, ValueError, TypeError):
         try:
             from peft import PeftConfig
@@ -157,6 +186,7 @@ def _tokenizer(path_or_id: str | Path, remote: bool) -> PreTrainedTokenizerBase:
 def _from_dir(
     path: Path, dtype: torch.dtype, remote: bool, source: str, weights: bool, placement: Mapping[str, Any] | None = None
 ) -> LoadedModel:
+    _check_model_dir(path)
     tok = _tokenizer(path, remote)
     model = None
     if weights:
@@ -173,15 +203,16 @@ def _from_hub(
     weights: bool,
     placement: Mapping[str, Any] | None = None,
 ) -> LoadedModel:
+    placement = dict(placement or {})
+    tokenizer_revision = (placement.get("adapter_kwargs") or {}).get("revision", placement.get("revision"))
     try:
-        tok = _tokenizer(hub_id, remote)
+        tok = _tokenizer(hub_id, remote, tokenizer_revision)
         if weights:
-            model = AutoModelForCausalLM.from_pretrained(
-                hub_id, dtype=dtype, trust_remote_code=remote, **(placement or {})
-            )
+            model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype, trust_remote_code=remote, **placement)
             config = model.config
         else:
-            model, config = None, AutoConfig.from_pretrained(hub_id, trust_remote_code=remote)
+            config = AutoConfig.from_pretrained(hub_id, trust_remote_code=remote, revision=placement.get("revision"))
+            model = None
     except (OSError, ValueError) as exc:
         raise HarmsweepError(
             f"checkpoint {hub_id} (model={name}, alignment={alignment}) could not be loaded from the hub "

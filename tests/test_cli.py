@@ -135,7 +135,7 @@ def test_run_on_shared_data_with_prefilling(tmp_path, shared_data):
         ("pruning.sparsity=1.5", "pruning.sparsity=1.5 must lie in [0, 1]"),
         ("pruning.rule=magic", "pruning.rule=magic is not one of"),
         ("data.root=/no/such/folder", "data root not found: /no/such/folder"),
-        ("calibration.harmful.file=/no/such.jsonl", "calibration.harmful.file not found"),
+        ("calibration.harmful.file=/no/such.jsonl", "is read only with calibration=file"),
         ("calibration.n=0", "calibration.n=0 must be at least 1"),
         ("pruning.sparsty=1e-4", "Key 'sparsty' not in 'PruningConfig'"),
         ("calibration.n=many", "could not be converted to Integer"),
@@ -151,6 +151,26 @@ def test_bad_overrides_fail_in_one_line_and_leave_no_result(tmp_path, override, 
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("harmsweep: error: ") and expected in lines[0], proc.stderr
     assert not (run_dir / "result.json").exists()
+
+
+def test_given_files_are_used_or_refused_in_one_line(tmp_path, pair_files):
+    """A harmful calibration file is never silently ignored; a folder that is no model never reaches peft."""
+    harmful, _ = pair_files
+    run_dir = tmp_path / "run"
+    unused = harmsweep("model=tiny_llama", "data.root=/tmp", f"calibration.harmful.file={harmful}",
+                       f"hydra.run.dir={run_dir}", cwd=tmp_path)  # fmt: skip
+    lines = [line for line in unused.stderr.splitlines() if line.strip()]
+    assert unused.returncode == 2 and len(lines) == 1 and "add calibration=file to use it" in lines[0]
+    missing = harmsweep("model=tiny_llama", "data.root=/tmp", "calibration=file", "calibration.harmful.file=/no/x.jsonl",
+                        f"hydra.run.dir={run_dir}", cwd=tmp_path)  # fmt: skip
+    assert missing.returncode == 2 and "calibration.harmful.file not found: /no/x.jsonl" in missing.stderr
+    folder = tmp_path / "not_a_model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"learning_rate": 0.1}')
+    odd = harmsweep(*file_run_args(run_dir, *pair_files), f"model.path={folder}", cwd=tmp_path)
+    lines = [line for line in odd.stderr.splitlines() if line.strip()]
+    assert odd.returncode == 2 and len(lines) == 1 and "is not a model config (no model_type)" in lines[0], odd.stderr
+    assert "Traceback" not in odd.stderr and not (run_dir / "result.json").exists()
 
 
 def test_unavailable_variant_says_what_to_do(tmp_path):

@@ -170,7 +170,9 @@ class Suite:
         if name not in self._cache:
             from harmsweep.judges import make_judge
 
-            self._cache[name] = make_judge(self.cfg["judges"][name], cache_dir=self.cfg["paths"]["cache_dir"])
+            data = self.cfg.get("data") or {}
+            self._cache[name] = make_judge(self.cfg["judges"][name], data_root=data.get("root"),
+                                           online=bool(data.get("download")), cache_dir=self.cfg["paths"]["cache_dir"])  # fmt: skip
         return self._cache[name]
 
     @staticmethod
