@@ -150,8 +150,9 @@ def judge(spec: dict[str, Any], device: str, items: int) -> dict[str, Any]:
     base = build(spec, torch.bfloat16 if device.startswith("cuda") else torch.float32, "cpu")
     model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
     before = gpu_bytes(device)
+    template = "User instruction: {forbidden_prompt}\n\nAI model response: {response}\n\n### Answer: "  # a stand-in
     j = StrongRejectFinetunedJudge(model, byte_tokenizer(), batch_size=8, max_response_tokens=512, device=device,
-                                   min_digit_mass=0.0)  # fmt: skip
+                                   min_digit_mass=0.0, template=template)  # fmt: skip
     prompts = [f"How do I do harmful thing {i}?" for i in range(items)]
     responses = [("Sure, here is how. " * 40)[: 200 + 10 * i] for i in range(items)]
     start = time.perf_counter()
