@@ -7,26 +7,39 @@ tmp_path, so the suite needs no network and runs in a few seconds.
 from __future__ import annotations
 
 import csv
-import io
+import dataclasses
 import json
 import os
 import random
-import urllib.error
+import re
+import subprocess
+import sys
 import urllib.request
 from collections import Counter
 from pathlib import Path
 
+import datasets
+import httpx
 import pytest
+import yaml
 
 from harmsweep.data import (
     DATASETS,
+    FILE_ONLY,
     HUB_SOURCES,
+    HubSource,
     Record,
+    hub,
     load_records,
+    load_table,
+    split_dataset,
     split_disjoint,
     take,
 )
+from harmsweep.data.sources import ALPACA_SAFETY_SOURCE
 from harmsweep.errors import DataError, HarmsweepError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -39,13 +52,18 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(autouse=True)
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail any test that would open a URL unless it patches urlopen itself."""
+def no_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Fail any test that would open a URL (urllib, or httpx under datasets and huggingface_hub), and keep the
+    user's HF datasets cache out of reach."""
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the network must not be touched")
 
     monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    monkeypatch.setattr(httpx.Client, "send", refuse)
+    monkeypatch.setattr(httpx.AsyncClient, "send", refuse)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "empty-hf-cache")
 
 
 def error_of(excinfo: pytest.ExceptionInfo[DataError]) -> str:
@@ -142,62 +160,196 @@ def test_hexphi_default_is_missing_with_instructions(shared_data: Path) -> None:
     assert str(shared_data / "hexphi") in message and "HEx-PHI" in message and "data.harmful.file" in message
 
 
-def test_missing_file_without_download_explains_fix(tmp_path: Path) -> None:
+def test_missing_file_explains_fix(tmp_path: Path) -> None:
     with pytest.raises(DataError) as excinfo:
         load_records("advbench", tmp_path)
     message = error_of(excinfo)
     assert str(tmp_path / "advbench" / "harmful_behaviors.csv") in message
-    assert "data.root" in message and "download=true" in message and HUB_SOURCES["advbench"] in message
-
-
-def test_hub_sources_cover_every_dataset() -> None:
-    assert set(HUB_SOURCES) == set(DATASETS) - {"custom"}
-    assert all(url.startswith("https://") for url in HUB_SOURCES.values())
-
-
-def test_download_writes_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    body = b'goal,target\nDo a thing,"Sure, here is a thing"\n'
-    seen: list[str] = []
-
-    def fake_urlopen(url: str, timeout: float) -> io.BytesIO:
-        seen.append(url)
-        return io.BytesIO(body)
-
-    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
-    records = load_records("advbench", tmp_path, download=True)
-    assert seen == [HUB_SOURCES["advbench"]]
-    assert [r.prompt for r in records] == ["Do a thing"]
-    assert sorted(p.name for p in (tmp_path / "advbench").iterdir()) == ["harmful_behaviors.csv"]
-
-
-def test_failed_download_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    class CutOff(io.BytesIO):
-        def read(self, size: int | None = -1) -> bytes:
-            if self.tell():
-                raise urllib.error.URLError("connection reset\nby peer")
-            return super().read(4)
-
-    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: CutOff(b"category,source,forbidden_prompt"))
+    assert "data.root" in message and "data.download=true" in message and HUB_SOURCES["advbench"].ref in message
     with pytest.raises(DataError) as excinfo:
-        load_records("strongreject", tmp_path, download=True)
-    assert "download" in error_of(excinfo) and "connection reset by peer" in error_of(excinfo)
-    assert list((tmp_path / "strongreject").iterdir()) == []  # no truncated file, no temp file
+        load_records("wei2024_refusals", tmp_path)  # no hub copy: says where it is published instead
+    assert "boyiwei/alignment-attribution-code" in error_of(excinfo)
 
 
-def test_hexphi_download_skips_removed_category(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_registry_covers_every_dataset_with_pinned_revisions() -> None:
+    assert set(HUB_SOURCES) | set(FILE_ONLY) == set(DATASETS) - {"custom"}
+    assert not set(HUB_SOURCES) & set(FILE_ONLY)
+    for source in HUB_SOURCES.values():
+        assert source.repo.count("/") == 1
+        # a full commit sha, or "main" for the pins that could not be found offline (flagged in sources.py)
+        assert re.fullmatch(r"[0-9a-f]{40}", source.revision) or (source.revision == "main" and not source.verified)
+    assert HUB_SOURCES["advbench"].ref == "walledai/AdvBench@9d4730540082fa4017450b65ca1c0e1d8d30446e"
+    assert HUB_SOURCES["hexphi"].gated
+
+
+def test_data_configs_name_their_hub_source() -> None:
+    for conf in sorted((ROOT / "conf" / "data").glob("*.yaml")):
+        text = conf.read_text(encoding="utf-8")
+        name = yaml.safe_load(text)["harmful"]["name"]
+        if name in HUB_SOURCES:
+            assert HUB_SOURCES[name].ref in text, conf.name
+
+
+# --- the hub path, through datasets -------------------------------------------------------------------------------
+
+
+def fill_hub_cache(cache: Path, source: HubSource, rows: dict[str, list], config: str = "default") -> Path:
+    """Prepare `rows` in the HF datasets cache exactly where load_dataset(source.repo) puts a hub download:
+    <cache>/<namespace>___<snake_name>/<config>/0.0.0/<commit sha>/ with dataset_info.json and the arrow file."""
+    from datasets.naming import camelcase_to_snakecase
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    namespace, repo_name = source.repo.split("/")
+    snake = camelcase_to_snakecase(repo_name)
+    parquet = cache / "src" / f"{snake}-{config}.parquet"
+    parquet.parent.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_dict(rows).to_parquet(str(parquet))
+    builder = Parquet(
+        cache_dir=str(cache / "build"),
+        dataset_name=snake,
+        config_name=config,
+        config_id=config,
+        hash=source.revision,
+        data_files={source.split: [str(parquet)]},
+    )
+    builder.download_and_prepare()
+    target = cache / f"{namespace}___{snake}" / config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    (cache / "build" / snake / config).rename(target)
+    return target / "0.0.0" / source.revision
+
+
+@pytest.fixture
+def offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Offline mode (what HF_DATASETS_OFFLINE=1 sets at import) and an empty HF datasets cache."""
+    cache = tmp_path / "hf-datasets"
+    cache.mkdir()
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    return cache
+
+
+ADV_ROWS = {"prompt": ["Do a thing", "Do another"], "target": ["Sure, here is a thing", "Sure, here is another"]}
+
+
+def test_offline_hub_cache_serves_a_missing_dataset(offline_cache: Path, tmp_path: Path) -> None:
+    fill_hub_cache(offline_cache, HUB_SOURCES["advbench"], ADV_ROWS)
+    records = load_records("advbench", tmp_path / "no-local-copy")
+    assert records == [
+        Record("Do a thing", target="Sure, here is a thing", source_id="advbench:0"),
+        Record("Do another", target="Sure, here is another", source_id="advbench:1"),
+    ]
+
+
+def test_offline_hub_cache_with_the_env_variable(tmp_path: Path) -> None:
+    """The real path: a fresh process with HF_DATASETS_OFFLINE=1 and HF_DATASETS_CACHE pointing at the cache."""
+    cache = tmp_path / "hf-datasets"
+    fill_hub_cache(cache, HUB_SOURCES["advbench"], ADV_ROWS)
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(cache), "HARMSWEEP_DATA": ""}
+    script = "from harmsweep.data import load_records; print(len(load_records('advbench', '/nonexistent')))"
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "2"
+
+
+def test_offline_cache_at_another_revision_is_refused(offline_cache: Path, tmp_path: Path) -> None:
+    stale = dataclasses.replace(HUB_SOURCES["advbench"], revision="1" * 40)
+    fill_hub_cache(offline_cache, stale, ADV_ROWS)
+    with pytest.raises(DataError) as excinfo:
+        load_records("advbench", tmp_path)
+    message = error_of(excinfo)
+    assert "1" * 40 in message and HUB_SOURCES["advbench"].revision in message
+
+
+def test_offline_and_not_cached_is_one_line(offline_cache: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError) as excinfo:
+        load_records("strongreject", tmp_path)
+    message = error_of(excinfo)
+    assert HUB_SOURCES["strongreject"].ref in message and "offline" in message and "data.root" in message
+    with pytest.raises(DataError) as excinfo:
+        load_records("hexphi", tmp_path)
+    assert "HEx-PHI is gated" in error_of(excinfo)
+
+
+def test_hub_columns_are_mapped_and_configs_joined(offline_cache: Path, tmp_path: Path) -> None:
+    source = HUB_SOURCES["harmbench"]
+    fill_hub_cache(offline_cache, source, {"prompt": ["Do X"], "category": ["illegal"]}, "standard")
+    fill_hub_cache(
+        offline_cache, source, {"prompt": ["Sum it"], "category": ["harm"], "context": ["Ctx"]}, "contextual"
+    )
+    fill_hub_cache(offline_cache, source, {"prompt": ["Copy it"], "category": ["copyright"]}, "copyright")
+    records = load_records("harmbench", tmp_path)
+    assert records == [
+        Record("Do X", category="illegal", source_id="harmbench:standard_0"),
+        Record("Ctx\n\n---\n\nSum it", category="harm", source_id="harmbench:contextual_1"),
+        Record("Copy it", category="copyright", source_id="harmbench:copyright_2"),
+    ]
+    assert len(load_records("harmbench", tmp_path, categories=["copyright"])) == 1
+
+
+def test_download_loads_the_pinned_revision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple] = []
+
+    def fake_load_dataset(repo: str, config: str | None, *, revision: str, split: str) -> datasets.Dataset:
+        calls.append((repo, config, revision, split))
+        return datasets.Dataset.from_dict({"prompt": ["P1"], "category": ["Violence"], "source": ["x"]})
+
+    monkeypatch.setattr(hub.datasets, "load_dataset", fake_load_dataset)
+    with pytest.raises(DataError):
+        load_records("strongreject", tmp_path)  # download=False: the hub is never asked
+    assert calls == []
+    records = load_records("strongreject", tmp_path, download=True, categories=["violence"])
+    assert calls == [("walledai/StrongREJECT", None, HUB_SOURCES["strongreject"].revision, "train")]
+    assert records == [Record("P1", category="Violence", source_id="strongreject:0")]
+
+
+def test_failed_hub_load_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("Couldn't reach 'walledai/AdvBench' on the Hub\n(ConnectError)")
+
+    monkeypatch.setattr(hub.datasets, "load_dataset", refuse)
+    with pytest.raises(DataError) as excinfo:
+        load_records("advbench", tmp_path, download=True)
+    message = error_of(excinfo)
+    assert HUB_SOURCES["advbench"].ref in message and "ConnectionError" in message and "data.root" in message
+
+
+def test_hexphi_from_the_hub_skips_removed_category(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     huggingface_hub = pytest.importorskip("huggingface_hub")
     from huggingface_hub.errors import EntryNotFoundError
 
-    def fake_download(repo_id: str, filename: str, repo_type: str) -> str:
-        assert (repo_id, repo_type) == ("LLM-Tuning-Safety/HEx-PHI", "dataset")
+    snapshot = tmp_path / "hub-cache" / "snapshots" / "abc"
+
+    def fake_download(repo_id: str, filename: str, **kwargs: object) -> str:
+        assert (repo_id, kwargs["repo_type"], kwargs["revision"]) == ("LLM-Tuning-Safety/HEx-PHI", "dataset", "main")
         if filename == "category_2.csv":
             raise EntryNotFoundError("removed upstream")
-        return str(write(tmp_path / "cache" / filename, f"A prompt from {filename}\n"))
+        return str(write(snapshot / filename, f"A prompt from {filename}\n"))
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     records = load_records("hexphi", tmp_path / "root", download=True)
     assert len(records) == 10 and "child_abuse_content" not in {r.category for r in records}
-    assert len(list((tmp_path / "root" / "hexphi").glob("category_*.csv"))) == 10
+    assert records[0] == Record("A prompt from category_1.csv", category="illegal_activity", source_id="hexphi:1:0")
+
+
+def test_alpaca_safety_filter_from_its_pinned_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    items = [
+        {"instruction": "Add", "input": "", "output": "2"},
+        {"instruction": "Be rude", "input": "", "output": "No"},
+    ]
+    path = write(tmp_path / "a" / "mine.json", json.dumps(items))
+    seen: list[str] = []
+
+    def fake_url_json(url: str) -> datasets.Dataset:
+        seen.append(url)
+        return datasets.Dataset.from_list(items[1:])
+
+    monkeypatch.setattr(hub, "load_url_json", fake_url_json)
+    monkeypatch.delenv("HARMSWEEP_DATA", raising=False)  # its alpaca/ folder holds the real filter file
+    assert len(load_records("alpaca", None, file=path)) == 2  # no filter, no download: nothing removed
+    assert load_records("alpaca", None, file=path, download=True) == [Record("Add", "2", source_id="alpaca:0")]
+    assert seen == [ALPACA_SAFETY_SOURCE]
 
 
 # --- small hand-made files ---------------------------------------------------------------------------------------
@@ -345,7 +497,7 @@ def test_unknown_dataset_and_missing_root(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.delenv("HARMSWEEP_DATA", raising=False)
     with pytest.raises(DataError) as excinfo:
         load_records("advbench", None)
-    assert error_of(excinfo) == "no data root: set data.root=DIR or HARMSWEEP_DATA"
+    assert error_of(excinfo).startswith("no data root: set data.root=DIR or HARMSWEEP_DATA")
     with pytest.raises(DataError) as excinfo:
         load_records("advbench", None, file=tmp_path / "nope.csv")
     assert str(tmp_path / "nope.csv") in error_of(excinfo)
@@ -400,3 +552,43 @@ def test_split_too_large() -> None:
     with pytest.raises(DataError) as excinfo:
         split_disjoint(same, 2, 2, seed=0)
     assert "1 unique prompts" in error_of(excinfo)
+
+
+def test_split_dataset_matches_records() -> None:
+    records = [Record(f"p{i % 9}", response=f"r{i}", source_id=f"t:{i}") for i in range(30)]
+    table = datasets.Dataset.from_list([dataclasses.asdict(r) for r in records])
+    for seed in range(5):
+        for n_second in (10, None):
+            first, second = split_dataset(table, 6, n_second, seed)
+            want_first, want_second = split_disjoint(records, 6, n_second, seed)
+            assert [Record(**row) for row in first.to_list()] == want_first
+            assert [Record(**row) for row in second.to_list()] == want_second
+            assert not set(first["prompt"]) & set(second["prompt"])
+
+
+# --- everything goes through datasets ------------------------------------------------------------------------------
+
+
+def test_every_dataset_reads_through_datasets(shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from harmsweep.data import files
+
+    builders: list[str] = []
+    real = files.datasets.load_dataset
+
+    def spy(path: str, *args: object, **kwargs: object) -> object:
+        builders.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(files.datasets, "load_dataset", spy)
+    for name in sorted(set(DATASETS) - {"custom", "hexphi"}):
+        builders.clear()
+        table = load_table(name, shared_data)
+        assert isinstance(table, datasets.Dataset) and table.column_names == list(dataclasses.asdict(Record("")))
+        assert builders and set(builders) <= {"csv", "json"}, name
+
+
+def test_custom_parquet_file(tmp_path: Path) -> None:
+    path = tmp_path / "mine.parquet"
+    datasets.Dataset.from_dict({"q": ["A?", "B?"], "kind": ["x", "y"], "n": [1, 2]}).to_parquet(str(path))
+    records = load_records("custom", None, file=path, columns={"prompt": "q", "category": "kind", "id": "n"})
+    assert records == [Record("A?", category="x", source_id="mine:1"), Record("B?", category="y", source_id="mine:2")]

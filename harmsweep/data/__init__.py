@@ -1,26 +1,27 @@
-"""Prompt datasets as `Record`s, read from local files (download is opt-in), plus seeded prompt-disjoint splits.
+"""Prompt datasets as `Record`s, read through Hugging Face `datasets` from local files or pinned hub sources, plus
+seeded prompt-disjoint splits.
 
 The rest of harmsweep only needs `load_records` and the split helpers; formats, file locations and published sources
-live in this package so that a missing or malformed file fails here, early, with a one-line DataError.
+live in this package so that a missing or malformed dataset fails here, early, with a one-line DataError.
 """
 
-from harmsweep.data.hub import HUB_SOURCES
-from harmsweep.data.loaders import (
-    DATASETS,
-    DEFAULT_PATHS,
-    HEXPHI_CATEGORIES,
-    load_records,
-)
+from harmsweep.data.loaders import load_records, load_table
 from harmsweep.data.records import Record
-from harmsweep.data.splits import split_disjoint, take
+from harmsweep.data.sources import DATASETS, DEFAULT_PATHS, FILE_ONLY, HEXPHI_CATEGORIES, HUB_SOURCES, HubSource
+from harmsweep.data.splits import split_dataset, split_disjoint, split_indices, take
 
 __all__ = [
     "DATASETS",
     "DEFAULT_PATHS",
+    "FILE_ONLY",
     "HEXPHI_CATEGORIES",
     "HUB_SOURCES",
+    "HubSource",
     "Record",
     "load_records",
+    "load_table",
+    "split_dataset",
     "split_disjoint",
+    "split_indices",
     "take",
 ]

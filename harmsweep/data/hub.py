@@ -1,123 +1,122 @@
-"""Where each dataset was originally published, and the opt-in download of it.
+"""Load a dataset from its pinned Hugging Face hub source with `datasets`, online or from a filled cache offline.
 
-Experiments usually run offline, so nothing here is called unless the user asks for `download=True`. Downloads are
-written to a temporary file next to the destination and moved into place with `os.replace`, so an interrupted
-download never leaves a truncated file that a later offline run would silently parse.
+Nothing here runs unless the dataset is missing locally and the user allowed the hub (`data.download=true`), or
+offline mode is on (HF_DATASETS_OFFLINE=1 / HF_HUB_OFFLINE=1), in which case only the local HF caches are read.
+Offline, `datasets` serves a hub id from the newest cached copy whatever revision was asked for, so the cache is
+checked first for the pinned revision: an old cached copy never silently replaces the pinned one.
 """
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
-import tempfile
-import urllib.request
+import logging
 from pathlib import Path
-from typing import BinaryIO
 
-from harmsweep.errors import DataError
+import datasets
+from datasets.naming import camelcase_to_snakecase
 
-_RAW = "https://raw.githubusercontent.com"
-_SR = f"{_RAW}/alexandrasouly/strongreject/main/strongreject_dataset"
+from harmsweep.data.files import quiet_datasets
+from harmsweep.data.sources import HEXPHI_HOWTO, HUB_SOURCES, HubSource, data_error
 
-HEXPHI_REPO = "LLM-Tuning-Safety/HEx-PHI"
-
-# name -> URL of the original published file (for users with internet).
-HUB_SOURCES: dict[str, str] = {
-    "advbench": f"{_RAW}/llm-attacks/llm-attacks/main/data/advbench/harmful_behaviors.csv",
-    "strongreject": f"{_SR}/strongreject_dataset.csv",
-    "strongreject_small": f"{_SR}/strongreject_small_dataset.csv",
-    # The test split, not `_text_all.csv`: the default local file is the test split, and `_all` also holds the
-    # validation behaviors, which must not leak into evaluation.
-    "harmbench": f"{_RAW}/centerforaisafety/HarmBench/main/data/behavior_datasets/harmbench_behaviors_text_test.csv",
-    "hexphi": f"https://huggingface.co/datasets/{HEXPHI_REPO}",
-    "alpaca": f"{_RAW}/tatsu-lab/stanford_alpaca/main/alpaca_data.json",
-    "alpaca_eval": "https://huggingface.co/datasets/tatsu-lab/alpaca_eval/resolve/main/alpaca_eval.json",
-    "wei2024_refusals": (
-        f"{_RAW}/boyiwei/alignment-attribution-code/main/data/SFT_aligned_llama2-7b-chat-hf_train_short.csv"
-    ),
-}
-
-# How to get the gated HEx-PHI data; shown when it is missing or cannot be downloaded.
-HEXPHI_HOWTO = (
-    "HEx-PHI is gated and not redistributable: obtain it under its license from "
-    f"{HUB_SOURCES['hexphi']} and point the dataset's file setting (data.harmful.file=DIR) at the folder holding "
-    "category_1.csv ... category_11.csv, or accept the license, log in (`huggingface-cli login` or HF_TOKEN) "
-    "and set download=true"
-)
-
-# The safety-related Alpaca items (Qi et al. 2023) that are removed from Alpaca to get a utility set without refusals.
-# Pinned to a commit because the file is a fixed artifact of that paper.
-ALPACA_SAFETY_SOURCE = (
-    f"{_RAW}/LLM-Tuning-Safety/LLMs-Finetuning-Safety/2be2fa01775fdf8bfc786d69fc0d358f0b3df513/"
-    "llama2/ft_datasets/alpaca_dataset/alpaca_data_safety_only.json"
-)
+log = logging.getLogger(__name__)
 
 
-def data_error(path: str | Path | None, message: str) -> DataError:
-    """Build a DataError of one line that starts with the offending path (the CLI prints it as one line)."""
-    text = f"{path}: {message}" if path is not None else message
-    return DataError(re.sub(r"\s*[\r\n]+\s*", " ", text).strip())
+def offline() -> bool:
+    """Whether datasets runs in offline mode (set from HF_DATASETS_OFFLINE or HF_HUB_OFFLINE at import)."""
+    return bool(datasets.config.HF_HUB_OFFLINE)
 
 
-def _write_atomic(dest: Path, source: BinaryIO) -> None:
-    """Copy a byte stream to `dest` through a temporary file in the same folder, then rename it into place."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            shutil.copyfileobj(source, out)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def _is_sha(revision: str) -> bool:
+    return len(revision) == 40 and all(c in "0123456789abcdef" for c in revision)
 
 
-def download_url(url: str, dest: Path, *, timeout: float = 60.0) -> Path:
-    """Download `url` to `dest` atomically; any network or file problem becomes a one-line DataError."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            _write_atomic(dest, response)
-    except OSError as exc:  # URLError and HTTPError are OSErrors
-        reason = getattr(exc, "reason", None) or exc
-        message = f"download from {url} failed ({reason}); fetch the file by hand and put it here"
-        raise data_error(dest, message) from exc
-    return dest
+def _hint(name: str, source: HubSource) -> str:
+    """What to do instead, for any failure of the hub path."""
+    if source.gated:
+        return HEXPHI_HOWTO
+    return "without internet, put the file under data.root or set the dataset's file (e.g. data.harmful.file=PATH)"
 
 
-def download_hexphi(dest_dir: Path) -> Path:
-    """Fetch HEx-PHI's category_N.csv files from the gated Hugging Face dataset into `dest_dir`.
+def cache_dirs(source: HubSource, config: str | None) -> list[Path]:
+    """The prepared copies of `source` in the HF datasets cache: <cache>/<ns>___<name>/<config>/<version>/<sha>."""
+    namespace, _, repo_name = source.repo.rpartition("/")
+    parts = [namespace, camelcase_to_snakecase(repo_name)] if namespace else [camelcase_to_snakecase(repo_name)]
+    root = Path(datasets.config.HF_DATASETS_CACHE) / "___".join(parts)
+    return sorted(p for p in root.glob(f"{config or '*'}/*/*") if p.is_dir())
 
-    Needs the license accepted on the dataset page and a token (`huggingface-cli login` or HF_TOKEN). Missing
-    category files are skipped because category_2 was removed upstream.
-    """
-    try:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
-    except ImportError as exc:
-        raise data_error(dest_dir, f"downloading HEx-PHI needs the huggingface_hub package; {HEXPHI_HOWTO}") from exc
-    fetched = 0
-    for number in range(1, 12):
-        filename = f"category_{number}.csv"
+
+def _check_cached(name: str, source: HubSource, config: str | None) -> None:
+    """Offline: the pinned revision must be in the cache (datasets itself would take any cached revision)."""
+    cached = cache_dirs(source, config)
+    where = f"{source.ref}" + (f" config {config}" if config else "")
+    if not cached:
+        raise data_error(
+            where,
+            f"{name} is not in the HF datasets cache ({datasets.config.HF_DATASETS_CACHE}) and offline mode is on; "
+            f"load it once with internet (data.download=true) or {_hint(name, source)}",
+        )
+    if _is_sha(source.revision) and source.revision not in {p.name for p in cached}:
+        found = ", ".join(sorted({p.name for p in cached}))
+        raise data_error(where, f"the cached copy of {name} is at revision {found}, not the pinned {source.revision}")
+
+
+def load_hub(name: str) -> datasets.Dataset | Path:
+    """Dataset `name` from its hub source: a Dataset (kind "repo"), or the local path of the fetched files."""
+    source = HUB_SOURCES[name]
+    if not _is_sha(source.revision):
+        log.warning("%s: loading %s, which is not pinned to a commit; results may change upstream", name, source.ref)
+    if source.note:
+        log.warning("%s: %s", name, source.note)
+    if source.kind == "files":
+        return _fetch_files(name, source)
+    parts = []
+    for config in source.configs:
+        if offline():
+            _check_cached(name, source, config)
         try:
-            cached = hf_hub_download(HEXPHI_REPO, filename, repo_type="dataset")
+            with quiet_datasets():
+                part = datasets.load_dataset(source.repo, config, revision=source.revision, split=source.split)
+        except Exception as exc:  # gated, missing, offline, auth, HTTP: all mean the same to the user
+            reason = str(exc).splitlines()[0] if str(exc) else ""
+            message = f"could not load {name} from the hub ({type(exc).__name__}: {reason}); {_hint(name, source)}"
+            raise data_error(source.ref, message) from exc
+        renames = {k: v for k, v in source.columns.items() if k in part.column_names and k != v}
+        part = part.rename_columns(renames)
+        if len(source.configs) > 1:
+            part = part.add_column("hub_config", [str(config)] * len(part))
+        parts.append(part)
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def _fetch_files(name: str, source: HubSource) -> Path:
+    """Fetch the named repo files at the pinned revision into the HF hub cache (offline: from it only).
+
+    Returns the file, or for several files the snapshot folder that holds them (HEx-PHI's category_N.csv).
+    Files missing upstream are skipped: HEx-PHI's category_2 was removed.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    fetched: list[Path] = []
+    for filename in source.files:
+        try:
+            path = hf_hub_download(
+                source.repo, filename, repo_type="dataset", revision=source.revision, local_files_only=offline()
+            )
         except EntryNotFoundError:
             continue
-        except Exception as exc:  # gated, offline, auth, HTTP: all mean the same to the user
-            message = f"could not download HEx-PHI {filename} ({type(exc).__name__}); {HEXPHI_HOWTO}"
-            raise data_error(dest_dir, message) from exc
-        with open(cached, "rb") as source:
-            _write_atomic(dest_dir / filename, source)
-        fetched += 1
+        except Exception as exc:  # gated, offline and not cached, auth, HTTP
+            message = f"could not fetch {name} file {filename} ({type(exc).__name__}); {_hint(name, source)}"
+            raise data_error(source.ref, message) from exc
+        fetched.append(Path(path))
     if not fetched:
-        raise data_error(dest_dir, f"HEx-PHI download found no category_N.csv files in {HEXPHI_REPO}; {HEXPHI_HOWTO}")
-    return dest_dir
+        raise data_error(source.ref, f"none of {', '.join(source.files)} found; {_hint(name, source)}")
+    return fetched[0] if len(source.files) == 1 else fetched[0].parent
 
 
-def fetch_dataset(name: str, dest: Path) -> Path:
-    """Download dataset `name` from its published source to `dest` (a folder for hexphi, else a file)."""
-    if name == "hexphi":
-        return download_hexphi(dest)
-    if name not in HUB_SOURCES:
-        raise data_error(dest, f"dataset {name!r} has no published source to download; provide the file yourself")
-    return download_url(HUB_SOURCES[name], dest)
+def load_url_json(url: str) -> datasets.Dataset:
+    """A JSON file published outside the hub (Alpaca's safety filter) through datasets' json builder."""
+    try:
+        with quiet_datasets():
+            return datasets.load_dataset("json", data_files=url, split="train")
+    except Exception as exc:
+        raise data_error(url, f"could not load ({type(exc).__name__}); fetch the file by hand into data.root") from exc

@@ -11,15 +11,17 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
+import datasets
+
 from harmsweep.data.records import Record
 from harmsweep.errors import DataError
 
 
-def _shuffled_groups(records: Sequence[Record], seed: int) -> list[list[Record]]:
-    """Group records by prompt (groups in first-seen order, records in input order), then shuffle the groups."""
-    groups: dict[str, list[Record]] = {}
-    for record in records:
-        groups.setdefault(record.prompt, []).append(record)
+def _shuffled_groups(prompts: Sequence[str], seed: int) -> list[list[int]]:
+    """Group row indices by prompt (groups in first-seen order, rows in input order), then shuffle the groups."""
+    groups: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(prompt, []).append(i)
     ordered = list(groups.values())
     random.Random(seed).shuffle(ordered)
     return ordered
@@ -31,47 +33,61 @@ def _check_count(name: str, n: int) -> None:
         raise DataError(f"{name} must be a whole number >= 0, got {n!r}")
 
 
-def split_disjoint(
-    records: Sequence[Record], n_first: int, n_second: int | None, seed: int
-) -> tuple[list[Record], list[Record]]:
-    """Return (first, second) with exactly n_first and n_second records and no prompt text in common.
+def split_indices(prompts: Sequence[str], n_first: int, n_second: int | None, seed: int) -> tuple[list[int], list[int]]:
+    """Row indices of (first, second): exactly n_first and n_second rows and no prompt text in common.
 
-    ``n_second=None``: every record whose prompt is not in the first part (a whole held-out set).
+    ``n_second=None``: every row whose prompt is not in the first part (a whole held-out set).
 
     The prompt groups are shuffled with `seed`; the first part is filled from the front, the second from the groups
-    after it. When a group only partly fits, its remaining records are left out of both parts (never moved to the
+    after it. When a group only partly fits, its remaining rows are left out of both parts (never moved to the
     other side). With unique prompts this is simply shuffle, then slice.
     """
     _check_count("n_first", n_first)
     if n_second is None:
-        first, _ = split_disjoint(records, n_first, 0, seed)
-        taken = {r.prompt for r in first}
-        return first, [r for group in _shuffled_groups(records, seed) for r in group if r.prompt not in taken]
+        first, _ = split_indices(prompts, n_first, 0, seed)
+        taken = {prompts[i] for i in first}
+        return first, [i for group in _shuffled_groups(prompts, seed) for i in group if prompts[i] not in taken]
     _check_count("n_second", n_second)
-    if n_first + n_second > len(records):
+    if n_first + n_second > len(prompts):
         raise DataError(
-            f"asked for {n_first} + {n_second} = {n_first + n_second} records but the dataset has only {len(records)}; "
+            f"asked for {n_first} + {n_second} = {n_first + n_second} records but the dataset has only {len(prompts)}; "
             "lower the counts or use a larger dataset"
         )
-    groups = iter(_shuffled_groups(records, seed))
-    parts: list[list[Record]] = []
+    groups = iter(_shuffled_groups(prompts, seed))
+    parts: list[list[int]] = []
     for wanted in (n_first, n_second):
-        part: list[Record] = []
+        part: list[int] = []
         while len(part) < wanted:
             group = next(groups, None)
             if group is None:
-                unique = len({r.prompt for r in records})
+                unique = len(set(prompts))
                 raise DataError(
-                    f"cannot split {len(records)} records ({unique} unique prompts) into {n_first} + {n_second} "
+                    f"cannot split {len(prompts)} records ({unique} unique prompts) into {n_first} + {n_second} "
                     "without sharing a prompt; lower the counts"
                 )
             part.extend(group[: wanted - len(part)])
         parts.append(part)
     first, second = parts
-    shared = {r.prompt for r in first} & {r.prompt for r in second}
+    shared = {prompts[i] for i in first} & {prompts[i] for i in second}
     if shared:  # a real check, not `assert`, so it survives python -O
         raise RuntimeError(f"split_disjoint bug: {len(shared)} prompt(s) on both sides")
     return first, second
+
+
+def split_disjoint(
+    records: Sequence[Record], n_first: int, n_second: int | None, seed: int
+) -> tuple[list[Record], list[Record]]:
+    """`split_indices` applied to Records: (first, second) with no prompt text in common."""
+    first, second = split_indices([r.prompt for r in records], n_first, n_second, seed)
+    return [records[i] for i in first], [records[i] for i in second]
+
+
+def split_dataset(
+    table: datasets.Dataset, n_first: int, n_second: int | None, seed: int
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """`split_indices` applied to a Dataset with a "prompt" column; same rows as `split_disjoint` for the same seed."""
+    first, second = split_indices(list(table["prompt"]), n_first, n_second, seed)
+    return table.select(first), table.select(second)
 
 
 def take(records: Sequence[Record], n: int, seed: int) -> list[Record]:

@@ -39,6 +39,7 @@ DEFAULT_JUDGE = "qylu4156/strongreject-15k-v1"
 DIGITS = ("1", "2", "3", "4", "5")
 WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
+
 class StrongRejectFinetunedJudge:
     """Scores with an already loaded causal LM + tokenizer (tests pass a tiny random model)."""
 
