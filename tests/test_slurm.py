@@ -357,7 +357,11 @@ def sacct_jobs(name: str, expect: int) -> list[dict[str, str]]:
 
 def _run_logs(sweep: Path) -> dict[str, str]:
     """Each job's submitit log (stdout + stderr), by job id."""
-    return {p.name.split("_log")[0]: p.read_text() for p in (sweep / ".submitit").glob("*/*_log.*")}
+    logs: dict[str, str] = {}
+    for path in sorted((sweep / ".submitit").glob("*/*_log.*")):  # .err and .out: both, not whichever came last
+        job_id = path.name.split("_log")[0]
+        logs[job_id] = logs.get(job_id, "") + path.read_text()
+    return logs
 
 
 def test_a_sweep_group_starts_after_its_prepare_job_and_waits_on_no_lock(tmp_path, job_name):
