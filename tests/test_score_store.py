@@ -194,3 +194,12 @@ def test_the_report_never_reads_a_damaged_score_file(tmp_path):
     damaged = _metrics_bc(rows, rows, 0.01)
     assert damaged["B_concentration"] is None and damaged["gini"] is None
     assert damaged["note"].startswith("score file damaged, not read: abc: scores.safetensors has sha256")
+
+
+def test_report_metrics_refuse_tails_kept_per_matrix(tmp_path):
+    _, sets = scores_with_ties(10)
+    store.write(sets["harm"], tmp_path / "h.safetensors", "harm", store.StoreSpec(keep=0.2), "matrix", "neg")
+    per_matrix = store.open_scores(tmp_path / "h.safetensors")
+    with pytest.raises(HarmsweepError, match="keeps score tails per matrix unit, not per global"):
+        concentration(per_matrix, 5)
+    assert gini(per_matrix) == pytest.approx(gini(sets["harm"]), rel=1e-12)  # exact summaries serve any unit

@@ -134,6 +134,8 @@ def _harm_keys(h: torch.Tensor) -> torch.Tensor:
 
 def _top(scores: Scores, keys_of: Callable[[str], torch.Tensor], k: int, what: str) -> Threshold:
     """Exact top-k of a ranking over a score set; a compact set whose tail is too short says so."""
+    if isinstance(scores, store.TailScores):
+        scores.require_unit("global")  # tails kept per matrix or row cannot give a top-k over all weights
     threshold = top_k_threshold(list(scores), keys_of, k)
     if store.short(scores, "*", threshold.available, k):
         raise ValueError(str(scores.too_short(what, k, "*")))
