@@ -146,8 +146,6 @@ def _revisions(spec: Mapping[str, Any]) -> dict[str, Any]:
 
 def _check_model_dir(path: Path) -> None:
     """A folder that is neither a model nor an adapter fails in one line, not in a peft traceback."""
-    import json
-
     if (path / "adapter_config.json").is_file():
         return
     config = path / "config.json"

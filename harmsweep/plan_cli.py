@@ -176,7 +176,7 @@ def _workload(cfg: Mapping[str, Any], new: Mapping[str, bool], gpus: int, held_o
 def _keys(cfg: Mapping[str, Any]) -> dict[str, str]:
     """What the shared artifacts of a job are keyed by (the parts of the config that feed their keys)."""
     from harmsweep.pruning import PruneSpec
-    from harmsweep.score_store import Layout, StoreSpec, order_of
+    from harmsweep.score_store import Layout, StoreSpec
 
     model = {k: v for k, v in cfg["model"].items() if k not in ("device_map", "max_memory")}
     base = json.dumps([model, cfg["alignment"], cfg["data"].get("harmful"), cfg["data"].get("benign"),
@@ -186,9 +186,7 @@ def _keys(cfg: Mapping[str, Any]) -> dict[str, str]:
         rule=p["rule"], protect=float(p["protect"]), benign_importance=p["benign_importance"]
     ).needed_scores()
     kept = StoreSpec.from_config(cfg.get("scores"))
-    layout = {
-        kind: Layout(kept, kind, order_of(kind, p["benign_importance"]), p["granularity"]).key() for kind in needed
-    }
+    layout = {kind: Layout.read_by(kept, kind, p["benign_importance"], p["granularity"]).key() for kind in needed}
     return {
         "calibration": base + json.dumps(cfg["eval"]["n"]),
         "eval_before": base + json.dumps([cfg["eval"], cfg["judges"]], sort_keys=True, default=str),

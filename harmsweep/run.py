@@ -33,7 +33,7 @@ from harmsweep.evaluation.suite import JUDGES, HeldOut, Suite, deltas, plan
 from harmsweep.experiments import runner
 from harmsweep.models import LoadedModel, load_model
 from harmsweep.pruning import PruneSpec, apply_mask, load_mask, mask_counts, save_mask, select
-from harmsweep.score_store import Layout, ScoreSet, StoreSpec, open_scores, order_of
+from harmsweep.score_store import Layout, ScoreSet, StoreSpec, open_scores
 from harmsweep.score_store import write as write_scores
 from harmsweep.scoring import ScoringOptions, scored_parameters, signed_snip, unsigned_snip
 from harmsweep.sets import calibrate, held_out_splits
@@ -210,7 +210,7 @@ def score(
     tensors = sets["harmful" if kind.startswith("harm") else "benign"]
     batch = int(cfg["calibration"]["batch_size"])
     kept = StoreSpec.from_config(cfg.get("scores"))
-    layout = Layout(kept, kind, order_of(kind, spec.benign_importance), spec.granularity)
+    layout = Layout.read_by(kept, kind, spec.benign_importance, spec.granularity)
     info = {"version": VERSIONS["scores"], "model": lm.fingerprint, "dtype": cfg["model"]["dtype"],
             "set": tensor_key(tensors), "kind": kind, "batch_size": batch, "store": layout.key()}  # fmt: skip
     entry = root / "scores" / content_key(info)

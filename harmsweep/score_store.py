@@ -70,6 +70,11 @@ class Layout:
     order: str = "neg"
     unit: str = "global"
 
+    @classmethod
+    def read_by(cls, spec: StoreSpec, kind: str, benign_importance: str, granularity: str) -> Layout:
+        """The layout of a set of ``kind`` as a pruning run with these settings reads it."""
+        return cls(spec, kind, order_of(kind, benign_importance), granularity)
+
     def key(self) -> dict[str, Any]:
         """The part of the cache key that tells stored sets apart (a dense set serves every ranking and unit)."""
         if self.spec.store == "dense":
