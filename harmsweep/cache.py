@@ -39,7 +39,7 @@ T = TypeVar("T")
 VERSIONS = {
     "calibration": "calibration-v1",
     "scores": "scores-v3",
-    "eval": "eval-before-v1",
+    "eval": "eval-before-v2",  # v2: per-item values (samples) beside the metrics
     "references": "references-v1",
 }
 

@@ -125,12 +125,24 @@ def summary(result: dict[str, Any]) -> str:
         f"  pruned {result['n_pruned']:,} of {result['n_scored']:,} scored weights "
         f"(actual sparsity {result['actual_sparsity']:.3g})",
     ]
+    ci = (result.get("intervals") or {}).get("metrics") or {}
+    level = f"{(result.get('intervals') or {}).get('settings', {}).get('level', 0.95):.0%}"
+
+    def bounds(key: str, digits: int = 3) -> str:
+        lo, hi = (ci.get(key) or {}).get("lo"), (ci.get(key) or {}).get("hi")
+        return f" {level} CI [{lo:+.{digits}f}, {hi:+.{digits}f}]" if lo is not None and hi is not None else ""
+
     for label, key in SUMMARY:
         before, after = m.get(f"{key}_before"), m.get(f"{key}_after")
         if isinstance(before, int | float) and isinstance(after, int | float):
-            lines.append(f"  {label:<13}{before:8.3f} -> {after:8.3f} ({after - before:+.3f})")
+            lines.append(f"  {label:<13}{before:8.3f} -> {after:8.3f} ({after - before:+.3f}){bounds(f'delta_{key}')}")
     if m.get("selectivity") is not None:
-        lines.append(f"  selectivity  {m['selectivity']:8.2f}  (harmful NLL rise / benign NLL rise)")
+        lines.append(
+            f"  selectivity  {m['selectivity']:8.2f}  (harmful NLL rise / benign NLL rise){bounds('selectivity', 2)}"
+        )
+    n = (ci.get("nll_harmful_after") or ci.get("refusal_rate_after") or {}).get("n")
+    if ci and n:
+        lines.append(f"  intervals: paired bootstrap over {n} held-out harmful prompts (result.json intervals)")
     lines += [f"  skipped {name}: {why}" for name, why in result.get("skipped_metrics", {}).items()]
     return "\n".join(lines)
 

@@ -22,6 +22,7 @@ from harmsweep.calibration import RESPONSE_MODES
 from harmsweep.errors import HarmsweepError
 from harmsweep.evaluation.suite import plan
 from harmsweep.finetune import FinetuneSpec
+from harmsweep.intervals import BootstrapSpec
 from harmsweep.pruning import PruneSpec
 from harmsweep.score_store import StoreSpec
 
@@ -39,12 +40,26 @@ class ModelConfig:
 
 @dataclass
 class DeriveConfig:
-    """A safety fine-tune of the ``parent`` variant (harmsweep/derive.py)."""
+    """A fine-tune of the ``parent`` variant that adds or removes refusals (harmsweep/derive.py).
+
+    ``goal`` picks the direction; the settings of the other direction must stay at their defaults
+    (check_config says which one is set), so a block never silently ignores what it was given.
+    """
 
     parent: str = "aligned"
+    goal: str = "refuse"  # refuse: harmful prompts -> refusals (safety_tuned) | comply: -> compliance (dealigned)
+    # goal=refuse: where the refusals come from
     refusals: str = "wei2024_refusals"  # dataset of harmful prompts with refusals
     refusals_file: str | None = None  # or a JSONL/CSV of prompt, response
     refusal_model: str | None = None  # or: answers of this aligned model (path or hub id) to the prompts
+    # goal=comply: harmful prompts and where their compliant answers come from
+    harmful: str = "advbench"  # dataset of harmful prompts, with "Sure, here is ..." targets for responses=prefill
+    responses: str = "prefill"  # prefill: the parent's own answers under a prefilling attack | file: responses_file
+    responses_file: str | None = None  # responses=file: a JSONL/CSV of prompt, response
+    prefill_tokens: int = 8  # responses=prefill: target tokens forced before the parent answers
+    max_new_tokens: int = 48  # responses=prefill: greedy tokens the parent adds after them
+    min_kept: float = 0.5  # answers that are refusals are dropped; fail if fewer than this share of n_harmful remain
+    # both goals
     benign: str = "alpaca_eval"  # benign pairs mixed in (a source other than the held-out benign data)
     n_harmful: int = 64
     n_benign: int = 64
@@ -54,6 +69,14 @@ class DeriveConfig:
     finetune: FinetuneSpec = field(
         default_factory=lambda: FinetuneSpec(lr=2e-4, epochs=2, batch_size=8, max_length=192)
     )
+
+
+DERIVE_GOALS = ("refuse", "comply")
+COMPLY_RESPONSES = ("prefill", "file")
+GOAL_ONLY = {  # settings read by one goal only
+    "refuse": ("refusals", "refusals_file", "refusal_model"),
+    "comply": ("harmful", "responses", "responses_file", "prefill_tokens", "max_new_tokens", "min_kept"),
+}
 
 
 @dataclass
@@ -107,6 +130,15 @@ class ScoringConfig:
 
     gradient_checkpointing: bool = False
     offload: bool = True
+
+
+@dataclass
+class BootstrapConfig:
+    """Intervals of every figure (harmsweep/intervals.py BootstrapSpec); they change no measurement."""
+
+    samples: int = 1000
+    level: float = 0.95
+    seed: int = 0
 
 
 @dataclass
@@ -237,6 +269,7 @@ class Config:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     scores: ScoresConfig = field(default_factory=ScoresConfig)
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     judges: dict[str, Any] = field(default_factory=dict)
@@ -253,7 +286,9 @@ class Config:
 
 
 # stage, prepare_scores: a prepare job is its group's first run with another stage (harmsweep/launcher.py)
-NOT_IN_RUN_ID = ("paths", "logger", "launcher", "hydra", "scoring", "scores", "stage", "prepare_scores")
+NOT_IN_RUN_ID = (
+    "paths", "logger", "launcher", "hydra", "scoring", "scores", "bootstrap", "stage", "prepare_scores",
+)  # fmt: skip
 PLACEMENT_KEYS = ("device_map", "max_memory")  # where the model sits changes no result
 
 
@@ -285,6 +320,7 @@ def check_config(cfg: Mapping[str, Any]) -> PruneSpec:
     """Every check that needs no model, so bad input fails in a second, before any work."""
     spec = prune_spec(cfg)
     _check_store(spec, StoreSpec.from_config(cfg.get("scores")))
+    BootstrapSpec.from_config(cfg.get("bootstrap"))
     plan(cfg["eval"], cfg["judges"])
     cal, data = cfg["calibration"], cfg["data"]
     mode = cal["harmful"]["responses"]
@@ -355,8 +391,8 @@ def _check_experiment(cfg: Mapping[str, Any]) -> None:
     ):
         if block:
             FinetuneSpec.from_config(block["finetune"])
-            if where == "alignment.derive" and block["parent"] == cfg["alignment"]["name"]:
-                raise HarmsweepError(f"alignment.derive.parent={block['parent']} names the derived variant itself")
+            if where == "alignment.derive":
+                _check_derive(block, cfg["alignment"]["name"])
     dis = cfg.get("dissociation")
     tuned_in_memory = name == "em" or (name == "dissociation" and dis and int(dis["recovery_steps"]) > 0)
     if tuned_in_memory and cfg["eval"]["generation"]["backend"] == "vllm":
@@ -366,6 +402,52 @@ def _check_experiment(cfg: Mapping[str, Any]) -> None:
         )
     if dis and (int(dis["recovery_steps"]) < 0 or int(dis["recovery_every"]) < 1):
         raise HarmsweepError("dissociation.recovery_steps must be >= 0 and dissociation.recovery_every >= 1")
+
+
+def _check_derive(block: Mapping[str, Any], variant: str) -> None:
+    """An alignment.derive block that contradicts itself fails here, not after the parent has loaded."""
+    if block["parent"] == variant:
+        raise HarmsweepError(f"alignment.derive.parent={block['parent']} names the derived variant itself")
+    goal = block.get("goal", "refuse")
+    if goal not in DERIVE_GOALS:
+        raise HarmsweepError(f"alignment.derive.goal={goal} is not one of {', '.join(DERIVE_GOALS)}")
+    defaults = DeriveConfig()
+    other = next(g for g in DERIVE_GOALS if g != goal)
+    for key in GOAL_ONLY[other]:
+        if key in block and block[key] != getattr(defaults, key):
+            raise HarmsweepError(
+                f"alignment.derive.{key}={block[key]} is read only with goal={other}, and this block has goal={goal}: "
+                "drop it or change the goal"
+            )
+    for key in ("n_harmful", "n_benign", "eval_n"):
+        if int(block[key]) < 1:
+            raise HarmsweepError(f"alignment.derive.{key}={block[key]} must be at least 1")
+    if block.get("refusals_file") and not Path(block["refusals_file"]).is_file():
+        raise HarmsweepError(f"alignment.derive.refusals_file not found: {block['refusals_file']}")
+    if goal != "comply":
+        return
+    responses, file = block.get("responses", "prefill"), block.get("responses_file")
+    if responses not in COMPLY_RESPONSES:
+        raise HarmsweepError(f"alignment.derive.responses={responses} is not one of {', '.join(COMPLY_RESPONSES)}")
+    if responses == "file" and not file:
+        raise HarmsweepError(
+            "alignment.derive.responses=file needs alignment.derive.responses_file=PATH (prompt, response)"
+        )
+    if responses != "file" and file:
+        raise HarmsweepError(
+            f"alignment.derive.responses_file={file} is read only with responses=file (now responses={responses})"
+        )
+    if file and not Path(file).is_file():
+        raise HarmsweepError(f"alignment.derive.responses_file not found: {file}")
+    if file and block.get("harmful", defaults.harmful) != defaults.harmful:
+        raise HarmsweepError(
+            f"alignment.derive.harmful={block['harmful']} is not read with responses=file: the prompts come from the file"
+        )
+    if int(block.get("prefill_tokens", 0)) < 0 or int(block.get("max_new_tokens", 1)) < 1:
+        raise HarmsweepError("alignment.derive.prefill_tokens must be >= 0 and alignment.derive.max_new_tokens >= 1")
+    kept = float(block.get("min_kept", defaults.min_kept))
+    if not 0 < kept <= 1:
+        raise HarmsweepError(f"alignment.derive.min_kept={kept:g} must be in (0, 1]")
 
 
 EXPERIMENT_BLOCKS = ("cross_harm", "em", "dissociation")

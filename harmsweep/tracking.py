@@ -192,12 +192,15 @@ def _is_number(value: Any) -> bool:
 
 
 def summary_of(result: Mapping[str, Any]) -> dict[str, int | float]:
-    """Numeric metrics and counts as flat summary keys (None and text are left out)."""
+    """Numeric metrics, counts and interval bounds (``ci/<metric>/lo|hi``) as flat summary keys (None and text
+    are left out)."""
     out = {k: v for k, v in result.get("metrics", {}).items() if _is_number(v)}
     out.update({k: result[k] for k in ("n_pruned", "n_scored", "actual_sparsity") if _is_number(result.get(k))})
     pruning = result.get("pruning", {})
     out.update({f"pruned/layer_{i}": n for i, n in pruning.get("per_layer", {}).items()})
     out.update({f"pruned/{t}": n for t, n in pruning.get("per_module_type", {}).items()})
+    for key, figure in ((result.get("intervals") or {}).get("metrics") or {}).items():  # bounds for W&B error bars
+        out.update({f"ci/{key}/{b}": figure[b] for b in ("lo", "hi") if _is_number(figure.get(b))})
     return out
 
 

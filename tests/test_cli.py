@@ -142,6 +142,7 @@ def test_run_on_shared_data_with_prefilling(tmp_path, shared_data):
         ("pruning.sparsity=0.05", "pruning.sparsity=0.05 is more than the stored score tail scores.keep=0.011"),
         ("pruning.protect=0.05", "raise scores.keep_benign or use scores.store=dense"),
         ("scores.store=sparse", "scores.store=sparse is not one of compact, dense"),
+        ("bootstrap.samples=10", "bootstrap needs samples >= 100 and 0.5 < level < 1"),
     ],
 )
 def test_bad_overrides_fail_in_one_line_and_leave_no_result(tmp_path, override, expected):

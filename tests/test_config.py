@@ -25,6 +25,7 @@ EXPERIMENTS = {  # preset -> (what it sweeps, what it measures)
     "dissociation": ({"pruning.sparsity"}, ["harm_likelihood", "refusal", "recognition", "perplexity"]),
     "em": ({"pruning.sparsity"}, LIKELIHOOD),
     "demo": ({"alignment", "pruning.rule", "pruning.sparsity"}, ["harm_likelihood", "refusal", "perplexity"]),
+    "align_real": ({"alignment", "pruning.rule", "pruning.sparsity"}, ["harm_likelihood", "refusal", "perplexity"]),
 }
 SPARSITY_PRESETS = {"paper": 7, "coarse": 4}
 

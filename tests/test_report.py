@@ -19,12 +19,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import write_pairs
 
 from harmsweep.experiments.matrices import Matrix
-from harmsweep.report.build import Report, build_report, compression_rows
+from harmsweep.report.build import Report, build_report, compression_rows, summary_text
 from harmsweep.report.collect import ReportError, from_wandb, harm_reduction, row_from_result, utility_ratio
+from harmsweep.report.compression import CurvePoint, threshold_sparsity
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LABEL = re.compile(r"^(>?\d(\.\d)?e[-+]\d+|n/a)$")
@@ -318,3 +320,82 @@ def test_from_wandb_refuses_offline_and_bad_paths(monkeypatch: pytest.MonkeyPatc
         from_wandb("someone/harmsweep")
     with pytest.raises(ReportError, match="expects entity/project"):
         from_wandb("just-a-project")
+
+
+# ---------------------------------------------------------------- intervals, seeds and variant differences
+
+
+def _result(folder: Path, rid: str, alignment: str, seed: int, sparsity: float, effect: float, noise: float) -> None:
+    """A finished run with per-item harmful and benign NLLs: harm rises by ``effect`` x log-sparsity, plus noise."""
+    from harmsweep.intervals import mean_sample, samples_to_json
+
+    rng = np.random.default_rng(abs(hash((alignment, seed, sparsity))) % 2**32)
+    n = 24
+    harm_ids = [f"advbench:{seed}-{i}" for i in range(n)]  # each seed holds out its own prompts
+    ben_ids = [f"alpaca:{seed}-{i}" for i in range(n)]
+    base_h, base_b = rng.normal(2.0, 0.3, n), rng.normal(1.5, 0.3, n)
+    rise = effect * (math.log10(sparsity) + 7)
+    after_h = base_h + rise + rng.normal(0, noise, n)
+    after_b = base_b + 0.01 + rng.normal(0, 0.002, n)
+    samples = {
+        "before": samples_to_json({"nll_harmful": mean_sample(harm_ids, base_h), "nll_benign": mean_sample(ben_ids, base_b)}),
+        "after": samples_to_json({"nll_harmful": mean_sample(harm_ids, after_h), "nll_benign": mean_sample(ben_ids, after_b)}),
+    }  # fmt: skip
+    metrics = {"nll_harmful_before": base_h.mean(), "nll_harmful_after": after_h.mean(),
+               "nll_benign_before": base_b.mean(), "nll_benign_after": after_b.mean()}  # fmt: skip
+    run = folder / rid
+    run.mkdir(parents=True)
+    (run / "result.json").write_text(json.dumps({
+        "run_id": rid, "model": "m", "alignment": alignment, "metrics": metrics, "samples": samples,
+        "pruning": {"rule": "signed_snip", "sparsity": sparsity, "protect": 0.01}, "config": {"seed": seed},
+    }))  # fmt: skip
+
+
+def test_intervals_seeds_and_differences_in_the_report(tmp_path: Path) -> None:
+    from harmsweep.intervals import BootstrapSpec
+
+    sweep = tmp_path / "sweep"
+    for alignment, effect, noise in (("aligned", 0.5, 0.05), ("twin", 0.5, 0.05), ("base", 0.1, 0.05)):
+        for seed in (0, 1):
+            for sparsity in (1e-6, 1e-5, 1e-4):
+                _result(sweep, f"{alignment}-{seed}-{sparsity:g}", alignment, seed, sparsity, effect, noise)
+    report = build_report([sweep], tmp_path / "out", bootstrap=BootstrapSpec(400, 0.95, 0))
+    comp = {r["alignment"]: r for r in read_csv(report.compression_csv)}
+    runs = read_csv(report.runs_csv)
+    for alignment in ("aligned", "twin"):  # harm 0.5 x decades: A50 lies between 1e-6 and 1e-5
+        row = comp[alignment]
+        assert row["n_seeds"] == "2" and row["n_items"] == "24 harmful / 24 benign"
+        assert float(row["A50_lo"]) <= float(row["A50_sparsity"]) <= float(row["A50_hi"])
+        per_seed = dict(item.split(":") for item in row["A50_seeds"].split())
+        for seed in ("0", "1"):  # independently: each seed's own curve, from runs.csv
+            points = [CurvePoint(float(r["sparsity"]), float(r["harm_reduction"]), float(r["utility_ratio"]),
+                                 r["run_id"]) for r in runs if r["alignment"] == alignment and r["seed"] == seed]  # fmt: skip
+            assert per_seed[seed] == threshold_sparsity(points, 0.5, 0.95).label
+        assert float(row["area_lo"]) <= float(row["area"]) <= float(row["area_hi"])
+    assert comp["base"]["A50"].startswith(">") and comp["base"]["A50_ci"].endswith(">1e-04]")
+    diffs = {
+        (d["first"], d["second"], d["figure"].split(" ")[1]): d for d in read_csv(tmp_path / "out" / "differences.csv")
+    }
+    assert diffs["m/aligned", "m/base", "A50"]["verdict"] == "m/aligned more compressed"
+    assert diffs["m/aligned", "m/base", "area"]["verdict"] == "m/aligned more selective"
+    assert float(diffs["m/aligned", "m/base", "area"]["p"]) < 0.01
+    assert diffs["m/aligned", "m/twin", "area"]["verdict"] == "not distinguishable"
+    assert float(diffs["m/aligned", "m/twin", "area"]["p"]) > 0.05
+    html = report.html.read_text()
+    assert "Differences between variants" in html and "not distinguishable" in html and "A50 per seed" in html
+    assert "m/aligned - m/base: log10 A50" in summary_text(report)
+
+
+def test_runs_without_per_item_values_get_no_intervals(tmp_path: Path) -> None:
+    sweep = tmp_path / "old"
+    for sparsity, harm in ((1e-6, 2.1), (1e-5, 2.9)):
+        run = sweep / f"r{sparsity:g}"
+        run.mkdir(parents=True)
+        (run / "result.json").write_text(json.dumps({
+            "run_id": f"r{sparsity:g}", "model": "m", "alignment": "aligned",
+            "metrics": {"nll_harmful_before": 2.0, "nll_harmful_after": harm, "nll_benign_before": 1.0,
+                        "nll_benign_after": 1.01},
+            "pruning": {"rule": "signed_snip", "sparsity": sparsity, "protect": 0.01}}))  # fmt: skip
+    report = build_report([sweep], tmp_path / "out")
+    assert report.compression[0]["A50"] == "6.5e-06" and "A50_ci" not in report.compression[0]  # interpolated
+    assert "No intervals for m/aligned" in report.html.read_text()

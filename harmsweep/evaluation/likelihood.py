@@ -18,17 +18,25 @@ from harmsweep.losses import per_sample_nll
 
 def mean_response_nll(model: PreTrainedModel, tensors: Mapping[str, torch.Tensor], batch_size: int) -> float:
     """Mean over samples of each sample's mean per-token NLL of its response (same loss as scoring)."""
+    nlls = response_nlls(model, tensors, batch_size)
+    return sum(nlls) / len(nlls)
+
+
+def response_nlls(model: PreTrainedModel, tensors: Mapping[str, torch.Tensor], batch_size: int) -> list[float]:
+    """Each sample's mean per-token response NLL, in the set's order (the per-item values of the bootstrap)."""
     device = input_device(model)
-    total, count = 0.0, 0
+    n = tensors["input_ids"].size(0)
+    out = [0.0] * n
+    indexed = {**tensors, "index": torch.arange(n)}  # batches are formed by length: remember where each row was
     with torch.no_grad():
-        for batch in iter_batches(tensors, batch_size, by_length=True):
+        for batch in iter_batches(indexed, batch_size, by_length=True):
             width = int(batch["attention_mask"].sum(dim=1).max())
-            out = model(
+            logits = model(
                 input_ids=batch["input_ids"][:, :width].to(device),
                 attention_mask=batch["attention_mask"][:, :width].to(device),
                 use_cache=False,
-            )
-            nll = per_sample_nll(out.logits, batch["labels"][:, :width].to(device))
-            total += float(nll.sum())
-            count += nll.numel()
-    return total / count
+            ).logits
+            nll = per_sample_nll(logits, batch["labels"][:, :width].to(device))
+            for i, value in zip(batch["index"].tolist(), nll.tolist(), strict=True):
+                out[i] = float(value)
+    return out

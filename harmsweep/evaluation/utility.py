@@ -32,35 +32,50 @@ def perplexity(
     batch_size: int,
     max_length: int,
 ) -> dict[str, float]:
-    """Token-weighted perplexity exp(sum NLL / predicted tokens) over all texts.
+    """Token-weighted perplexity exp(sum NLL / predicted tokens) over all texts."""
+    per_text = [t for t in text_nlls(model, tokenizer, texts, batch_size, max_length) if t is not None]
+    total, count = math.fsum(t[0] for t in per_text), sum(t[1] for t in per_text)
+    mean = total / count
+    return {"perplexity": math.exp(mean), "nll": mean, "tokens": float(count)}
+
+
+def text_nlls(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    batch_size: int,
+    max_length: int,
+) -> list[tuple[float, int] | None]:
+    """Per text: (summed NLL, predicted tokens), None for a text too short to predict anything.
 
     Each text is tokenised on its own (with BOS when the tokenizer adds one) so batching never
-    changes what a token is conditioned on; padding is right-side and never counted.
+    changes what a token is conditioned on; padding is right-side and never counted. The per-text
+    sums are perplexity's bootstrap items.
     """
     rows = [tokenizer(t, add_special_tokens=True)["input_ids"][:max_length] for t in texts]
-    rows = [r for r in rows if len(r) >= 2]  # a single token predicts nothing
-    if not rows:
+    kept = [i for i, r in enumerate(rows) if len(r) >= 2]  # a single token predicts nothing
+    if not kept:
         raise HarmsweepError("perplexity needs at least one text of two or more tokens")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = input_device(model)
-    total, count = 0.0, 0
+    out: list[tuple[float, int] | None] = [None] * len(rows)
     with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            width = max(len(r) for r in chunk)
+        for start in range(0, len(kept), batch_size):
+            chunk = kept[start : start + batch_size]
+            width = max(len(rows[i]) for i in chunk)
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, r in enumerate(chunk):
-                ids[i, : len(r)] = torch.tensor(r)
-                mask[i, : len(r)] = 1
+            for j, i in enumerate(chunk):
+                ids[j, : len(rows[i])] = torch.tensor(rows[i])
+                mask[j, : len(rows[i])] = 1
             ids, mask = ids.to(device), mask.to(device)
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
             nll = functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-            keep = mask[:, 1:].bool()
-            total += float(nll[keep].double().sum())
-            count += int(keep.sum())
-    mean = total / count
-    return {"perplexity": math.exp(mean), "nll": mean, "tokens": float(count)}
+            keep = mask[:, 1:].to(nll.dtype)
+            sums = (nll.double() * keep).sum(dim=1).tolist()
+            for j, i in enumerate(chunk):
+                out[i] = (float(sums[j]), len(rows[i]) - 1)
+    return out
 
 
 def lm_eval_tasks(

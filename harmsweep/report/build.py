@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from harmsweep.errors import HarmsweepError
+from harmsweep.intervals import BootstrapSpec, Resampler
 from harmsweep.report import figures as figs
-from harmsweep.report import page
+from harmsweep.report import page, uncertainty
 from harmsweep.report.collect import Collected, ReportError, collect, is_number, require_rows
 from harmsweep.report.compression import CurvePoint, concentration, gini, separation, threshold_sparsity
 
@@ -41,6 +42,7 @@ class Report:
     n_failed: int = 0
     skipped: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    differences: list[dict[str, Any]] = field(default_factory=list)
 
 
 def target_name(target: float) -> str:
@@ -191,21 +193,37 @@ def _compression_section(rows: Sequence[Mapping[str, Any]], targets: Sequence[fl
     lines: list[list[str]] = []
     for name in (target_name(t) for t in targets):
         lines.append([f"<b>{name}</b>", *(page.cell(r[name], r[f"{name}_runs"]) for r in rows)])
+        lines.append([f"<b>{name} 95% CI</b>", *(page.cell(r.get(f"{name}_ci")) for r in rows)])
+        if any(r.get(f"{name}_seeds") for r in rows):
+            lines.append([f"<b>{name} per seed</b>", *(page.cell(r.get(f"{name}_seeds")) for r in rows)])
+    lines.append(["<b>selective area</b>", *(page.cell(_with_ci(r, "area")) for r in rows)])
+    if any(r.get("area_seeds") for r in rows):
+        lines.append(["<b>selective area per seed</b>", *(page.cell(r.get("area_seeds")) for r in rows)])
     for key, label in (
         ("B_concentration", "B concentration @K"),
         ("gini", "Gini"),
         ("C_separation", "C separation @K"),
     ):
         lines.append([f"<b>{label}</b>", *(page.cell(r[key], r["scores_run"]) for r in rows)])
-    for key in ("K", "N", *IDENTITY[2:], "note"):
+    for key in ("K", "N", *IDENTITY[2:], "n_seeds", "n_items", "note"):
         lines.append([f"<b>{key}</b>", *(page.cell(r.get(key)) for r in rows)])
     text = (
         "AX: smallest sparsity at which the harm reduction reaches X% while the utility ratio stays at or above the "
-        "floor (interpolated in log sparsity between the two runs named; '>s': not reached up to s). "
+        "floor (interpolated in log sparsity between the two runs named; '>s': not reached up to s); its 95% CI "
+        "comes from resampling the held-out prompts of every run of the curve at once (seeds averaged), and 'per "
+        "seed' is each seed's own curve. Selective area: mean over log sparsity of harm reduction + utility ratio - 1 "
+        "(the gap between the harm curve and the utility-loss curve; higher = more harm removed per utility lost). "
         f"B: share of the positive harm score held by the top K = round({k_sparsity:g} x N) weights. Gini of the "
         f"positive harm scores. C: Jaccard overlap of TopK(harm) and TopK(benign importance); lower = more separate."
     )
     return page.table(header, lines) + page.note(text)
+
+
+def _with_ci(row: Mapping[str, Any], key: str) -> str | None:
+    value, lo, hi = row.get(key), row.get(f"{key}_lo"), row.get(f"{key}_hi")
+    if not is_number(value):
+        return None
+    return f"{value:.3f} [{lo:.3f}, {hi:.3f}]" if is_number(lo) and is_number(hi) else f"{value:.3f}"
 
 
 def _curves_section(png: Path, images: Sequence[Path]) -> str:
@@ -213,8 +231,35 @@ def _curves_section(png: Path, images: Sequence[Path]) -> str:
         return page.note("No plain runs with a sparsity.")
     return page.image(png, "harm and utility curves") + page.note(
         "Per run, harm reduction and utility ratio relative to the unpruned model (measures in the runs table); "
-        "points at one sparsity are averaged. Random and magnitude pruning are the controls (dashed)."
+        "points at one sparsity are averaged. Random and magnitude pruning are the controls (dashed). Bands: 95% "
+        "intervals from a paired bootstrap over the held-out prompts (runs without per-item values have none)."
     )
+
+
+def _differences_section(diffs: Sequence[Mapping[str, Any]], without: Sequence[str]) -> str:
+    """Each pair of variants: the difference, its interval and p-value, and whether it can be told apart at all."""
+    if not diffs:
+        return page.note("Fewer than two variants with per-item values: nothing to compare.") + _without(without)
+    rows = [
+        {"first": d["first"], "second": d["second"], "figure (first - second)": d["figure"],
+         "estimate": d["estimate"], "95% CI": _interval(d["lo"], d["hi"]), "p": d["p"], "verdict": d["verdict"]}
+        for d in diffs
+    ]  # fmt: skip
+    text = (
+        "log10 AX < 0: the first variant reaches the harm target at fewer pruned weights (more compressed). Selective "
+        "area > 0: the first removes more harm per utility lost, over the sparsities both tried. Intervals and "
+        "two-sided p-values from the same bootstrap (paired where both variants were evaluated on the same prompts); "
+        "'not distinguishable' where the interval includes 0."
+    )
+    return page.records_table(rows) + page.note(text) + _without(without)
+
+
+def _interval(lo: Any, hi: Any) -> str | None:
+    return f"[{lo:.3g}, {hi:.3g}]" if is_number(lo) and is_number(hi) else None
+
+
+def _without(variants: Sequence[str]) -> str:
+    return page.note(f"No intervals for {', '.join(variants)}: their runs kept no per-item values.") if variants else ""
 
 
 def _where_section(rows: Sequence[Mapping[str, Any]], images: Sequence[Path]) -> str:
@@ -261,6 +306,7 @@ def build_report(
     harm_measure: str | None = None,
     utility_measure: str | None = None,
     collected: Collected | None = None,
+    bootstrap: BootstrapSpec | None = None,
 ) -> Report:
     """Collect the runs under ``folders`` (or take ``collected``, e.g. from W&B) and write the report files."""
     data = collected if collected is not None else collect(folders, harm_measure, utility_measure)
@@ -273,10 +319,16 @@ def build_report(
         stale.unlink(missing_ok=True)  # a rebuilt report never shows a previous build's plot
     rows = data.rows
     comp = compression_rows(rows, k_sparsity, targets, utility_floor)
-    images = [p for p in [figs.plot_curves(rows, out / "curves.png", targets, utility_floor)] if p]
+    resampler = Resampler(bootstrap or BootstrapSpec())
+    named = {target_name(t): t for t in targets}
+    unc = uncertainty.annotate(comp, figs.plain_rows(rows), data.samples, named, utility_floor, resampler, figs.curve_x)
+    diffs = [d.row() for d in unc.differences]
+    bands = uncertainty.curve_bands(figs.plain_rows(rows), data.samples, resampler, figs.curve_x)
+    images = [p for p in [figs.plot_curves(rows, out / "curves.png", targets, utility_floor, bands)] if p]
     images += figs.plot_counts(rows, out / "pruned_layers.png", out / "pruned_module_types.png")
     sections = [
         ("Compression per variant", "compression", _compression_section(comp, targets, k_sparsity)),
+        ("Differences between variants", "differences", _differences_section(diffs, unc.without)),
         ("Harm and utility vs sparsity", "curves", _curves_section(out / "curves.png", images)),
         ("Where the pruned weights sit", "where", _where_section(rows, images)),
     ]
@@ -285,22 +337,27 @@ def build_report(
     sections.append(("All runs", "runs", page.records_table(rows)))
     runs_csv = write_csv(rows, out / "runs.csv")
     comp_csv = write_csv(comp, out / "compression.csv")
+    write_csv(diffs, out / "differences.csv", list(uncertainty.Difference.__dataclass_fields__))
     settings = {
         "sources": data.sources, "k_sparsity": k_sparsity, "targets": list(targets), "utility_floor": utility_floor,
         "harm_measure": harm_measure or "auto", "utility_measure": utility_measure or "auto", "n_runs": len(rows),
         "n_failed": len(data.failed), "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "bootstrap": resampler.spec.describe(),
     }  # fmt: skip
     intro = page.note(
         f"{len(rows)} finished runs from {', '.join(data.sources)}; {len(data.failed)} failed runs left out"
         + (f"; {len(data.skipped)} results skipped ({'; '.join(data.skipped)})" if data.skipped else "")
         + f". Harm measure: {settings['harm_measure']}, utility measure: {settings['utility_measure']}, "
-        f"utility floor {utility_floor:g}. Built {settings['created']}. Tables: runs.csv, compression.csv."
+        f"utility floor {utility_floor:g}. Intervals: 95% paired bootstrap over held-out prompts "
+        f"({resampler.spec.samples} replicates). Built {settings['created']}. Tables: runs.csv, compression.csv, "
+        "differences.csv."
     )
     html_path = out / "report.html"
     tmp = html_path.with_suffix(".html.tmp")
     tmp.write_text(page.render("harmsweep compression report", intro, sections), encoding="utf-8")
     tmp.replace(html_path)
-    return Report(out, html_path, runs_csv, comp_csv, images, comp, rows, len(data.failed), data.skipped, settings)
+    return Report(out, html_path, runs_csv, comp_csv, images, comp, rows, len(data.failed), data.skipped, settings,
+                  diffs)  # fmt: skip
 
 
 def summary_text(report: Report, targets: Sequence[float] | None = None) -> str:
@@ -308,14 +365,17 @@ def summary_text(report: Report, targets: Sequence[float] | None = None) -> str:
     names = [target_name(t) for t in (targets or report.settings.get("targets", (0.5, 0.8)))]
     header = ["variant", *names, "K", "B", "Gini", "C", "runs"]
     lines = [
-        [f"{r['model']}/{r['alignment']}", *(str(r[n]) for n in names), page.fmt(r["K"]),
+        [f"{r['model']}/{r['alignment']}", *(f"{r[n]} {r.get(f'{n}_ci') or ''}".rstrip() for n in names),
+         page.fmt(r["K"]),
          *(page.fmt(r[k]) for k in ("B_concentration", "gini", "C_separation")), str(r["n_runs"])]
         for r in report.compression
     ]  # fmt: skip
     widths = [max(len(x) for x in col) for col in zip(header, *lines, strict=True)]
     text = ["  ".join(x.ljust(w) for x, w in zip(line, widths, strict=True)).rstrip() for line in [header, *lines]]
     failed = f", {report.n_failed} failed left out" if report.n_failed else ""
-    return "\n".join([f"{len(report.runs)} runs{failed}", *text, *_headlines(report), f"report: {report.html}"])
+    diffs = [f"  {d['first']} - {d['second']}: {d['figure']} {page.fmt(d['estimate'])} "
+             f"{_interval(d['lo'], d['hi']) or ''} p={page.fmt(d['p'])}: {d['verdict']}" for d in report.differences]  # fmt: skip
+    return "\n".join([f"{len(report.runs)} runs{failed}", *text, *_headlines(report), *diffs, f"report: {report.html}"])
 
 
 def _headlines(report: Report) -> list[str]:

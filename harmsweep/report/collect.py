@@ -17,19 +17,18 @@ from pathlib import Path
 from typing import Any
 
 from harmsweep.errors import HarmsweepError
+from harmsweep.intervals import (
+    HARM_MEASURES,  # auto picks the first one measured
+    UTILITY_MEASURES,
+    Sample,
+    harm_reduction_of,
+    samples_from_json,
+    utility_ratio_of,
+)
 
-# name -> metric of result.json; auto picks the first one measured: judges read harmful generation directly,
-# the likelihood of harmful references is the judge-free fallback every run has.
-HARM_MEASURES = {
-    "strongreject": "strongreject_mean",
-    "rubric": "rubric_mean",
-    "asr_keyword": "asr_keyword_mean",
-    "likelihood": "nll_harmful",
-}
-UTILITY_MEASURES = {"perplexity": "perplexity", "likelihood": "nll_benign"}
 EXPERIMENTS = ("cross_harm", "em", "dissociation")  # runs that write figures instead of one pruning
 BASE_COLUMNS = (
-    "run_id", "folder", "experiment", "model", "alignment", "rule", "sparsity", "protect", "n_scored", "n_pruned",
+    "run_id", "folder", "experiment", "model", "alignment", "seed", "rule", "sparsity", "protect", "n_scored", "n_pruned",
     "actual_sparsity", "harm_reduction", "harm_measure", "utility_ratio", "utility_measure", "scores_harm",
     "scores_benign",
 )  # fmt: skip
@@ -59,6 +58,7 @@ class Collected:
     failed: list[Path] = field(default_factory=list)  # run folders holding a FAILED marker
     skipped: list[str] = field(default_factory=list)  # "path: why" for unreadable or duplicate results
     sources: list[str] = field(default_factory=list)
+    samples: dict[str, dict[str, dict[str, Sample]]] = field(default_factory=dict)  # run id -> stage -> per-item values
 
 
 def is_number(value: Any) -> bool:
@@ -93,12 +93,17 @@ def harm_reduction(metrics: Mapping[str, Any], measure: str | None = None) -> tu
         if name == "likelihood":
             delta = _delta(metrics, key)
             if delta is not None:
-                return 1.0 - math.exp(-delta), name
+                return float(harm_reduction_of(name, 0.0, delta)), name
             continue
         before, after = metrics.get(f"{key}_before"), metrics.get(f"{key}_after")
         if is_number(before) and is_number(after):
-            return (1.0 - after / before if before != 0 else None), name
+            return _finite(harm_reduction_of(name, before, after)), name
     return None, measure
+
+
+def _finite(value: Any) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def utility_ratio(metrics: Mapping[str, Any], measure: str | None = None) -> tuple[float | None, str | None]:
@@ -107,11 +112,11 @@ def utility_ratio(metrics: Mapping[str, Any], measure: str | None = None) -> tup
         if name == "perplexity":
             before, after = metrics.get("perplexity_before"), metrics.get("perplexity_after")
             if is_number(before) and is_number(after) and after > 0:
-                return before / after, name
+                return float(utility_ratio_of(name, before, after)), name
         else:
             delta = _delta(metrics, UTILITY_MEASURES[name])
             if delta is not None:
-                return math.exp(-delta), name
+                return float(utility_ratio_of(name, 0.0, delta)), name
     return None, measure
 
 
@@ -158,6 +163,7 @@ def row_from_result(
         "experiment": result.get("experiment") or config.get("experiment"),
         "model": result.get("model"),
         "alignment": result.get("alignment"),
+        "seed": config.get("seed"),
         "rule": pruning.get("rule"),
         "sparsity": pruning.get("sparsity"),
         "protect": pruning.get("protect"),
@@ -208,6 +214,8 @@ def collect(
         seen.add(rid)
         row = row_from_result(result, path.parent, harm_measure, utility_measure)
         out.rows.append(row)
+        if result.get("samples"):  # runs written before per-item values were kept have no intervals
+            out.samples[rid] = {stage: samples_from_json(s) for stage, s in result["samples"].items()}
         for name, fig_path in (result.get("figures") or {}).items():
             fig = Path(fig_path)
             if not fig.is_file():  # a copied sweep: the figure sits beside its result.json
@@ -240,12 +248,13 @@ def row_from_wandb(run: Any, harm_measure: str | None = None, utility_measure: s
         "experiment": config.get("experiment"),
         "model": (config.get("model") or {}).get("name"),
         "alignment": (config.get("alignment") or {}).get("name"),
+        "seed": config.get("seed"),
         "rule": pruning.get("rule"),
         "sparsity": pruning.get("sparsity"),
         "protect": pruning.get("protect"),
         **{k: summary.get(k) for k in SUMMARY_SKIP},
     }
-    metrics = {k: v for k, v in summary.items() if not k.startswith(("_", "pruned/")) and k not in SUMMARY_SKIP}
+    metrics = {k: v for k, v in summary.items() if not k.startswith(("_", "pruned/", "ci/")) and k not in SUMMARY_SKIP}
     counts = {k: v for k, v in summary.items() if k.startswith("pruned/")}
     return make_row(ident, metrics, counts, harm_measure, utility_measure)
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure as MplFigure
 
@@ -85,9 +86,17 @@ def _save(fig: MplFigure, path: Path) -> Path:
 
 
 def plot_curves(
-    rows: Sequence[Mapping[str, Any]], path: Path, targets: Sequence[float] = (0.5, 0.8), utility_floor: float = 0.95
+    rows: Sequence[Mapping[str, Any]],
+    path: Path,
+    targets: Sequence[float] = (0.5, 0.8),
+    utility_floor: float = 0.95,
+    bands: Mapping[tuple[str, str, str, Any], Sequence[Any]] | None = None,
 ) -> Path | None:
-    """Harm reduction (left) and utility ratio (right) vs sparsity, log x; one colour per variant, one style per rule."""
+    """Harm reduction (left) and utility ratio (right) vs sparsity, log x; one colour per variant, one style per rule.
+
+    ``bands``: per curve (model, alignment, rule, protect), its xs and the harm and utility interval bounds at each
+    (report/uncertainty.py curve_bands), drawn as a shaded band around the line.
+    """
     lines = curves(rows)
     if not lines:
         return None
@@ -105,11 +114,18 @@ def plot_curves(
         if len(protects[(model, alignment, rule)]) > 1:
             label += f" (p={protect})"
         kwargs = {"color": colours[(model, alignment)], "linestyle": style, "marker": marker, "label": label}
+        band = (bands or {}).get((model, alignment, rule, protect))
         for ax, index in ((harm_ax, 1), (util_ax, 2)):
             xs, ys = _means(points, index)
             if xs:
                 ax.plot(xs, ys, alpha=0.6 if rule in CONTROLS else 1.0, **kwargs)
                 plotted = True
+            if band is not None:
+                lo, hi = np.asarray(band[2 * index - 1]), np.asarray(band[2 * index])
+                ok = np.isfinite(lo) & np.isfinite(hi)
+                if ok.any():  # an undefined figure (harm 0 before pruning) has no band
+                    ax.fill_between(np.asarray(band[0])[ok], lo[ok], hi[ok], color=kwargs["color"], linewidth=0,
+                                    alpha=0.08 if rule in CONTROLS else 0.18)  # fmt: skip
     if not plotted:  # no run has a usable harm or utility value (e.g. a forced measure nobody measured)
         return None
     for target in targets:
