@@ -65,6 +65,21 @@ def test_run_from_files_writes_a_complete_result(tmp_path, pair_files):
     assert sum(scores.stored(n)[0].numel() for n in scores) == round(0.2 * result["n_scored"])
     assert result["metrics"]["nll_harmful_before"] != result["metrics"]["nll_harmful_after"]
     assert "pruned" in proc.stdout and "harmful NLL" in proc.stdout
+    # every figure carries its interval, computed from the per-item values kept beside it
+    ci, samples = result["intervals"]["metrics"], result["samples"]
+    assert {"delta_nll_harmful", "selectivity", "harm_reduction/likelihood", "utility_ratio/perplexity"} <= set(ci)
+    for key, figure in ci.items():
+        assert figure["value"] == result["metrics"][key] or figure["value"] is None is result["metrics"].get(key)
+        if figure["value"] is not None:
+            assert figure["lo"] <= figure["value"] <= figure["hi"]
+            assert figure["n"] == (8 if "recognition_accuracy" in key else 4)  # harmful + benign prompts
+    held = [
+        json.loads(line)
+        for line in Path(result["artifacts"]["calibration"]).with_suffix(".jsonl").read_text().splitlines()
+    ]
+    assert samples["before"]["nll_harmful"]["ids"] == [r["source_id"] for r in held if r["set"] == "eval_harmful"]
+    assert samples["before"]["nll_harmful"]["ids"] == samples["after"]["nll_harmful"]["ids"]  # paired
+    assert "95% CI" in proc.stdout and result["intervals"]["settings"]["samples"] == 1000
 
 
 def test_rerun_is_idempotent_and_resumes_from_finished_stages(tmp_path, pair_files):

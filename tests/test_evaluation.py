@@ -9,7 +9,7 @@ from conftest import tiny
 from harmsweep.calibration import attack_prompts
 from harmsweep.data import Record
 from harmsweep.errors import HarmsweepError
-from harmsweep.evaluation.likelihood import mean_response_nll
+from harmsweep.evaluation.likelihood import mean_response_nll, response_nlls
 from harmsweep.evaluation.suite import deltas, plan, with_stage
 from harmsweep.generation import Sampling, generate
 
@@ -76,6 +76,9 @@ def test_harm_likelihood_is_the_mean_of_per_sample_response_nll():
             resp = labels[1:] != -100
             expected.append(float(-logp[resp].gather(1, labels[1:][resp][:, None]).mean()))
     assert mean_response_nll(lm.model, enc, batch_size=2) == pytest.approx(sum(expected) / 2, rel=1e-5)
+    # per item, in the set's order although batches are formed by length (the bootstrap's items)
+    assert response_nlls(lm.model, enc, batch_size=1) == pytest.approx(expected, rel=1e-5)
+    assert response_nlls(lm.model, enc, batch_size=2) == pytest.approx(expected, rel=1e-5)
 
 
 def test_seeded_sampling_is_reproducible_and_greedy_is_batch_invariant():

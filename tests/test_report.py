@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -329,7 +330,7 @@ def _result(folder: Path, rid: str, alignment: str, seed: int, sparsity: float, 
     """A finished run with per-item harmful and benign NLLs: harm rises by ``effect`` x log-sparsity, plus noise."""
     from harmsweep.intervals import mean_sample, samples_to_json
 
-    rng = np.random.default_rng(abs(hash((alignment, seed, sparsity))) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(f"{alignment}-{seed}-{sparsity:g}".encode()))  # stable across processes
     n = 24
     harm_ids = [f"advbench:{seed}-{i}" for i in range(n)]  # each seed holds out its own prompts
     ben_ids = [f"alpaca:{seed}-{i}" for i in range(n)]
@@ -399,3 +400,24 @@ def test_runs_without_per_item_values_get_no_intervals(tmp_path: Path) -> None:
     report = build_report([sweep], tmp_path / "out")
     assert report.compression[0]["A50"] == "6.5e-06" and "A50_ci" not in report.compression[0]  # interpolated
     assert "No intervals for m/aligned" in report.html.read_text()
+
+
+def test_seeds_are_a_sweep_axis_with_their_own_prompts(tmp_path: Path) -> None:
+    """seed=0,1 as a real multirun: each seed calibrates and holds out its own prompts; the report shows both."""
+    from test_cli import file_run_args, harmsweep
+
+    harmful, benign = write_pairs(tmp_path, 12)
+    args = [a for a in file_run_args(tmp_path / "x", harmful, benign) if not a.startswith(("hydra.run", "pruning."))]
+    proc = harmsweep("-m", *args, "eval=likelihood", "pruning.sparsity=0.01,0.05", "seed=0,1",
+                     f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").rglob("result.json"))]
+    by_seed = {r["config"]["seed"]: r for r in results}
+    assert len(results) == 4 and set(by_seed) == {0, 1}
+    held = {seed: r["samples"]["after"]["nll_harmful"]["ids"] for seed, r in by_seed.items()}
+    assert held[0] != held[1]  # another seed: another held-out sample
+    assert by_seed[0]["artifacts"]["calibration"] != by_seed[1]["artifacts"]["calibration"]
+    report = build_report([tmp_path / "sweep"], tmp_path / "out", harm_measure="likelihood")
+    row = report.compression[0]
+    assert row["n_seeds"] == 2 and set(dict(i.split(":") for i in row["A50_seeds"].split())) == {"0", "1"}
+    assert "A50 per seed" in report.html.read_text()

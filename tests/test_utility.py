@@ -12,7 +12,7 @@ from conftest import ARCHS, ROOT, tiny
 
 from harmsweep.errors import HarmsweepError
 from harmsweep.evaluation.recognition import answer_token_ids, recognition, yes_no_logits
-from harmsweep.evaluation.utility import flatten_results, lm_eval_tasks, perplexity
+from harmsweep.evaluation.utility import flatten_results, lm_eval_tasks, perplexity, text_nlls
 
 TEXTS = ["Hello world.", "A", "The quick brown fox jumps over the lazy dog, twice.", "Short one", "x" * 80]
 TASK = "harmsweep_tiny_qa"
@@ -41,6 +41,10 @@ def test_perplexity_matches_unbatched_loop(batch_size: int) -> None:
     assert got["tokens"] == count
     assert got["nll"] == pytest.approx(total / count, rel=1e-5)
     assert got["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+    per_text = text_nlls(lm.model, lm.tokenizer, TEXTS, batch_size=batch_size, max_length=40)
+    for text, item in zip(TEXTS, per_text, strict=True):  # the bootstrap's items: one (NLL sum, tokens) per text
+        alone = _direct_nll(lm.model, lm.tokenizer, [text], max_length=40)
+        assert item is None if alone[1] == 0 else item == (pytest.approx(alone[0], rel=1e-5), alone[1])
 
 
 def test_flatten_results_keeps_numeric_metrics_only() -> None:
