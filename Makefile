@@ -11,7 +11,7 @@ ifneq ($(wildcard $(SHARED_DATA)/advbench),)
 export HARMSWEEP_DATA ?= $(SHARED_DATA)
 endif
 
-.PHONY: venv model-qwen demo test test-fast lint bench clean
+.PHONY: venv model-qwen demo align-real test test-fast lint bench clean
 
 venv: $(STAMP)
 
@@ -37,6 +37,12 @@ model-qwen: venv
 demo: venv
 	$(BIN)/harmsweep -m experiment=demo $(ARGS)
 	$(BIN)/harmsweep-report outputs/demo
+
+# A model that really refuses: Qwen2.5-Coder-0.5B-Instruct vs its de-aligned counterpart, the paper's rule vs random
+# at three sparsities, with intervals (conf/experiment/align_real.yaml; not part of `make demo`: longer).
+align-real: model-qwen
+	$(BIN)/harmsweep -m experiment=align_real $(ARGS)
+	$(BIN)/harmsweep-report outputs/sweeps/align_real/qwen25_coder_05b
 
 test: venv
 	$(BIN)/python -m pytest -q $(ARGS)
