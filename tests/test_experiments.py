@@ -80,6 +80,11 @@ def test_dissociation_arms_and_recovery_curve(tmp_path, shared_data):
         m["nll_refusal/refusal_pruned"] - m["nll_refusal/unpruned"]
         > m["nll_refusal/harm_pruned"] - m["nll_refusal/unpruned"]
     )
+    arms = result["intervals"]["arms"]  # each arm against the unpruned model, paired over the same prompts
+    assert set(arms) == {"harm_pruned", "refusal_pruned", "harm_pruned_recovered"}
+    delta = arms["harm_pruned"]["delta_nll_harmful"]
+    assert delta["value"] == pytest.approx(m["nll_harmful/harm_pruned"] - m["nll_harmful/unpruned"])
+    assert delta["lo"] <= delta["value"] <= delta["hi"]
     curve = _figure(run_dir, "recovery")
     assert curve["rows"] == ["0", "1", "2", "3"] and curve["cols"] == ["nll_harmful", "nll_benign", "train_loss"]
     assert curve["values"][0][0] == pytest.approx(m["nll_harmful/harm_pruned"], rel=1e-4)

@@ -30,6 +30,7 @@ from harmsweep.evaluation.suite import HeldOut, Suite
 from harmsweep.experiments.common import Context, finish, open_context
 from harmsweep.experiments.matrices import Matrix, mask_size, overlap_matrix
 from harmsweep.finetune import FinetuneSpec, finetune
+from harmsweep.intervals import BootstrapSpec, run_intervals
 from harmsweep.pruning import PruneSpec, apply_mask, mask_counts, pruned
 from harmsweep.sets import calibrate
 
@@ -84,7 +85,11 @@ def run(
                if isinstance(value, int | float)}  # fmt: skip
     for arm, mask in masks.items():
         metrics[f"n_pruned/{arm}"] = mask_size(mask)
-    extra = {"arms": list(arms), "pruned_counts": {arm: mask_counts(ctx.params, m) for arm, m in masks.items()}}
+    boot = BootstrapSpec.from_config(cfg.get("bootstrap"))
+    unpruned = suite.samples("unpruned")  # each arm against the unpruned model, paired over the same prompts
+    intervals = {arm: run_intervals(unpruned, suite.samples(arm), boot) for arm in arms if arm != "unpruned"}
+    extra = {"arms": list(arms), "pruned_counts": {arm: mask_counts(ctx.params, m) for arm, m in masks.items()},
+             "intervals": {"settings": boot.describe(), "arms": intervals}}  # fmt: skip
     return finish(ctx, rid, metrics, figures, extra), items
 
 
