@@ -255,7 +255,12 @@ def _differences_section(diffs: Sequence[Mapping[str, Any]], without: Sequence[s
 
 
 def _interval(lo: Any, hi: Any) -> str | None:
-    return f"[{lo:.3g}, {hi:.3g}]" if is_number(lo) and is_number(hi) else None
+    """'[-0.42, 0.13]'; an infinite bound (one variant never reaches a target) reads 'inf'."""
+
+    def ok(v: Any) -> bool:
+        return isinstance(v, int | float) and not math.isnan(v)
+
+    return f"[{lo:.3g}, {hi:.3g}]" if ok(lo) and ok(hi) else None
 
 
 def _without(variants: Sequence[str]) -> str:
@@ -391,6 +396,8 @@ def _headlines(report: Report) -> list[str]:
             continue
         best = max(kept, key=lambda r: r["harm_reduction"]) if kept else max(points, key=lambda r: r["utility_ratio"])
         note = "" if kept else f" (no point keeps utility >= {floor:g}; the gentlest shown)"
-        out.append(f"  {comp['alignment']}: harm -{best['harm_reduction']:.0%} at utility {best['utility_ratio']:.2f}, "
+        lo, hi = best.get("harm_reduction_lo"), best.get("harm_reduction_hi")
+        ci = f" [{lo:.0%}, {hi:.0%}]" if is_number(lo) and is_number(hi) else ""
+        out.append(f"  {comp['alignment']}: harm -{best['harm_reduction']:.0%}{ci} at utility {best['utility_ratio']:.2f}, "
                    f"sparsity {best['sparsity']:g} (run {best['run_id']}){note}")  # fmt: skip
     return out

@@ -173,7 +173,17 @@ def row_from_result(
         "scores_harm": artifacts.get("scores_harm"),
         "scores_benign": artifacts.get("scores_benign") or artifacts.get("scores_benign_unsigned"),
     }
-    return make_row(ident, result.get("metrics") or {}, pruned_counts(pruning), harm_measure, utility_measure)
+    row = make_row(ident, result.get("metrics") or {}, pruned_counts(pruning), harm_measure, utility_measure)
+    return {**row, **interval_columns(row, (result.get("intervals") or {}).get("metrics") or {})}
+
+
+def interval_columns(row: Mapping[str, Any], intervals: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's own 95% bounds of its harm reduction and utility ratio, in the measures the row used."""
+    out = {}
+    for figure in ("harm_reduction", "utility_ratio"):
+        found = intervals.get(f"{figure}/{row.get(figure.split('_')[0] + '_measure')}") or {}
+        out.update({f"{figure}_lo": found.get("lo"), f"{figure}_hi": found.get("hi")})
+    return out
 
 
 def find_results(folders: Iterable[Path | str]) -> tuple[list[Path], list[Path]]:

@@ -215,6 +215,7 @@ def difference(
     lo, hi = percentile_interval(reps, level)
     p = p_value(reps)
     if lo is None or hi is None or point is None or math.isnan(point):
+        lo = hi = p = None  # e.g. neither variant reaches the target: there is no difference to test
         verdict = "not measurable (too few replicates reach the figure in both)"
     elif lo <= 0 <= hi:
         verdict = "not distinguishable"
