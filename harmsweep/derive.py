@@ -60,8 +60,10 @@ def load_derived(cfg: Mapping[str, Any]) -> LoadedModel:
     def fits(prompt: str) -> bool:  # at most half the token budget, so every pair keeps a response
         return len(prompt_ids(parent.tokenizer, prompt, template)) <= int(derive["finetune"]["max_length"]) // 2
 
-    harmful, benign, held_harmful, held_benign = _data(derive, cfg["data"], int(cfg["seed"]), fits)
     spec = FinetuneSpec.from_config(derive["finetune"])
+    # the derivation's own seed, not the run's: a seeds axis (seed=0,1,2) varies calibration and generation
+    # on one derived model instead of training one per seed
+    harmful, benign, held_harmful, held_benign = _data(derive, cfg["data"], spec.seed, fits)
     recipe: dict[str, Any] = {
         "version": VERSION,
         "parent": parent.fingerprint,
@@ -71,7 +73,7 @@ def load_derived(cfg: Mapping[str, Any]) -> LoadedModel:
         "benign": content_key([asdict(r) for r in benign]),
         "refusal_model": derive.get("refusal_model"),
         "finetune": spec.key(),
-        "seed": int(cfg["seed"]),
+        "seed": spec.seed,
     }
     if _goal(derive) == "comply":  # refuse keeps the recipe (and so the cache entries) it always had
         del recipe["refusal_model"]
