@@ -68,7 +68,7 @@ def _first_values(parser: Any, overrides: list[str]) -> list[str]:
             for o, a in zip(parser.parse_overrides(overrides), overrides, strict=True)]  # fmt: skip
 
 
-def model_config(model: Mapping[str, Any], alignment: Mapping[str, Any], cache_dir: str | Path | None = None) -> Any:
+def model_config(model: Mapping[str, Any], alignment: Mapping[str, Any], cache_dir: str | Path) -> Any:
     """The transformers config of the checkpoint a job loads: no weights are read (a split embedded GGUF is
     joined into ``cache_dir`` once, as its first run would)."""
     from transformers import AutoConfig
@@ -87,8 +87,7 @@ def model_config(model: Mapping[str, Any], alignment: Mapping[str, Any], cache_d
         return AutoConfig.for_model(tiny.pop("model_type"), **tiny)
     path = None
     if spec.get("embedded"):
-        cache = Path(os.path.expanduser(str(cache_dir or "~/.cache/harmsweep")))
-        path = embedded_checkpoint(spec["embedded"], cache)
+        path = embedded_checkpoint(spec["embedded"], Path(os.path.expanduser(str(cache_dir))))
     elif spec.get("path"):
         path = Path(os.path.expanduser(str(spec["path"])))
     if path is not None and path.suffix == ".gguf" and path.is_file():

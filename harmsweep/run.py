@@ -29,7 +29,7 @@ from harmsweep.config import check_config, prune_spec, run_id
 from harmsweep.derive import derivation, load_derived, trained_prompts
 from harmsweep.devices import input_device, place_model
 from harmsweep.errors import HarmsweepError
-from harmsweep.evaluation.suite import JUDGES, HeldOut, Suite, deltas, plan
+from harmsweep.evaluation.suite import COUNTS, JUDGES, HeldOut, Suite, deltas, plan
 from harmsweep.experiments import runner
 from harmsweep.intervals import BootstrapSpec, derived_metrics, run_intervals, samples_from_json, samples_to_json
 from harmsweep.models import LoadedModel, load_model
@@ -316,7 +316,7 @@ def _without(metrics: Mapping[str, Any], intervals: Mapping[str, Any]) -> list[s
     return sorted(
         k for k, v in metrics.items()
         if isinstance(v, int | float) and not isinstance(v, bool) and k not in intervals and k not in counts
-        and not k.split("/")[0].endswith(("_n_before", "_n_after", "_unscored_before", "_unscored_after"))
+        and not k.split("/")[0].replace("_after", "_before").endswith(COUNTS)  # item counts (judge _n, _unscored)
     )  # fmt: skip
 
 
