@@ -20,6 +20,9 @@ scores' fp32 buffer + activations, where "activations" is the extra peak of the 
 forward+backward with every weight's gradient dropped as it lands (no score buffer). Each child does
 a tiny warm-up pass first (one-time runtime allocations) and runs with MALLOC_MMAP_THRESHOLD_=65536,
 so freed tensors go back to the OS and RSS follows live memory.
+Sequential pruning (pruning.sequential=true: score layer l with layers < l already pruned, then prune
+it) is timed too, against one signed-SNIP pass plus a per-matrix selection of the same rule: its L
+partial passes (each a forward and a backward that stops at layer l) are its cost.
 Writes JSON to outputs/bench/per_layer.json.
 
     python bench/per_layer.py [--layers 2 4 8] [--n 16] [--batch 8] [--reps 5] [--mem-reps 2]
@@ -36,6 +39,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 import common
 import torch
@@ -43,8 +47,11 @@ from torch import nn
 
 from harmsweep.calibration import Pair, encode_pairs, iter_batches
 from harmsweep.losses import per_sample_nll
+from harmsweep.masks import apply_mask
 from harmsweep.models import LoadedModel, build_tiny
+from harmsweep.pruning import PruneSpec, select
 from harmsweep.scoring import scored_parameters, signed_snip
+from harmsweep.sequential import select_sequential
 
 VARIANTS = ("signed SNIP", "per-layer", "fwd+bwd, grads dropped")
 BATCH1 = "signed SNIP, batch 1"  # timed too: separates the layer factor from batching and padding
@@ -183,6 +190,38 @@ def measure_memory(variant: str, layers: int, n: int, batch: int) -> dict[str, i
     return json.loads(out.strip().splitlines()[-1])
 
 
+def sequential_cost(lm: LoadedModel, tensors: dict[str, torch.Tensor], batch: int, reps: int) -> dict[str, object]:
+    """Seconds of a sequential mask vs a single-pass mask (no_set_difference, per matrix, sparsity 1e-3)."""
+    model = lm.model
+    batches = list(iter_batches(tensors, batch, by_length=True))
+    n = tensors["input_ids"].size(0)
+    params = scored_parameters(model)
+    named = dict(model.named_parameters())
+    weights = {k: named[k] for k in params}
+    single = PruneSpec(rule="no_set_difference", granularity="matrix", sparsity=1e-3)
+    spec = replace(single, sequential=True)
+
+    def one_pass() -> dict[str, torch.Tensor]:
+        return select(single, params, weights, {"harm": signed_snip(model, batches, n)})
+
+    def layered() -> dict[str, torch.Tensor]:
+        return select_sequential(spec, params, model, lambda _, names, __: signed_snip(model, batches, n, names=names),
+                                 lambda m: apply_mask(model, m))  # fmt: skip
+
+    times: dict[str, list[float]] = {"single pass": [], "sequential": []}
+    masks = {}
+    for _ in range(reps):
+        for name, fn in (("single pass", one_pass), ("sequential", layered)):
+            start = time.perf_counter()
+            masks[name] = fn()
+            times[name].append(time.perf_counter() - start)
+    agree = sum(int(torch.isin(masks["sequential"][k], masks["single pass"][k]).sum()) for k in params)
+    total = sum(int(v.numel()) for v in masks["sequential"].values())
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"times_s": times, "median_s": med, "ratio": med["sequential"] / med["single pass"],
+            "masks_agree": agree, "mask_size": total}  # fmt: skip
+
+
 def main() -> None:
     p = common.parser(__doc__, "per_layer", n=16, reps=5)
     p.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8])
@@ -220,6 +259,7 @@ def main() -> None:
                 times[variant].append(time.perf_counter() - start)
         full_pass = statistics.median(times[BATCH1])  # N full forward+backward passes, one sample each
         pass_cost = [statistics.median(rep[i] for rep in by_layer) / full_pass for i in range(layers)]
+        seq = sequential_cost(lm, tensors, args.batch, args.reps)
         memory: dict[str, list[dict[str, int]]] = {v: [] for v in VARIANTS}
         for _ in range(args.mem_reps):
             for variant in VARIANTS:
@@ -242,7 +282,7 @@ def main() -> None:
             "peak_rss_bytes": {v: statistics.median(m["peak_rss"] for m in memory[v]) for v in VARIANTS},
             "peak_extra_bytes": extra, "weights_bytes": weights, "score_buffer_bytes": buffer,
             "largest_matrix_grad_bytes": largest, "budget_extra_bytes": budget,
-            "memory_goal_met": extra["signed SNIP"] <= budget,
+            "memory_goal_met": extra["signed SNIP"] <= budget, "sequential": seq,
         })  # fmt: skip
         print(f"L={layers}: scores equal {same} (max |diff| {max_diff:.2e}, max |S| {scale:.2e})", flush=True)
 
@@ -267,6 +307,12 @@ def main() -> None:
     for r in results:
         print(f"L={r['layers']}: " + " ".join(f"{c:.2f}" for c in r["pass_cost_by_layer"])
               + f"  (mean {statistics.mean(r['pass_cost_by_layer']):.2f})")  # fmt: skip
+    print("\nsequential pruning (L partial passes) vs one pass + per-matrix selection, no_set_difference at 1e-3")
+    for r in results:
+        q = r["sequential"]
+        print(f"L={r['layers']}: single pass {q['median_s']['single pass']:.3f} s, sequential "
+              f"{q['median_s']['sequential']:.3f} s, ratio {q['ratio']:.2f}; masks agree on "
+              f"{q['masks_agree']} of {q['mask_size']} weights")  # fmt: skip
     print(
         f"\npeak RSS in a fresh process (MiB; median of {args.mem_reps}); extra = peak - RSS with model and data loaded"
     )

@@ -1,4 +1,5 @@
-"""Scoring cost: one signed-SNIP pass vs a bare forward+backward loop over the same batches.
+"""Scoring cost: one signed-SNIP pass vs a bare forward+backward loop over the same batches, and
+Wanda (scoring=wanda: one forward per batch, hooks on the linear inputs) against signed SNIP.
 
 Same process, same batches, alternated over repetitions (the machine is shared: the ratio is the
 claim, not the absolute time). Prints a table and writes JSON to outputs/bench/scoring.json.
@@ -18,7 +19,7 @@ import torch
 
 from harmsweep.calibration import encode_pairs, file_pairs, iter_batches
 from harmsweep.data import load_records, take
-from harmsweep.scoring import signed_snip
+from harmsweep.scoring import signed_snip, wanda
 
 
 def bare_loop(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> None:
@@ -49,13 +50,15 @@ def main() -> None:
     batches = list(iter_batches(tensors, args.batch, by_length=True))
     tokens = int(tensors["attention_mask"].sum())
 
-    times: dict[str, list[float]] = {"bare forward+backward": [], "signed SNIP": []}
+    times: dict[str, list[float]] = {"bare forward+backward": [], "signed SNIP": [], "Wanda": []}
     bare_loop(lm.model, batches[:1])  # warm-up
     for _ in range(args.reps):
         for name in times:  # alternate the variants within each repetition
             start = time.perf_counter()
             if name == "signed SNIP":
                 signed_snip(lm.model, batches, n_samples=args.n)
+            elif name == "Wanda":
+                wanda(lm.model, batches)
             else:
                 bare_loop(lm.model, batches)
             times[name].append(time.perf_counter() - start)
@@ -66,10 +69,12 @@ def main() -> None:
     print(f"{'variant':<24}{'median s':>10}{'min s':>10}{'max s':>10}")
     for k, v in times.items():
         print(f"{k:<24}{med[k]:>10.2f}{min(v):>10.2f}{max(v):>10.2f}")
+    wanda_ratio = med["Wanda"] / med["signed SNIP"]
     print(f"ratio signed SNIP / bare: {ratio:.3f} (goal <= 1.15)")
+    print(f"ratio Wanda / signed SNIP: {wanda_ratio:.3f} (a forward without backward: expected about 1/3)")
     common.write(args.out, {
         "model": args.model, "n": args.n, "batch": args.batch, "tokens": tokens, "times_s": times,
-        "median_s": med, "ratio": ratio, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "median_s": med, "ratio": ratio, "wanda_over_snip": wanda_ratio, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "torch": torch.__version__,
     })  # fmt: skip
 

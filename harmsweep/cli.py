@@ -120,11 +120,19 @@ def summary(result: dict[str, Any]) -> str:
         lines += [f"  {k:<40}{v:10.4f}" for k, v in m.items() if isinstance(v, int | float) and not isinstance(v, bool)]
         lines += [f"  figure {name}: {path}" for name, path in result["figures"].items()]
         return "\n".join(lines)
-    lines = [
-        f"run {result['run_id']}: {result['model']} ({result['alignment']}), rule {result['pruning']['rule']}",
-        f"  pruned {result['n_pruned']:,} of {result['n_scored']:,} scored weights "
-        f"(actual sparsity {result['actual_sparsity']:.3g})",
-    ]
+    lines = [f"run {result['run_id']}: {result['model']} ({result['alignment']}), rule {result['pruning']['rule']}"]
+    if result.get("lowrank"):
+        low = result["lowrank"]
+        lines.append(
+            f"  removed a rank-{low['spec']['rank_harmful']} harmful subspace (utility rank {low['spec']['rank_utility']}) "
+            f"from {len(low['per_matrix'])} matrices (mean |dW|/|W| {low['summary']['relative_norm_mean']:.3g})"
+        )
+    else:
+        verb = "reverted to base" if result["pruning"].get("replace") == "base" else "pruned"
+        lines.append(
+            f"  {verb} {result['n_pruned']:,} of {result['n_scored']:,} scored weights "
+            f"(actual sparsity {result['actual_sparsity']:.3g})"
+        )
     ci = (result.get("intervals") or {}).get("metrics") or {}
     level = f"{(result.get('intervals') or {}).get('settings', {}).get('level', 0.95):.0%}"
 

@@ -14,7 +14,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.core.config_store import ConfigStore
 
@@ -25,6 +25,9 @@ from harmsweep.finetune import FinetuneSpec
 from harmsweep.intervals import BootstrapSpec
 from harmsweep.pruning import PruneSpec
 from harmsweep.score_store import StoreSpec
+
+if TYPE_CHECKING:
+    from harmsweep.lowrank import LowRankSpec
 
 
 @dataclass
@@ -128,8 +131,18 @@ class CalibrationConfig:
 class ScoringConfig:
     """Memory knobs of scoring (harmsweep/scoring.py ScoringOptions); none changes a score."""
 
+    criterion: str = "snip"  # snip | wanda: what the score sets hold (this one is in the run id)
     gradient_checkpointing: bool = False
     offload: bool = True
+
+
+@dataclass
+class LowRankConfig:
+    """method=lowrank: ActSVD removal of the harmful activation subspace (harmsweep/lowrank.py LowRankSpec)."""
+
+    rank_harmful: int = 16
+    rank_utility: int = 0
+    tokens: str = "response"
 
 
 @dataclass
@@ -158,6 +171,13 @@ class PruningConfig:
     harm_fraction: float | None = None
     granularity: str = "global"
     benign_importance: str = "abs_signed"
+    counts: str = "round"
+    ties: str = "index"
+    order: str = "top"
+    nm_n: int = 2
+    nm_m: int = 4
+    replace: str = "zero"
+    sequential: bool = False
 
 
 @dataclass
@@ -271,6 +291,8 @@ class Config:
     scores: ScoresConfig = field(default_factory=ScoresConfig)
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
+    method: str = "prune"  # prune: a mask of weights | lowrank: ActSVD removal of a subspace (lowrank block)
+    lowrank: LowRankConfig = field(default_factory=LowRankConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     judges: dict[str, Any] = field(default_factory=dict)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -290,6 +312,13 @@ NOT_IN_RUN_ID = (
     "paths", "logger", "launcher", "hydra", "scoring", "scores", "bootstrap", "stage", "prepare_scores",
 )  # fmt: skip
 PLACEMENT_KEYS = ("device_map", "max_memory")  # where the model sits changes no result
+# Settings added after sweeps were run: at their default they leave the run id as it was, so finished runs stay found.
+LATER_DEFAULTS = {
+    "pruning": {"counts": "round", "ties": "index", "order": "top", "nm_n": 2, "nm_m": 4, "replace": "zero",
+                "sequential": False},
+    "": {"method": "prune"},
+}  # fmt: skip
+METHODS = ("prune", "lowrank")
 
 
 def run_id(cfg: Mapping[str, Any]) -> str:
@@ -298,6 +327,18 @@ def run_id(cfg: Mapping[str, Any]) -> str:
     kept["data"] = {k: v for k, v in kept.get("data", {}).items() if k not in ("root", "download")}
     if "model" in kept:
         kept["model"] = {k: v for k, v in kept["model"].items() if k not in PLACEMENT_KEYS}
+    for block, defaults in LATER_DEFAULTS.items():
+        target = kept.get(block) if block else kept
+        if isinstance(target, Mapping):
+            target = {k: v for k, v in target.items() if not (k in defaults and v == defaults[k])}
+            kept = {**kept, block: target} if block else target
+    if kept.get("method", "prune") == "prune":
+        kept.pop("lowrank", None)  # read by method=lowrank only
+    else:
+        kept.pop("pruning", None)  # a low-rank removal selects no weights
+    criterion = (cfg.get("scoring") or {}).get("criterion", "snip")
+    if criterion != "snip":
+        kept["scoring"] = {"criterion": criterion}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -311,7 +352,25 @@ def prune_spec(cfg: Mapping[str, Any]) -> PruneSpec:
         granularity=p["granularity"],
         benign_importance=p["benign_importance"],
         seed=int(cfg["seed"]),
+        counts=p.get("counts", "round"),
+        ties=p.get("ties", "index"),
+        order=p.get("order", "top"),
+        nm_n=int(p.get("nm_n", 2)),
+        nm_m=int(p.get("nm_m", 4)),
+        replace=p.get("replace", "zero"),
+        sequential=bool(p.get("sequential", False)),
+        criterion=(cfg.get("scoring") or {}).get("criterion", "snip"),
     )
+    spec.validate()
+    return spec
+
+
+def lowrank_spec(cfg: Mapping[str, Any]) -> LowRankSpec:
+    from harmsweep.lowrank import LowRankSpec
+
+    block = cfg.get("lowrank") or {}
+    spec = LowRankSpec(int(block.get("rank_harmful", 16)), int(block.get("rank_utility", 0)),
+                       str(block.get("tokens", "response")))  # fmt: skip
     spec.validate()
     return spec
 
@@ -319,6 +378,7 @@ def prune_spec(cfg: Mapping[str, Any]) -> PruneSpec:
 def check_config(cfg: Mapping[str, Any]) -> PruneSpec:
     """Every check that needs no model, so bad input fails in a second, before any work."""
     spec = prune_spec(cfg)
+    _check_method(cfg, spec)
     _check_store(spec, StoreSpec.from_config(cfg.get("scores")))
     BootstrapSpec.from_config(cfg.get("bootstrap"))
     plan(cfg["eval"], cfg["judges"])
@@ -360,10 +420,41 @@ def check_config(cfg: Mapping[str, Any]) -> PruneSpec:
     return spec
 
 
+def _check_method(cfg: Mapping[str, Any], spec: PruneSpec) -> None:
+    """method, the low-rank block, and what pruning.replace=base and the experiments need."""
+    method = cfg.get("method", "prune")
+    if method not in METHODS:
+        raise HarmsweepError(f"method={method} is not one of {', '.join(METHODS)}")
+    if method == "lowrank":
+        lowrank_spec(cfg)
+        if cfg.get("experiment") in EXPERIMENT_BLOCKS:
+            raise HarmsweepError(f"method=lowrank is a run of its own: experiment={cfg['experiment']} prunes masks")
+    if cfg.get("experiment") in EXPERIMENT_BLOCKS and (spec.replace != "zero" or spec.sequential):
+        raise HarmsweepError(
+            f"experiment={cfg['experiment']} applies and restores masks on one loaded model: it supports "
+            "pruning.replace=zero and pruning.sequential=false only"
+        )
+    if spec.replace == "base":
+        variants = cfg["model"].get("variants") or {}
+        if "base" not in variants:
+            raise HarmsweepError(
+                f"pruning.replace=base takes the pruned weights from the base variant, and model={cfg['model']['name']} "
+                f"has none (it has: {', '.join(sorted(variants)) or 'none'}): add model.variants.base"
+            )
+        if cfg["alignment"]["name"] == "base":
+            raise HarmsweepError("pruning.replace=base on alignment=base would change nothing: prune another variant")
+
+
 def _check_store(spec: PruneSpec, kept: StoreSpec) -> None:
     """A compact set cannot serve a top-k larger than its tail: say which setting to raise before scoring."""
-    if kept.store != "compact":
+    if kept.store != "compact" or spec.sequential:  # sequential scores live in memory, one layer at a time
         return
+    if spec.reads_every_score() and spec.needed_scores():
+        what = "pruning.order=bottom" if spec.order == "bottom" else f"pruning.granularity={spec.granularity}"
+        raise HarmsweepError(
+            f"{what} reads every score, and a compact score set keeps only the top tails: use scores.store=dense "
+            "(or pruning.sequential=true, which keeps one layer's scores in memory)"
+        )
     wanted = spec.harm_fraction if spec.harm_fraction is not None else spec.sparsity
     if spec.needed_scores() & {"harm", "harm_unsigned"} and wanted > kept.keep:
         name = "harm_fraction" if spec.harm_fraction is not None else "sparsity"

@@ -23,7 +23,7 @@ from transformers import get_linear_schedule_with_warmup
 from harmsweep.devices import input_device
 from harmsweep.errors import HarmsweepError
 from harmsweep.losses import per_sample_nll
-from harmsweep.pruning import apply_mask
+from harmsweep.masks import apply_mask
 from harmsweep.scoring import scored_parameters
 
 log = logging.getLogger(__name__)

@@ -163,6 +163,8 @@ def needed_scores(cfg: Mapping[str, Any]) -> set[str]:
         spec = prune_spec(cfg)
     except (HarmsweepError, KeyError, TypeError, ValueError):
         return set()
+    if spec.sequential or cfg.get("method", "prune") != "prune":
+        return set()  # scored in memory, layer by layer: nothing shared to prepare
     return {f"{kind}@{spec.granularity}@{spec.benign_importance}" for kind in spec.needed_scores()}
 
 

@@ -176,16 +176,14 @@ def _workload(cfg: Mapping[str, Any], new: Mapping[str, bool], gpus: int, held_o
 
 def _keys(cfg: Mapping[str, Any]) -> dict[str, str]:
     """What the shared artifacts of a job are keyed by (the parts of the config that feed their keys)."""
-    from harmsweep.pruning import PruneSpec
+    from harmsweep.launcher import needed_scores
     from harmsweep.score_store import Layout, StoreSpec
 
     model = {k: v for k, v in cfg["model"].items() if k not in ("device_map", "max_memory")}
     base = json.dumps([model, cfg["alignment"], cfg["data"].get("harmful"), cfg["data"].get("benign"),
                        cfg["calibration"], cfg["seed"]], sort_keys=True, default=str)  # fmt: skip
     p = cfg["pruning"]
-    needed = PruneSpec(
-        rule=p["rule"], protect=float(p["protect"]), benign_importance=p["benign_importance"]
-    ).needed_scores()
+    needed = {entry.split("@")[0] for entry in needed_scores(cfg)}
     kept = StoreSpec.from_config(cfg.get("scores"))
     layout = {kind: Layout.read_by(kept, kind, p["benign_importance"], p["granularity"]).key() for kind in needed}
     return {

@@ -14,23 +14,27 @@ Masks are stored as flat indices per parameter: K entries, not N.
 from __future__ import annotations
 
 import zlib
-from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from harmsweep import score_store as store
-from harmsweep.artifacts import atomic_path
+from harmsweep import structured
 from harmsweep.errors import HarmsweepError
 from harmsweep.scoring import ScoredParam
 
 RULES = ("signed_snip", "no_set_difference", "unsigned_snip", "magnitude", "random")
-GRANULARITIES = ("global", "matrix", "row")
+SCORE_RULES = ("signed_snip", "no_set_difference", "unsigned_snip")
+GRANULARITIES = ("global", "matrix", "row", "nm", "head")
 BENIGN_IMPORTANCE = ("abs_signed", "unsigned", "signed")
+CRITERIA = ("snip", "wanda")  # scoring.criterion: what the score sets hold
+CHOICES = {
+    "counts": ("round", "floor"),  # K = round(f * N), or int(f * N) as Wei et al.'s code does
+    "ties": ("index", "topk"),  # ties at a threshold: by matrix then flat index, or torch.topk's own order
+    "order": ("top", "bottom"),  # prune the highest-ranked weights, or the lowest-ranked
+    "replace": ("zero", "base"),  # pruned weights become 0, or the base variant's values
+}
 _BINS = 1 << 16
 _HALF = 1 << 15  # shifts the signed high half of a key into a bin index
 _TAKE_ALL = -1
@@ -44,18 +48,30 @@ class PruneSpec:
     sparsity: float = 1e-5  # target count K = round(sparsity * N) per granularity unit
     protect: float = 0.01  # fraction p of each unit protected by benign importance U
     harm_fraction: float | None = None  # q: when set, prune TopK_q(H) minus TopK_p(U) instead
-    granularity: str = "global"
+    granularity: str = "global"  # global | matrix | row | nm (N of every M along a row) | head (attention heads)
     benign_importance: str = "abs_signed"
     seed: int = 0
+    counts: str = "round"
+    ties: str = "index"
+    order: str = "top"
+    nm_n: int = 2  # granularity=nm: N weights pruned in every group of M consecutive inputs of a row
+    nm_m: int = 4
+    replace: str = "zero"
+    sequential: bool = False  # score and prune layer by layer, each layer scored with the lower ones pruned
+    criterion: str = "snip"
 
     def validate(self) -> None:
         for field, value, allowed in (
             ("rule", self.rule, RULES),
             ("granularity", self.granularity, GRANULARITIES),
             ("benign_importance", self.benign_importance, BENIGN_IMPORTANCE),
+            *((name, getattr(self, name), allowed) for name, allowed in CHOICES.items()),
         ):
             if value not in allowed:
                 raise HarmsweepError(f"pruning.{field}={value} is not one of {', '.join(allowed)}")
+        if self.criterion not in CRITERIA:
+            raise HarmsweepError(f"scoring.criterion={self.criterion} is not one of {', '.join(CRITERIA)}")
+        self._validate_combination()
         for field, value in (
             ("sparsity", self.sparsity),
             ("protect", self.protect),
@@ -64,17 +80,52 @@ class PruneSpec:
             if value is not None and not 0.0 <= float(value) <= 1.0:
                 raise HarmsweepError(f"pruning.{field}={value} must lie in [0, 1]")
 
+    def _validate_combination(self) -> None:
+        """Settings that only make sense together fail here, in one line, before any work."""
+        if self.ties == "topk" and self.granularity != "matrix":
+            raise HarmsweepError(
+                "pruning.ties=topk (Wei et al.'s torch.topk per matrix) needs pruning.granularity=matrix"
+            )
+        if self.granularity == "nm":
+            if not 0 < self.nm_n <= self.nm_m:
+                raise HarmsweepError(f"pruning.nm_n={self.nm_n} must lie in 1..pruning.nm_m={self.nm_m}")
+            if self.harm_fraction is not None:
+                raise HarmsweepError(
+                    "pruning.granularity=nm fixes the count (nm_n of every nm_m): drop pruning.harm_fraction"
+                )
+        if self.sequential and self.granularity in ("global", "head"):
+            raise HarmsweepError(
+                f"pruning.sequential=true prunes each layer before the next is scored, so its counts are per matrix: "
+                f"pruning.granularity={self.granularity} needs a whole-model ranking; use matrix, row or nm"
+            )
+
     @property
     def protects(self) -> bool:
         return self.rule in ("signed_snip", "unsigned_snip") and self.protect > 0
 
+    def harm_set(self) -> str | None:
+        """The score set the harm ranking comes from (None: magnitude and random need none)."""
+        if self.rule not in SCORE_RULES:
+            return None
+        if self.criterion == "wanda":
+            return "harm_wanda"
+        return "harm_unsigned" if self.rule == "unsigned_snip" else "harm"
+
+    def benign_set(self) -> str:
+        if self.criterion == "wanda":
+            return "benign_wanda"
+        return "benign_unsigned" if self.benign_importance == "unsigned" else "benign"
+
     def needed_scores(self) -> set[str]:
-        """Score sets this spec reads: 'harm', 'harm_unsigned', 'benign', 'benign_unsigned'."""
-        need = {"signed_snip": {"harm"}, "no_set_difference": {"harm"}, "unsigned_snip": {"harm_unsigned"}}
-        out = set(need.get(self.rule, set()))
+        """Score sets this spec reads: 'harm', 'harm_unsigned', 'harm_wanda' and their 'benign' twins."""
+        out = {self.harm_set()} - {None}
         if self.protects:
-            out.add("benign_unsigned" if self.benign_importance == "unsigned" else "benign")
+            out.add(self.benign_set())
         return out
+
+    def reads_every_score(self) -> bool:
+        """Rankings a compact set (top tails) cannot serve: the low end, or sums over a head."""
+        return self.order == "bottom" or self.granularity in ("nm", "head")
 
 
 # ---------------------------------------------------------------- streaming top-k (pure functions)
@@ -206,30 +257,37 @@ class _Scores:
         self.device = torch.device(device)
 
     def harm_set(self) -> str | None:
-        return {"signed_snip": "harm", "no_set_difference": "harm", "unsigned_snip": "harm_unsigned"}.get(
-            self.spec.rule
-        )
+        return self.spec.harm_set()
 
     def benign_set(self) -> str:
-        return "benign_unsigned" if self.spec.benign_importance == "unsigned" else "benign"
+        return self.spec.benign_set()
 
     def harm(self, name: str) -> torch.Tensor:
-        """Ranking score of the rule (bigger = prune first), with -inf where not eligible."""
-        rule = self.spec.rule
-        if rule in ("signed_snip", "no_set_difference"):
-            h = store.ranked(self.scores["harm"], name, "neg", self.device)
+        """Ranking score of the rule (bigger = prune first), with -inf where not eligible.
+
+        order=bottom reverses the ranking over every finite score (the low end: Wei et al.'s default).
+        """
+        h = self.raw_harm(name)
+        if self.spec.order == "bottom":
+            return torch.where(torch.isfinite(h), -h, float("-inf"))
+        if self.harm_set() == "harm":
             return h.masked_fill_(~(h > 0), float("-inf"))  # only weights whose removal raises the harmful loss
-        if rule == "unsigned_snip":
-            return store.ranked(self.scores["harm_unsigned"], name, "pos", self.device)
-        if rule == "magnitude":
+        return h
+
+    def raw_harm(self, name: str) -> torch.Tensor:
+        """The rule's ranking values before eligibility: H = -S, an unsigned or Wanda score, -|W|, a draw."""
+        kind = self.harm_set()
+        if kind is not None:
+            return store.ranked(self.scores[kind], name, store.order_of(kind), self.device)
+        if self.spec.rule == "magnitude":
             return -self.weights[name].detach().to(self.device, non_blocking=True).float().abs()
         # drawn on the host so that a seed picks the same weights on every device
         gen = torch.Generator().manual_seed(self.spec.seed * 1_000_003 + zlib.crc32(name.encode()))
         return torch.rand(self.weights[name].shape, generator=gen).to(self.device)
 
     def benign(self, name: str) -> torch.Tensor:
-        order = {"unsigned": "pos", "abs_signed": "abs", "signed": "neg"}[self.spec.benign_importance]
-        return store.ranked(self.scores[self.benign_set()], name, order, self.device)
+        kind = self.benign_set()
+        return store.ranked(self.scores[kind], name, store.order_of(kind, self.spec.benign_importance), self.device)
 
     def check(self, side: str, unit: list[str], available: int, k: int) -> None:
         """Stop when a top-k reached past a compact set's stored tail (the dense set would answer differently)."""
@@ -246,8 +304,9 @@ class _Scores:
             raise scores.too_short(f"pruning per row ({side} side)", k, name)
 
 
-def _count(fraction: float, size: int) -> int:
-    return round(fraction * size)
+def count(spec: PruneSpec, fraction: float, size: int) -> int:
+    """How many of ``size`` a fraction selects: rounded, or floored like Wei et al.'s ``int(p * numel)``."""
+    return int(fraction * size) if spec.counts == "floor" else round(fraction * size)
 
 
 def select(
@@ -256,16 +315,24 @@ def select(
     weights: Mapping[str, torch.Tensor],
     scores: Mapping[str, Mapping[str, torch.Tensor]],
     device: torch.device | str | None = None,
+    head_dim: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Flat indices (sorted int64, on the host) of the weights to prune, per parameter name.
 
     ``device``: where the matrices are ranked (default: where the scores are); run.py passes the GPU.
+    ``head_dim``: the attention head size, read by granularity=head only.
     """
     spec.validate()
     views = _Scores(spec, weights, scores, device)
     names = list(params)
     if spec.granularity == "row":
         return {n: _select_rows(spec, views, n, params[n].rows_dim) for n in names}
+    if spec.granularity == "nm":
+        return {n: structured.select_nm(spec, views, n, params[n].rows_dim) for n in names}
+    if spec.granularity == "head":
+        return structured.select_heads(spec, views, params, weights, head_dim)
+    if spec.ties == "topk":
+        return {n: _select_topk(spec, views, n) for n in names}
     units = [names] if spec.granularity == "global" else [[n] for n in names]
     out: dict[str, torch.Tensor] = {}
     for unit in units:
@@ -283,7 +350,7 @@ def _select_unit(spec: PruneSpec, views: _Scores, unit: list[str], size: int) ->
 
     protected = Threshold(None, {})
     if spec.protects:
-        k_protect = _count(spec.protect, size)
+        k_protect = count(spec, spec.protect, size)
         protected = top_k_threshold(unit, benign_keys, k_protect)
         views.check("benign", unit, protected.available, k_protect)
 
@@ -295,9 +362,9 @@ def _select_unit(spec: PruneSpec, views: _Scores, unit: list[str], size: int) ->
         keys = float_keys(h).masked_fill_(h == float("-inf"), EXCLUDED)
         return keys if fractions else keys.masked_fill_(protected_mask(n), EXCLUDED)
 
-    k = _count(spec.harm_fraction if fractions else spec.sparsity, size)
+    k = count(spec, spec.harm_fraction if fractions else spec.sparsity, size)
     chosen = top_k_threshold(unit, harm_keys, k)
-    if spec.rule in ("signed_snip", "no_set_difference", "unsigned_snip"):
+    if spec.rule in SCORE_RULES:
         views.check("harm", unit, chosen.available, k)
     out = {}
     for n in unit:
@@ -306,6 +373,35 @@ def _select_unit(spec: PruneSpec, views: _Scores, unit: list[str], size: int) ->
             mask &= ~protected_mask(n)
         out[n] = torch.nonzero(mask.view(-1)).view(-1).cpu()
     return out
+
+
+def _select_topk(spec: PruneSpec, views: _Scores, name: str) -> torch.Tensor:
+    """Wei et al.'s set difference as their code runs it: ``torch.topk`` of each flattened ranking, then
+    ``isin``, so ties at a threshold fall the way torch.topk breaks them (with pruning.counts=floor: their counts)."""
+
+    def top(values: torch.Tensor, k: int) -> torch.Tensor:
+        idx = torch.topk(values, min(k, values.numel())).indices
+        return idx[values[idx] > float("-inf")]  # entries a compact set does not hold, or not eligible
+
+    harm = views.harm(name).view(-1)
+    size = harm.numel()
+    fractions = spec.harm_fraction is not None
+    protected = torch.zeros(0, dtype=torch.long, device=harm.device)
+    if spec.protects:
+        k_protect = count(spec, spec.protect, size)
+        benign = views.benign(name).view(-1)
+        views.check("benign", [name], int((benign > float("-inf")).sum()), k_protect)
+        protected = top(benign, k_protect)
+    k = count(spec, spec.harm_fraction if fractions else spec.sparsity, size)
+    if not fractions:
+        harm = harm.clone()
+        harm[protected] = float("-inf")
+    if spec.rule in SCORE_RULES:
+        views.check("harm", [name], int((harm > float("-inf")).sum()), k)
+    chosen = top(harm, k)
+    if fractions:
+        chosen = chosen[~torch.isin(chosen, protected)]
+    return torch.sort(chosen).values.cpu()
 
 
 def row_top(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,71 +419,20 @@ def _select_rows(spec: PruneSpec, views: _Scores, name: str, rows_dim: int) -> t
     harm = rows(views.harm(name))
     width = harm.size(1)
     blocked = torch.zeros_like(harm, dtype=torch.bool)
-    k_protect = _count(spec.protect, width)
+    k_protect = count(spec, spec.protect, width)
     if spec.protects and k_protect > 0:
         idx, kept = row_top(rows(views.benign(name)), k_protect)
         views.check_rows("benign", name, kept.sum(1), k_protect)
         blocked.scatter_(1, idx, kept)
     fractions = spec.harm_fraction is not None
-    k = _count(spec.harm_fraction if fractions else spec.sparsity, width)
+    k = count(spec, spec.harm_fraction if fractions else spec.sparsity, width)
     mask = torch.zeros_like(blocked)
     if k > 0:
         ranked = harm if fractions else harm.masked_fill(blocked, float("-inf"))
         idx, kept = row_top(ranked, k)
-        if spec.rule in ("signed_snip", "no_set_difference", "unsigned_snip"):
+        if spec.rule in SCORE_RULES:
             views.check_rows("harm", name, kept.sum(1), k)
         mask.scatter_(1, idx, kept)
         if fractions:
             mask &= ~blocked
     return torch.nonzero(rows(mask).reshape(-1)).view(-1).cpu()
-
-
-# ---------------------------------------------------------------- applying and reporting
-
-
-def apply_mask(model: torch.nn.Module, mask: Mapping[str, torch.Tensor]) -> None:
-    """Zero the selected weights in place."""
-    named = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, idx in mask.items():
-            if idx.numel():
-                named[name].view(-1)[idx.to(named[name].device)] = 0
-
-
-@contextmanager
-def pruned(model: torch.nn.Module, mask: Mapping[str, torch.Tensor]) -> Iterator[None]:
-    """Zero the selected weights for the duration of the block, then put their values back.
-
-    Experiments compare many masks on one loaded model; restoring only the masked entries costs
-    K values instead of a copy of the model.
-    """
-    named = dict(model.named_parameters())
-    saved = {n: named[n].detach().view(-1)[idx.to(named[n].device)].clone() for n, idx in mask.items() if idx.numel()}
-    apply_mask(model, mask)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for name, values in saved.items():
-                named[name].view(-1)[mask[name].to(values.device)] = values
-
-
-def mask_counts(params: Mapping[str, ScoredParam], mask: Mapping[str, torch.Tensor]) -> dict[str, dict[str, int]]:
-    """Pruned weights per decoder layer and per module type (q_proj, down_proj, ...)."""
-    per_layer: Counter[str] = Counter()
-    per_type: Counter[str] = Counter()
-    for name, idx in mask.items():
-        per_layer[str(params[name].layer)] += idx.numel()
-        per_type[params[name].module_type] += idx.numel()
-    layers = sorted({str(p.layer) for p in params.values()}, key=int)
-    types = sorted({p.module_type for p in params.values()})
-    return {"per_layer": {k: per_layer[k] for k in layers}, "per_module_type": {k: per_type[k] for k in types}}
-
-
-def save_mask(mask: Mapping[str, torch.Tensor], path: str | Path) -> None:
-    with atomic_path(path) as tmp:
-        save_file({n: t.contiguous() for n, t in mask.items()}, str(tmp))
-
-
-def load_mask(path: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))

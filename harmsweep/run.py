@@ -19,24 +19,27 @@ import transformers
 
 import harmsweep
 from harmsweep.artifacts import write_json, write_jsonl
+from harmsweep.base_weights import base_values
 from harmsweep.cache import VERSIONS, cached, content_key, tensor_key, write_key_info
 from harmsweep.calibration import (
     PLAIN_TEMPLATE,
     iter_batches,
     resolve_template,
 )
-from harmsweep.config import check_config, prune_spec, run_id
+from harmsweep.config import check_config, lowrank_spec, prune_spec, run_id
 from harmsweep.derive import derivation, load_derived, trained_prompts
 from harmsweep.devices import input_device, place_model
 from harmsweep.errors import HarmsweepError
 from harmsweep.evaluation.suite import COUNTS, JUDGES, HeldOut, Suite, deltas, plan
 from harmsweep.experiments import runner
 from harmsweep.intervals import BootstrapSpec, derived_metrics, run_intervals, samples_from_json, samples_to_json
+from harmsweep.masks import apply_mask, load_mask, mask_counts, save_mask
 from harmsweep.models import LoadedModel, load_model
-from harmsweep.pruning import PruneSpec, apply_mask, load_mask, mask_counts, save_mask, select
+from harmsweep.pruning import PruneSpec, select
 from harmsweep.score_store import Layout, ScoreSet, StoreSpec, open_scores
 from harmsweep.score_store import write as write_scores
-from harmsweep.scoring import ScoringOptions, scored_parameters, signed_snip, unsigned_snip
+from harmsweep.scoring import ScoringOptions, head_dim, score_kind, scored_parameters
+from harmsweep.sequential import select_sequential
 from harmsweep.sets import calibrate, held_out_splits
 from harmsweep.tracking import open_tracker
 
@@ -89,24 +92,13 @@ def _run(
     lm, template, splits, root, sets, cal_entry = _calibrated(cfg, run_dir, timings, computed)
 
     params = scored_parameters(lm.model)
-    batch = int(cfg["calibration"]["batch_size"])
-    scores, score_paths = {}, {}
-    for kind in sorted(spec.needed_scores()):
-        start = time.perf_counter()
-        scores[kind], path, computed[f"scores_{kind}"] = score(lm, cfg, sets, kind, root, spec)
-        timings[f"score_{kind}"] = time.perf_counter() - start
-        score_paths[f"scores_{kind}"] = str(path)
-
     weights = {n: p for n, p in lm.model.named_parameters() if n in params}
-    mask_path = run_dir / "mask.safetensors"
-    device = input_device(lm.model)
-    mask = _timed(
-        timings,
-        "mask",
-        lambda: _stage(mask_path, lambda: _mask(spec, params, weights, scores, mask_path, device), load_mask),
-    )
-    kinds = sorted(scores)
-    scores.clear()  # score files are read one matrix at a time; nothing of them stays for evaluation
+    lowrank = cfg.get("method", "prune") == "lowrank"
+    mask: dict[str, torch.Tensor] = {}
+    score_paths: dict[str, str] = {}
+    if not lowrank:
+        mask, score_paths = _choose_mask(cfg, spec, lm, sets, root, params, weights, run_dir, timings, computed)
+    kinds = sorted(k.removeprefix("scores_") for k in score_paths)
 
     start = time.perf_counter()
     suite, before, computed["eval_before"], before_path = evaluate_before(
@@ -114,7 +106,13 @@ def _run(
     )
     timings["evaluate_before"] = time.perf_counter() - start
     zeros_before = sum(int((w == 0).sum()) for w in weights.values())
-    apply_mask(lm.model, mask)
+    if lowrank:
+        change = _timed(timings, "lowrank", lambda: _remove_low_rank(cfg, lm, sets))
+        changed = 0
+    else:
+        values = _timed(timings, "base_values", lambda: _replacement(cfg, spec, mask, weights))
+        changed = apply_mask(lm.model, mask, values, count_changed=True)
+        change = {**spec.__dict__, **mask_counts(params, mask)}
     suite.mask = mask  # generation engines that hold their own weights (vLLM) apply it too
     zeros_after = sum(int((w == 0).sum()) for w in weights.values())
     after = _timed(timings, "evaluate_after", lambda: _evaluate(suite, "after", None))
@@ -133,11 +131,12 @@ def _run(
         **deltas(before["metrics"], after["metrics"]),
         **derived_metrics(intervals),
         "n_pruned": n_pruned,
-        "target_sparsity": spec.sparsity,
-        # weights this pruning zeroed; selected weights that were zero already (GGUF dequantisation
-        # leaves some) do not count
-        "actual_sparsity": (zeros_after - zeros_before) / n_scored,
+        "target_sparsity": None if lowrank else spec.sparsity,
+        # weights this pruning changed (zeroed, or set to the base variant's values); selected weights that
+        # held that value already (GGUF dequantisation leaves zeros) do not count
+        "actual_sparsity": changed / n_scored,
         "zero_fraction_after": zeros_after / n_scored,
+        **({f"lowrank/{k}": v for k, v in change["summary"].items()} if lowrank else {}),
     }
     result = {
         "run_id": rid,
@@ -156,15 +155,16 @@ def _run(
         "judges": {
             name: suite.judge_versions().get(name) for name in plan(cfg["eval"], cfg["judges"])[0] if name in JUDGES
         },
-        "pruning": {**spec.__dict__, **mask_counts(params, mask)},
+        "pruning": {"rule": "lowrank", "sparsity": None, "protect": None, **change["spec"]} if lowrank else change,
+        **({"lowrank": change} if lowrank else {}),
         "intervals": {"settings": boot.describe(), "metrics": intervals, "without": _without(metrics, intervals)},
         "samples": {stage: samples_to_json(s) for stage, s in samples.items()},
         "computed": computed,
-        "scoring_passes": sum(_passes(sets, k, batch) for k in kinds if computed[f"scores_{k}"]),
+        "scoring_passes": _scoring_passes(spec, params, sets, kinds, computed, int(cfg["calibration"]["batch_size"])),
         "artifacts": {
             "calibration": str(cal_entry / "calibration.safetensors"),
             **score_paths,
-            "mask": str(mask_path),
+            **({} if lowrank else {"mask": str(run_dir / "mask.safetensors")}),
             "eval_before": artifacts_before,
             "items": str(run_dir / "items.jsonl"),
         },
@@ -252,14 +252,6 @@ def _timed(timings: dict[str, float], name: str, fn: Callable[[], T]) -> T:
     return out
 
 
-def _stage(path: Path, compute: Callable[[], T], load: Callable[[Path], T]) -> T:
-    """Load a finished stage's artifact, or compute it (the computation writes it atomically)."""
-    if path.is_file():
-        log.info("reusing %s", path.name)
-        return load(path)
-    return compute()
-
-
 def _read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
@@ -287,10 +279,7 @@ def _score(
     host copy is freed once the file is on disk."""
     batches = list(iter_batches(tensors, batch, by_length=True))
     kind = layout.kind
-    if kind.endswith("unsigned"):
-        scores = unsigned_snip(lm.model, batches, desc=f"scoring {kind}", options=options)
-    else:
-        scores = signed_snip(lm.model, batches, tensors["input_ids"].size(0), desc=f"scoring {kind}", options=options)
+    scores = score_kind(lm.model, kind, batches, tensors["input_ids"].size(0), options)
     write_key_info(path.parent, info)
     rows = {n: p.rows_dim for n, p in scored_parameters(lm.model).items()}
     write_scores(scores, path, kind, layout.spec, layout.unit, layout.order, rows)
@@ -298,16 +287,93 @@ def _score(
     return open_scores(path)
 
 
+def _scoring_passes(spec, params, sets, kinds, computed, batch: int) -> int:
+    """Passes this run's scoring took: cached sets cost none; a sequential mask takes its passes per layer."""
+    if spec.sequential:
+        layers = len({p.layer for p in params.values()})
+        return layers * sum(_passes(sets, k, batch) for k in spec.needed_scores())
+    return sum(_passes(sets, k, batch) for k in kinds if computed[f"scores_{k}"])
+
+
 def _passes(sets: Mapping[str, dict[str, torch.Tensor]], kind: str, batch: int) -> int:
-    """Forward+backward passes that scoring ``kind`` takes: one per batch, or per sample (unsigned)."""
+    """Passes that scoring ``kind`` takes: one per batch (a forward only for Wanda), or per sample (unsigned)."""
     n = sets["harmful" if kind.startswith("harm") else "benign"]["input_ids"].size(0)
     return n if kind.endswith("unsigned") else -(-n // batch)
 
 
-def _mask(spec: PruneSpec, params, weights, scores, path: Path, device: torch.device) -> dict[str, torch.Tensor]:
-    mask = select(spec, params, weights, scores, device=device)
-    save_mask(mask, path)
-    return mask
+def _choose_mask(cfg, spec, lm, sets, root, params, weights, run_dir, timings, computed):
+    """The mask stage: from cached score sets in one pass, or layer by layer (pruning.sequential).
+
+    Returns the mask and the score files it read (none for a sequential mask: its scores live in memory).
+    """
+    mask_path = run_dir / "mask.safetensors"
+    device = input_device(lm.model)
+    if mask_path.is_file():
+        log.info("reusing %s", mask_path.name)
+        timings["mask"] = 0.0
+        return load_mask(mask_path), _score_paths(cfg, spec, lm, sets, root, computed)
+    if spec.sequential:
+        batch = int(cfg["calibration"]["batch_size"])
+        options = ScoringOptions.from_config(cfg.get("scoring"))
+
+        def layer_scores(kind: str, names: list[str], layer: int) -> dict[str, torch.Tensor]:
+            tensors = sets["harmful" if kind.startswith("harm") else "benign"]
+            batches = list(iter_batches(tensors, batch, by_length=True))
+            return score_kind(lm.model, kind, batches, tensors["input_ids"].size(0), options, names, layer)
+
+        def apply(chosen: Mapping[str, torch.Tensor]) -> None:
+            apply_mask(lm.model, chosen, _replacement(cfg, spec, chosen, weights))
+
+        mask = _timed(timings, "mask", lambda: select_sequential(spec, params, lm.model, layer_scores, apply, device))
+        save_mask(mask, mask_path)
+        return mask, {}
+    score_paths = {}
+    scores = {}
+    for kind in sorted(spec.needed_scores()):
+        start = time.perf_counter()
+        scores[kind], path, computed[f"scores_{kind}"] = score(lm, cfg, sets, kind, root, spec)
+        timings[f"score_{kind}"] = time.perf_counter() - start
+        score_paths[f"scores_{kind}"] = str(path)
+    head = head_dim(lm.model) if spec.granularity == "head" else None
+    mask = _timed(timings, "mask", lambda: select(spec, params, weights, scores, device=device, head_dim=head))
+    save_mask(mask, mask_path)
+    return mask, score_paths
+
+
+def _score_paths(cfg, spec, lm, sets, root, computed) -> dict[str, str]:
+    """A resumed run's score files (cached: nothing is recomputed once they exist)."""
+    if spec.sequential:
+        return {}
+    out = {}
+    for kind in sorted(spec.needed_scores()):
+        _, path, computed[f"scores_{kind}"] = score(lm, cfg, sets, kind, root, spec)
+        out[f"scores_{kind}"] = str(path)
+    return out
+
+
+def _replacement(cfg, spec: PruneSpec, mask, weights) -> dict[str, torch.Tensor] | None:
+    """pruning.replace=base: the base variant's values at the masked entries (read tensor by tensor)."""
+    if spec.replace != "base":
+        return None
+    return base_values(cfg["model"], "base", cfg["paths"]["cache_dir"], mask, weights)
+
+
+def _remove_low_rank(cfg, lm: LoadedModel, sets) -> dict[str, Any]:
+    """method=lowrank: ActSVD removal in place; the per-matrix ranks and update sizes, and their summary."""
+    from harmsweep.lowrank import remove_low_rank  # only method=lowrank runs need it
+
+    spec = lowrank_spec(cfg)
+    batch = int(cfg["calibration"]["batch_size"])
+    harmful = list(iter_batches(sets["harmful"], batch, by_length=True))
+    benign = list(iter_batches(sets["benign"], batch, by_length=True))
+    stats = remove_low_rank(lm.model, harmful, benign, spec)
+    norms = [s["relative_norm"] for s in stats.values()]
+    summary = {
+        "rank_removed_mean": sum(s["rank_removed"] for s in stats.values()) / max(len(stats), 1),
+        "relative_norm_mean": sum(norms) / max(len(norms), 1),
+        "relative_norm_max": max(norms, default=0.0),
+    }
+    return {"spec": dict(spec.__dict__), "summary": summary, "per_matrix": stats}
 
 
 def _without(metrics: Mapping[str, Any], intervals: Mapping[str, Any]) -> list[str]:

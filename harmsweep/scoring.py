@@ -10,7 +10,7 @@ once, so memory stays at weights + one score buffer + activations.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -92,13 +92,15 @@ def signed_snip(
     n_samples: int,
     desc: str = "signed SNIP",
     options: ScoringOptions = ScoringOptions(),
+    names: Collection[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """S = w * dL/dw with L the mean over all samples of their token-mean response NLL (fp32).
 
     Each buffer sits beside its weight (so a model spread over GPUs scores in place) until the set
-    is complete, then leaves the GPU (``options.offload``).
+    is complete, then leaves the GPU (``options.offload``). ``names``: score only these weights (the
+    backward then stops at the lowest of them: sequential pruning's partial passes).
     """
-    params = _params(model)
+    params = _params(model, names)
     scores = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
 
     def fold(name: str, p: nn.Parameter) -> None:
@@ -113,10 +115,14 @@ def signed_snip(
 
 
 def unsigned_snip(
-    model: nn.Module, batches: Iterable[Batch], desc: str = "unsigned SNIP", options: ScoringOptions = ScoringOptions()
+    model: nn.Module,
+    batches: Iterable[Batch],
+    desc: str = "unsigned SNIP",
+    options: ScoringOptions = ScoringOptions(),
+    names: Collection[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Wei et al.'s score |w| * sum_i |dL_i/dw|: needs one backward per sample, so batches are split."""
-    params = _params(model)
+    params = _params(model, names)
     sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
 
     def fold(name: str, p: nn.Parameter) -> None:
@@ -132,6 +138,77 @@ def unsigned_snip(
                    options.gradient_checkpointing)  # fmt: skip
     scores = {n: s.mul_(params[n].detach().abs()) for n, s in sums.items()}
     return _offloaded(scores) if options.offload else scores
+
+
+def wanda(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    desc: str = "Wanda",
+    options: ScoringOptions = ScoringOptions(),
+    names: Collection[str] | None = None,
+    upto_layer: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Wanda's score |W_ij| * ||x_j||, with ||x_j||^2 the mean over calibration response tokens of input j squared.
+
+    One forward pass per batch and no backward (hooks on the linear inputs, fp32 sums), so it costs about a
+    third of a SNIP pass. Only the scale differs from Wanda's per-sample mean, and no ranking depends on it.
+    ``upto_layer``: the forward stops after that block (sequential pruning scores one layer per pass).
+    """
+    from harmsweep.activations import fold_inputs  # it hooks the modules this file finds
+
+    params = _params(model, names)
+    rows = scored_parameters(model)
+    squares = {n: torch.zeros(_in_features(p, rows[n].rows_dim), dtype=torch.float32, device=p.device)
+               for n, p in params.items()}  # fmt: skip
+    tokens = dict.fromkeys(params, 0)
+
+    def fold(name: str, x: torch.Tensor) -> None:
+        squares[name].add_(x.pow(2).sum(0))
+        tokens[name] += x.size(0)
+
+    fold_inputs(model, batches, params, fold, upto_layer=upto_layer, desc=desc)
+    scores = {}
+    for n, p in params.items():
+        norm = squares[n].div_(max(tokens[n], 1)).sqrt_()
+        norm = norm.unsqueeze(0) if rows[n].rows_dim == 0 else norm.unsqueeze(1)  # Conv1D stores (in, out)
+        scores[n] = p.detach().float().abs().mul_(norm)
+    return _offloaded(scores) if options.offload else scores
+
+
+def score_kind(
+    model: nn.Module,
+    kind: str,
+    batches: list[Batch],
+    n_samples: int,
+    options: ScoringOptions = ScoringOptions(),
+    names: Collection[str] | None = None,
+    upto_layer: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """The scores of a set of ``kind`` (harm_* or benign_*: signed SNIP, ``*_unsigned``, ``*_wanda``).
+
+    ``names``/``upto_layer`` restrict it to one layer's weights (sequential pruning); a SNIP backward stops
+    at the lowest scored weight by itself, a Wanda forward stops after ``upto_layer``.
+    """
+    desc = f"scoring {kind}"
+    if kind.endswith("wanda"):
+        return wanda(model, batches, desc, options, names, upto_layer)
+    if kind.endswith("unsigned"):
+        return unsigned_snip(model, batches, desc, options, names)
+    return signed_snip(model, batches, n_samples, desc, options, names)
+
+
+def _in_features(p: torch.Tensor, rows_dim: int) -> int:
+    return p.size(1) if rows_dim == 0 else p.size(0)
+
+
+def head_dim(model: nn.Module) -> int | None:
+    """The attention head size (granularity=head), from the model's config."""
+    config = getattr(model, "config", None)
+    size = getattr(config, "head_dim", None)
+    heads = getattr(config, "num_attention_heads", None)
+    if not size and heads:
+        size = getattr(config, "hidden_size", 0) // heads
+    return int(size) if size else None
 
 
 def _offloaded(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -165,9 +242,9 @@ def checkpointed(model: nn.Module, enabled: bool = True) -> Iterator[None]:
             del block.forward  # the class's forward shows through again
 
 
-def _params(model: nn.Module) -> dict[str, nn.Parameter]:
+def _params(model: nn.Module, names: Collection[str] | None = None) -> dict[str, nn.Parameter]:
     named = dict(model.named_parameters())
-    return {n: named[n] for n in scored_parameters(model)}
+    return {n: named[n] for n in scored_parameters(model) if names is None or n in names}
 
 
 def _batch_nll(model: nn.Module, batch: Batch) -> torch.Tensor:

@@ -6,15 +6,8 @@ import pytest
 import torch
 
 from harmsweep.errors import HarmsweepError
-from harmsweep.pruning import (
-    EXCLUDED,
-    PruneSpec,
-    apply_mask,
-    float_keys,
-    mask_counts,
-    select,
-    top_k_threshold,
-)
+from harmsweep.masks import apply_mask, mask_counts
+from harmsweep.pruning import EXCLUDED, PruneSpec, float_keys, select, top_k_threshold
 from harmsweep.scoring import ScoredParam
 
 SHAPES = {"l0.q": (8, 16), "l0.down": (16, 12), "l1.q": (8, 16), "l1.c_fc": (16, 12)}

@@ -18,8 +18,8 @@ import harmsweep.vllm_engine as ve
 from harmsweep.devices import GIB
 from harmsweep.errors import HarmsweepError
 from harmsweep.generation import EngineInputs, Sampling, generate
+from harmsweep.masks import apply_mask
 from harmsweep.models import build_tiny
-from harmsweep.pruning import apply_mask
 
 H, HEADS, KV_HEADS, HEAD_DIM, MLP = 16, 4, 2, 4, 24  # GQA: k/v heads are replicated at tp=4
 

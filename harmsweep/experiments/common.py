@@ -25,7 +25,7 @@ from harmsweep.experiments.matrices import Matrix
 from harmsweep.models import LoadedModel
 from harmsweep.pruning import PruneSpec, select
 from harmsweep.run import artifacts_root, load_run_model, score
-from harmsweep.scoring import ScoredParam, scored_parameters
+from harmsweep.scoring import ScoredParam, head_dim, scored_parameters
 from harmsweep.sets import Splits, held_out_splits
 
 T = TypeVar("T")
@@ -78,7 +78,8 @@ class Context:
         lm, spec = lm or self.lm, spec or self.spec
         scores = self.scores(harmful, benign, lm, spec)
         weights = {n: p for n, p in lm.model.named_parameters() if n in self.params}
-        return self.timed("mask", lambda: select(spec, self.params, weights, scores))
+        head = head_dim(lm.model) if spec.granularity == "head" else None
+        return self.timed("mask", lambda: select(spec, self.params, weights, scores, head_dim=head))
 
     def n_scored(self) -> int:
         named = dict(self.lm.model.named_parameters())

@@ -31,7 +31,8 @@ from harmsweep.evaluation.likelihood import mean_response_nll
 from harmsweep.evaluation.suite import JUDGES, HeldOut, Suite, plan, with_stage
 from harmsweep.experiments.common import Context, finish, open_context, spec_with
 from harmsweep.experiments.matrices import Matrix, mask_size, overlap_matrix, transfer_matrix
-from harmsweep.pruning import PruneSpec, pruned
+from harmsweep.masks import pruned
+from harmsweep.pruning import PruneSpec
 from harmsweep.sets import calibrate, held_out_splits
 
 log = logging.getLogger(__name__)

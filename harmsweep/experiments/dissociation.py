@@ -31,7 +31,8 @@ from harmsweep.experiments.common import Context, finish, open_context
 from harmsweep.experiments.matrices import Matrix, mask_size, overlap_matrix
 from harmsweep.finetune import FinetuneSpec, finetune
 from harmsweep.intervals import BootstrapSpec, run_intervals
-from harmsweep.pruning import PruneSpec, apply_mask, mask_counts, pruned
+from harmsweep.masks import apply_mask, mask_counts, pruned
+from harmsweep.pruning import PruneSpec
 from harmsweep.sets import calibrate
 
 ARMS = ("unpruned", "harm_pruned", "refusal_pruned", "harm_pruned_recovered")

@@ -33,7 +33,8 @@ from harmsweep.experiments.matrices import Matrix, mask_size, overlap_matrix
 from harmsweep.finetune import FinetuneSpec, finetune
 from harmsweep.generation import Sampling, generate
 from harmsweep.judges.em import make_em_judge
-from harmsweep.pruning import PruneSpec, apply_mask
+from harmsweep.masks import apply_mask
+from harmsweep.pruning import PruneSpec
 
 log = logging.getLogger(__name__)
 ARMS = ("none", "prune_before", "prune_after")

@@ -236,6 +236,24 @@ def _curves_section(png: Path, images: Sequence[Path]) -> str:
     )
 
 
+def _lowrank_section(rows: Sequence[Mapping[str, Any]], png: Path) -> str:
+    """method=lowrank runs: the figure, and per run its ranks, harm reduction and utility ratio with intervals."""
+    table = [
+        {"model": r.get("model"), "alignment": r.get("alignment"), "rank_harmful": r.get("rank_harmful"),
+         "rank_utility": r.get("rank_utility"), "harm_reduction": _with_ci(r, "harm_reduction"),
+         "utility_ratio": _with_ci(r, "utility_ratio"), "run_id": r.get("run_id")}
+        for r in sorted(figs.lowrank_rows(rows), key=lambda r: (str(r.get("alignment")), r.get("rank_harmful")))
+    ]  # fmt: skip
+    return (
+        page.image(png, "low-rank removal")
+        + page.records_table(table)
+        + page.note(
+            "ActSVD (method=lowrank): per matrix, W - (I - P_utility) P_harmful W, with P the projection on the top "
+            "singular directions of W X over the harmful (rank_harmful) and benign (rank_utility) calibration sets."
+        )
+    )
+
+
 def _differences_section(diffs: Sequence[Mapping[str, Any]], without: Sequence[str]) -> str:
     """Each pair of variants: the difference, its interval and p-value, and whether it can be told apart at all."""
     if not diffs:
@@ -320,7 +338,7 @@ def build_report(
         raise ReportError(f"--k-sparsity ({k_sparsity}) and the targets ({targets}) must be > 0")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("exp_*.png"), *out.glob("pruned_*.png"), out / "curves.png"]:
+    for stale in [*out.glob("exp_*.png"), *out.glob("pruned_*.png"), out / "curves.png", out / "lowrank.png"]:
         stale.unlink(missing_ok=True)  # a rebuilt report never shows a previous build's plot
     rows = data.rows
     comp = compression_rows(rows, k_sparsity, targets, utility_floor)
@@ -331,12 +349,16 @@ def build_report(
     bands = uncertainty.curve_bands(figs.plain_rows(rows), data.samples, resampler, figs.curve_x)
     images = [p for p in [figs.plot_curves(rows, out / "curves.png", targets, utility_floor, bands)] if p]
     images += figs.plot_counts(rows, out / "pruned_layers.png", out / "pruned_module_types.png")
+    lowrank_png = figs.plot_lowrank(rows, out / "lowrank.png")
+    images += [lowrank_png] if lowrank_png else []
     sections = [
         ("Compression per variant", "compression", _compression_section(comp, targets, k_sparsity)),
         ("Differences between variants", "differences", _differences_section(diffs, unc.without)),
         ("Harm and utility vs sparsity", "curves", _curves_section(out / "curves.png", images)),
         ("Where the pruned weights sit", "where", _where_section(rows, images)),
     ]
+    if lowrank_png:
+        sections.append(("Low-rank removal", "lowrank", _lowrank_section(rows, lowrank_png)))
     if data.figures:
         sections.append(("Experiment figures", "experiments", _experiment_section(data.figures, out, images)))
     sections.append(("All runs", "runs", page.records_table(rows)))

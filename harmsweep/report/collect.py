@@ -30,7 +30,7 @@ EXPERIMENTS = ("cross_harm", "em", "dissociation")  # runs that write figures in
 BASE_COLUMNS = (
     "run_id", "folder", "experiment", "model", "alignment", "seed", "rule", "sparsity", "protect", "n_scored", "n_pruned",
     "actual_sparsity", "harm_reduction", "harm_measure", "utility_ratio", "utility_measure", "scores_harm",
-    "scores_benign",
+    "scores_benign", "rank_harmful", "rank_utility",
 )  # fmt: skip
 SUMMARY_SKIP = ("n_pruned", "n_scored", "actual_sparsity")  # W&B summary keys that are base columns
 
@@ -172,9 +172,16 @@ def row_from_result(
         "actual_sparsity": result.get("actual_sparsity"),
         "scores_harm": artifacts.get("scores_harm"),
         "scores_benign": artifacts.get("scores_benign") or artifacts.get("scores_benign_unsigned"),
+        **lowrank_ranks(config),
     }
     row = make_row(ident, result.get("metrics") or {}, pruned_counts(pruning), harm_measure, utility_measure)
     return {**row, **interval_columns(row, (result.get("intervals") or {}).get("metrics") or {})}
+
+
+def lowrank_ranks(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The subspace ranks of a method=lowrank run (its x axis in the report); None for pruning runs."""
+    block = config.get("lowrank") or {} if config.get("method", "prune") == "lowrank" else {}
+    return {"rank_harmful": block.get("rank_harmful"), "rank_utility": block.get("rank_utility")}
 
 
 def interval_columns(row: Mapping[str, Any], intervals: Mapping[str, Any]) -> dict[str, Any]:
@@ -261,7 +268,9 @@ def row_from_wandb(run: Any, harm_measure: str | None = None, utility_measure: s
         "seed": config.get("seed"),
         "rule": pruning.get("rule"),
         "sparsity": pruning.get("sparsity"),
-        "protect": pruning.get("protect"),
+        "protect": pruning.get("protect") if config.get("method", "prune") == "prune" else None,
+        **({"rule": "lowrank", "sparsity": None} if config.get("method", "prune") != "prune" else {}),
+        **lowrank_ranks(config),
         **{k: summary.get(k) for k in SUMMARY_SKIP},
     }
     metrics = {k: v for k, v in summary.items() if not k.startswith(("_", "pruned/", "ci/")) and k not in SUMMARY_SKIP}

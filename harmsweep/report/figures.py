@@ -142,6 +142,47 @@ def plot_curves(
     return _save(fig, path)
 
 
+def lowrank_rows(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Runs of method=lowrank, which have a rank instead of a sparsity."""
+    return [r for r in plain_rows(rows) if r.get("rule") == "lowrank" and is_number(r.get("rank_harmful"))]
+
+
+def plot_lowrank(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
+    """Harm reduction (left) and utility ratio (right) vs the removed harmful rank; one line per variant and
+    utility rank (points at one rank averaged over seeds)."""
+    chosen = lowrank_rows(rows)
+    lines: dict[tuple[str, str, Any], dict[float, list[tuple[Any, Any]]]] = {}
+    for r in chosen:
+        key = (str(r.get("model")), str(r.get("alignment")), r.get("rank_utility"))
+        lines.setdefault(key, {}).setdefault(float(r["rank_harmful"]), []).append(
+            (r.get("harm_reduction"), r.get("utility_ratio"))
+        )
+    if not lines:
+        return None
+    variants = sorted({(m, a) for m, a, _ in lines})
+    fig = MplFigure(figsize=(12, 4.6), layout="constrained")
+    harm_ax, util_ax = fig.subplots(1, 2)
+    for i, ((model, alignment, r_u), by_rank) in enumerate(sorted(lines.items(), key=lambda kv: str(kv[0]))):
+        label = f"{variant_label((model, alignment), variants)} · r_u={r_u}"
+        xs = sorted(by_rank)
+        for ax, j in ((harm_ax, 0), (util_ax, 1)):
+            ys = [_mean([v[j] for v in by_rank[x]]) for x in xs]
+            ax.plot(xs, ys, marker="o", color=f"C{i % 10}", label=label)
+    for ax, ylabel in ((harm_ax, "harm reduction (1 = all removed)"), (util_ax, "utility ratio (1 = unchanged)")):
+        ax.set_xlabel("rank of the harmful subspace removed per matrix (lowrank.rank_harmful)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+    harm_ax.set_title("low-rank removal (ActSVD): harm vs rank")
+    util_ax.set_title("low-rank removal: utility vs rank")
+    harm_ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)
+
+
+def _mean(values: Sequence[Any]) -> float:
+    finite = [float(v) for v in values if is_number(v) and math.isfinite(float(v))]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
 def count_sources(rows: Sequence[Mapping[str, Any]], rule: str = MAIN_RULE) -> dict[Variant, Mapping[str, Any]]:
     """Per variant, the ``rule`` run of the largest sparsity that recorded pruned counts: whose mask the bars show."""
     out: dict[Variant, Mapping[str, Any]] = {}
