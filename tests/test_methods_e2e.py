@@ -6,11 +6,17 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import write_pairs
 from safetensors.torch import load_file
-from test_cli import file_run_args, harmsweep, pair_files  # noqa: F401 (fixture)
+from test_cli import file_run_args, harmsweep
 
 from harmsweep.report.build import build_report
 from harmsweep.score_store import open_scores
+
+
+@pytest.fixture
+def pair_files(tmp_path: Path) -> tuple[Path, Path]:
+    return write_pairs(tmp_path, 12)
 
 
 def run(tmp_path: Path, files, name: str, *extra: str) -> dict:
@@ -24,7 +30,10 @@ def test_wanda_scores_feed_the_papers_rule(tmp_path, pair_files):
     result = run(tmp_path, pair_files, "wanda", "scoring=wanda")
     assert result["n_pruned"] == round(0.02 * result["n_scored"])
     assert result["pruning"]["criterion"] == "wanda"
-    assert set(k for k in result["artifacts"] if k.startswith("scores_")) == {"scores_harm_wanda", "scores_benign_wanda"}
+    assert set(k for k in result["artifacts"] if k.startswith("scores_")) == {
+        "scores_harm_wanda",
+        "scores_benign_wanda",
+    }
     assert open_scores(result["artifacts"]["scores_harm_wanda"]).order == "pos"
     assert result["scoring_passes"] == 2  # one forward per batch of 8, per set
 
