@@ -67,16 +67,28 @@ def _basis(weight: Tensor, gram: Tensor, rank: int) -> Tensor:
     """U_r: the top-``rank`` eigenvectors of W G W^T (= left singular vectors of W X^T), d_out x r.
 
     ``rank`` is clipped to min(d_out, d_in); the result is in the compute dtype, on the weight's device.
+    A wide output (d_out > d_in: gate/up projections) is solved on the input side instead: with
+    A = W G^(1/2), A A^T = W G W^T, and the top eigenvectors V of the d_in x d_in matrix A^T A give
+    U = A V / s, so no d_out x d_out eigenproblem is ever formed.
     """
     d_out, d_in = weight.shape
     rank = min(rank, d_out, d_in)
-    dtype = _compute_dtype(d_out)
+    dtype = _compute_dtype(min(d_out, d_in))
     if rank <= 0:
         return weight.new_zeros((d_out, 0), dtype=dtype)
     w = weight.detach().to(dtype)
-    m = w @ (gram.to(device=w.device, dtype=dtype) @ w.T)
-    _, vectors = torch.linalg.eigh((m + m.T) / 2)  # ascending eigenvalues
-    return vectors[:, d_out - rank :]
+    g = gram.to(device=w.device, dtype=dtype)
+    if d_out <= d_in:
+        m = w @ (g @ w.T)
+        _, vectors = torch.linalg.eigh((m + m.T) / 2)  # ascending eigenvalues
+        return vectors[:, d_out - rank :]
+    values, q = torch.linalg.eigh((g + g.T) / 2)
+    a = w @ (q * values.clamp(min=0).sqrt()) @ q.T  # W G^(1/2)
+    m = a.T @ a
+    s2, v = torch.linalg.eigh((m + m.T) / 2)
+    s = s2[d_in - rank :].clamp(min=0).sqrt()
+    used = s > s.max() * d_in * torch.finfo(dtype).eps  # directions the data never reaches have no U: drop them
+    return (a @ v[:, d_in - rank :])[:, used] / s[used]
 
 
 def projector(weight: Tensor, gram: Tensor, rank: int) -> Tensor:

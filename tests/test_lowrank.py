@@ -273,3 +273,15 @@ def test_a_set_without_tokens_is_an_error():
         remove_low_rank(lm.model, iter_batches(empty, 2), iter_batches(benign, 2), LowRankSpec(2, 0))
     with pytest.raises(HarmsweepError, match="no benign calibration tokens"):
         remove_low_rank(lm.model, iter_batches(harmful, 2), [], LowRankSpec(2, 1))
+
+
+def test_a_wide_output_is_solved_on_the_input_side_and_ignores_unreached_directions():
+    from harmsweep.lowrank import projector as project
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    x = torch.randn(30, 6, generator=g, dtype=torch.float64)
+    x[:, 5] = 0  # one input direction the data never reaches: W X^T has rank 5
+    p = project(w, x.T @ x, 6).double()
+    u = torch.linalg.svd(w @ x.T, full_matrices=False).U[:, :5]
+    torch.testing.assert_close(p, u @ u.T, atol=1e-6, rtol=0)  # rank 5, no garbage column for the sixth
