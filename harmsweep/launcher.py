@@ -153,7 +153,7 @@ def needed_scores(cfg: Mapping[str, Any]) -> set[str]:
     """The score sets a run reads, as run.prepare takes them: ``kind@granularity@benign_importance``.
 
     The kinds are PruneSpec.needed_scores(); compact score sets are also keyed by the unit and ranking of
-    their reader (run.score), so a group sweeping pruning.granularity prepares one set per unit. An invalid
+    their reader (change.score), so a group sweeping pruning.granularity prepares one set per unit. An invalid
     pruning block needs nothing here (its job fails with its own message).
     """
     from harmsweep.config import prune_spec

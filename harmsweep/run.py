@@ -10,41 +10,36 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import transformers
 
 import harmsweep
 from harmsweep.artifacts import write_json, write_jsonl
-from harmsweep.base_weights import base_values
-from harmsweep.cache import VERSIONS, cached, content_key, tensor_key, write_key_info
+from harmsweep.cache import VERSIONS, cached, content_key, write_key_info
 from harmsweep.calibration import (
     PLAIN_TEMPLATE,
-    iter_batches,
     resolve_template,
 )
-from harmsweep.config import check_config, lowrank_spec, prune_spec, run_id
+from harmsweep.change import choose_mask, remove_low_rank_in_place, replacement, score, scoring_passes, timed
+from harmsweep.config import check_config, run_id
 from harmsweep.derive import derivation, load_derived, trained_prompts
-from harmsweep.devices import input_device, place_model
+from harmsweep.devices import place_model
 from harmsweep.errors import HarmsweepError
 from harmsweep.evaluation.suite import COUNTS, JUDGES, HeldOut, Suite, deltas, plan
 from harmsweep.experiments import runner
 from harmsweep.intervals import BootstrapSpec, derived_metrics, run_intervals, samples_from_json, samples_to_json
-from harmsweep.masks import apply_mask, load_mask, mask_counts, save_mask
+from harmsweep.masks import apply_mask, mask_counts
 from harmsweep.models import LoadedModel, load_model
-from harmsweep.pruning import PruneSpec, select
-from harmsweep.score_store import Layout, ScoreSet, StoreSpec, open_scores
-from harmsweep.score_store import write as write_scores
-from harmsweep.scoring import ScoringOptions, head_dim, score_kind, scored_parameters
-from harmsweep.sequential import select_sequential
+from harmsweep.pruning import PruneSpec
+from harmsweep.scoring import scored_parameters
 from harmsweep.sets import calibrate, held_out_splits
 from harmsweep.tracking import open_tracker
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 def run_pipeline(cfg: Mapping[str, Any], run_dir: Path, sweep: str | None = None) -> dict[str, Any]:
@@ -96,8 +91,11 @@ def _run(
     lowrank = cfg.get("method", "prune") == "lowrank"
     mask: dict[str, torch.Tensor] = {}
     score_paths: dict[str, str] = {}
+    values = None
     if not lowrank:
-        mask, score_paths = _choose_mask(cfg, spec, lm, sets, root, params, weights, run_dir, timings, computed)
+        mask, score_paths = choose_mask(cfg, spec, lm, sets, root, params, weights, run_dir, timings, computed)
+        # read before the long evaluation, so an unreachable base checkpoint fails in the first minute
+        values = timed(timings, "base_values", lambda: replacement(cfg, spec, mask, weights))
     kinds = sorted(k.removeprefix("scores_") for k in score_paths)
 
     start = time.perf_counter()
@@ -107,15 +105,14 @@ def _run(
     timings["evaluate_before"] = time.perf_counter() - start
     zeros_before = sum(int((w == 0).sum()) for w in weights.values())
     if lowrank:
-        change = _timed(timings, "lowrank", lambda: _remove_low_rank(cfg, lm, sets))
+        change = timed(timings, "lowrank", lambda: remove_low_rank_in_place(cfg, lm, sets))
         changed = 0
     else:
-        values = _timed(timings, "base_values", lambda: _replacement(cfg, spec, mask, weights))
         changed = apply_mask(lm.model, mask, values, count_changed=True)
         change = {**spec.__dict__, **mask_counts(params, mask)}
     suite.mask = mask  # generation engines that hold their own weights (vLLM) apply it too
     zeros_after = sum(int((w == 0).sum()) for w in weights.values())
-    after = _timed(timings, "evaluate_after", lambda: _evaluate(suite, "after", None))
+    after = timed(timings, "evaluate_after", lambda: _evaluate(suite, "after", None))
     artifacts_before = str(before_path)
     items = before["items"] + after["items"]
     write_jsonl(items, run_dir / "items.jsonl")
@@ -160,7 +157,7 @@ def _run(
         "intervals": {"settings": boot.describe(), "metrics": intervals, "without": _without(metrics, intervals)},
         "samples": {stage: samples_to_json(s) for stage, s in samples.items()},
         "computed": computed,
-        "scoring_passes": _scoring_passes(spec, params, sets, kinds, computed, int(cfg["calibration"]["batch_size"])),
+        "scoring_passes": scoring_passes(spec, params, sets, kinds, computed, int(cfg["calibration"]["batch_size"])),
         "artifacts": {
             "calibration": str(cal_entry / "calibration.safetensors"),
             **score_paths,
@@ -184,7 +181,7 @@ def _calibrated(
     cfg: Mapping[str, Any], run_dir: Path, timings: dict[str, float], computed: dict[str, bool]
 ) -> tuple[LoadedModel, str, Any, Path, dict[str, dict[str, torch.Tensor]], Path]:
     """The first stages of a run and of a prepare job: the model, its template and splits, the calibration."""
-    lm = _timed(timings, "load", lambda: load_run_model(cfg))
+    lm = timed(timings, "load", lambda: load_run_model(cfg))
     template = resolve_template(lm.tokenizer, cfg["alignment"]["template"])
     splits = held_out_splits(cfg, exclude=trained_prompts(lm.source, cfg["paths"]["cache_dir"]))
     root = artifacts_root(cfg, run_dir)
@@ -197,38 +194,6 @@ def _calibrated(
 def artifacts_root(cfg: Mapping[str, Any], run_dir: Path) -> Path:
     """Where shared artifacts live: the configured cache, or the run folder when sharing is off."""
     return Path(cfg["paths"]["artifacts"]) if cfg["paths"].get("artifacts") else run_dir / "artifacts"
-
-
-def score(
-    lm: LoadedModel,
-    cfg: Mapping[str, Any],
-    sets: Mapping[str, dict[str, torch.Tensor]],
-    kind: str,
-    root: Path,
-    spec: PruneSpec | None = None,
-) -> tuple[ScoreSet, Path, bool]:
-    """Scores of kind ``harm_*`` (on sets["harmful"]) or ``benign_*`` (sets["benign"]), cached by the
-    tokenised set's content, so runs whose calibration differs only on the other side share them.
-
-    A compact set (the default) is keyed by what it keeps too: the ranking ``spec`` reads, its unit
-    (``spec.granularity``) and ``scores.keep*``; a sparsity sweep shares one.
-    """
-    spec = spec or prune_spec(cfg)
-    tensors = sets["harmful" if kind.startswith("harm") else "benign"]
-    batch = int(cfg["calibration"]["batch_size"])
-    kept = StoreSpec.from_config(cfg.get("scores"))
-    layout = Layout.read_by(kept, kind, spec.benign_importance, spec.granularity)
-    info = {"version": VERSIONS["scores"], "model": lm.fingerprint, "dtype": cfg["model"]["dtype"],
-            "set": tensor_key(tensors), "kind": kind, "batch_size": batch, "store": layout.key()}  # fmt: skip
-    entry = root / "scores" / content_key(info)
-    options = ScoringOptions.from_config(cfg.get("scoring"))
-    scores, computed = cached(
-        entry,
-        lambda e: _score(lm, tensors, layout, batch, e / "scores.safetensors", info, options),
-        lambda e: open_scores(e / "scores.safetensors"),
-        "scores.safetensors",
-    )
-    return scores, entry / "scores.safetensors", computed
 
 
 def _claim(run_dir: Path, rid: str, cfg: Mapping[str, Any]) -> None:
@@ -245,13 +210,6 @@ def _claim(run_dir: Path, rid: str, cfg: Mapping[str, Any]) -> None:
     write_json({"run_id": rid, "config": dict(cfg)}, identity)
 
 
-def _timed(timings: dict[str, float], name: str, fn: Callable[[], T]) -> T:
-    start = time.perf_counter()
-    out = fn()
-    timings[name] = time.perf_counter() - start
-    return out
-
-
 def _read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
@@ -264,116 +222,6 @@ def load_run_model(cfg: Mapping[str, Any]) -> LoadedModel:
         lm = load_model(cfg["model"], cfg["alignment"]["name"], cfg["paths"]["cache_dir"])
     place_model(lm.model, cfg.get("device", "auto"), cfg["model"].get("device_map"), cfg["model"].get("max_memory"))
     return lm
-
-
-def _score(
-    lm: LoadedModel,
-    tensors: Mapping[str, torch.Tensor],
-    layout: Layout,
-    batch: int,
-    path: Path,
-    info: Mapping[str, Any],
-    options: ScoringOptions,
-) -> ScoreSet:
-    """Score, write (its tail and summaries, or every score), and hand back the file's view: the full
-    host copy is freed once the file is on disk."""
-    batches = list(iter_batches(tensors, batch, by_length=True))
-    kind = layout.kind
-    scores = score_kind(lm.model, kind, batches, tensors["input_ids"].size(0), options)
-    write_key_info(path.parent, info)
-    rows = {n: p.rows_dim for n, p in scored_parameters(lm.model).items()}
-    write_scores(scores, path, kind, layout.spec, layout.unit, layout.order, rows)
-    del scores
-    return open_scores(path)
-
-
-def _scoring_passes(spec, params, sets, kinds, computed, batch: int) -> int:
-    """Passes this run's scoring took: cached sets cost none; a sequential mask takes its passes per layer."""
-    if spec.sequential:
-        layers = len({p.layer for p in params.values()})
-        return layers * sum(_passes(sets, k, batch) for k in spec.needed_scores())
-    return sum(_passes(sets, k, batch) for k in kinds if computed[f"scores_{k}"])
-
-
-def _passes(sets: Mapping[str, dict[str, torch.Tensor]], kind: str, batch: int) -> int:
-    """Passes that scoring ``kind`` takes: one per batch (a forward only for Wanda), or per sample (unsigned)."""
-    n = sets["harmful" if kind.startswith("harm") else "benign"]["input_ids"].size(0)
-    return n if kind.endswith("unsigned") else -(-n // batch)
-
-
-def _choose_mask(cfg, spec, lm, sets, root, params, weights, run_dir, timings, computed):
-    """The mask stage: from cached score sets in one pass, or layer by layer (pruning.sequential).
-
-    Returns the mask and the score files it read (none for a sequential mask: its scores live in memory).
-    """
-    mask_path = run_dir / "mask.safetensors"
-    device = input_device(lm.model)
-    if mask_path.is_file():
-        log.info("reusing %s", mask_path.name)
-        timings["mask"] = 0.0
-        return load_mask(mask_path), _score_paths(cfg, spec, lm, sets, root, computed)
-    if spec.sequential:
-        batch = int(cfg["calibration"]["batch_size"])
-        options = ScoringOptions.from_config(cfg.get("scoring"))
-
-        def layer_scores(kind: str, names: list[str], layer: int) -> dict[str, torch.Tensor]:
-            tensors = sets["harmful" if kind.startswith("harm") else "benign"]
-            batches = list(iter_batches(tensors, batch, by_length=True))
-            return score_kind(lm.model, kind, batches, tensors["input_ids"].size(0), options, names, layer)
-
-        def apply(chosen: Mapping[str, torch.Tensor]) -> None:
-            apply_mask(lm.model, chosen, _replacement(cfg, spec, chosen, weights))
-
-        mask = _timed(timings, "mask", lambda: select_sequential(spec, params, lm.model, layer_scores, apply, device))
-        save_mask(mask, mask_path)
-        return mask, {}
-    score_paths = {}
-    scores = {}
-    for kind in sorted(spec.needed_scores()):
-        start = time.perf_counter()
-        scores[kind], path, computed[f"scores_{kind}"] = score(lm, cfg, sets, kind, root, spec)
-        timings[f"score_{kind}"] = time.perf_counter() - start
-        score_paths[f"scores_{kind}"] = str(path)
-    head = head_dim(lm.model) if spec.granularity == "head" else None
-    mask = _timed(timings, "mask", lambda: select(spec, params, weights, scores, device=device, head_dim=head))
-    save_mask(mask, mask_path)
-    return mask, score_paths
-
-
-def _score_paths(cfg, spec, lm, sets, root, computed) -> dict[str, str]:
-    """A resumed run's score files (cached: nothing is recomputed once they exist)."""
-    if spec.sequential:
-        return {}
-    out = {}
-    for kind in sorted(spec.needed_scores()):
-        _, path, computed[f"scores_{kind}"] = score(lm, cfg, sets, kind, root, spec)
-        out[f"scores_{kind}"] = str(path)
-    return out
-
-
-def _replacement(cfg, spec: PruneSpec, mask, weights) -> dict[str, torch.Tensor] | None:
-    """pruning.replace=base: the base variant's values at the masked entries (read tensor by tensor)."""
-    if spec.replace != "base":
-        return None
-    return base_values(cfg["model"], "base", cfg["paths"]["cache_dir"], mask, weights)
-
-
-def _remove_low_rank(cfg, lm: LoadedModel, sets) -> dict[str, Any]:
-    """method=lowrank: ActSVD removal in place; the per-matrix ranks and update sizes, and their summary."""
-    from harmsweep.lowrank import remove_low_rank  # only method=lowrank runs need it
-
-    spec = lowrank_spec(cfg)
-    batch = int(cfg["calibration"]["batch_size"])
-    harmful = list(iter_batches(sets["harmful"], batch, by_length=True))
-    benign = list(iter_batches(sets["benign"], batch, by_length=True))
-    stats = remove_low_rank(lm.model, harmful, benign, spec)
-    norms = [s["relative_norm"] for s in stats.values()]
-    summary = {
-        "rank_removed_mean": sum(s["rank_removed"] for s in stats.values()) / max(len(stats), 1),
-        "relative_norm_mean": sum(norms) / max(len(norms), 1),
-        "relative_norm_max": max(norms, default=0.0),
-    }
-    return {"spec": dict(spec.__dict__), "summary": summary, "per_matrix": stats}
 
 
 def _without(metrics: Mapping[str, Any], intervals: Mapping[str, Any]) -> list[str]:

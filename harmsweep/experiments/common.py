@@ -1,6 +1,6 @@
 """What every experiment body needs: the loaded model, its held-out splits, cached scores, masks, result.json.
 
-Scores go through run.score, so they are cached by (model fingerprint, tokenised set, kind) like a
+Scores go through change.score, so they are cached by (model fingerprint, tokenised set, kind) like a
 plain run's: a model changed by fine-tuning must carry a new fingerprint (``derived_lm``).
 """
 
@@ -19,12 +19,13 @@ import harmsweep
 from harmsweep.artifacts import write_json
 from harmsweep.cache import content_key
 from harmsweep.calibration import Pair, encode_pairs, file_pairs, resolve_template
+from harmsweep.change import score
 from harmsweep.derive import derivation, trained_prompts
 from harmsweep.experiments import save_figures
 from harmsweep.experiments.matrices import Matrix
 from harmsweep.models import LoadedModel
 from harmsweep.pruning import PruneSpec, select
-from harmsweep.run import artifacts_root, load_run_model, score
+from harmsweep.run import artifacts_root, load_run_model
 from harmsweep.scoring import ScoredParam, head_dim, scored_parameters
 from harmsweep.sets import Splits, held_out_splits
 
