@@ -149,7 +149,8 @@ def compression_rows(
     """One row per (model, alignment): A per target, B, Gini, C, and the run ids behind each."""
     groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for r in figs.plain_rows(rows):
-        groups.setdefault((str(r.get("model")), str(r.get("alignment"))), []).append(r)
+        if r.get("rule") != "lowrank":  # a low-rank removal has no mask: its figure is the lowrank section's
+            groups.setdefault((str(r.get("model")), str(r.get("alignment"))), []).append(r)
     out = []
     for (model, alignment), group in sorted(groups.items()):
         curve, protect = _curve_rows(group, rule)
