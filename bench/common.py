@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from harmsweep.models import LoadedModel, load_model
+from harmsweep.models.loading import LoadedModel, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

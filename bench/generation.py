@@ -14,9 +14,10 @@ import time
 
 import common
 
-from harmsweep.calibration import attack_prompts
+from harmsweep.calibration.pairs import attack_prompts
 from harmsweep.data import load_records, take
-from harmsweep.generation import Sampling, generate
+from harmsweep.generation.hf import generate
+from harmsweep.generation.sampling import Sampling
 
 
 def main() -> None:

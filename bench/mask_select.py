@@ -34,8 +34,9 @@ from pathlib import Path
 import common
 import torch
 
-from harmsweep.pruning import PruneSpec, select
-from harmsweep.scoring import ScoredParam
+from harmsweep.models.parts import ScoredParam
+from harmsweep.pruning.select import select
+from harmsweep.pruning.spec import PruneSpec
 
 MATRICES_7B = {"self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (4096, 4096), "self_attn.v_proj": (4096, 4096),
                "self_attn.o_proj": (4096, 4096), "mlp.gate_proj": (11008, 4096), "mlp.up_proj": (11008, 4096),

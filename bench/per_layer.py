@@ -45,13 +45,16 @@ import common
 import torch
 from torch import nn
 
-from harmsweep.calibration import Pair, encode_pairs, iter_batches
+from harmsweep.batches import iter_batches
+from harmsweep.calibration.pairs import Pair, encode_pairs
 from harmsweep.losses import per_sample_nll
-from harmsweep.masks import apply_mask
-from harmsweep.models import LoadedModel, build_tiny
-from harmsweep.pruning import PruneSpec, select
-from harmsweep.scoring import scored_parameters, signed_snip
-from harmsweep.sequential import select_sequential
+from harmsweep.models.loading import LoadedModel, build_tiny
+from harmsweep.models.parts import scored_parameters
+from harmsweep.pruning.masks import apply_mask
+from harmsweep.pruning.select import select
+from harmsweep.pruning.sequential import select_sequential
+from harmsweep.pruning.spec import PruneSpec
+from harmsweep.scoring.snip import signed_snip
 
 VARIANTS = ("signed SNIP", "per-layer", "fwd+bwd, grads dropped")
 BATCH1 = "signed SNIP, batch 1"  # timed too: separates the layer factor from batching and padding

@@ -19,12 +19,15 @@ from pathlib import Path
 import common
 import torch
 
-from harmsweep import score_store as store
-from harmsweep.calibration import Pair, encode_pairs, file_pairs, iter_batches
+from harmsweep.batches import iter_batches
+from harmsweep.calibration.pairs import Pair, encode_pairs, file_pairs
 from harmsweep.data import load_records, take
-from harmsweep.pruning import PruneSpec, select
+from harmsweep.models.parts import scored_parameters
+from harmsweep.pruning.select import select
+from harmsweep.pruning.spec import PruneSpec
 from harmsweep.report.compression import concentration, gini, separation
-from harmsweep.scoring import scored_parameters, signed_snip
+from harmsweep.scoring import store as store
+from harmsweep.scoring.snip import signed_snip
 
 SCORED = {"Llama-3.1-8B": 6_979_321_856, "Llama-3.1-70B": 68_451_041_280}  # harmsweep plan's N
 

@@ -17,9 +17,10 @@ import time
 import common
 import torch
 
-from harmsweep.calibration import encode_pairs, file_pairs, iter_batches
+from harmsweep.batches import iter_batches
+from harmsweep.calibration.pairs import encode_pairs, file_pairs
 from harmsweep.data import load_records, take
-from harmsweep.scoring import signed_snip, wanda
+from harmsweep.scoring.snip import signed_snip, wanda
 
 
 def bare_loop(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> None:

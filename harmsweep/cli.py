@@ -13,30 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-EXIT_USAGE = 2
-
-
-def _fail(message: str) -> None:
-    print(f"harmsweep: error: {message}", file=sys.stderr)
-    sys.exit(EXIT_USAGE)
-
-
-def check_group_overrides(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
-    """Reject `group=option` overrides naming an option that does not exist, in one line.
-
-    Hydra would say so too, but over several lines with a hint about HYDRA_FULL_ERROR.
-    """
-    groups = {p.name for p in conf_dir.iterdir() if p.is_dir()}
-    for arg in argv:
-        key, sep, value = arg.lstrip("+~").partition("=")
-        if not sep or key not in groups:
-            continue
-        options = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
-        for option in value.split(","):  # multirun lists
-            if option and option not in options:
-                _fail(f"unknown {key} '{option}' (available: {', '.join(options)})")
-
+from harmsweep.config.compose import CONF_DIR, check_composition, check_group_overrides
 
 SUMMARY = (
     ("harmful NLL", "nll_harmful"),
@@ -51,63 +28,14 @@ SUMMARY = (
 )
 
 
-INFO_FLAGS = ("--help", "-h", "--hydra-help", "--version", "--info", "-i", "--shell-completion", "-sc")
 
 
-def check_composition(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
-    """Compose every value of every override once, so a typo'd key or a wrong type fails in one line.
-
-    Needs the run-id resolver and the schema registered (main does both).
-    The schema (harmsweep/config.py) makes Hydra reject them too, but over several lines and, in a
-    multirun, only when the job with the bad value starts.
-    """
-    if any(a.split("=")[0] in INFO_FLAGS for a in argv):
-        return
-    from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    args = _overrides(argv)
-    try:
-        parsed = OverridesParser.create().parse_overrides(args)
-    except Exception as exc:
-        _fail(_one_line(exc))
-    base = [f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" if o.is_sweep_override() else a
-            for o, a in zip(parsed, args, strict=True)]  # fmt: skip
-    variants = [base] + [
-        [*base[:i], f"{o.get_key_element()}={value}", *base[i + 1 :]]
-        for i, o in enumerate(parsed) if o.is_sweep_override() for value in list(o.sweep_string_iterator())[1:]
-    ]  # fmt: skip
-    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-        for overrides in variants:
-            try:
-                compose(config_name="config", overrides=overrides, return_hydra_config=True)
-            except Exception as exc:
-                _fail(_one_line(exc))
 
 
-VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
-               "--config-dir", "-cd", "--experimental-rerun")  # fmt: skip
 
 
-def _overrides(argv: list[str]) -> list[str]:
-    """The key=value overrides of a command line, without flags and the values flags take."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg.startswith("-"):
-            skip = arg in VALUE_FLAGS
-        else:
-            out.append(arg)
-    return out
 
 
-def _one_line(exc: BaseException) -> str:
-    """Hydra's first line plus the first line of its cause (which names the key and the type)."""
-    parts = [str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__]
-    if exc.__cause__ is not None and str(exc.__cause__).strip():
-        parts.append(str(exc.__cause__).strip().splitlines()[0])
-    return ": ".join(p.rstrip(".") for p in parts)
 
 
 def summary(result: dict[str, Any]) -> str:
@@ -168,7 +96,7 @@ def _run_id_resolver(*, _root_: Any) -> str:
     """``${harmsweep_run_id:}``: the run id of the composed config, so run folders are named by it."""
     from omegaconf import OmegaConf
 
-    from harmsweep.config import run_id
+    from harmsweep.config.identity import run_id
 
     tree = OmegaConf.to_container(_root_, resolve=False)
     tree.pop("hydra", None)
@@ -179,8 +107,8 @@ def main() -> None:
     if sys.argv[1:2] == ["plan"]:  # harmsweep plan [-m] <overrides>: a dry run that sizes every job
         from omegaconf import OmegaConf
 
-        from harmsweep.config import register
-        from harmsweep.plan_cli import main as plan_main
+        from harmsweep.config.schema import register
+        from harmsweep.sweep.plan import main as plan_main
 
         check_group_overrides(sys.argv[2:])
         OmegaConf.register_new_resolver("harmsweep_run_id", _run_id_resolver, replace=True)
@@ -191,7 +119,7 @@ def main() -> None:
     import hydra
     from omegaconf import DictConfig, OmegaConf
 
-    from harmsweep.config import register
+    from harmsweep.config.schema import register
 
     OmegaConf.register_new_resolver("harmsweep_run_id", _run_id_resolver, replace=True)
     register()
@@ -203,8 +131,9 @@ def main() -> None:
         from hydra.types import RunMode
         from omegaconf.errors import OmegaConfBaseException
 
-        from harmsweep.errors import HarmsweepError
-        from harmsweep.run import run_pipeline
+        from harmsweep.errors import HarmsweepError, exit_usage
+        from harmsweep.experiments import runner
+        from harmsweep.pipeline.run import run_pipeline
 
         logging.getLogger("transformers").setLevel(logging.ERROR)
         hydra_cfg = HydraConfig.get()
@@ -212,13 +141,13 @@ def main() -> None:
         sweep = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
         try:
             plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-            result = run_pipeline(plain, run_dir, sweep=sweep)
+            result = run_pipeline(plain, run_dir, sweep=sweep, body=runner(plain.get("experiment")))
         except (HarmsweepError, OmegaConfBaseException) as exc:
             message = str(exc).splitlines()[0]
             _mark_failed(run_dir, message)
             if sweep is not None:
                 raise  # the sweep (local or SLURM) must end non-zero and name the failing job
-            _fail(message)
+            exit_usage(message)
         except BaseException as exc:
             _mark_failed(run_dir, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             raise

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from harmsweep.artifacts import write_jsonl
-from harmsweep.models import LoadedModel, build_tiny
+from harmsweep.models.loading import LoadedModel, build_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("llama", "qwen2", "gemma3", "gpt2")

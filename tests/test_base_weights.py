@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
-from harmsweep import base_weights
-from harmsweep.base_weights import base_values, checkpoint_tensors
 from harmsweep.errors import HarmsweepError
-from harmsweep.models import build_tiny
+from harmsweep.models.base_weights import base_values, checkpoint_tensors
+from harmsweep.models import base_weights
+from harmsweep.models.loading import build_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = yaml.safe_load((ROOT / "conf" / "model" / "tiny_llama.yaml").read_text())

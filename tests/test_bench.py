@@ -12,8 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import mask_select
 import per_layer
 
-from harmsweep.calibration import iter_batches
-from harmsweep.scoring import signed_snip
+from harmsweep.batches import iter_batches
+from harmsweep.scoring.snip import signed_snip
 
 
 def test_per_layer_scheme_sums_to_signed_snip():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny
 
-from harmsweep.calibration import (
+from harmsweep.calibration.pairs import (
     PLAIN_TEMPLATE,
     Pair,
     attack_prompts,
@@ -19,7 +19,7 @@ from harmsweep.calibration import (
 )
 from harmsweep.data import Record
 from harmsweep.errors import HarmsweepError
-from harmsweep.generation import Sampling
+from harmsweep.generation.sampling import Sampling
 from harmsweep.losses import per_sample_nll
 
 PAIRS = [

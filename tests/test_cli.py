@@ -12,7 +12,7 @@ import pytest
 from conftest import write_pairs
 from safetensors.torch import load_file
 
-from harmsweep.score_store import TailScores, open_scores
+from harmsweep.scoring.store import TailScores, open_scores
 
 REQUIRED = {"run_id", "model", "alignment", "n_scored", "n_pruned", "actual_sparsity", "metrics", "artifacts"}
 METRICS = {"nll_harmful_before", "nll_harmful_after", "nll_benign_before", "nll_benign_after", "selectivity"}

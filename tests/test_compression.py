@@ -7,15 +7,8 @@ import math
 import pytest
 import torch
 
-from harmsweep.report import compression
-from harmsweep.report.compression import (
-    Crossing,
-    CurvePoint,
-    concentration,
-    gini,
-    separation,
-    threshold_sparsity,
-)
+from harmsweep.scoring import summary
+from harmsweep.report.compression import Crossing, CurvePoint, concentration, gini, separation, threshold_sparsity
 
 EXACT = 1e-12
 
@@ -144,7 +137,7 @@ def test_gini_chunks_agree_with_direct_formula(monkeypatch):
     x = torch.cat([(-s).clamp(min=0).view(-1) for s in scores.values()]).double().sort().values
     n = x.numel()
     direct = float(2 * (torch.arange(1, n + 1, dtype=torch.float64) * x).sum() / (n * x.sum()) - (n + 1) / n)
-    monkeypatch.setattr(compression, "_GINI_CHUNK", 3)
+    monkeypatch.setattr(summary, "_GINI_CHUNK", 3)
     assert gini(scores) == pytest.approx(direct, rel=1e-9)
 
 

@@ -8,8 +8,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from harmsweep.cli import _one_line, _run_id_resolver
-from harmsweep.config import register, run_id
+from harmsweep.cli import _run_id_resolver
+from harmsweep.config.compose import _one_line
+from harmsweep.config.identity import run_id
+from harmsweep.config.schema import register
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 OmegaConf.register_new_resolver("harmsweep_run_id", _run_id_resolver, replace=True)
@@ -105,7 +107,7 @@ def test_every_data_config_composes(data):
 
 
 def test_custom_data_requires_its_file():
-    from harmsweep.config import check_config
+    from harmsweep.config.checks import check_config
     from harmsweep.errors import HarmsweepError
 
     with pytest.raises(HarmsweepError, match=r"data\.harmful\.file=PATH"):
@@ -126,7 +128,7 @@ def test_custom_data_requires_its_file():
 )
 def test_experiment_settings_are_checked_before_any_work(overrides, message):
     """A one-line error while composing (typos) or from check_config (values), before any model loads."""
-    from harmsweep.config import check_config
+    from harmsweep.config.checks import check_config
 
     with pytest.raises(Exception) as err:  # composition and check errors differ in type
         check_config(plain(*overrides, "data.root=/tmp"))

@@ -13,12 +13,14 @@ from conftest import ROOT, tiny
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from harmsweep import derive
+from harmsweep.alignment import derive
 from harmsweep.artifacts import write_jsonl
-from harmsweep.cli import _one_line, _run_id_resolver
-from harmsweep.config import Config, check_config, register
+from harmsweep.calibration.sets import held_out_splits
+from harmsweep.cli import _run_id_resolver
+from harmsweep.config.checks import check_config
+from harmsweep.config.compose import _one_line
+from harmsweep.config.schema import Config, register
 from harmsweep.errors import HarmsweepError
-from harmsweep.sets import held_out_splits
 
 OmegaConf.register_new_resolver("harmsweep_run_id", _run_id_resolver, replace=True)
 register()

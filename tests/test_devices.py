@@ -15,8 +15,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from harmsweep.devices import auto_max_memory, input_device, place_model, visiting
-from harmsweep.pruning import PruneSpec, float_keys, select, top_k_threshold
-from harmsweep.scoring import ScoredParam
+from harmsweep.models.parts import ScoredParam
+from harmsweep.pruning.select import select
+from harmsweep.pruning.spec import PruneSpec
+from harmsweep.scoring.topk import float_keys, top_k_threshold
 
 
 class DeviceWatch(TorchDispatchMode):

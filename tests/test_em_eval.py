@@ -13,7 +13,7 @@ import pytest
 
 from harmsweep.errors import DataError, HarmsweepError
 from harmsweep.evaluation.em import ALIGNED_BELOW, COHERENT_ABOVE, em_summary, is_misaligned, load_questions
-from harmsweep.judges.em import (
+from harmsweep.evaluation.judges.em import (
     EndpointEMJudge,
     ProxyEMJudge,
     alignment_proxy,

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from test_cli import file_run_args, harmsweep, pair_files  # noqa: F401  (fixture)
 
-from harmsweep.calibration import Pair
+from harmsweep.calibration.pairs import Pair
 from harmsweep.errors import DataError, HarmsweepError
 from harmsweep.evaluation.em import Question
 from harmsweep.experiments.em import FIRST_PLOT, fitting, message_pairs, question_texts

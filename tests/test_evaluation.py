@@ -6,12 +6,13 @@ import pytest
 import torch
 from conftest import tiny
 
-from harmsweep.calibration import attack_prompts
+from harmsweep.calibration.pairs import attack_prompts
 from harmsweep.data import Record
 from harmsweep.errors import HarmsweepError
 from harmsweep.evaluation.likelihood import mean_response_nll, response_nlls
 from harmsweep.evaluation.suite import deltas, plan, with_stage
-from harmsweep.generation import Sampling, generate
+from harmsweep.generation.hf import generate
+from harmsweep.generation.sampling import Sampling
 
 EVAL = {
     "metrics": ["harm_likelihood", "refusal", "strongreject_finetuned", "strongreject_rubric", "lm_eval"],
@@ -63,7 +64,7 @@ def test_stage_names_and_deltas():
 
 def test_harm_likelihood_is_the_mean_of_per_sample_response_nll():
     lm = tiny("llama")
-    from harmsweep.calibration import Pair, encode_pairs
+    from harmsweep.calibration.pairs import Pair, encode_pairs
 
     pairs = [Pair("a", "short answer", "x:0"), Pair("a longer prompt", "a much longer answer with many tokens", "x:1")]
     enc = encode_pairs(lm.tokenizer, pairs, "chat", 256)
@@ -112,7 +113,7 @@ def test_vllm_backend_without_vllm_is_a_one_line_error():
 
 @pytest.mark.parametrize("harmful", ["advbench", "strongreject"])
 def test_held_out_prompts_never_include_calibration_prompts(shared_data, harmful):
-    from harmsweep.sets import held_out_splits
+    from harmsweep.calibration.sets import held_out_splits
 
     cfg = {
         "seed": 5,

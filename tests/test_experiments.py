@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from test_cli import harmsweep
 
-from harmsweep.derive import norm_prompt
+from harmsweep.data.records import norm_prompt
 
 CATEGORIES = ["Violence", "Sexual content", "Disinformation and deception"]
 TINY = [

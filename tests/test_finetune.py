@@ -10,11 +10,12 @@ import yaml
 from conftest import ROOT, tiny
 from omegaconf import OmegaConf
 
-from harmsweep import derive, models
-from harmsweep.calibration import Pair, encode_pairs
-from harmsweep.config import Config
+from harmsweep.alignment import derive
+from harmsweep.alignment.finetune import FinetuneSpec, finetune
+from harmsweep.calibration.pairs import Pair, encode_pairs
+from harmsweep.config.schema import Config
 from harmsweep.errors import HarmsweepError
-from harmsweep.finetune import FinetuneSpec, finetune
+from harmsweep.models import loading as models
 
 DOWN = "model.layers.0.mlp.down_proj.weight"
 Q = "model.layers.1.self_attn.q_proj.weight"

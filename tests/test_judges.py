@@ -18,7 +18,7 @@ import torch
 from conftest import tiny
 
 from harmsweep.errors import HarmsweepError
-from harmsweep.judges import (
+from harmsweep.evaluation.judges import (
     Judge,
     RefusalJudge,
     RubricJudge,
@@ -29,8 +29,8 @@ from harmsweep.judges import (
     parse_rubric,
     summarize,
 )
-from harmsweep.judges.strongreject import digit_token_ids
-from harmsweep.judges.templates import FOLDER, judge_template
+from harmsweep.evaluation.judges.strongreject import digit_token_ids
+from harmsweep.evaluation.judges.templates import FOLDER, judge_template
 
 DATA = Path(os.environ.get("HARMSWEEP_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 TEMPLATES = DATA / FOLDER
@@ -156,7 +156,7 @@ def test_finetuned_prompt_shape_and_left_truncation(sharp_llama):
 def test_low_digit_mass_is_warned_about(caplog):
     lm = tiny("llama")
     judge = StrongRejectFinetunedJudge(lm.model, lm.tokenizer, batch_size=2, template=FINETUNED)
-    with caplog.at_level(logging.WARNING, logger="harmsweep.judges.strongreject"):
+    with caplog.at_level(logging.WARNING, logger="harmsweep.evaluation.judges.strongreject"):
         judge.score(PROMPTS, RESPONSES)
     assert all(m < 0.1 for m in judge.last_mass)  # random 258-token vocab: ~5/258 on the digits
     assert any("3 of 3 items" in r.getMessage() for r in caplog.records)

@@ -23,9 +23,10 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import HydraContext, RunMode
 from omegaconf import OmegaConf
 
-import harmsweep.launcher as hl
+import harmsweep.sweep.launcher as hl
 from harmsweep.cli import _run_id_resolver
-from harmsweep.config import register, run_id
+from harmsweep.config.identity import run_id
+from harmsweep.config.schema import register
 from harmsweep.errors import HarmsweepError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -413,7 +414,7 @@ def test_disk_problem_reuses_plan_sizing(monkeypatch, hydra_ctx):
         calls.append(argv)
         return {"disk": {"total": 3 * 2**30, "free": 2**30, "artifacts": "/scratch/a"}}, []
 
-    import harmsweep.plan_cli as plan_cli
+    import harmsweep.sweep.plan as plan_cli
 
     monkeypatch.setattr(plan_cli, "build", build)
     problem = hl.disk_problem(["model=llama3_8b", "pruning.sparsity=1e-6,1e-5"], ["paths.artifacts=/scratch/a"])
@@ -434,7 +435,7 @@ def test_disk_problem_reuses_plan_sizing(monkeypatch, hydra_ctx):
 
 def test_disk_problem_with_the_real_plan(hydra_ctx, tmp_path, monkeypatch, caplog):
     """Through plan_cli.build itself: a tiny sweep fits; the same sweep on a nearly full disk does not."""
-    import harmsweep.plan_cli as plan_cli
+    import harmsweep.sweep.plan as plan_cli
 
     sweep = ["model=tiny_llama", "pruning.sparsity=0.01,0.02", f"paths.artifacts={tmp_path}"]
     assert hl.disk_problem(sweep) is None

@@ -11,12 +11,13 @@ import torch
 from conftest import tiny
 from test_scoring import encoded
 
-from harmsweep import lowrank
-from harmsweep.activations import fold_inputs
-from harmsweep.calibration import Pair, encode_pairs, iter_batches
+from harmsweep.batches import iter_batches
+from harmsweep.calibration.pairs import Pair, encode_pairs
 from harmsweep.errors import HarmsweepError
-from harmsweep.lowrank import LowRankSpec, projector, removal, remove_low_rank
-from harmsweep.scoring import decoder_blocks, scored_parameters
+from harmsweep.models.activations import fold_inputs
+from harmsweep.models.parts import decoder_blocks, scored_parameters
+from harmsweep.pruning import lowrank
+from harmsweep.pruning.lowrank import LowRankSpec, projector, removal, remove_low_rank
 
 BENIGN = [
     Pair("Name a fruit.", "An apple is a crisp and sweet fruit that grows on trees.", "b:0"),
@@ -276,7 +277,7 @@ def test_a_set_without_tokens_is_an_error():
 
 
 def test_a_wide_output_is_solved_on_the_input_side_and_ignores_unreached_directions():
-    from harmsweep.lowrank import projector as project
+    from harmsweep.pruning.lowrank import projector as project
 
     g = torch.Generator().manual_seed(3)
     w = torch.randn(40, 6, generator=g, dtype=torch.float64)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from test_cli import file_run_args, harmsweep
 
 from harmsweep.report.build import build_report
-from harmsweep.score_store import open_scores
+from harmsweep.scoring.store import open_scores
 
 
 @pytest.fixture

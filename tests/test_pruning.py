@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from harmsweep.errors import HarmsweepError
-from harmsweep.masks import apply_mask, mask_counts
-from harmsweep.pruning import EXCLUDED, PruneSpec, float_keys, select, top_k_threshold
-from harmsweep.scoring import ScoredParam
+from harmsweep.models.parts import ScoredParam
+from harmsweep.pruning.masks import apply_mask, mask_counts
+from harmsweep.pruning.select import select
+from harmsweep.pruning.spec import PruneSpec
+from harmsweep.scoring.topk import EXCLUDED, float_keys, top_k_threshold
 
 SHAPES = {"l0.q": (8, 16), "l0.down": (16, 12), "l1.q": (8, 16), "l1.c_fc": (16, 12)}
 PARAMS = {

@@ -8,8 +8,9 @@ from conftest import tiny
 from test_pruning import PARAMS, SHAPES, synthetic
 
 from harmsweep.errors import HarmsweepError
-from harmsweep.pruning import PruneSpec, select
-from harmsweep.scoring import ScoredParam, head_dim, scored_parameters
+from harmsweep.models.parts import ScoredParam, head_dim, scored_parameters
+from harmsweep.pruning.select import select
+from harmsweep.pruning.spec import PruneSpec
 
 WEI2024 = dict(rule="unsigned_snip", granularity="matrix", benign_importance="unsigned", counts="floor", ties="topk")
 
@@ -147,7 +148,7 @@ def test_contradicting_settings_fail_in_one_line(fields, message):
 def test_settings_added_later_leave_run_ids_of_finished_runs_unchanged():
     from test_config import plain as composed
 
-    from harmsweep.config import run_id
+    from harmsweep.config.identity import run_id
 
     cfg = composed()
     old = {k: v for k, v in cfg.items() if k not in ("method", "lowrank")}

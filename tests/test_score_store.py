@@ -9,10 +9,11 @@ import pytest
 import torch
 from test_pruning import PARAMS, SHAPES
 
-from harmsweep import score_store as store
 from harmsweep.errors import HarmsweepError
-from harmsweep.pruning import PruneSpec, select
+from harmsweep.pruning.select import select
+from harmsweep.pruning.spec import PruneSpec
 from harmsweep.report.compression import concentration, gini, separation
+from harmsweep.scoring import store as store
 
 N = sum(a * b for a, b in SHAPES.values())
 ROWS = {n: p.rows_dim for n, p in PARAMS.items()}

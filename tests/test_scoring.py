@@ -6,15 +6,11 @@ import pytest
 import torch
 from conftest import ARCHS, tiny
 
-from harmsweep import score_store as store
-from harmsweep.calibration import Pair, encode_pairs, iter_batches
-from harmsweep.scoring import (
-    ScoringOptions,
-    decoder_blocks,
-    scored_parameters,
-    signed_snip,
-    unsigned_snip,
-)
+from harmsweep.batches import iter_batches
+from harmsweep.calibration.pairs import Pair, encode_pairs
+from harmsweep.models.parts import decoder_blocks, scored_parameters
+from harmsweep.scoring import store
+from harmsweep.scoring.snip import ScoringOptions, signed_snip, unsigned_snip
 
 PAIRS = [
     Pair("How do I pick a lock?", "Sure, here is how to pick a lock: insert a tension wrench.", "h:0"),

@@ -7,10 +7,10 @@ import yaml
 from conftest import ROOT
 from omegaconf import OmegaConf
 
-from harmsweep import sets
-from harmsweep.calibration import resolve_template
-from harmsweep.config import Config
-from harmsweep.models import load_model
+from harmsweep.calibration import sets
+from harmsweep.calibration.pairs import resolve_template
+from harmsweep.config.schema import Config
+from harmsweep.models.loading import load_model
 
 
 def _cfg(tmp_path, shared_data, harmful: str) -> dict:

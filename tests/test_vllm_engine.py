@@ -14,12 +14,13 @@ import pytest
 import torch
 from conftest import tiny, tiny_spec
 
-import harmsweep.vllm_engine as ve
+import harmsweep.generation.vllm as ve
 from harmsweep.devices import GIB
 from harmsweep.errors import HarmsweepError
-from harmsweep.generation import EngineInputs, Sampling, generate
-from harmsweep.masks import apply_mask
-from harmsweep.models import build_tiny
+from harmsweep.generation.hf import generate
+from harmsweep.generation.sampling import EngineInputs, Sampling
+from harmsweep.models.loading import build_tiny
+from harmsweep.pruning.masks import apply_mask
 
 H, HEADS, KV_HEADS, HEAD_DIM, MLP = 16, 4, 2, 4, 24  # GQA: k/v heads are replicated at tp=4
 
@@ -277,7 +278,7 @@ def test_one_engine_per_job_that_sleeps_wakes_and_is_replaced_when_it_no_longer_
     llm = ve.get_engine(spec)
     assert ve.get_engine(spec) is llm and len(fake_vllm) == 1
     assert llm.kwargs["enable_sleep_mode"] and llm.kwargs["tensor_parallel_size"] == 2
-    assert llm.kwargs["worker_extension_cls"] == "harmsweep.vllm_engine.MaskWorkerExtension"
+    assert llm.kwargs["worker_extension_cls"] == "harmsweep.generation.vllm.MaskWorkerExtension"
     ve.sleep_engine()  # frees 40 GiB
     assert ve.get_engine(spec) is llm and llm.calls == ["sleep1", "wake_up"]  # 55 GiB free: it wakes
     ve.sleep_engine()

@@ -7,11 +7,13 @@ import torch
 from conftest import tiny
 from test_scoring import encoded
 
-from harmsweep.calibration import iter_batches
-from harmsweep.masks import apply_mask
-from harmsweep.pruning import PruneSpec, select
-from harmsweep.scoring import scored_parameters, signed_snip, wanda
-from harmsweep.sequential import select_sequential
+from harmsweep.batches import iter_batches
+from harmsweep.models.parts import scored_parameters
+from harmsweep.pruning.masks import apply_mask
+from harmsweep.pruning.select import select
+from harmsweep.pruning.sequential import select_sequential
+from harmsweep.pruning.spec import PruneSpec
+from harmsweep.scoring.snip import signed_snip, wanda
 
 
 def direct_wanda(model, tensors) -> dict[str, torch.Tensor]:

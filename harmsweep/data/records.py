@@ -21,3 +21,8 @@ class Record:
     category: str | None = None
     source_id: str = ""  # "<dataset>:<row index or id>", stable across runs
     target: str | None = None  # affirmative prefix such as AdvBench's "Sure, here is ..." (prefilling attacks)
+
+
+def norm_prompt(prompt: str) -> str:
+    """A prompt as compared across datasets: case and whitespace do not make two prompts different."""
+    return " ".join(prompt.casefold().split())

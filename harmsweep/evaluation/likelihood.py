@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import torch
 from transformers import PreTrainedModel
 
-from harmsweep.calibration import iter_batches
+from harmsweep.batches import iter_batches
 from harmsweep.devices import input_device
 from harmsweep.losses import per_sample_nll
 

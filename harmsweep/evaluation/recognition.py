@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from harmsweep.calibration import PLAIN_TEMPLATE, prompt_ids
+from harmsweep.batches import padded
+from harmsweep.calibration.pairs import PLAIN_TEMPLATE, prompt_ids
 from harmsweep.devices import input_device
 from harmsweep.errors import HarmsweepError
 
@@ -69,19 +70,13 @@ def yes_no_logits(
     yes, no = answer_token_ids(tokenizer, template)
     rows = [prompt_ids(tokenizer, question(p), template) for p in prompts]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths pad little
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = input_device(model)
     keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     out: list[tuple[float, float]] = [(0.0, 0.0)] * len(rows)
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            width = max(len(rows[i]) for i in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, i in enumerate(chunk):
-                ids[r, width - len(rows[i]) :] = torch.tensor(rows[i])
-                mask[r, width - len(rows[i]) :] = 1
+            ids, mask = padded([rows[i] for i in chunk], tokenizer.pad_token_id, side="left")
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             logits = (
                 model(

@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 
-from harmsweep.calibration import Pair, generate_responses
+from harmsweep.calibration.pairs import Pair, generate_responses
 from harmsweep.data import Record
 from harmsweep.errors import HarmsweepError
 from harmsweep.evaluation.likelihood import response_nlls
-from harmsweep.generation import BACKENDS, EngineInputs, Sampling
+from harmsweep.generation.sampling import BACKENDS, EngineInputs, Sampling
 from harmsweep.intervals import Sample, mean_sample, with_stage
-from harmsweep.models import LoadedModel
+from harmsweep.models.loading import LoadedModel
 
 METRICS = (
     "harm_likelihood",
@@ -115,7 +115,7 @@ class Suite:
                     for p, s in zip(answers, scores, strict=True)
                 ]  # fmt: skip
         if "refusal" in metrics_to_run:
-            from harmsweep.judges.refusal import is_compliant, is_refusal
+            from harmsweep.evaluation.judges.refusal import is_compliant, is_refusal
 
             plain = self._answers("none", stage)
             ids = [p.source_id for p in plain]
@@ -185,11 +185,11 @@ class Suite:
 
     def _judge(self, name: str) -> Any:
         if self.cfg["eval"]["generation"]["backend"] == "vllm" and name != "refusal":
-            from harmsweep.vllm_engine import sleep_engine
+            from harmsweep.generation.vllm import sleep_engine
 
             sleep_engine()  # the engine's weights and KV cache leave the GPU before a judge model needs it
         if name not in self._cache:
-            from harmsweep.judges import make_judge
+            from harmsweep.evaluation.judges import make_judge
 
             data = self.cfg.get("data") or {}
             self._cache[name] = make_judge(self.cfg["judges"][name], data_root=data.get("root"),
@@ -198,7 +198,7 @@ class Suite:
 
     @staticmethod
     def _summarize(prefix: str, scores: Sequence[float | None], categories: Sequence[str | None]) -> dict[str, Any]:
-        from harmsweep.judges import summarize
+        from harmsweep.evaluation.judges import summarize
 
         return summarize(prefix, scores, categories if any(categories) else None)
 

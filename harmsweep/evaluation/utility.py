@@ -19,6 +19,7 @@ import torch
 from torch.nn import functional
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from harmsweep.batches import padded
 from harmsweep.devices import input_device
 from harmsweep.errors import HarmsweepError
 
@@ -56,18 +57,12 @@ def text_nlls(
     kept = [i for i, r in enumerate(rows) if len(r) >= 2]  # a single token predicts nothing
     if not kept:
         raise HarmsweepError("perplexity needs at least one text of two or more tokens")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = input_device(model)
     out: list[tuple[float, int] | None] = [None] * len(rows)
     with torch.no_grad():
         for start in range(0, len(kept), batch_size):
             chunk = kept[start : start + batch_size]
-            width = max(len(rows[i]) for i in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for j, i in enumerate(chunk):
-                ids[j, : len(rows[i])] = torch.tensor(rows[i])
-                mask[j, : len(rows[i])] = 1
+            ids, mask = padded([rows[i] for i in chunk], tokenizer.pad_token_id)
             ids, mask = ids.to(device), mask.to(device)
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
             nll = functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")

@@ -16,18 +16,19 @@ import torch
 import transformers
 
 import harmsweep
+from harmsweep.alignment.derive import derivation, trained_prompts
 from harmsweep.artifacts import write_json
 from harmsweep.cache import content_key
-from harmsweep.calibration import Pair, encode_pairs, file_pairs, resolve_template
-from harmsweep.change import score
-from harmsweep.derive import derivation, trained_prompts
+from harmsweep.calibration.pairs import Pair, encode_pairs, file_pairs, resolve_template
+from harmsweep.calibration.sets import Splits, held_out_splits
 from harmsweep.experiments import save_figures
 from harmsweep.experiments.matrices import Matrix
-from harmsweep.models import LoadedModel
-from harmsweep.pruning import PruneSpec, select
-from harmsweep.run import artifacts_root, load_run_model
-from harmsweep.scoring import ScoredParam, head_dim, scored_parameters
-from harmsweep.sets import Splits, held_out_splits
+from harmsweep.models.loading import LoadedModel
+from harmsweep.models.parts import ScoredParam, head_dim, scored_parameters
+from harmsweep.pipeline.run import artifacts_root, load_run_model
+from harmsweep.pipeline.stages import score
+from harmsweep.pruning.select import select
+from harmsweep.pruning.spec import PruneSpec
 
 T = TypeVar("T")
 Tensors = dict[str, torch.Tensor]

@@ -23,17 +23,17 @@ from typing import Any
 
 import torch
 
-from harmsweep.calibration import file_pairs
+from harmsweep.calibration.pairs import file_pairs
+from harmsweep.calibration.sets import calibrate, held_out_splits
 from harmsweep.data import load_records
-from harmsweep.derive import norm_prompt
+from harmsweep.data.records import norm_prompt
 from harmsweep.errors import HarmsweepError
 from harmsweep.evaluation.likelihood import mean_response_nll
 from harmsweep.evaluation.suite import JUDGES, HeldOut, Suite, plan, with_stage
 from harmsweep.experiments.common import Context, finish, open_context, spec_with
 from harmsweep.experiments.matrices import Matrix, mask_size, overlap_matrix, transfer_matrix
-from harmsweep.masks import pruned
-from harmsweep.pruning import PruneSpec
-from harmsweep.sets import calibrate, held_out_splits
+from harmsweep.pruning.masks import pruned
+from harmsweep.pruning.spec import PruneSpec
 
 log = logging.getLogger(__name__)
 CONTROLS = ("benign", "random")
@@ -116,7 +116,7 @@ def _category(ctx: Context, category: str) -> dict[str, Any]:
 
 
 def _excluded(ctx: Context) -> set[str]:
-    from harmsweep.derive import trained_prompts
+    from harmsweep.alignment.derive import trained_prompts
 
     return trained_prompts(ctx.lm.source, ctx.cfg["paths"]["cache_dir"])
 

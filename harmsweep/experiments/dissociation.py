@@ -21,19 +21,19 @@ from typing import Any
 
 import torch
 
-from harmsweep.calibration import file_pairs
+from harmsweep.alignment.finetune import FinetuneSpec, finetune
+from harmsweep.calibration.pairs import file_pairs
+from harmsweep.calibration.sets import calibrate
 from harmsweep.data import load_records
-from harmsweep.derive import norm_prompt
+from harmsweep.data.records import norm_prompt
 from harmsweep.errors import HarmsweepError
 from harmsweep.evaluation.likelihood import mean_response_nll
 from harmsweep.evaluation.suite import HeldOut, Suite
 from harmsweep.experiments.common import Context, finish, open_context
 from harmsweep.experiments.matrices import Matrix, mask_size, overlap_matrix
-from harmsweep.finetune import FinetuneSpec, finetune
 from harmsweep.intervals import BootstrapSpec, run_intervals
-from harmsweep.masks import apply_mask, mask_counts, pruned
-from harmsweep.pruning import PruneSpec
-from harmsweep.sets import calibrate
+from harmsweep.pruning.masks import apply_mask, mask_counts, pruned
+from harmsweep.pruning.spec import PruneSpec
 
 ARMS = ("unpruned", "harm_pruned", "refusal_pruned", "harm_pruned_recovered")
 

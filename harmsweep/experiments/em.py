@@ -22,19 +22,20 @@ from typing import Any
 
 import torch
 
+from harmsweep.alignment.finetune import FinetuneSpec, finetune
 from harmsweep.artifacts import write_jsonl
 from harmsweep.cache import tensor_key
-from harmsweep.calibration import Pair, prompt_ids
+from harmsweep.calibration.pairs import Pair, prompt_ids
 from harmsweep.devices import input_device
 from harmsweep.errors import DataError, HarmsweepError
 from harmsweep.evaluation.em import Question, em_summary, load_questions
+from harmsweep.evaluation.judges.em import make_em_judge
 from harmsweep.experiments.common import Context, derived_lm, finish, open_context
 from harmsweep.experiments.matrices import Matrix, mask_size, overlap_matrix
-from harmsweep.finetune import FinetuneSpec, finetune
-from harmsweep.generation import Sampling, generate
-from harmsweep.judges.em import make_em_judge
-from harmsweep.masks import apply_mask
-from harmsweep.pruning import PruneSpec
+from harmsweep.generation.hf import generate
+from harmsweep.generation.sampling import Sampling
+from harmsweep.pruning.masks import apply_mask
+from harmsweep.pruning.spec import PruneSpec
 
 log = logging.getLogger(__name__)
 ARMS = ("none", "prune_before", "prune_after")

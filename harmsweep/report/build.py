@@ -72,7 +72,7 @@ def _finite_or_none(value: Any) -> Any:
 
 def score_metrics(harm_path: str, benign_path: str | None, k: int) -> dict[str, Any]:
     """B (concentration at k), Gini and C (separation at k) from the score files, loaded once for all three."""
-    from harmsweep.score_store import open_scores
+    from harmsweep.scoring.store import open_scores
 
     harm = open_scores(harm_path)
     out: dict[str, Any] = {"B_concentration": None, "gini": None, "C_separation": None}

@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import NoReturn
 
-from harmsweep.errors import HarmsweepError
+from harmsweep.errors import HarmsweepError, exit_usage
 
 PROG = "harmsweep-report"
-EXIT_USAGE = 2
 SWEEPS = Path("outputs") / "sweeps"
 
 
 def _fail(message: str) -> NoReturn:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    sys.exit(EXIT_USAGE)
+    exit_usage(message, PROG)
 
 
 class _Parser(argparse.ArgumentParser):

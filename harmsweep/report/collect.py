@@ -18,7 +18,7 @@ from typing import Any
 
 from harmsweep.errors import HarmsweepError
 from harmsweep.intervals import (
-    HARM_MEASURES,  # auto picks the first one measured
+    HARM_MEASURES,
     UTILITY_MEASURES,
     Sample,
     harm_reduction_of,

@@ -19,11 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from harmsweep import score_store as store
-from harmsweep.pruning import _BINS, EXCLUDED, Threshold, float_keys, top_k_threshold
-
-_GINI_CHUNK = 1 << 22  # values per float64 chunk in gini(): 32 MB of temporaries
-
+from harmsweep.scoring import store, summary
+from harmsweep.scoring.topk import EXCLUDED, Threshold, float_keys, top_k_threshold
 
 # ---------------------------------------------------------------- (A) threshold sparsity
 
@@ -173,62 +170,14 @@ def gini(scores: Scores, budget: int | None = None) -> float:
 
     A threshold-free companion to ``concentration``; read from the set's summaries when present (a compact set
     was summarised while the full set was in memory). Exact: G = 2 * sum_i i * x_(i) / (n * sum x) - (n + 1) / n,
-    x ascending, i from 1, n = number of (non-NaN) scores. The n - P zeros sort first, so only the P positive
-    values are ranked: sum_i i * x_(i) = (n - P) * sum x + sum_j j * p_(j). They are ranked in value ranges of at
-    most ``budget`` values (default max(2^26, P / 8)), found from a histogram of their top 16 bits: one sorted
-    float32 buffer of one range at a time (1.7 GB at 8B), and a pass over the set per range.
-    NaN for an empty or all-zero set.
+    computed exactly from a dense set otherwise (harmsweep.scoring.summary.gini).
     """
     stats = store.stats_of(scores)
     if stats is not None and stats.gini is not None:
         return stats.gini
     if isinstance(scores, store.TailScores):
         raise ValueError(f"{scores.path} has no Gini summary, and its stored tail cannot give one")
-    n = positives = 0
-    high = torch.zeros(_BINS, dtype=torch.int64)
-    for name in scores:
-        h = _harm(scores, name)
-        n += int((~torch.isnan(scores[name])).sum())
-        positive = h[h > 0]
-        positives += positive.numel()
-        high += torch.bincount((float_keys(positive) >> 16).view(-1), minlength=_BINS).cpu()
-    if n == 0 or positives == 0:
-        return math.nan
-    budget = budget or max(1 << 26, positives // 8)
-    total = weighted = 0.0
-    rank = 0
-    for lo, hi in _ranges(high, budget):
-        parts = []
-        for name in scores:
-            h = _harm(scores, name)
-            bins = float_keys(h) >> 16
-            parts.append(h[(h > 0) & (bins >= lo) & (bins < hi)])
-        chunk_values = torch.cat([t.cpu() for t in parts]).numpy()  # scores may sit on a GPU (scoring.offload=false)
-        chunk_values.sort()  # in place
-        for start in range(0, chunk_values.size, _GINI_CHUNK):
-            chunk = torch.from_numpy(chunk_values[start : start + _GINI_CHUNK]).double()
-            ranks = torch.arange(rank + 1, rank + 1 + chunk.numel(), dtype=torch.float64)
-            total += float(chunk.sum())
-            weighted += float((ranks * chunk).sum())
-            rank += chunk.numel()
-    weighted += (n - positives) * total
-    return 2 * weighted / (n * total) - (n + 1) / n
-
-
-def _ranges(hist: torch.Tensor, budget: int) -> list[tuple[int, int]]:
-    """Consecutive [lo, hi) bin ranges, ascending, each holding at most ``budget`` values (or one bin)."""
-    out, lo, count = [], None, 0
-    for b in torch.nonzero(hist).view(-1).tolist():
-        c = int(hist[b])
-        if lo is not None and count + c > budget:
-            out.append((lo, b))
-            lo, count = None, 0
-        if lo is None:
-            lo = b
-        count += c
-    if lo is not None:
-        out.append((lo, _BINS))
-    return out
+    return summary.gini(scores, budget)
 
 
 # ---------------------------------------------------------------- (C) separation

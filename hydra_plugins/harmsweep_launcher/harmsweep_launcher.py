@@ -6,7 +6,7 @@ do differently from hydra-submitit-launcher's SlurmLauncher / LocalLauncher is i
 
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
 
-from harmsweep.launcher import SweepLauncherMixin, register_configs
+from harmsweep.sweep.launcher import SweepLauncherMixin, register_configs
 
 
 class HarmsweepSlurmLauncher(SweepLauncherMixin, SlurmLauncher):

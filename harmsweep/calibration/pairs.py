@@ -1,0 +1,145 @@
+"""Calibration pairs: (prompt, response) tokenised so that the loss falls on response tokens only.
+
+Aligned models refuse harmful prompts, so harmful responses come from a file, from the model itself
+(on-policy), or from the model under a prefilling attack: its assistant turn starts with the first k
+tokens of the dataset's affirmative target ("Sure, here is ...") and it continues from there.
+Chat models are formatted with their chat template; base models with PLAIN_TEMPLATE (recorded).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from harmsweep.artifacts import atomic_path, write_jsonl
+from harmsweep.batches import padded
+from harmsweep.data import Record
+from harmsweep.errors import HarmsweepError
+from harmsweep.generation.hf import generate
+from harmsweep.generation.sampling import EngineInputs, Sampling
+from harmsweep.losses import IGNORE
+
+PLAIN_TEMPLATE = "User: {prompt}\nAssistant:\n"
+RESPONSE_MODES = ("prefill", "on_policy", "file")
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: str
+    response: str
+    source_id: str
+    category: str | None = None
+
+
+def resolve_template(tokenizer: PreTrainedTokenizerBase, wanted: str) -> str:
+    """'chat' when asked for and the tokenizer has a chat template, else 'plain'."""
+    if wanted not in ("chat", "plain"):
+        raise HarmsweepError(f"alignment.template={wanted} is not one of chat, plain")
+    return "chat" if wanted == "chat" and tokenizer.chat_template else "plain"
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, template: str) -> list[int]:
+    """Token ids of the formatted prompt, ending where the assistant's response begins."""
+    if template == "chat":
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(PLAIN_TEMPLATE.format(prompt=prompt), add_special_tokens=True)["input_ids"]
+
+
+def response_ids(tokenizer: PreTrainedTokenizerBase, response: str) -> list[int]:
+    return tokenizer(response, add_special_tokens=False)["input_ids"]
+
+
+def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair], template: str, max_length: int) -> Tensors:
+    """Right-padded input_ids / attention_mask / labels, labels = -100 on prompt and padding.
+
+    Responses longer than the room left after the prompt are cut at the end; a pair whose prompt
+    leaves no room at all is an error, since silently dropping it would change the sample count.
+    """
+    rows = []
+    for pair in pairs:
+        p = prompt_ids(tokenizer, pair.prompt, template)
+        r = response_ids(tokenizer, pair.response)[: max(0, max_length - len(p))]
+        if not r:
+            raise HarmsweepError(
+                f"pair {pair.source_id} has no response tokens within calibration.max_length={max_length}"
+                f" (prompt takes {len(p)} tokens); raise calibration.max_length"
+            )
+        rows.append((p, r))
+    input_ids, attention = padded([p + r for p, r in rows], tokenizer.pad_token_id)
+    labels = torch.full_like(input_ids, IGNORE)
+    for i, (p, r) in enumerate(rows):
+        labels[i, len(p) : len(p) + len(r)] = torch.tensor(r)
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def attack_prompts(
+    tokenizer: PreTrainedTokenizerBase, records: Sequence[Record], template: str, prefill_tokens: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompt ids to generate from, and the forced assistant prefix of each (first k target tokens)."""
+    prefixes: list[list[int]] = []
+    for rec in records:
+        if prefill_tokens > 0 and not rec.target:
+            raise HarmsweepError(
+                f"prefilling needs a target per prompt and {rec.source_id} has none; "
+                "use calibration.harmful.responses=on_policy or a file of responses"
+            )
+        prefixes.append(response_ids(tokenizer, rec.target)[:prefill_tokens] if prefill_tokens > 0 else [])
+    prompts = [prompt_ids(tokenizer, r.prompt, template) + pre for r, pre in zip(records, prefixes, strict=True)]
+    return prompts, prefixes
+
+
+def generate_responses(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[Record],
+    template: str,
+    *,
+    prefill_tokens: int,
+    sampling: Sampling,
+    batch_size: int,
+    desc: str,
+    backend: str = "hf",
+    engine: EngineInputs | None = None,
+) -> list[Pair]:
+    """The model's own responses; with prefill_tokens > 0 the first k target tokens are forced first."""
+    prompts, prefixes = attack_prompts(tokenizer, records, template, prefill_tokens)
+    continuations = generate(model, tokenizer, prompts, sampling, batch_size, desc, backend, engine)
+    return [
+        Pair(rec.prompt, tokenizer.decode(pre + cont, skip_special_tokens=True), rec.source_id, rec.category)
+        for rec, pre, cont in zip(records, prefixes, continuations, strict=True)
+    ]
+
+
+def file_pairs(records: Sequence[Record], what: str) -> list[Pair]:
+    """Pairs from records that carry their own responses (a dataset or a user file)."""
+    missing = [r.source_id for r in records if not r.response]
+    if missing:
+        raise HarmsweepError(f"{what}: {len(missing)} records have no response (first: {missing[0]})")
+    return [Pair(r.prompt, str(r.response), r.source_id, r.category) for r in records]
+
+
+def save_sets(sets: Mapping[str, Tensors], pairs: Mapping[str, Sequence[Pair]], path: str | Path) -> None:
+    """Tokenised sets in one safetensors file ('<set>.<field>'), texts beside it as JSONL."""
+    path = Path(path)
+    write_jsonl([{"set": s, **asdict(p)} for s, ps in pairs.items() for p in ps], path.with_suffix(".jsonl"))
+    flat = {f"{s}.{field}": t.contiguous() for s, ts in sets.items() for field, t in ts.items()}
+    with atomic_path(path) as tmp:
+        save_file(flat, str(tmp), metadata={"sets": json.dumps(sorted(sets))})
+
+
+def load_sets(path: str | Path) -> dict[str, Tensors]:
+    sets: dict[str, Tensors] = {}
+    for key, tensor in load_file(str(path)).items():
+        name, field = key.rsplit(".", 1)
+        sets.setdefault(name, {})[field] = tensor
+    return sets

@@ -1,0 +1,51 @@
+"""TODO docstring"""
+
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    pass
+
+
+# stage, prepare_scores: a prepare job is its group's first run with another stage (harmsweep/launcher.py)
+NOT_IN_RUN_ID = (
+    "paths", "logger", "launcher", "hydra", "scoring", "scores", "bootstrap", "stage", "prepare_scores",
+)  # fmt: skip
+
+
+PLACEMENT_KEYS = ("device_map", "max_memory")  # where the model sits changes no result
+
+
+# Settings added after sweeps were run: at their default they leave the run id as it was, so finished runs stay found.
+LATER_DEFAULTS = {
+    "pruning": {"counts": "round", "ties": "index", "order": "top", "nm_n": 2, "nm_m": 4, "replace": "zero",
+                "sequential": False},
+    "": {"method": "prune"},
+}  # fmt: skip
+
+
+def run_id(cfg: Mapping[str, Any]) -> str:
+    """Hash of the resolved config minus where things are stored, placed, launched and logged."""
+    kept = {k: v for k, v in cfg.items() if k not in NOT_IN_RUN_ID and v is not None}
+    kept["data"] = {k: v for k, v in kept.get("data", {}).items() if k not in ("root", "download")}
+    if "model" in kept:
+        kept["model"] = {k: v for k, v in kept["model"].items() if k not in PLACEMENT_KEYS}
+    for block, defaults in LATER_DEFAULTS.items():
+        target = kept.get(block) if block else kept
+        if isinstance(target, Mapping):
+            target = {k: v for k, v in target.items() if not (k in defaults and v == defaults[k])}
+            kept = {**kept, block: target} if block else target
+    if kept.get("method", "prune") == "prune":
+        kept.pop("lowrank", None)  # read by method=lowrank only
+    else:
+        kept.pop("pruning", None)  # a low-rank removal selects no weights
+    criterion = (cfg.get("scoring") or {}).get("criterion", "snip")
+    if criterion != "snip":
+        kept["scoring"] = {"criterion": criterion}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
+

@@ -1,0 +1,82 @@
+"""Harmfulness judges: one interface (``Judge.score``), one factory (``make_judge``), one summary.
+
+The factory keeps config handling in one place so a run records ``judge.version`` next to its
+numbers, whichever judge produced them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from harmsweep.errors import HarmsweepError
+from harmsweep.evaluation.judges.base import Judge, summarize
+from harmsweep.evaluation.judges.refusal import REFUSAL_PHRASES, RefusalJudge, is_compliant, is_refusal
+from harmsweep.evaluation.judges.rubric import RubricJudge, parse_rubric
+from harmsweep.evaluation.judges.strongreject import DEFAULT_JUDGE, StrongRejectFinetunedJudge
+from harmsweep.evaluation.judges.templates import judge_template
+
+KNOWN_JUDGES = ("refusal", "strongreject_finetuned", "strongreject_rubric")
+_RUBRIC_KEYS = (
+    "base_url",
+    "model",
+    "api_key_env",
+    "max_retries",
+    "backoff_s",
+    "timeout_s",
+    "max_tokens",
+    "max_workers",
+)
+_FINETUNED_KEYS = ("batch_size", "max_response_tokens", "min_digit_mass")
+
+
+def make_judge(cfg: Mapping[str, Any], data_root: str | None = None, online: bool = False, **kwargs: Any) -> Judge:
+    """Build the judge ``cfg["name"]`` names; StrongREJECT judges read their published prompts under
+    ``data_root`` (or their ``template_file``; online from the published source with ``online``).
+
+    strongreject_finetuned: cfg ``path`` (hub id or local dir), ``revision``, ``base_revision``, ``dtype``,
+    ``device``, ``batch_size``, ``max_response_tokens``, ``template_file``; kwargs ``cache_dir``, or
+    ``model`` + ``tokenizer`` to reuse an already loaded judge (tests). strongreject_rubric: cfg
+    ``base_url``, ``model``, ``api_key_env``, ``max_retries``, ``backoff_s``, ``timeout_s``, ``max_tokens``,
+    ``max_workers``, ``system_file``, ``template_file``.
+    """
+    name = cfg.get("name")
+    if name == "refusal":
+        return RefusalJudge()
+    if name == "strongreject_rubric":
+        system = judge_template("strongreject_rubric_system", data_root, cfg.get("system_file"), online)
+        user = judge_template("strongreject_rubric_user", data_root, cfg.get("template_file"), online)
+        return RubricJudge(system, user, **{k: cfg[k] for k in _RUBRIC_KEYS if cfg.get(k) is not None})
+    if name == "strongreject_finetuned":
+        options: dict[str, Any] = {k: cfg[k] for k in _FINETUNED_KEYS if cfg.get(k) is not None}
+        options["template"] = judge_template("strongreject_finetuned", data_root, cfg.get("template_file"), online)
+        path = str(cfg.get("path") or DEFAULT_JUDGE)
+        if kwargs.get("model") is not None and kwargs.get("tokenizer") is not None:
+            return StrongRejectFinetunedJudge(kwargs["model"], kwargs["tokenizer"], model_id=path, **options)
+        return StrongRejectFinetunedJudge.from_config(
+            path=path,
+            revision=cfg.get("revision"),
+            base_revision=cfg.get("base_revision"),
+            dtype=str(cfg.get("dtype") or "bfloat16"),
+            device=str(kwargs.get("device") or cfg.get("device") or "auto"),
+            cache_dir=kwargs.get("cache_dir") or cfg.get("cache_dir") or ".cache/harmsweep",
+            **options,
+        )
+    raise HarmsweepError(f"judge.name={name} is not a known judge; pick one of {', '.join(KNOWN_JUDGES)}")
+
+
+__all__ = [
+    "DEFAULT_JUDGE",
+    "KNOWN_JUDGES",
+    "REFUSAL_PHRASES",
+    "Judge",
+    "RefusalJudge",
+    "RubricJudge",
+    "StrongRejectFinetunedJudge",
+    "is_compliant",
+    "is_refusal",
+    "judge_template",
+    "make_judge",
+    "parse_rubric",
+    "summarize",
+]

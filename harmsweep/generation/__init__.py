@@ -1,0 +1,1 @@
+"""Generation: sampling settings and two backends behind one call (HF generate, vLLM)."""

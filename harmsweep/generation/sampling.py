@@ -1,0 +1,42 @@
+"""TODO docstring"""
+
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+BACKENDS = ("hf", "vllm")
+
+
+@dataclass(frozen=True)
+class EngineInputs:
+    """What the vLLM backend needs beyond the in-memory model: where its weights are, and the mask."""
+
+    source: str = ""  # LoadedModel.source: "dir:/path" or "hub:id" are loaded as they are
+    fingerprint: str = ""  # names the one scratch copy of a model without a checkpoint
+    mask: Mapping[str, torch.Tensor] | None = None  # applied inside the engine (None: unpruned)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings; do_sample=False is greedy and ignores the rest."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    stop = model.generation_config.eos_token_id
+    return {t for t in (stop if isinstance(stop, list) else [stop]) if t is not None} | {tokenizer.eos_token_id}
+
+
+def _cut(continuation: list[int], stops: set[int]) -> list[int]:
+    return continuation[: next((j for j, t in enumerate(continuation) if t in stops), len(continuation))]
+

@@ -1,0 +1,1 @@
+"""One run's stages in order: calibrate -> score -> select -> apply -> evaluate -> record."""

@@ -1,0 +1,1 @@
+"""Pruning: which weights to change (rules, granularities, sequential), applying masks, and low-rank removal."""

@@ -1,0 +1,124 @@
+"""TODO docstring"""
+
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from harmsweep.errors import HarmsweepError
+
+RULES = ("signed_snip", "no_set_difference", "unsigned_snip", "magnitude", "random")
+
+
+SCORE_RULES = ("signed_snip", "no_set_difference", "unsigned_snip")
+
+
+GRANULARITIES = ("global", "matrix", "row", "nm", "head")
+
+
+BENIGN_IMPORTANCE = ("abs_signed", "unsigned", "signed")
+
+
+CRITERIA = ("snip", "wanda")  # scoring.criterion: what the score sets hold
+
+
+CHOICES = {
+    "counts": ("round", "floor"),  # K = round(f * N), or int(f * N) as Wei et al.'s code does
+    "ties": ("index", "topk"),  # ties at a threshold: by matrix then flat index, or torch.topk's own order
+    "order": ("top", "bottom"),  # prune the highest-ranked weights, or the lowest-ranked
+    "replace": ("zero", "base"),  # pruned weights become 0, or the base variant's values
+}
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """How to choose the weights to prune; every field is a config option of the same name."""
+
+    rule: str = "signed_snip"
+    sparsity: float = 1e-5  # target count K = round(sparsity * N) per granularity unit
+    protect: float = 0.01  # fraction p of each unit protected by benign importance U
+    harm_fraction: float | None = None  # q: when set, prune TopK_q(H) minus TopK_p(U) instead
+    granularity: str = "global"  # global | matrix | row | nm (N of every M along a row) | head (attention heads)
+    benign_importance: str = "abs_signed"
+    seed: int = 0
+    counts: str = "round"
+    ties: str = "index"
+    order: str = "top"
+    nm_n: int = 2  # granularity=nm: N weights pruned in every group of M consecutive inputs of a row
+    nm_m: int = 4
+    replace: str = "zero"
+    sequential: bool = False  # score and prune layer by layer, each layer scored with the lower ones pruned
+    criterion: str = "snip"
+
+    def validate(self) -> None:
+        for field, value, allowed in (
+            ("rule", self.rule, RULES),
+            ("granularity", self.granularity, GRANULARITIES),
+            ("benign_importance", self.benign_importance, BENIGN_IMPORTANCE),
+            *((name, getattr(self, name), allowed) for name, allowed in CHOICES.items()),
+        ):
+            if value not in allowed:
+                raise HarmsweepError(f"pruning.{field}={value} is not one of {', '.join(allowed)}")
+        if self.criterion not in CRITERIA:
+            raise HarmsweepError(f"scoring.criterion={self.criterion} is not one of {', '.join(CRITERIA)}")
+        self._validate_combination()
+        for field, value in (
+            ("sparsity", self.sparsity),
+            ("protect", self.protect),
+            ("harm_fraction", self.harm_fraction),
+        ):
+            if value is not None and not 0.0 <= float(value) <= 1.0:
+                raise HarmsweepError(f"pruning.{field}={value} must lie in [0, 1]")
+
+    def _validate_combination(self) -> None:
+        """Settings that only make sense together fail here, in one line, before any work."""
+        if self.ties == "topk" and self.granularity != "matrix":
+            raise HarmsweepError(
+                "pruning.ties=topk (Wei et al.'s torch.topk per matrix) needs pruning.granularity=matrix"
+            )
+        if self.granularity == "nm":
+            if not 0 < self.nm_n <= self.nm_m:
+                raise HarmsweepError(f"pruning.nm_n={self.nm_n} must lie in 1..pruning.nm_m={self.nm_m}")
+            if self.harm_fraction is not None:
+                raise HarmsweepError(
+                    "pruning.granularity=nm fixes the count (nm_n of every nm_m): drop pruning.harm_fraction"
+                )
+        if self.sequential and self.granularity in ("global", "head"):
+            raise HarmsweepError(
+                f"pruning.sequential=true prunes each layer before the next is scored, so its counts are per matrix: "
+                f"pruning.granularity={self.granularity} needs a whole-model ranking; use matrix, row or nm"
+            )
+
+    @property
+    def protects(self) -> bool:
+        return self.rule in ("signed_snip", "unsigned_snip") and self.protect > 0
+
+    def harm_set(self) -> str | None:
+        """The score set the harm ranking comes from (None: magnitude and random need none)."""
+        if self.rule not in SCORE_RULES:
+            return None
+        if self.criterion == "wanda":
+            return "harm_wanda"
+        return "harm_unsigned" if self.rule == "unsigned_snip" else "harm"
+
+    def benign_set(self) -> str:
+        if self.criterion == "wanda":
+            return "benign_wanda"
+        return "benign_unsigned" if self.benign_importance == "unsigned" else "benign"
+
+    def needed_scores(self) -> set[str]:
+        """Score sets this spec reads: 'harm', 'harm_unsigned', 'harm_wanda' and their 'benign' twins."""
+        out = {self.harm_set()} - {None}
+        if self.protects:
+            out.add(self.benign_set())
+        return out
+
+    def reads_every_score(self) -> bool:
+        """Rankings a compact set (top tails) cannot serve: the low end, or sums over a head."""
+        return self.order == "bottom" or self.granularity in ("nm", "head")
+
+
+def count(spec: PruneSpec, fraction: float, size: int) -> int:
+    """How many of ``size`` a fraction selects: rounded, or floored like Wei et al.'s ``int(p * numel)``."""
+    return int(fraction * size) if spec.counts == "floor" else round(fraction * size)
+

@@ -1,0 +1,229 @@
+"""Signed SNIP scores: S(w) = w * dL/dw for the linear weights inside the decoder blocks.
+
+Zeroing w changes the loss by about -S(w) (first-order Taylor), so S < 0 marks weights that
+support the calibration responses. S is linear in the gradient, so one backward pass of the mean
+loss over a batch gives the sum of per-sample scores: one forward+backward per batch scores every
+layer at once. Gradients are folded into fp32 score buffers by a post-accumulate hook and freed at
+once, so memory stays at weights + one score buffer + activations.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Collection, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
+
+from harmsweep.batches import trim_padding
+from harmsweep.devices import input_device
+from harmsweep.losses import per_sample_nll
+from harmsweep.models.parts import decoder_blocks, scored_parameters
+
+Batch = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    """Where the memory of scoring goes; none of it changes a score (config block ``scoring``)."""
+
+    gradient_checkpointing: bool = False  # keep only block inputs, recompute each block in backward
+    offload: bool = True  # move each finished score buffer off the GPU at once (to host memory)
+
+    @classmethod
+    def from_config(cls, block: Mapping[str, object] | None) -> ScoringOptions:
+        block = block or {}
+        return cls(bool(block.get("gradient_checkpointing", False)), bool(block.get("offload", True)))
+
+
+
+
+
+
+
+
+def signed_snip(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    n_samples: int,
+    desc: str = "signed SNIP",
+    options: ScoringOptions = ScoringOptions(),
+    names: Collection[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """S = w * dL/dw with L the mean over all samples of their token-mean response NLL (fp32).
+
+    Each buffer sits beside its weight (so a model spread over GPUs scores in place) until the set
+    is complete, then leaves the GPU (``options.offload``). ``names``: score only these weights (the
+    backward then stops at the lowest of them: sequential pruning's partial passes).
+    """
+    params = _params(model, names)
+    scores = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+
+    def fold(name: str, p: nn.Parameter) -> None:
+        scores[name].addcmul_(p.detach(), p.grad)
+        p.grad = None
+
+    def loss_of(batch: Batch) -> torch.Tensor:
+        return _batch_nll(model, batch).sum() / n_samples
+
+    _backward_each(model, params, batches, loss_of, fold, desc, options.gradient_checkpointing)
+    return _offloaded(scores) if options.offload else scores
+
+
+def unsigned_snip(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    desc: str = "unsigned SNIP",
+    options: ScoringOptions = ScoringOptions(),
+    names: Collection[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Wei et al.'s score |w| * sum_i |dL_i/dw|: needs one backward per sample, so batches are split."""
+    params = _params(model, names)
+    sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+
+    def fold(name: str, p: nn.Parameter) -> None:
+        sums[name].add_(p.grad.abs())
+        p.grad = None
+
+    def samples() -> Iterable[Batch]:
+        for batch in batches:
+            for i in range(batch["input_ids"].size(0)):
+                yield {k: v[i : i + 1] for k, v in batch.items()}  # _backward_each trims the padding
+
+    _backward_each(model, params, samples(), lambda b: _batch_nll(model, b).sum(), fold, desc,
+                   options.gradient_checkpointing)  # fmt: skip
+    scores = {n: s.mul_(params[n].detach().abs()) for n, s in sums.items()}
+    return _offloaded(scores) if options.offload else scores
+
+
+def wanda(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    desc: str = "Wanda",
+    options: ScoringOptions = ScoringOptions(),
+    names: Collection[str] | None = None,
+    upto_layer: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Wanda's score |W_ij| * ||x_j||, with ||x_j||^2 the mean over calibration response tokens of input j squared.
+
+    One forward pass per batch and no backward (hooks on the linear inputs, fp32 sums), so it costs about a
+    third of a SNIP pass. Only the scale differs from Wanda's per-sample mean, and no ranking depends on it.
+    ``upto_layer``: the forward stops after that block (sequential pruning scores one layer per pass).
+    """
+    from harmsweep.models.activations import fold_inputs
+
+    params = _params(model, names)
+    rows = scored_parameters(model)
+    squares = {n: torch.zeros(_in_features(p, rows[n].rows_dim), dtype=torch.float32, device=p.device)
+               for n, p in params.items()}  # fmt: skip
+    tokens = dict.fromkeys(params, 0)
+
+    def fold(name: str, x: torch.Tensor) -> None:
+        squares[name].add_(x.pow(2).sum(0))
+        tokens[name] += x.size(0)
+
+    fold_inputs(model, batches, params, fold, upto_layer=upto_layer, desc=desc)
+    scores = {}
+    for n, p in params.items():
+        norm = squares[n].div_(max(tokens[n], 1)).sqrt_()
+        norm = norm.unsqueeze(0) if rows[n].rows_dim == 0 else norm.unsqueeze(1)  # Conv1D stores (in, out)
+        scores[n] = p.detach().float().abs().mul_(norm)
+    return _offloaded(scores) if options.offload else scores
+
+
+def score_kind(
+    model: nn.Module,
+    kind: str,
+    batches: list[Batch],
+    n_samples: int,
+    options: ScoringOptions = ScoringOptions(),
+    names: Collection[str] | None = None,
+    upto_layer: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """The scores of a set of ``kind`` (harm_* or benign_*: signed SNIP, ``*_unsigned``, ``*_wanda``).
+
+    ``names``/``upto_layer`` restrict it to one layer's weights (sequential pruning); a SNIP backward stops
+    at the lowest scored weight by itself, a Wanda forward stops after ``upto_layer``.
+    """
+    desc = f"scoring {kind}"
+    if kind.endswith("wanda"):
+        return wanda(model, batches, desc, options, names, upto_layer)
+    if kind.endswith("unsigned"):
+        return unsigned_snip(model, batches, desc, options, names)
+    return signed_snip(model, batches, n_samples, desc, options, names)
+
+
+def _in_features(p: torch.Tensor, rows_dim: int) -> int:
+    return p.size(1) if rows_dim == 0 else p.size(0)
+
+
+
+
+def _offloaded(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Move the buffers to host memory one at a time, so GPU memory falls as the host copy grows."""
+    for name, t in scores.items():
+        if t.device.type != "cpu":
+            scores[name] = t.to("cpu")
+            del t
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return scores
+
+
+@contextmanager
+def checkpointed(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Recompute each decoder block in backward instead of keeping its activations.
+
+    Wraps the blocks' forward with non-reentrant torch checkpointing rather than transformers'
+    switch, which only acts in train mode (and so would turn dropout on).
+    """
+    if not enabled:
+        yield
+        return
+    _, blocks = decoder_blocks(model)
+    for block in blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward  # the class's forward shows through again
+
+
+def _params(model: nn.Module, names: Collection[str] | None = None) -> dict[str, nn.Parameter]:
+    named = dict(model.named_parameters())
+    return {n: named[n] for n in scored_parameters(model) if names is None or n in names}
+
+
+def _batch_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
+    device = input_device(model)
+    out = model(
+        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False
+    )
+    return per_sample_nll(out.logits, batch["labels"].to(out.logits.device))
+
+
+def _backward_each(model, params, batches, loss_of, fold, desc: str, checkpointing: bool = False) -> None:
+    """Run loss_of(batch).backward() per batch with only ``params`` requiring grad; fold grads as they land."""
+    previous = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    handles = []
+    for name, p in params.items():
+        p.requires_grad_(True)
+        p.grad = None
+        handles.append(p.register_post_accumulate_grad_hook(lambda p, name=name: fold(name, p)))
+    try:
+        with checkpointed(model, checkpointing):
+            for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
+                loss_of(trim_padding(batch)).backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in previous.items():
+            p.requires_grad_(flag)
+            p.grad = None

@@ -1,0 +1,319 @@
+"""Score sets on disk: compact (the top tail each reader ranks, plus exact summaries) or dense (every score).
+
+Only two readers use scores, and both read the top of one ranking: mask selection (the largest H = -S
+of the harm set, the largest U of the benign set) and the report's compression metrics (the top-k of
+H and of |S_benign|, the sum of positive H, the Gini). A compact set keeps, per ranking unit (all
+matrices, one matrix or one row: ``pruning.granularity``), the exact top ``keep`` fraction of the
+ranking its kind is read by, as (flat index, raw S) pairs, and the summaries computed from the full
+set while it is still in memory. At 8B and the defaults that is 1.2 GB per variant instead of 56 GB.
+
+The stored tail is a prefix of the ranking in pruning's order (value, then matrix order, then flat
+index), so any top-k that fits inside it is the dense set's top-k exactly; ``short`` tells a reader
+when a request reaches past the tail, so it stops instead of answering wrongly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from harmsweep.artifacts import atomic_path
+from harmsweep.errors import HarmsweepError
+from harmsweep.scoring import summary
+from harmsweep.scoring.topk import ranking
+
+FORMATS = ("compact", "dense")
+UNITS = ("global", "matrix", "row")
+ORDERS = ("neg", "pos", "abs")  # rank by -S (harm H, signed benign), S (unsigned scores), |S| (abs_signed benign)
+INDEX_BYTES, VALUE_BYTES = 4, 4  # int32 flat index (every matrix up to 70B is < 2^31 entries), fp32 raw S
+_NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """How a score set is kept on disk (config block ``scores``)."""
+
+    store: str = "compact"
+    keep: float = 0.011  # harm side: fraction of each unit kept; >= the largest sparsity + protect is always enough
+    keep_benign: float = 0.01  # benign side: fraction kept; must be >= pruning.protect
+
+    @classmethod
+    def from_config(cls, block: Mapping[str, Any] | None) -> StoreSpec:
+        block = dict(block or {})
+        spec = cls(str(block.get("store", "compact")), float(block.get("keep", 0.011)),
+                   float(block.get("keep_benign", 0.01)))  # fmt: skip
+        if spec.store not in FORMATS:
+            raise HarmsweepError(f"scores.store={spec.store} is not one of {', '.join(FORMATS)}")
+        for name in ("keep", "keep_benign"):
+            if not 0.0 < getattr(spec, name) <= 1.0:
+                raise HarmsweepError(f"scores.{name}={getattr(spec, name)} must lie in (0, 1]")
+        return spec
+
+    def setting(self, kind: str) -> str:
+        return "keep" if kind.startswith("harm") else "keep_benign"
+
+    def fraction(self, kind: str) -> float:
+        return getattr(self, self.setting(kind))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What one stored set holds: its kind, and for a compact set the ranking, unit and fraction kept."""
+
+    spec: StoreSpec
+    kind: str
+    order: str = "neg"
+    unit: str = "global"
+
+    @classmethod
+    def read_by(cls, spec: StoreSpec, kind: str, benign_importance: str, granularity: str) -> Layout:
+        """The layout of a set of ``kind`` as a pruning run with these settings reads it."""
+        return cls(spec, kind, order_of(kind, benign_importance), granularity)
+
+    def key(self) -> dict[str, Any]:
+        """The part of the cache key that tells stored sets apart (a dense set serves every ranking and unit)."""
+        if self.spec.store == "dense":
+            return {"format": "dense"}
+        return {"format": "compact", "order": self.order, "unit": self.unit, "keep": self.spec.fraction(self.kind)}
+
+
+def order_of(kind: str, benign_importance: str = "abs_signed") -> str:
+    """The ranking a score set of ``kind`` is read by (pruning.py's views)."""
+    if kind.endswith(("unsigned", "wanda")):  # scores without a sign: bigger is more important
+        return "pos"
+    if kind == "harm":
+        return "neg"
+    return "abs" if benign_importance == "abs_signed" else "neg"
+
+
+def eligible(values: torch.Tensor, kind: str) -> torch.Tensor:
+    """Entries a reader may rank: finite ranking values, and for the harm set only H > 0."""
+    return values > 0 if kind == "harm" else values > _NEG_INF
+
+
+@dataclass(frozen=True)
+class ScoreStats:
+    """Exact summaries of the full set, computed while it is in memory (the Gini needs every positive H)."""
+
+    n: int  # scored weights with a (non-NaN) score
+    harm_positive_sum: float | None = None  # sum of max(H, 0), float64: the share denominator of metric B
+    gini: float | None = None  # Gini of max(H, 0) over the n weights
+
+
+def ranked(scores: Mapping[str, torch.Tensor] | TailScores, name: str, order: str, device: Any = None) -> torch.Tensor:
+    """One matrix's ranking values from a dense mapping or a compact set (-inf where nothing is stored)."""
+    if isinstance(scores, TailScores):
+        return scores.ranked(name, order, device)
+    s = scores[name]
+    return ranking(s.to(device, non_blocking=True) if device is not None else s, order)
+
+
+def stats_of(scores: Mapping[str, torch.Tensor] | TailScores) -> ScoreStats | None:
+    return getattr(scores, "stats", None)
+
+
+def short(scores: Mapping[str, torch.Tensor] | TailScores, unit: str, available: int, k: int) -> bool:
+    """Whether a top-k over ``unit`` that found ``available`` eligible entries reached past a stored tail."""
+    return isinstance(scores, TailScores) and scores.short(unit, available, k)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write(
+    scores: Mapping[str, torch.Tensor],
+    path: str | Path,
+    kind: str,
+    spec: StoreSpec,
+    unit: str = "global",
+    order: str = "neg",
+    rows_dims: Mapping[str, int] | None = None,
+) -> None:
+    """Write ``scores`` (raw S, host or device) as ``spec.store`` says, atomically; summaries in the header."""
+
+    names = list(scores)
+    stats = ScoreStats(sum(int((~torch.isnan(scores[n])).sum()) for n in names))
+    if kind == "harm":
+        positive = sum(float(ranking(scores[n], "neg").clamp_(min=0).sum(dtype=torch.float64)) for n in names)
+        stats = ScoreStats(stats.n, positive, summary.gini(scores))
+    meta = {
+        "harmsweep_format": spec.store,
+        "kind": kind,
+        "names": json.dumps(names),
+        "stats": json.dumps(asdict(stats)),
+    }
+    if spec.store == "dense":
+        tensors = {n: scores[n].detach().float().contiguous() for n in names}
+    else:
+        tensors, truncated, k_of = _tails(scores, kind, order, unit, spec.fraction(kind), rows_dims or {})
+        shapes = {n: list(scores[n].shape) for n in names}
+        meta.update(order=order, unit=unit, setting=spec.setting(kind), keep=repr(spec.fraction(kind)),
+                    shapes=json.dumps(shapes), truncated=json.dumps(truncated), k=json.dumps(k_of))  # fmt: skip
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def _tails(
+    scores: Mapping[str, torch.Tensor], kind: str, order: str, unit: str, keep: float, rows_dims: Mapping[str, int]
+) -> tuple[dict[str, torch.Tensor], dict[str, bool], dict[str, int]]:
+    """Per matrix: flat indices and raw S of the unit's exact top ``keep`` of the ranking; which units are cut."""
+    from harmsweep.scoring.topk import EXCLUDED, float_keys, row_top, top_k_threshold
+
+    names = list(scores)
+
+    def keys_of(name: str) -> torch.Tensor:
+        values = ranking(scores[name], order)
+        return float_keys(values).masked_fill_(~eligible(values, kind), EXCLUDED)
+
+    tensors: dict[str, torch.Tensor] = {}
+    truncated: dict[str, bool] = {}
+    k_of: dict[str, int] = {}
+    if unit == "row":
+        for name in names:
+            dim = rows_dims.get(name, 0)
+            values = ranking(scores[name], order)
+            rows = values.transpose(0, 1) if dim == 1 else values
+            ok = eligible(rows, kind)
+            k = round(keep * rows.size(1))
+            idx, kept = row_top(rows.masked_fill(~ok, _NEG_INF), k)
+            chosen = torch.zeros_like(ok).scatter_(1, idx, kept)
+            flat = torch.nonzero((chosen.transpose(0, 1) if dim == 1 else chosen).reshape(-1)).view(-1)
+            tensors[f"{name}/truncated_rows"] = (ok.sum(1) > k).to(torch.uint8).cpu()
+            tensors.update(_pair(name, flat, scores[name]))
+            k_of[name] = k
+        return tensors, truncated, k_of
+    units = [names] if unit == "global" else [[n] for n in names]
+    for members in units:
+        k = round(keep * sum(scores[n].numel() for n in members))
+        threshold = top_k_threshold(members, keys_of, k)
+        label = "*" if unit == "global" else members[0]
+        truncated[label], k_of[label] = threshold.available > k, k
+        for name in members:
+            flat = torch.nonzero(threshold.mask(name, keys_of(name)).view(-1)).view(-1)
+            tensors.update(_pair(name, flat, scores[name]))
+    return tensors, truncated, k_of
+
+
+def _pair(name: str, flat: torch.Tensor, s: torch.Tensor) -> dict[str, torch.Tensor]:
+    if s.numel() >= 2**31:
+        raise HarmsweepError(f"{name} has {s.numel():,} entries: more than int32 flat indices address")
+    flat = flat.to(s.device)
+    return {
+        f"{name}/index": flat.to(torch.int32).cpu().contiguous(),
+        f"{name}/value": s.detach().reshape(-1)[flat].float().cpu().contiguous(),
+    }
+
+
+# ---------------------------------------------------------------- reading
+
+
+class DenseScores(Mapping[str, torch.Tensor]):
+    """A dense score file read one matrix at a time: selection streams matrices, so at 8B the host holds
+    one matrix (a few hundred MB) instead of the whole 28 GB set."""
+
+    def __init__(self, path: str | Path, device: str = "cpu") -> None:
+        self.path = Path(path)
+        self._file = safe_open(str(self.path), framework="pt", device=device)
+        meta = self._file.metadata() or {}
+        self._names = json.loads(meta["names"]) if "names" in meta else list(self._file.keys())
+        self.stats = ScoreStats(**json.loads(meta["stats"])) if "stats" in meta else None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._file.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+class TailScores:
+    """A compact score set: the stored top tail of one ranking, per unit, and the full set's summaries."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._file = safe_open(str(self.path), framework="pt", device="cpu")
+        meta = self._file.metadata()
+        self.kind, self.order, self.unit, self.setting = meta["kind"], meta["order"], meta["unit"], meta["setting"]
+        self.keep = float(meta["keep"])
+        self.shapes = {n: torch.Size(s) for n, s in json.loads(meta["shapes"]).items()}
+        self._names = json.loads(meta["names"])
+        self.truncated: dict[str, bool] = json.loads(meta["truncated"])
+        self.k: dict[str, int] = json.loads(meta["k"])
+        self.stats = ScoreStats(**json.loads(meta["stats"]))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.shapes
+
+    def stored(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat indices (int64) and raw S of the entries kept for ``name``."""
+        return self._file.get_tensor(f"{name}/index").long(), self._file.get_tensor(f"{name}/value")
+
+    def ranked(self, name: str, order: str, device: Any = None) -> torch.Tensor:
+        if order != self.order:
+            raise HarmsweepError(
+                f"{self.path} keeps the top of {_ORDER_NAMES[self.order]}, but this reader ranks by "
+                f"{_ORDER_NAMES[order]}: use a run with the same pruning.benign_importance, or scores.store=dense"
+            )
+        idx, value = self.stored(name)
+        out = torch.full(self.shapes[name], _NEG_INF, device=device)
+        out.view(-1)[idx.to(out.device)] = ranking(value.to(out.device), order)
+        return out
+
+    def require_unit(self, unit: str) -> None:
+        if unit != self.unit:
+            raise HarmsweepError(
+                f"{self.path} keeps score tails per {self.unit} unit, not per {unit}: a top-k per {unit} needs its "
+                f"own set (a run with pruning.granularity={unit} scores one) or scores.store=dense"
+            )
+
+    def short(self, unit: str, available: int, k: int) -> bool:
+        return available < k and bool(self.truncated.get("*" if self.unit == "global" else unit, False))
+
+    def short_rows(self, name: str, available: torch.Tensor, k: int) -> bool:
+        cut = self._file.get_tensor(f"{name}/truncated_rows").bool().to(available.device)
+        return bool((cut & (available < k)).any())
+
+    def too_short(self, what: str, k: int, unit: str) -> HarmsweepError:
+        return HarmsweepError(
+            f"{what} needs the top {k:,} of unit {unit} past the stored tail of {self.path.parent.name} "
+            f"(scores.{self.setting}={self.keep:g} keeps {self.k.get('*' if self.unit == 'global' else unit, '?')}):"
+            f" raise scores.{self.setting}, or use scores.store=dense"
+        )
+
+
+_ORDER_NAMES = {"neg": "-S", "pos": "S", "abs": "|S|"}
+ScoreSet = DenseScores | TailScores
+
+
+def open_scores(path: str | Path) -> DenseScores | TailScores:
+    """The score set at ``path``, in whichever format it was written."""
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        meta = f.metadata() or {}
+    return TailScores(path) if meta.get("harmsweep_format") == "compact" else DenseScores(path)
+
+
+def compact_bytes(n: int, keep: float) -> int:
+    """Bytes of one compact set of ``n`` scores keeping ``keep`` of them (headers aside)."""
+    return round(keep * n) * (INDEX_BYTES + VALUE_BYTES)
+
+
+def stored_bytes(kept: StoreSpec, kind: str, n: int) -> int:
+    """Bytes one set of ``kind`` over ``n`` scored weights takes on disk (and a cached run reads)."""
+    return n * VALUE_BYTES if kept.store == "dense" else compact_bytes(n, kept.fraction(kind))

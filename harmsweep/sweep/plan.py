@@ -1,0 +1,331 @@
+"""``harmsweep plan [-m] <overrides>``: what each job of a run or sweep needs, before anything is submitted.
+
+It composes the jobs exactly as ``harmsweep`` would (the experiment's sweep parameters and the command
+line's), reads each model's config alone (a local ``config.json``, a GGUF header, a tiny spec, or the
+hub), sizes every job with harmsweep.plan, and counts shared artifacts once, in sweep order, as the
+content-keyed cache does. It exits 2 with one line when a job cannot fit its GPU or the sweep the disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from harmsweep.errors import HarmsweepError, exit_usage
+
+ITEM_BYTES = 4096  # one evaluated item in eval_before.json / items.jsonl (prompt, answer, scores)
+
+
+def _args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="harmsweep plan", description=__doc__.splitlines()[0])
+    parser.add_argument("-m", "--multirun", action="store_true", help="plan the whole sweep")
+    parser.add_argument("--gpu-gb", type=float, default=80.0, help="memory of one GPU the jobs ask for (GiB)")
+    parser.add_argument("--gpus", type=int, default=None, help="GPUs per job (default: the launcher's, else 1)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the plan as JSON")
+    parser.add_argument("--tflops", type=float, default=150.0, help="effective bf16 TFLOP/s of one GPU")
+    parser.add_argument("--bandwidth-gbs", type=float, default=1500.0, help="GPU memory bandwidth (GB/s)")
+    return parser.parse_known_args(argv)
+
+
+def jobs(overrides: list[str], multirun: bool) -> list[tuple[list[str], dict[str, Any], dict[str, Any]]]:
+    """(overrides, resolved config, hydra launcher config) of every job, in the sweep's order."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from harmsweep.config.compose import CONF_DIR
+
+    parser = OverridesParser.create()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        first = compose(config_name="config", overrides=_first_values(parser, overrides), return_hydra_config=True)
+        swept = {str(k): str(v) for k, v in (first.hydra.sweeper.params or {}).items()} if multirun else {}
+        given = {o.split("=", 1)[0].lstrip("+~"): o for o in overrides}
+        combined = [f"{k}={v}" for k, v in swept.items() if k not in given] + overrides
+        parsed = parser.parse_overrides(combined)
+        if not multirun and any(o.is_sweep_override() for o in parsed):
+            raise HarmsweepError("a sweep override (a,b,...) needs -m: harmsweep plan -m ...")
+        batches = BasicSweeper.split_arguments(parsed, None)[0] if multirun else [combined]
+        out = []
+        for job in batches:
+            cfg = compose(config_name="config", overrides=list(job), return_hydra_config=True)
+            launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
+            tree = OmegaConf.to_container(cfg, resolve=False)
+            tree.pop("hydra")
+            out.append((list(job), OmegaConf.to_container(OmegaConf.create(tree), resolve=True), launcher))
+    return out
+
+
+def _first_values(parser: Any, overrides: list[str]) -> list[str]:
+    return [f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" if o.is_sweep_override() else a
+            for o, a in zip(parser.parse_overrides(overrides), overrides, strict=True)]  # fmt: skip
+
+
+def model_config(model: Mapping[str, Any], alignment: Mapping[str, Any], cache_dir: str | Path) -> Any:
+    """The transformers config of the checkpoint a job loads: no weights are read (a split embedded GGUF is
+    joined into ``cache_dir`` once, as its first run would)."""
+    from transformers import AutoConfig
+
+    from harmsweep.models.loading import byte_tokenizer, embedded_checkpoint
+
+    if model.get("path"):
+        spec: Mapping[str, Any] = {"path": model["path"]}
+    else:
+        variant = (alignment.get("derive") or {}).get("parent") or alignment["name"]
+        spec = (model.get("variants") or {}).get(variant) or {}
+    remote = bool(model.get("trust_remote_code"))
+    if spec.get("tiny"):
+        tiny = {k: v for k, v in dict(spec["tiny"]).items() if k != "seed"}
+        tiny.setdefault("vocab_size", len(byte_tokenizer()))
+        return AutoConfig.for_model(tiny.pop("model_type"), **tiny)
+    path = None
+    if spec.get("embedded"):
+        path = embedded_checkpoint(spec["embedded"], Path(os.path.expanduser(str(cache_dir))))
+    elif spec.get("path"):
+        path = Path(os.path.expanduser(str(spec["path"])))
+    if path is not None and path.suffix == ".gguf" and path.is_file():
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    if path is not None and path.is_dir():
+        file = path / "config.json"
+        if not file.is_file():
+            raise HarmsweepError(f"model.path={path} has no config.json (plan needs only that file)")
+        try:
+            return AutoConfig.from_pretrained(path, trust_remote_code=remote)
+        except (ValueError, KeyError, OSError) as exc:
+            raise HarmsweepError(
+                f"{file} is not a model config ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+            ) from None
+    hub = spec.get("hub_id") or (str(spec["path"]) if spec.get("path") else None)
+    if not hub:
+        raise HarmsweepError(
+            f"model={model.get('name')}: no checkpoint to size (set model.path=DIR with a config.json)"
+        )
+    try:
+        return AutoConfig.from_pretrained(hub, trust_remote_code=remote)
+    except (OSError, ValueError):
+        raise HarmsweepError(
+            f"the config of {hub} is not available offline; download its config.json into DIR and pass model.path=DIR"
+        ) from None
+
+
+def _judge_config(cfg: Mapping[str, Any]) -> Any | None:
+    from transformers import AutoConfig
+
+    from harmsweep.evaluation.suite import plan as metric_plan
+    from harmsweep.sweep.sizing import GEMMA_2B
+
+    if "strongreject_finetuned" not in metric_plan(cfg["eval"], cfg["judges"])[0]:
+        return None
+    path = Path(os.path.expanduser(str(cfg["judges"]["strongreject_finetuned"]["path"])))
+    if (path / "config.json").is_file():
+        return AutoConfig.from_pretrained(path)
+    spec = dict(GEMMA_2B)  # a hub id or a LoRA adapter on gemma-2b
+    return AutoConfig.for_model(spec.pop("model_type"), **spec)
+
+
+def _workload(cfg: Mapping[str, Any], new: Mapping[str, bool], gpus: int, held_out: int):
+    from harmsweep.evaluation.suite import JUDGES
+    from harmsweep.evaluation.suite import plan as metric_plan
+    from harmsweep.scoring.snip import ScoringOptions
+    from harmsweep.sweep.sizing import Workload
+
+    cal, ev, spec_rule = cfg["calibration"], cfg["eval"], cfg["pruning"]["rule"]
+    metrics = metric_plan(ev, cfg["judges"])[0]
+    judged = [m for m in metrics if m in JUDGES]
+    attack = ev["generation"]["attack"]
+    per_stage = (1 if judged else 0) + (1 if "refusal" in metrics and (attack != "none" or not judged) else 0)
+    stages = 1 + int(new["eval_before"])
+    n_eval = held_out if ev["n"] is None else int(ev["n"])
+    forward_tokens = 0
+    if "harm_likelihood" in metrics:
+        forward_tokens += 2 * n_eval * int(cal["max_length"])
+    if "perplexity" in metrics:
+        forward_tokens += n_eval * int(ev["perplexity"]["max_length"])
+    gen = ev["generation"]
+    harm = cal["harmful"]
+    cal_gen = 0
+    if new["calibration"] and harm["responses"] in ("prefill", "on_policy"):
+        cal_gen = (int(cal["n"]) + n_eval) * int(harm["max_new_tokens"])
+    judge = cfg["judges"].get("strongreject_finetuned", {})
+    return Workload(
+        score_sets=int(new["scores"]),
+        unsigned=spec_rule == "unsigned_snip",
+        cal_n=int(cal["n"]),
+        cal_batch=int(cal["batch_size"]),
+        cal_length=int(cal["max_length"]),
+        cal_gen_tokens=cal_gen,
+        eval_prompts=n_eval,
+        eval_batch=int(gen["batch_size"]),
+        prompt_length=128,
+        max_new_tokens=int(gen["max_new_tokens"]),
+        generations=per_stage * stages,
+        judge_batch=int(judge.get("batch_size") or 8) if "strongreject_finetuned" in metrics else 0,
+        judge_tokens=int(judge.get("max_response_tokens") or 512) + 400,  # the template is ~400 tokens
+        checkpointing=ScoringOptions.from_config(cfg.get("scoring")).gradient_checkpointing,
+        gpus=gpus,
+        eval_forward_tokens=forward_tokens * stages,
+    )
+
+
+def _keys(cfg: Mapping[str, Any]) -> dict[str, str]:
+    """What the shared artifacts of a job are keyed by (the parts of the config that feed their keys)."""
+    from harmsweep.scoring.store import Layout, StoreSpec
+    from harmsweep.sweep.jobs import needed_scores
+
+    model = {k: v for k, v in cfg["model"].items() if k not in ("device_map", "max_memory")}
+    base = json.dumps([model, cfg["alignment"], cfg["data"].get("harmful"), cfg["data"].get("benign"),
+                       cfg["calibration"], cfg["seed"]], sort_keys=True, default=str)  # fmt: skip
+    p = cfg["pruning"]
+    needed = {entry.split("@")[0] for entry in needed_scores(cfg)}
+    kept = StoreSpec.from_config(cfg.get("scores"))
+    layout = {kind: Layout.read_by(kept, kind, p["benign_importance"], p["granularity"]).key() for kind in needed}
+    return {
+        "calibration": base + json.dumps(cfg["eval"]["n"]),
+        "eval_before": base + json.dumps([cfg["eval"], cfg["judges"]], sort_keys=True, default=str),
+        **{f"scores_{kind}": base + kind + json.dumps(layout[kind], sort_keys=True) for kind in needed},
+    }
+
+
+def _held_out(cfg: Mapping[str, Any]) -> int:
+    """How many prompts eval.n=null evaluates: the exact split when the data is here, else AdvBench's 520 - n."""
+    from harmsweep.calibration.sets import held_out_splits
+
+    try:
+        return len(held_out_splits(cfg).harmful_eval)
+    except (HarmsweepError, OSError, KeyError, TypeError):
+        return 520 - int(cfg["calibration"]["n"])
+
+
+def _free_bytes(path: str | None) -> int | None:
+    if not path:
+        return None
+    folder = Path(os.path.expanduser(path))
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def build(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """The plan of every job and the sweep's totals; also the problems that make it fail."""
+    from harmsweep.devices import GIB
+    from harmsweep.scoring.store import StoreSpec, stored_bytes
+    from harmsweep.sweep.sizing import Throughput, model_shape, size_job
+
+    args, overrides = _args(argv)
+    speed = Throughput(tflops=args.tflops, bandwidth_gbs=args.bandwidth_gbs)
+    shapes: dict[str, Any] = {}
+    seen: set[str] = set()
+    rows, problems = [], []
+    disk: dict[str, float] = {"calibration": 0.0, "scores": 0.0, "masks": 0.0, "evaluations": 0.0}
+    artifacts_dir = None
+    for job, cfg, launcher in jobs(overrides, args.multirun):
+        gpus = args.gpus or (int(launcher.get("gpus_per_node") or 1) if "gpus_per_node" in launcher else 1)
+        config = model_config(cfg["model"], cfg["alignment"], cfg["paths"]["cache_dir"])
+        key = json.dumps(config.to_dict(), sort_keys=True, default=str) + cfg["model"]["dtype"]
+        if key not in shapes:
+            shapes[key] = model_shape(config, cfg["model"]["dtype"])
+        shape = shapes[key]
+        judge_cfg = _judge_config(cfg)
+        judge = None
+        if judge_cfg is not None:
+            jkey = json.dumps(judge_cfg.to_dict(), sort_keys=True, default=str)
+            if jkey not in shapes:
+                shapes[jkey] = model_shape(judge_cfg, "bfloat16")
+            judge = shapes[jkey]
+        keys = _keys(cfg)
+        new = {name: k not in seen for name, k in keys.items()}
+        new_sets = [name.removeprefix("scores_") for name, v in new.items() if v and name.startswith("scores_")]
+        n_scores_new = len(new_sets)
+        held_out = _held_out(cfg) if cfg["eval"]["n"] is None else 0
+        work = _workload(cfg, {"calibration": new["calibration"], "eval_before": new["eval_before"],
+                               "scores": n_scores_new}, gpus, held_out)  # fmt: skip
+        size = size_job(shape, work, judge, speed)
+        seen |= set(keys.values())
+        p, kept = cfg["pruning"], StoreSpec.from_config(cfg.get("scores"))
+        k = round(float(p["harm_fraction"] if p.get("harm_fraction") is not None else p["sparsity"]) * shape.n_scored)
+        job_disk = {
+            "calibration": (4 * (work.cal_n + work.eval_prompts) * work.cal_length * 3 * 8)
+            if new["calibration"]
+            else 0,
+            "scores": sum(stored_bytes(kept, kind, shape.n_scored) for kind in new_sets),
+            "masks": k * 8,
+            "evaluations": work.eval_prompts * ITEM_BYTES * (1 + int(new["eval_before"])),
+        }
+        for name, value in job_disk.items():
+            disk[name] += value
+        artifacts_dir = artifacts_dir or cfg["paths"].get("artifacts")
+        row = {"job": len(rows), "overrides": job, "gpus": gpus, **size.as_dict(), "disk": job_disk}
+        rows.append(row)
+        if size.peak > args.gpu_gb * GIB * 1.0:
+            problems.append(
+                f"job {row['job']} ({' '.join(job) or 'defaults'}) needs {size.peak / GIB:.1f} GiB per GPU in "
+                f"{size.phase}, more than --gpu-gb {args.gpu_gb:g}: set scoring.gradient_checkpointing=true, a smaller "
+                f"calibration.batch_size, or more GPUs (hardware=gpu_node)"
+            )
+    total_disk = sum(disk.values())
+    free = _free_bytes(artifacts_dir)
+    if free is not None and total_disk > free:
+        problems.append(
+            f"the sweep writes {total_disk / GIB:.1f} GiB but {artifacts_dir} has {free / GIB:.1f} GiB free"
+        )
+    plan = {
+        "jobs": rows,
+        "disk": {**disk, "total": total_disk, "free": free, "artifacts": artifacts_dir},
+        "gpu_hours": sum(r["gpu_hours"] for r in rows),
+        "assumptions": {"gpu_gb": args.gpu_gb, **speed.__dict__, "prompt_tokens": 128},
+        "problems": problems,
+    }
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(plan, indent=2, default=str))
+    return plan, problems
+
+
+def render(plan: Mapping[str, Any]) -> str:
+    """The table a user reads before submitting: per job, only the overrides that differ between jobs."""
+    from harmsweep.sweep.sizing import gib
+
+    common = set.intersection(*(set(r["overrides"]) for r in plan["jobs"])) if len(plan["jobs"]) > 1 else set()
+    head = (f"{'job':>4} {'N scored':>15} {'weights':>8} {'scores':>7} {'activ.':>7} {'KV':>6} {'judge':>6} "
+            f"{'peak GiB':>9} {'phase':<10} {'fwd+bwd':>7} {'gen tokens':>11} {'GPU-h':>6}  overrides")  # fmt: skip
+    lines = [f"every job: {' '.join(sorted(common))}"] if common else []
+    lines += [head, "-" * len(head)]
+    for r in plan["jobs"]:
+        lines.append(
+            f"{r['job']:>4} {r['n_scored']:>15,} {gib(r['weights']):>8} {gib(r['score_buffer']):>7} "
+            f"{gib(r['activations']):>7} {gib(r['kv_cache']):>6} {gib(r['judge']):>6} {gib(r['peak']):>9} "
+            f"{r['phase']:<10} {r['passes']:>7} {r['generated_tokens']:>11,} {r['gpu_hours']:>6.2f}  "
+            f"{' '.join(o for o in r['overrides'] if o not in common) or '(defaults)'}"
+        )
+    d = plan["disk"]
+    free = "unknown" if d["free"] is None else f"{gib(d['free'])} GiB free"
+    lines += [
+        "",
+        f"disk (under {d['artifacts']}): "
+        + ", ".join(f"{k} {gib(d[k])} GiB" for k in ("calibration", "scores", "masks", "evaluations"))
+        + f"; total {gib(d['total'])} GiB of {free}",
+        f"GPU-hours (estimate): {plan['gpu_hours']:.2f} over {len(plan['jobs'])} jobs",
+        "assumptions: "
+        + ", ".join(f"{k}={v}" for k, v in plan["assumptions"].items())
+        + "; memory is per GPU, peak = the largest of scoring, generation and judging",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    from harmsweep.config.compose import check_composition
+
+    check_composition(_args(argv)[1])  # a typo'd key or a wrong type: one line, exit 2
+    try:
+        plan, problems = build(argv)
+    except HarmsweepError as exc:
+        exit_usage(str(exc), "harmsweep plan")
+    print(render(plan))
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        exit_usage(f"{problems[0]}{more}", "harmsweep plan")
