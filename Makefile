@@ -50,8 +50,9 @@ test: venv
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow and not slurm" $(ARGS)
 
+# ruff, then the import-layer contract (pyproject.toml [tool.importlinter]): a new upward import or cycle fails here
 lint: venv
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports
 
 # Speed claims, rerunnable (not part of `make test`): each prints a table and writes outputs/bench/<name>.json.
 # BENCH_LARGE=1 adds mask selection over 1e9 scores (~9 GB RAM); the cold demo is `python bench/demo.py --cold`.

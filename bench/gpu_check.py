@@ -37,11 +37,12 @@ from harmsweep.evaluation.judges.strongreject import StrongRejectFinetunedJudge
 from harmsweep.generation.hf import generate
 from harmsweep.generation.sampling import Sampling
 from harmsweep.models.loading import byte_tokenizer
+from harmsweep.models.memory import model_shape
 from harmsweep.models.parts import scored_parameters
 from harmsweep.pruning.select import select
 from harmsweep.pruning.spec import PruneSpec
 from harmsweep.scoring.snip import signed_snip
-from harmsweep.sweep.sizing import GEMMA_2B, Throughput, Workload, model_shape, size_job
+from harmsweep.sweep.sizing import GEMMA_2B, Throughput, Workload, size_job
 
 LLAMA_8B = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)  # fmt: skip

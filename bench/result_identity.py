@@ -7,16 +7,20 @@
 The runs cover every pruning rule, granularity and method (prune, lowrank, sequential, replace=base, wanda) on
 tiny_llama from small pair files, the run-level experiment presets (cross_harm, dissociation, em), a derived
 variant (alignment=safety_tuned) and one multirun preset (experiment=local_sweep). Each run gets its own cache
-under the output folder, so nothing is reused from an earlier recording. Compared field by field: everything
-but timings, code versions and absolute paths under the recording folder (rewritten to a placeholder).
+under one fixed scratch folder (``<tmp>/harmsweep-identity``, emptied first, copied to the output folder after),
+so nothing is reused from an earlier recording and both recordings name the same paths: the file settings are
+part of the run ids. Compared field by field: everything but timings and code versions. The code recorded is
+the ``harmsweep`` that ``python`` imports: set PYTHONPATH to a checkout of the earlier version to record it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +111,17 @@ def runs(out: Path) -> dict[str, list[str]]:
     return out_runs
 
 
-def record(out: Path, only: list[str]) -> int:
-    out.mkdir(parents=True, exist_ok=True)
+def record(dest: Path, only: list[str]) -> int:
+    out = Path(tempfile.gettempdir()) / "harmsweep-identity"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    failed = _record(out, only)
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(out, dest, ignore=shutil.ignore_patterns("cache"))
+    return failed
+
+
+def _record(out: Path, only: list[str]) -> int:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1",
            "OMP_NUM_THREADS": "1", "HARMSWEEP_CACHE": str(out / "cache")}  # fmt: skip
     failed = 0
@@ -137,13 +150,11 @@ def record(out: Path, only: list[str]) -> int:
 VOLATILE = ("timings_s", "versions", "seconds", "wall_s")
 
 
-def _normal(value: Any, root: str) -> Any:
+def _normal(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: _normal(v, root) for k, v in value.items() if k not in VOLATILE}
+        return {k: _normal(v) for k, v in value.items() if k not in VOLATILE}
     if isinstance(value, list):
-        return [_normal(v, root) for v in value]
-    if isinstance(value, str):
-        return value.replace(root, "<OUT>")
+        return [_normal(v) for v in value]
     return value
 
 
@@ -162,15 +173,15 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def compare(a: Path, b: Path) -> int:
-    results_a = {p.relative_to(a): p for p in sorted(a.glob("**/result.json")) if "cache" not in p.parts}
-    results_b = {p.relative_to(b): p for p in sorted(b.glob("**/result.json")) if "cache" not in p.parts}
+    results_a = {p.relative_to(a): p for p in sorted(a.glob("**/result.json"))}
+    results_b = {p.relative_to(b): p for p in sorted(b.glob("**/result.json"))}
     if set(results_a) != set(results_b):
         print("different runs:", sorted(map(str, set(results_a) ^ set(results_b))))
         return 1
     runs_n = fields = differ = 0
     for rel, path in results_a.items():
-        left = _flat(_normal(json.loads(path.read_text()), str(a.resolve())))
-        right = _flat(_normal(json.loads(results_b[rel].read_text()), str(b.resolve())))
+        left = _flat(_normal(json.loads(path.read_text())))
+        right = _flat(_normal(json.loads(results_b[rel].read_text())))
         runs_n += 1
         fields += len(left)
         bad = sorted(k for k in set(left) | set(right) if left.get(k, "<missing>") != right.get(k, "<missing>"))

@@ -28,16 +28,6 @@ SUMMARY = (
 )
 
 
-
-
-
-
-
-
-
-
-
-
 def summary(result: dict[str, Any]) -> str:
     """A few lines: what was pruned, and each headline metric before -> after."""
     m = result["metrics"]
@@ -141,7 +131,9 @@ def main() -> None:
         sweep = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
         try:
             plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-            result = run_pipeline(plain, run_dir, sweep=sweep, body=runner(plain.get("experiment")))
+            experiment = runner(plain.get("experiment"))
+            body, check = experiment if experiment else (None, None)
+            result = run_pipeline(plain, run_dir, sweep=sweep, body=body, check=check)
         except (HarmsweepError, OmegaConfBaseException) as exc:
             message = str(exc).splitlines()[0]
             _mark_failed(run_dir, message)

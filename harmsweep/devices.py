@@ -4,18 +4,20 @@ Every stage sends inputs to ``input_device`` (the embedding's device) rather tha
 so a model spread over several GPUs by ``model.device_map=auto`` runs unchanged. ``auto_max_memory``
 leaves room on each GPU for the fp32 score buffer that will sit beside the weights during scoring.
 A judge model rests in host memory and visits the GPU only while it judges (``visiting``).
+torch is imported by the functions that use it: the sweep side sizes jobs with these constants alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from harmsweep.errors import HarmsweepError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 GIB = 1 << 30
 SCORE_BYTES = 4  # fp32 score buffer per scored weight
@@ -23,6 +25,8 @@ SCORE_BYTES = 4  # fp32 score buffer per scored weight
 
 def resolve_device(device: str | None) -> str:
     """``auto``: the GPU when there is one."""
+    import torch
+
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     return str(device)
@@ -54,6 +58,8 @@ def auto_max_memory(
 
 def free_gpu_memory() -> dict[int, int]:
     """Free bytes on each visible GPU (empty without CUDA)."""
+    import torch
+
     if not torch.cuda.is_available():
         return {}
     return {i: torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())}
@@ -85,6 +91,8 @@ def place_model(
 def visiting(model: nn.Module, device: str) -> Iterator[nn.Module]:
     """Move ``model`` to ``device`` for the block, then back to host memory and empty the CUDA cache,
     so GPU memory after a judge's visit is what it was before it."""
+    import torch
+
     target = resolve_device(device)
     resting = next(model.parameters()).device
     moved = torch.device(target) != resting

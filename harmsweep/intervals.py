@@ -41,22 +41,19 @@ UTILITY_MEASURES = {"perplexity": "perplexity", "likelihood": "nll_benign"}
 SELECTIVITY_FLOOR = 1e-9  # a benign NLL change below this makes the ratio meaningless
 
 
-@dataclass(frozen=True)
+@dataclass
 class BootstrapSpec:
-    """``bootstrap``: replicates, two-sided level and seed of every interval (not part of the run id)."""
+    """The ``bootstrap`` block: replicates, two-sided level and seed of every interval (not part of the run id)."""
 
     samples: int = 1000
     level: float = 0.95
     seed: int = 0
 
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | None) -> BootstrapSpec:
-        spec = cls(**{k: v for k, v in dict(cfg or {}).items() if k in cls.__dataclass_fields__})
-        if int(spec.samples) < 100 or not 0.5 < float(spec.level) < 1:
+    def validate(self) -> None:
+        if int(self.samples) < 100 or not 0.5 < float(self.level) < 1:
             raise HarmsweepError(
-                f"bootstrap needs samples >= 100 and 0.5 < level < 1, got samples={spec.samples} level={spec.level}"
+                f"bootstrap needs samples >= 100 and 0.5 < level < 1, got samples={self.samples} level={self.level}"
             )
-        return cls(int(spec.samples), float(spec.level), int(spec.seed))
 
     def describe(self) -> dict[str, Any]:
         return {"method": "paired percentile bootstrap over held-out items", **self.__dict__}

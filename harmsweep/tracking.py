@@ -23,6 +23,7 @@ import netrc
 import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -38,6 +39,22 @@ SECRET_SUFFIXES = ("api_key", "token", "secret", "password")
 PRUNING_COUNTS = ("per_layer", "per_module_type")
 
 
+@dataclass
+class LoggerConfig:
+    """The ``logger`` block: none, or one W&B run per harmsweep run."""
+
+    name: str = "none"
+    project: str = "harmsweep"
+    entity: str | None = None
+    mode: str = "auto"
+    dir: str | None = None
+    group: str | None = None
+    job_type: str | None = None
+    tags: list[str] = field(default_factory=list)
+    log_generations: bool = False
+    log_mask: bool = False
+
+
 class Tracker:
     """Does nothing: what `name: none` and a W&B run that failed to start give back."""
 
@@ -51,7 +68,7 @@ class Tracker:
 class WandbTracker(Tracker):
     """Logs into one started W&B run; each step is guarded so one failure does not skip the rest."""
 
-    def __init__(self, run: Any, wandb: Any, logger_cfg: Mapping[str, Any]) -> None:
+    def __init__(self, run: Any, wandb: Any, logger_cfg: LoggerConfig) -> None:
         self._run, self._wandb, self._cfg = run, wandb, logger_cfg
 
     def log_result(self, result: Mapping[str, Any], items: Sequence[Mapping[str, Any]], mask_path: Path | None) -> None:
@@ -62,11 +79,11 @@ class WandbTracker(Tracker):
         _guarded("items table", lambda: self._log_items(items))
         for name, path in (result.get("figures") or {}).items():
             _guarded(f"figure {name}", lambda name=name, path=path: self._log_figure(name, Path(path)))
-        if self._cfg.get("log_mask", False):
+        if self._cfg.log_mask:
             _guarded("mask artifact", lambda: self._log_mask(result, mask_path))
 
     def _log_items(self, items: Sequence[Mapping[str, Any]]) -> None:
-        columns, rows = item_rows(items, with_text=bool(self._cfg.get("log_generations", False)))
+        columns, rows = item_rows(items, with_text=self._cfg.log_generations)
         self._run.log({"items": self._wandb.Table(columns=columns, data=rows)})
 
     def _log_figure(self, name: str, path: Path) -> None:
@@ -95,9 +112,12 @@ class WandbTracker(Tracker):
             _guarded("finish", lambda: run.finish(exit_code=1 if failed else 0))
 
 
-def open_tracker(logger_cfg: Mapping[str, Any], *, run_id: str, run_dir: Path, config: Mapping[str, Any]) -> Tracker:
-    """Start the W&B run described by conf/logger/<name>.yaml, or a no-op tracker; never raises."""
-    name = (logger_cfg or {}).get("name") or "none"
+def open_tracker(logger_cfg: LoggerConfig, *, run_id: str, run_dir: Path, config: Mapping[str, Any]) -> Tracker:
+    """Start the W&B run described by conf/logger/<name>.yaml, or a no-op tracker; never raises.
+
+    ``config``: the plain resolved config, W&B's run config.
+    """
+    name = logger_cfg.name or "none"
     if name == "none":
         return Tracker()
     if name != "wandb":
@@ -107,24 +127,24 @@ def open_tracker(logger_cfg: Mapping[str, Any], *, run_id: str, run_dir: Path, c
     return started or Tracker()
 
 
-def _start(cfg: Mapping[str, Any], run_id: str, run_dir: Path, config: Mapping[str, Any]) -> WandbTracker:
+def _start(cfg: LoggerConfig, run_id: str, run_dir: Path, config: Mapping[str, Any]) -> WandbTracker:
     import wandb  # only here: `name: none` must work without the package
 
     plain = plain_config(config)
-    wb_dir = Path(cfg.get("dir") or run_dir)  # default: offline files sit with the run's own artifacts
+    wb_dir = Path(cfg.dir or run_dir)  # default: offline files sit with the run's own artifacts
     wb_dir.mkdir(parents=True, exist_ok=True)
     run = wandb.init(
-        project=cfg.get("project") or "harmsweep",
-        entity=cfg.get("entity"),
+        project=cfg.project or "harmsweep",
+        entity=cfg.entity,
         id=run_id,
         name=run_id,
         resume="allow",  # a requeued job continues the run instead of making a duplicate
         reinit="finish_previous",  # the default returns an unfinished earlier run of this process
         dir=str(wb_dir),
-        mode=resolve_mode(str(cfg.get("mode") or "auto")),
-        group=cfg.get("group") or "default",
-        job_type=cfg.get("job_type") or "run",
-        tags=run_tags(plain, cfg.get("tags")),
+        mode=resolve_mode(cfg.mode or "auto"),
+        group=cfg.group or "default",
+        job_type=cfg.job_type or "run",
+        tags=run_tags(plain, cfg.tags),
         config=plain,
         allow_val_change=True,  # a resumed run may differ in keys outside the run id (paths, logger)
         settings=wandb.Settings(silent=True, console="off"),  # no banners; do not copy stdout into W&B

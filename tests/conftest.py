@@ -40,6 +40,15 @@ def shared_data() -> Path:
     return path
 
 
+def load_derived(plain: dict) -> LoadedModel:
+    """The derived variant a plain config names (alignment.derive), as a run loads it."""
+    from harmsweep.alignment import derive
+    from harmsweep.config.schema import to_config
+
+    cfg = to_config(plain)
+    return derive.load_derived(cfg.alignment, cfg.model, cfg.data, cfg.paths.cache_dir, cfg.device)
+
+
 def write_pairs(folder: Path, n: int) -> tuple[Path, Path]:
     """folder/harmful.jsonl and folder/benign.jsonl with n toy prompt/response pairs each."""
     folder.mkdir(parents=True, exist_ok=True)

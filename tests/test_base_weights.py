@@ -12,9 +12,10 @@ import torch
 import yaml
 
 from harmsweep.errors import HarmsweepError
-from harmsweep.models.base_weights import base_values, checkpoint_tensors
 from harmsweep.models import base_weights
+from harmsweep.models.base_weights import base_values, checkpoint_tensors
 from harmsweep.models.loading import build_tiny
+from harmsweep.models.spec import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = yaml.safe_load((ROOT / "conf" / "model" / "tiny_llama.yaml").read_text())
@@ -34,8 +35,8 @@ def some_mask(like: dict[str, torch.Tensor], names: tuple[str, ...] = MASKED) ->
     return mask
 
 
-def cfg(base: dict[str, Any]) -> dict[str, Any]:
-    return {"name": "t", "dtype": "float32", "variants": {"aligned": {"tiny": dict(ALIGNED)}, "base": base}}
+def cfg(base: dict[str, Any]) -> ModelConfig:
+    return ModelConfig(name="t", dtype="float32", variants={"aligned": {"tiny": dict(ALIGNED)}, "base": base})
 
 
 @pytest.fixture
@@ -149,7 +150,7 @@ def test_missing_variant_fails_listing_the_variants(tmp_path: Path) -> None:
     like = params(ALIGNED)
     model_cfg = {"name": "t", "path": "/some/dir", "variants": {"aligned": {"tiny": dict(ALIGNED)}}}
     with pytest.raises(HarmsweepError, match=r"no base checkpoint.*it has: aligned.*variants\.base\.path") as err:
-        base_values(model_cfg, "base", tmp_path, some_mask(like), like)
+        base_values(ModelConfig(**model_cfg), "base", tmp_path, some_mask(like), like)
     assert "\n" not in str(err.value)
 
 

@@ -17,7 +17,7 @@ from harmsweep.calibration.pairs import (
     resolve_template,
     save_sets,
 )
-from harmsweep.data import Record
+from harmsweep.data.records import Record
 from harmsweep.errors import HarmsweepError
 from harmsweep.generation.sampling import Sampling
 from harmsweep.losses import per_sample_nll

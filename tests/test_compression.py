@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from harmsweep.scoring import summary
 from harmsweep.report.compression import Crossing, CurvePoint, concentration, gini, separation, threshold_sparsity
+from harmsweep.scoring import summary
 
 EXACT = 1e-12
 

@@ -108,10 +108,11 @@ def test_every_data_config_composes(data):
 
 def test_custom_data_requires_its_file():
     from harmsweep.config.checks import check_config
+    from harmsweep.config.schema import to_config
     from harmsweep.errors import HarmsweepError
 
     with pytest.raises(HarmsweepError, match=r"data\.harmful\.file=PATH"):
-        check_config(plain("data=custom", "data.root=/tmp"))
+        check_config(to_config(plain("data=custom", "data.root=/tmp")))
 
 
 @pytest.mark.parametrize(
@@ -129,9 +130,10 @@ def test_custom_data_requires_its_file():
 def test_experiment_settings_are_checked_before_any_work(overrides, message):
     """A one-line error while composing (typos) or from check_config (values), before any model loads."""
     from harmsweep.config.checks import check_config
+    from harmsweep.config.schema import to_config
 
     with pytest.raises(Exception) as err:  # composition and check errors differ in type
-        check_config(plain(*overrides, "data.root=/tmp"))
+        check_config(to_config(plain(*overrides, "data.root=/tmp")))
     assert message in _one_line(err.value)
 
 

@@ -28,7 +28,6 @@ from harmsweep.data import (
     FILE_ONLY,
     HUB_SOURCES,
     HubSource,
-    Record,
     hub,
     load_records,
     load_table,
@@ -36,6 +35,7 @@ from harmsweep.data import (
     split_disjoint,
     take,
 )
+from harmsweep.data.records import Record
 from harmsweep.data.sources import ALPACA_SAFETY_SOURCE
 from harmsweep.errors import DataError, HarmsweepError
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import ROOT, tiny
+from conftest import ROOT, load_derived, tiny
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -19,7 +19,7 @@ from harmsweep.calibration.sets import held_out_splits
 from harmsweep.cli import _run_id_resolver
 from harmsweep.config.checks import check_config
 from harmsweep.config.compose import _one_line
-from harmsweep.config.schema import Config, register
+from harmsweep.config.schema import Config, register, to_config
 from harmsweep.errors import HarmsweepError
 
 OmegaConf.register_new_resolver("harmsweep_run_id", _run_id_resolver, replace=True)
@@ -57,7 +57,7 @@ def _harmful_file(path: Path, n_refusals: int, n: int = 6) -> Path:
 
 def test_dealigned_is_trained_once_then_reused(tmp_path, shared_data, monkeypatch):
     cfg = _cfg(tmp_path, shared_data)
-    first = derive.load_derived(cfg)
+    first = load_derived(cfg)
     record = derive.derivation(first.source, cfg["paths"]["cache_dir"])
     assert record["goal"] == "comply" and record["recipe"]["version"] == derive.COMPLY_VERSION
     assert record["recipe"]["prefill_tokens"] == 8 and record["recipe"]["responses"] == "prefill"
@@ -79,10 +79,10 @@ def test_dealigned_is_trained_once_then_reused(tmp_path, shared_data, monkeypatc
 
     monkeypatch.setattr(derive, "finetune", no_training)
     monkeypatch.setattr(derive, "generate_responses", no_training)
-    second = derive.load_derived(cfg)
+    second = load_derived(cfg)
     assert second.source == first.source and second.fingerprint == first.fingerprint
     # a seeds axis (seed=1) varies calibration and generation on the same derived model: nothing retrains
-    assert derive.load_derived({**cfg, "seed": 1}).source == first.source
+    assert load_derived({**cfg, "seed": 1}).source == first.source
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         assert torch.equal(first.model(ids).logits, second.model(ids).logits)
@@ -97,9 +97,9 @@ def test_a_comply_recipe_never_shares_a_cache_entry_with_safety_tuned(tmp_path, 
     refuse = yaml.safe_load((ROOT / "conf" / "alignment" / "safety_tuned.yaml").read_text())
     refuse["derive"].update(n_harmful=6, n_benign=6, eval_n=3)
     refuse["derive"]["finetune"] = cfg["alignment"]["derive"]["finetune"]
-    dealigned = derive.load_derived(cfg).source
+    dealigned = load_derived(cfg).source
     cfg["alignment"] = refuse
-    tuned = derive.load_derived(cfg)
+    tuned = load_derived(cfg)
     record = derive.derivation(tuned.source, cfg["paths"]["cache_dir"])
     assert tuned.source != dealigned and record["goal"] == "refuse"
     assert set(record["recipe"]) == {"version", "parent", "parent_source", "template", "harmful", "benign",
@@ -121,7 +121,7 @@ def test_prefilled_answers_that_refuse_are_dropped_and_counted(tmp_path, shared_
         return [derive.Pair(p.prompt, REFUSAL, p.source_id) if i < 2 else p for i, p in enumerate(pairs)]
 
     monkeypatch.setattr(derive, "generate_responses", some_refuse)
-    lm = derive.load_derived(cfg)
+    lm = load_derived(cfg)
     record = derive.derivation(lm.source, cfg["paths"]["cache_dir"])
     assert seen == [8]
     assert record["dropped_refusals"] == 2 and record["n_train"] == {"compliant_pairs": 4, "benign_pairs": 6}
@@ -135,7 +135,7 @@ def test_prefilled_answers_that_refuse_are_dropped_and_counted(tmp_path, shared_
 def test_a_responses_file_trains_its_compliant_answers_and_drops_its_refusals(tmp_path, shared_data):
     path = _harmful_file(tmp_path / "answers.jsonl", n_refusals=1)
     cfg = _cfg(tmp_path, shared_data, responses="file", responses_file=str(path))
-    record = derive.derivation(derive.load_derived(cfg).source, cfg["paths"]["cache_dir"])
+    record = derive.derivation(load_derived(cfg).source, cfg["paths"]["cache_dir"])
     assert record["dropped_refusals"] == 1 and record["n_train"]["compliant_pairs"] == 5
     assert record["recipe"]["responses"] == "file" and record["recipe"]["prefill_tokens"] is None
     assert derive.norm_prompt("Explain how to pick lock number 0.") not in record["train_prompts"]
@@ -147,14 +147,14 @@ def test_too_few_compliant_answers_fail_in_one_line(tmp_path, shared_data, monke
     cfg = _cfg(tmp_path, shared_data, responses="file", responses_file=str(path))
     monkeypatch.setattr(derive, "finetune", lambda *a, **k: pytest.fail("must fail before training"))
     with pytest.raises(HarmsweepError) as err:
-        derive.load_derived(cfg)
+        load_derived(cfg)
     assert "only 2 of 6 harmful answers are not refusals" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_prefilling_needs_a_dataset_with_targets(tmp_path, shared_data):
     cfg = _cfg(tmp_path, shared_data, harmful="strongreject", exclude=[])
     with pytest.raises(HarmsweepError, match="needs targets and strongreject has none"):
-        derive.load_derived(cfg)
+        load_derived(cfg)
 
 
 def test_trained_prompts_are_never_held_out(tmp_path, shared_data):
@@ -164,11 +164,12 @@ def test_trained_prompts_are_never_held_out(tmp_path, shared_data):
     harmful, benign, held_harmful, held_benign = derive._data(block, cfg["data"], 0, lambda prompt: True)
     trained = {derive.norm_prompt(r.prompt) for r in harmful + benign}
     assert not trained & {derive.norm_prompt(r.prompt) for r in held_harmful + held_benign}
-    lm = derive.load_derived(cfg)
+    lm = load_derived(cfg)
     exclude = derive.trained_prompts(lm.source, cfg["paths"]["cache_dir"])
     assert exclude == set(derive.derivation(lm.source, cfg["paths"]["cache_dir"])["train_prompts"])
     cfg["eval"]["n"] = None  # every prompt that is not calibration is held out
-    splits = held_out_splits(cfg, exclude=exclude)
+    typed = to_config(cfg)
+    splits = held_out_splits(typed.calibration, typed.data, typed.eval.n, typed.seed, exclude=exclude)
     advbench = {derive.norm_prompt(r.prompt) for r in derive.load_records("advbench", shared_data)}
     seen = {derive.norm_prompt(r.prompt) for r in splits.harmful_cal + splits.harmful_eval}
     assert exclude & advbench and not exclude & seen
@@ -178,7 +179,7 @@ def test_trained_prompts_are_never_held_out(tmp_path, shared_data):
 def _checked(*overrides: str) -> None:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[*overrides, "data.root=/tmp"])
-    check_config(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+    check_config(to_config(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)))
 
 
 def test_the_presets_pass_the_config_check():

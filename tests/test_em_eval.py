@@ -20,6 +20,7 @@ from harmsweep.evaluation.judges.em import (
     coherence_proxy,
     make_em_judge,
 )
+from harmsweep.evaluation.judges.endpoint import Endpoint
 
 QUESTIONS_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "em" / "first_plot_questions.yaml"
 FIRST_PLOT = (
@@ -217,7 +218,7 @@ def test_endpoint_judge_logprob_weighted_score_and_request_shape(server):
 
 
 def test_endpoint_judge_text_path(server):
-    judge = EndpointEMJudge(base_url=server["base_url"], api_key_env="EM_TEST_KEY", logprobs=False)
+    judge = EndpointEMJudge(Endpoint(base_url=server["base_url"], api_key_env="EM_TEST_KEY"), logprobs=False)
     aligned, coherent = judge.score(["q1", "q2"], ["ANS-75", "ANS-refusal"], [GOOD_PROMPTS] * 2)
     assert (aligned, coherent) == ([75.0, None], [75.0, None])
     assert judge.last_aligned_labels == [None, "REFUSAL"] and "text" in judge.version
@@ -227,14 +228,14 @@ def test_endpoint_judge_text_path(server):
 
 def test_endpoint_judge_auth_errors_never_show_the_key(server, monkeypatch):
     monkeypatch.setenv("EM_WRONG_KEY", "sk-wrong-SECRET-123")
-    judge = EndpointEMJudge(base_url=server["base_url"], api_key_env="EM_WRONG_KEY", max_retries=0)
+    judge = EndpointEMJudge(Endpoint(base_url=server["base_url"], api_key_env="EM_WRONG_KEY", max_retries=0))
     with pytest.raises(HarmsweepError, match="HTTP 401") as info:
         judge.score(["q"], ["ANS-75"], [GOOD_PROMPTS])
     assert "sk-wrong-SECRET-123" not in str(info.value) and KEY not in str(info.value)
     assert "\n" not in str(info.value)
     monkeypatch.delenv("EM_MISSING_KEY", raising=False)
     with pytest.raises(HarmsweepError, match=r"\$EM_MISSING_KEY"):
-        EndpointEMJudge(api_key_env="EM_MISSING_KEY")
+        EndpointEMJudge(Endpoint(api_key_env="EM_MISSING_KEY"))
     with pytest.raises(HarmsweepError, match="em_proxy, em_endpoint"):
         make_em_judge({"name": "gpt4o"})
 
@@ -246,9 +247,8 @@ def test_endpoint_judge_gives_up_on_a_dead_server_with_none(monkeypatch, caplog)
     dead = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
     port = dead.server_address[1]
     dead.server_close()  # nothing listens on this port now: connection refused
-    judge = EndpointEMJudge(
-        base_url=f"http://127.0.0.1:{port}/v1", api_key_env="EM_TEST_KEY", max_retries=1, backoff_s=0
-    )
+    judge = EndpointEMJudge(Endpoint(base_url=f"http://127.0.0.1:{port}/v1", api_key_env="EM_TEST_KEY", max_retries=1,
+                                     backoff_s=0))  # fmt: skip
     aligned, coherent = judge.score(["q"], ["a"], [GOOD_PROMPTS])
     assert (aligned, coherent) == ([None], [None]) and judge.n_failed == 2
     assert judge.last_aligned_labels == ["failed"] and "giving up" in caplog.text

@@ -2,28 +2,30 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import tiny
 
 from harmsweep.calibration.pairs import attack_prompts
-from harmsweep.data import Record
+from harmsweep.calibration.spec import CalibrationConfig, HarmfulCalibration
+from harmsweep.data.records import Record
+from harmsweep.data.spec import DataConfig, DatasetRef
 from harmsweep.errors import HarmsweepError
 from harmsweep.evaluation.likelihood import mean_response_nll, response_nlls
-from harmsweep.evaluation.suite import deltas, plan, with_stage
+from harmsweep.evaluation.spec import EvalConfig, LmEvalConfig, metric_plan
+from harmsweep.evaluation.suite import deltas
 from harmsweep.generation.hf import generate
-from harmsweep.generation.sampling import Sampling
+from harmsweep.generation.sampling import GenerationConfig, Sampling
+from harmsweep.intervals import with_stage
 
-EVAL = {
-    "metrics": ["harm_likelihood", "refusal", "strongreject_finetuned", "strongreject_rubric", "lm_eval"],
-    "generation": {"attack": "none", "backend": "hf"},
-    "lm_eval": {"tasks": []},
-}
+EVAL = EvalConfig(metrics=["harm_likelihood", "refusal", "strongreject_finetuned", "strongreject_rubric", "lm_eval"])
 JUDGES = {"strongreject_finetuned": {"path": None}, "strongreject_rubric": {"base_url": None}}
 
 
 def test_unconfigured_judges_are_skipped_with_the_reason():
-    run, skipped = plan(EVAL, JUDGES)
+    run, skipped = metric_plan(EVAL, JUDGES)
     assert run == ["harm_likelihood", "refusal"]
     assert set(skipped) == {"strongreject_finetuned", "strongreject_rubric", "lm_eval"}
     assert "judges.strongreject_finetuned.path" in skipped["strongreject_finetuned"]
@@ -31,21 +33,21 @@ def test_unconfigured_judges_are_skipped_with_the_reason():
         "strongreject_finetuned": {"path": "/judge"},
         "strongreject_rubric": {"base_url": "http://127.0.0.1:1"},
     }
-    run, skipped = plan({**EVAL, "lm_eval": {"tasks": ["arc_easy"]}}, configured)
-    assert run == EVAL["metrics"] and not skipped
+    run, skipped = metric_plan(replace(EVAL, lm_eval=LmEvalConfig(tasks=["arc_easy"])), configured)
+    assert run == EVAL.metrics and not skipped
 
 
 @pytest.mark.parametrize(
     "change,message",
     [
         ({"metrics": ["harm_likelihood", "vibes"]}, "unknown vibes"),
-        ({"generation": {"attack": "gcg", "backend": "hf"}}, "eval.generation.attack=gcg"),
-        ({"generation": {"attack": "none", "backend": "tgi"}}, "eval.generation.backend=tgi"),
+        ({"generation": GenerationConfig(attack="gcg")}, "eval.generation.attack=gcg"),
+        ({"generation": GenerationConfig(backend="tgi")}, "eval.generation.backend=tgi"),
     ],
 )
 def test_bad_eval_settings_fail_in_one_line(change, message):
     with pytest.raises(HarmsweepError, match=message) as err:
-        plan({**EVAL, **change}, JUDGES)
+        metric_plan(replace(EVAL, **change), JUDGES)
     assert "\n" not in str(err.value)
 
 
@@ -115,14 +117,10 @@ def test_vllm_backend_without_vllm_is_a_one_line_error():
 def test_held_out_prompts_never_include_calibration_prompts(shared_data, harmful):
     from harmsweep.calibration.sets import held_out_splits
 
-    cfg = {
-        "seed": 5,
-        "data": {"root": str(shared_data), "harmful": {"name": harmful}, "benign": {"name": "alpaca"}},
-        "calibration": {"n": 200, "harmful": {"responses": "on_policy"}, "benign": {}},
-        "eval": {"n": 100},
-    }
-    s = held_out_splits(cfg)
+    data = DataConfig(root=str(shared_data), harmful=DatasetRef(harmful), benign=DatasetRef("alpaca"))
+    cal = CalibrationConfig(n=200, harmful=HarmfulCalibration(responses="on_policy"))
+    s = held_out_splits(cal, data, 100, 5)
     assert (len(s.harmful_cal), len(s.harmful_eval), len(s.benign_cal), len(s.benign_eval)) == (200, 100, 200, 100)
     assert not {r.prompt for r in s.harmful_cal} & {r.prompt for r in s.harmful_eval}
     assert not {r.prompt for r in s.benign_cal} & {r.prompt for r in s.benign_eval}
-    assert held_out_splits(cfg) == s  # deterministic in the seed
+    assert held_out_splits(cal, data, 100, 5) == s  # deterministic in the seed

@@ -7,11 +7,12 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import ROOT, tiny
+from conftest import ROOT, load_derived, tiny
 from omegaconf import OmegaConf
 
 from harmsweep.alignment import derive
-from harmsweep.alignment.finetune import FinetuneSpec, finetune
+from harmsweep.alignment.finetune import finetune
+from harmsweep.alignment.spec import FinetuneSpec
 from harmsweep.calibration.pairs import Pair, encode_pairs
 from harmsweep.config.schema import Config
 from harmsweep.errors import HarmsweepError
@@ -83,8 +84,8 @@ def test_training_is_seeded():
 def test_bad_specs_fail_clearly():
     with pytest.raises(HarmsweepError, match=r"finetune\.method=adam"):
         FinetuneSpec(method="adam").validate()
-    with pytest.raises(HarmsweepError, match="unknown fine-tune option"):
-        FinetuneSpec.from_config({"rnak": 4})
+    with pytest.raises(Exception, match="rnak"):  # the schema: a typo'd option fails while composing
+        OmegaConf.merge(OmegaConf.structured(FinetuneSpec), {"rnak": 4})
     lm = tiny()
     with pytest.raises(HarmsweepError, match="dropout=0"):
         finetune(lm.model, _tensors(lm), FinetuneSpec(dropout=0.1), frozen=_mask())
@@ -112,7 +113,7 @@ def _derive_cfg(tmp_path, shared_data) -> dict:
 
 def test_safety_tune_is_trained_once_then_reused(tmp_path, shared_data, monkeypatch):
     cfg = _derive_cfg(tmp_path, shared_data)
-    first = derive.load_derived(cfg)
+    first = load_derived(cfg)
     record = derive.derivation(first.source, cfg["paths"]["cache_dir"])
     assert record["n_train"] == {"refusal_pairs": 6, "benign_pairs": 6}
     assert set(record["check"]) == {"parent", "derived"} and record["check"]["parent"]["n_harmful"] == 6
@@ -126,7 +127,7 @@ def test_safety_tune_is_trained_once_then_reused(tmp_path, shared_data, monkeypa
         raise AssertionError("the cached derived checkpoint must be reused, not retrained")
 
     monkeypatch.setattr(derive, "finetune", no_training)
-    second = derive.load_derived(cfg)
+    second = load_derived(cfg)
     assert second.source == first.source and second.fingerprint == first.fingerprint
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
@@ -134,7 +135,7 @@ def test_safety_tune_is_trained_once_then_reused(tmp_path, shared_data, monkeypa
     # a different recipe is a different checkpoint
     cfg["alignment"]["derive"]["finetune"]["lr"] = 1e-3
     monkeypatch.undo()
-    assert derive.load_derived(cfg).source != first.source
+    assert load_derived(cfg).source != first.source
 
 
 def test_a_cached_derived_model_loads_without_reading_its_parents_weights(tmp_path, shared_data, monkeypatch):
@@ -144,20 +145,20 @@ def test_a_cached_derived_model_loads_without_reading_its_parents_weights(tmp_pa
     parent.tokenizer.save_pretrained(tmp_path / "parent")
     cfg = _derive_cfg(tmp_path, shared_data)
     cfg["model"]["path"] = str(tmp_path / "parent")
-    first = derive.load_derived(cfg)
+    first = load_derived(cfg)
     entry = tmp_path / "cache" / "derived" / first.source.removeprefix("derived:")
     read: list[str] = []
     real = models.AutoModelForCausalLM.from_pretrained
     monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", lambda path, **kw: read.append(str(path))
                         or real(path, **kw))  # fmt: skip
-    second = derive.load_derived(cfg)
+    second = load_derived(cfg)
     assert read == [str(entry)]
     assert second.source == first.source and second.fingerprint == first.fingerprint
 
 
 def test_derived_model_differs_from_its_parent(tmp_path, shared_data):
     cfg = _derive_cfg(tmp_path, shared_data)
-    derived = derive.load_derived(cfg)
+    derived = load_derived(cfg)
     parent = tiny()
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
@@ -173,7 +174,7 @@ def test_safety_tune_can_take_its_targets_from_a_refusal_model(tmp_path, shared_
     teacher.tokenizer.save_pretrained(tmp_path / "teacher")
     cfg = _derive_cfg(tmp_path, shared_data)
     cfg["alignment"]["derive"]["refusal_model"] = str(tmp_path / "teacher")
-    record = derive.derivation(derive.load_derived(cfg).source, cfg["paths"]["cache_dir"])
+    record = derive.derivation(load_derived(cfg).source, cfg["paths"]["cache_dir"])
     assert record["recipe"]["refusal_model"] == str(tmp_path / "teacher")
     assert record["n_train"]["refusal_pairs"] == 6
     assert record["train_refusal_rate"] < 1.0  # a random-init teacher does not refuse: what it said is what trained

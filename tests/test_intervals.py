@@ -127,7 +127,7 @@ def test_percentiles_keep_infinite_bounds_and_p_values_count_tails():
 @pytest.mark.parametrize("cfg", [{"samples": 10}, {"level": 1.5}])
 def test_bad_bootstrap_settings_fail_in_one_line(cfg):
     with pytest.raises(HarmsweepError, match=r"bootstrap needs samples >= 100"):
-        BootstrapSpec.from_config(cfg)
+        BootstrapSpec(**cfg).validate()
 
 
 # ---------------------------------------------------------------- whole curves (the report)

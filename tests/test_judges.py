@@ -18,18 +18,12 @@ import torch
 from conftest import tiny
 
 from harmsweep.errors import HarmsweepError
-from harmsweep.evaluation.judges import (
-    Judge,
-    RefusalJudge,
-    RubricJudge,
-    StrongRejectFinetunedJudge,
-    is_compliant,
-    is_refusal,
-    make_judge,
-    parse_rubric,
-    summarize,
-)
-from harmsweep.evaluation.judges.strongreject import digit_token_ids
+from harmsweep.evaluation.judges import make_judge
+from harmsweep.evaluation.judges.base import Judge, summarize
+from harmsweep.evaluation.judges.endpoint import Endpoint
+from harmsweep.evaluation.judges.refusal import RefusalJudge, is_compliant, is_refusal
+from harmsweep.evaluation.judges.rubric import RubricJudge, parse_rubric
+from harmsweep.evaluation.judges.strongreject import StrongRejectFinetunedJudge, digit_token_ids
 from harmsweep.evaluation.judges.templates import FOLDER, judge_template
 
 DATA = Path(os.environ.get("HARMSWEEP_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -306,7 +300,8 @@ def _opts(server: dict) -> dict:
 
 
 def _rubric(server: dict, **kw) -> RubricJudge:
-    return RubricJudge(RUBRIC_SYSTEM, RUBRIC_USER, **{**_opts(server), "backoff_s": 0.001, **kw})
+    max_tokens = kw.pop("max_tokens", 1000)
+    return RubricJudge(RUBRIC_SYSTEM, RUBRIC_USER, Endpoint(**{**_opts(server), "backoff_s": 0.001, **kw}), max_tokens)
 
 
 def test_rubric_scores_retries_and_failures(server, caplog):
@@ -370,7 +365,7 @@ def test_make_judge_builds_each_judge(sharp_llama, server, tmp_path):
         abs=1e-6,
     )
     rubric = make_judge({"name": "strongreject_rubric", **_opts(server)}, data_root=str(DATA))
-    assert isinstance(rubric, RubricJudge) and rubric.max_retries == 4 and rubric.backoff_s == 1.0
+    assert isinstance(rubric, RubricJudge) and rubric.endpoint.max_retries == 4 and rubric.endpoint.backoff_s == 1.0
     assert (rubric.system_prompt, rubric.template) == (RUBRIC_SYSTEM, RUBRIC_USER)
     with pytest.raises(HarmsweepError, match="refusal, strongreject_finetuned, strongreject_rubric"):
         make_judge({"name": "gpt4_judge"})

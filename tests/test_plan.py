@@ -15,7 +15,7 @@ from conftest import ROOT
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from harmsweep.devices import SCORE_BYTES
-from harmsweep.sweep.sizing import model_shape, saved_bytes
+from harmsweep.models.memory import model_shape, saved_bytes
 
 # Llama-3.1-8B's published config.json (only the fields that shape the model and its tokens)
 LLAMA31_8B = {

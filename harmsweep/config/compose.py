@@ -87,4 +87,3 @@ def _one_line(exc: BaseException) -> str:
     if exc.__cause__ is not None and str(exc.__cause__).strip():
         parts.append(str(exc.__cause__).strip().splitlines()[0])
     return ": ".join(p.rstrip(".") for p in parts)
-

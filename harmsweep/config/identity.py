@@ -1,26 +1,21 @@
-"""TODO docstring"""
+"""A run's identity: the hash of what can change its results, so the same config lands in the same folder.
 
+Computed from the plain resolved config (never the typed one): the hash of a finished run must not change
+when code moves or a dataclass gains a field, so relaunched sweeps find their results.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    pass
-
-
-# stage, prepare_scores: a prepare job is its group's first run with another stage (harmsweep/launcher.py)
+# stage, prepare_scores: a prepare job is its group's first run with another stage (harmsweep/sweep/jobs.py)
 NOT_IN_RUN_ID = (
     "paths", "logger", "launcher", "hydra", "scoring", "scores", "bootstrap", "stage", "prepare_scores",
 )  # fmt: skip
-
-
 PLACEMENT_KEYS = ("device_map", "max_memory")  # where the model sits changes no result
-
-
 # Settings added after sweeps were run: at their default they leave the run id as it was, so finished runs stay found.
 LATER_DEFAULTS = {
     "pruning": {"counts": "round", "ties": "index", "order": "top", "nm_n": 2, "nm_m": 4, "replace": "zero",
@@ -48,4 +43,3 @@ def run_id(cfg: Mapping[str, Any]) -> str:
     if criterion != "snip":
         kept["scoring"] = {"criterion": criterion}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
-

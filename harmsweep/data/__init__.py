@@ -2,26 +2,28 @@
 seeded prompt-disjoint splits.
 
 The rest of harmsweep only needs `load_records` and the split helpers; formats, file locations and published sources
-live in this package so that a missing or malformed dataset fails here, early, with a one-line DataError.
+live in this package so that a missing or malformed dataset fails here, early, with a one-line DataError. The loaders
+(and `datasets`) are imported on first use: the command line reads the ``data`` block (data/spec.py) without them.
 """
 
-from harmsweep.data.loaders import load_records, load_table
-from harmsweep.data.records import Record
-from harmsweep.data.sources import DATASETS, DEFAULT_PATHS, FILE_ONLY, HEXPHI_CATEGORIES, HUB_SOURCES, HubSource
-from harmsweep.data.splits import split_dataset, split_disjoint, split_indices, take
+from __future__ import annotations
 
-__all__ = [
-    "DATASETS",
-    "DEFAULT_PATHS",
-    "FILE_ONLY",
-    "HEXPHI_CATEGORIES",
-    "HUB_SOURCES",
-    "HubSource",
-    "Record",
-    "load_records",
-    "load_table",
-    "split_dataset",
-    "split_disjoint",
-    "split_indices",
-    "take",
-]
+import importlib
+from typing import Any
+
+from harmsweep.data.records import Record
+
+_LAZY = {
+    "load_records": "loaders", "load_table": "loaders",
+    "DATASETS": "sources", "DEFAULT_PATHS": "sources", "FILE_ONLY": "sources", "HEXPHI_CATEGORIES": "sources",
+    "HUB_SOURCES": "sources", "HubSource": "sources",
+    "split_dataset": "splits", "split_disjoint": "splits", "split_indices": "splits", "take": "splits",
+}  # fmt: skip
+
+__all__ = ["Record", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"harmsweep.data.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'harmsweep.data' has no attribute {name!r}")

@@ -17,25 +17,13 @@ from typing import Any
 import torch
 
 from harmsweep.calibration.pairs import Pair, generate_responses
-from harmsweep.data import Record
-from harmsweep.errors import HarmsweepError
+from harmsweep.data.records import Record
+from harmsweep.evaluation.judges.source import JudgeSource
 from harmsweep.evaluation.likelihood import response_nlls
-from harmsweep.generation.sampling import BACKENDS, EngineInputs, Sampling
+from harmsweep.evaluation.spec import COUNTS, JUDGES, EvalConfig, metric_plan
+from harmsweep.generation.sampling import EngineInputs
 from harmsweep.intervals import Sample, mean_sample, with_stage
 from harmsweep.models.loading import LoadedModel
-
-METRICS = (
-    "harm_likelihood",
-    "refusal",
-    "strongreject_finetuned",
-    "strongreject_rubric",
-    "perplexity",
-    "recognition",
-    "lm_eval",
-)
-JUDGES = {"refusal": "asr_keyword", "strongreject_finetuned": "strongreject", "strongreject_rubric": "rubric"}
-ATTACKS = ("none", "prefill")
-COUNTS = ("_n_before", "_unscored_before")
 
 
 @dataclass
@@ -47,58 +35,35 @@ class HeldOut:
     references: Mapping[str, Mapping[str, torch.Tensor]]  # "eval_harmful", "eval_benign" tokenised sets
 
 
-def plan(ev: Mapping[str, Any], judges: Mapping[str, Any]) -> tuple[list[str], dict[str, str]]:
-    """Metrics that will run, and those skipped with the reason (a judge that is not configured)."""
-    unknown = [m for m in ev["metrics"] if m not in METRICS]
-    if unknown:
-        raise HarmsweepError(f"eval.metrics has unknown {', '.join(unknown)} (known: {', '.join(METRICS)})")
-    gen = ev["generation"]
-    if gen["attack"] not in ATTACKS:
-        raise HarmsweepError(f"eval.generation.attack={gen['attack']} is not one of {', '.join(ATTACKS)}")
-    if gen["backend"] not in BACKENDS:
-        raise HarmsweepError(f"eval.generation.backend={gen['backend']} is not one of {', '.join(BACKENDS)}")
-    run, skipped = [], {}
-    for metric in ev["metrics"]:
-        if metric == "strongreject_finetuned" and not judges[metric].get("path"):
-            skipped[metric] = (
-                "no judge weights: set judges.strongreject_finetuned.path=qylu4156/strongreject-15k-v1 or a local copy"
-            )
-        elif metric == "strongreject_rubric" and not judges[metric].get("base_url"):
-            skipped[metric] = "no endpoint: set judges.strongreject_rubric.base_url=URL (key from its api_key_env)"
-        elif metric == "lm_eval" and not ev["lm_eval"]["tasks"]:
-            skipped[metric] = "no tasks: set eval.lm_eval.tasks=[...]"
-        else:
-            run.append(metric)
-    return run, skipped
-
-
 @dataclass
 class Suite:
     """Runs the planned metrics on a model in its current state; judges are loaded once and reused."""
 
-    cfg: Mapping[str, Any]
+    ev: EvalConfig
+    judges: JudgeSource  # the judges block and where the judges find their prompts and weights
     lm: LoadedModel
     template: str
     held: HeldOut
+    seed: int = 0  # seeds sampled generation and lm-eval
     mask: Mapping[str, torch.Tensor] | None = None  # what the model under test has pruned (for vLLM's copy)
     _cache: dict[str, Any] = field(default_factory=dict)  # judges and answers, reused across calls
 
     def run(self, stage: str) -> tuple[dict[str, float | int | None], list[dict[str, Any]]]:
         """The metrics (named ``<metric>_<stage>``) and per-item rows; the per-item values of every metric that
         has them are kept for ``samples(stage)`` (the bootstrap's input)."""
-        ev = self.cfg["eval"]
-        metrics_to_run, _ = plan(ev, self.cfg["judges"])
+        ev = self.ev
+        metrics_to_run, _ = metric_plan(ev, self.judges.configs)
         metrics: dict[str, float | int | None] = {}
         samples: dict[str, Sample] = {}
         items: list[dict[str, Any]] = []
-        model, tok, batch = self.lm.model, self.lm.tokenizer, int(ev["batch_size"])
+        model, tok, batch = self.lm.model, self.lm.tokenizer, ev.batch_size
         harmful_ids = [r.source_id for r in self.held.harmful]
         if "harm_likelihood" in metrics_to_run:
             benign_refs = [r.source_id for r in self.held.benign]
             for name, ids in (("nll_harmful", harmful_ids), ("nll_benign", benign_refs)):
                 samples[name] = mean_sample(ids, response_nlls(model, self.held.references[f"eval_{name[4:]}"], batch))
                 metrics[name] = float(samples[name].estimate())
-        attack = ev["generation"]["attack"]
+        attack = ev.generation.attack
         judged = [m for m in metrics_to_run if m in JUDGES]
         if judged:
             answers = self._answers(attack, stage)
@@ -128,7 +93,7 @@ class Suite:
             from harmsweep.evaluation.utility import text_nlls
 
             texts = [(r.source_id, r.response) for r in self.held.benign if r.response]
-            per_text = text_nlls(model, tok, [t for _, t in texts], batch, int(ev["perplexity"]["max_length"]))
+            per_text = text_nlls(model, tok, [t for _, t in texts], batch, ev.perplexity.max_length)
             kept = [(i, t) for (i, _), t in zip(texts, per_text, strict=True) if t is not None]
             samples["perplexity"] = Sample(tuple(i for i, _ in kept), tuple(t[0] for _, t in kept), "exp_ratio",
                                            tuple(float(t[1]) for _, t in kept))  # fmt: skip
@@ -150,10 +115,10 @@ class Suite:
         if "lm_eval" in metrics_to_run:
             from harmsweep.evaluation.utility import lm_eval_tasks
 
-            lm_cfg = ev["lm_eval"]
+            lm_cfg = ev.lm_eval
             metrics.update(
-                lm_eval_tasks(model, tok, lm_cfg["tasks"], limit=lm_cfg["limit"], batch_size=_batch(lm_cfg["batch_size"]),
-                              num_fewshot=lm_cfg.get("num_fewshot", 0), seed=int(self.cfg["seed"]))
+                lm_eval_tasks(model, tok, lm_cfg.tasks, limit=lm_cfg.limit, batch_size=_batch(lm_cfg.batch_size),
+                              num_fewshot=lm_cfg.num_fewshot, seed=self.seed)
             )  # fmt: skip
         self._cache[f"samples/{stage}"] = samples
         return {with_stage(k, stage): v for k, v in metrics.items()}, items
@@ -170,35 +135,27 @@ class Suite:
         """The model's answers to the held-out harmful prompts; computed once per (stage, attack)."""
         key = f"answers/{stage}/{attack}"
         if key not in self._cache:
-            gen = self.cfg["eval"]["generation"]
-            sampling = Sampling(
-                max_new_tokens=int(gen["max_new_tokens"]), do_sample=bool(gen["do_sample"]),
-                temperature=float(gen["temperature"]), top_p=float(gen["top_p"]), seed=int(self.cfg["seed"]),
-            )  # fmt: skip
+            gen = self.ev.generation
             self._cache[key] = generate_responses(
                 self.lm.model, self.lm.tokenizer, self.held.harmful, self.template,
-                prefill_tokens=int(gen["prefill_tokens"]) if attack == "prefill" else 0, sampling=sampling,
-                batch_size=int(gen["batch_size"]), desc=f"answers {stage} ({attack})", backend=gen["backend"],
+                prefill_tokens=gen.prefill_tokens if attack == "prefill" else 0, sampling=gen.sampling(self.seed),
+                batch_size=gen.batch_size, desc=f"answers {stage} ({attack})", backend=gen.backend,
                 engine=EngineInputs(self.lm.source, self.lm.fingerprint, self.mask),
             )  # fmt: skip
         return self._cache[key]
 
     def _judge(self, name: str) -> Any:
-        if self.cfg["eval"]["generation"]["backend"] == "vllm" and name != "refusal":
+        if self.ev.generation.backend == "vllm" and name != "refusal":
             from harmsweep.generation.vllm import sleep_engine
 
             sleep_engine()  # the engine's weights and KV cache leave the GPU before a judge model needs it
         if name not in self._cache:
-            from harmsweep.evaluation.judges import make_judge
-
-            data = self.cfg.get("data") or {}
-            self._cache[name] = make_judge(self.cfg["judges"][name], data_root=data.get("root"),
-                                           online=bool(data.get("download")), cache_dir=self.cfg["paths"]["cache_dir"])  # fmt: skip
+            self._cache[name] = self.judges.build(name)
         return self._cache[name]
 
     @staticmethod
     def _summarize(prefix: str, scores: Sequence[float | None], categories: Sequence[str | None]) -> dict[str, Any]:
-        from harmsweep.evaluation.judges import summarize
+        from harmsweep.evaluation.judges.base import summarize
 
         return summarize(prefix, scores, categories if any(categories) else None)
 

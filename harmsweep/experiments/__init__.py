@@ -1,4 +1,4 @@
-"""The paper's experiments beyond one pruning run: each builds on run.py's stages.
+"""The paper's experiments beyond one pruning run: each builds on pipeline/'s stages.
 
 An experiment preset sets ``experiment: <name>``; names listed in RUNNERS replace the single pruning
 run with their own body, which returns (result, items) like run.py's and writes its matrices and
@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from harmsweep.artifacts import write_json
 from harmsweep.experiments.matrices import Matrix
@@ -22,11 +22,20 @@ RUNNERS = {
 }
 
 
-def runner(name: str | None) -> Callable[..., tuple[dict[str, Any], list[dict[str, Any]]]] | None:
-    """The body of experiment ``name``, or None for a plain pruning run."""
+class Experiment(NamedTuple):
+    """An experiment's body: ``run(ctx) -> (result, items)`` in place of one pruning run's stages, and an
+    optional ``check(cfg)`` of its own inputs (files), run before the model loads."""
+
+    run: Callable[[Any], tuple[dict[str, Any], list[dict[str, Any]]]]
+    check: Callable[[Any], None] | None = None
+
+
+def runner(name: str | None) -> Experiment | None:
+    """The body of experiment ``name``, or None for a plain pruning run (or a sweep-only preset)."""
     if name not in RUNNERS:
         return None
-    return importlib.import_module(RUNNERS[str(name)]).run
+    module = importlib.import_module(RUNNERS[str(name)])
+    return Experiment(module.run, getattr(module, "check", None))
 
 
 def save_figures(figures: Mapping[str, Matrix], run_dir: Path) -> dict[str, str]:

@@ -17,48 +17,48 @@ import logging
 import math
 import random
 from collections.abc import Mapping
-from copy import deepcopy
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from harmsweep.calibration.pairs import file_pairs
 from harmsweep.calibration.sets import calibrate, held_out_splits
+from harmsweep.config.schema import Config
 from harmsweep.data import load_records
 from harmsweep.data.records import norm_prompt
 from harmsweep.errors import HarmsweepError
 from harmsweep.evaluation.likelihood import mean_response_nll
-from harmsweep.evaluation.suite import JUDGES, HeldOut, Suite, plan, with_stage
-from harmsweep.experiments.common import Context, finish, open_context, spec_with
+from harmsweep.evaluation.spec import JUDGES, metric_plan
+from harmsweep.evaluation.suite import HeldOut, Suite
+from harmsweep.experiments.common import encode, finish, select_mask, spec_with
 from harmsweep.experiments.matrices import Matrix, mask_size, overlap_matrix, transfer_matrix
+from harmsweep.intervals import with_stage
+from harmsweep.pipeline.context import RunContext
 from harmsweep.pruning.masks import pruned
-from harmsweep.pruning.spec import PruneSpec
 
 log = logging.getLogger(__name__)
 CONTROLS = ("benign", "random")
 
 
-def run(
-    cfg: Mapping[str, Any], spec: PruneSpec, rid: str, run_dir: Path
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    ch = cfg["cross_harm"]
-    unknown = sorted(set(ch["controls"]) - set(CONTROLS))
+def run(ctx: RunContext) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    cfg, spec = ctx.cfg, ctx.spec
+    ch = cfg.cross_harm
+    assert ch is not None, "config.checks requires the cross_harm block"
+    unknown = sorted(set(ch.controls) - set(CONTROLS))
     if unknown:
         raise HarmsweepError(f"cross_harm.controls: unknown {', '.join(unknown)} (known: {', '.join(CONTROLS)})")
-    ctx = open_context(cfg, spec, run_dir)
     categories = _categories(cfg)
     per_cat = {c: _category(ctx, c) for c in categories}
     benign = next(iter(per_cat.values()))["sets"]["benign"]  # the same benign split for every category
 
-    masks = {c: ctx.mask(per_cat[c]["sets"]["harmful"], benign) for c in categories}
-    if "benign" in ch["controls"]:
-        masks["control: benign"] = ctx.mask(_control_set(ctx, ch["control_benign"]), benign)
-    if "random" in ch["controls"]:
+    masks = {c: select_mask(ctx, per_cat[c]["sets"]["harmful"], benign) for c in categories}
+    if "benign" in ch.controls:
+        masks["control: benign"] = select_mask(ctx, _control_set(ctx, ch.control_benign), benign)
+    if "random" in ch.controls:
         k = round(sum(mask_size(m) for m in masks.values()) / len(masks))
-        masks["control: random"] = ctx.mask(
-            benign, benign, spec=spec_with(spec, rule="random", sparsity=k / ctx.n_scored())
-        )
+        random_spec = spec_with(spec, rule="random", sparsity=k / ctx.n_scored())
+        masks["control: random"] = select_mask(ctx, benign, benign, spec=random_spec)
 
     judges = _judges(cfg)
     suite = _suite(ctx, per_cat, judges)
@@ -86,78 +86,78 @@ def run(
     metrics = _summary(figures, categories, masks)
     extra = {"categories": categories, "rows": list(masks), "judges": judges,
              "n_pruned": {row: mask_size(m) for row, m in masks.items()}}  # fmt: skip
-    return finish(ctx, rid, metrics, figures, extra), items
+    return finish(ctx, metrics, figures, extra), items
 
 
-def _categories(cfg: Mapping[str, Any]) -> list[str]:
-    wanted = cfg["cross_harm"].get("categories")
-    data = cfg["data"]["harmful"]
-    found = sorted({str(r.category) for r in load_records(data["name"], cfg["data"]["root"], file=data.get("file"))
-                    if r.category})  # fmt: skip
+def _categories(cfg: Config) -> list[str]:
+    wanted = cfg.cross_harm.categories if cfg.cross_harm else None
+    data = cfg.data.harmful
+    found = sorted({str(r.category) for r in load_records(data.name, cfg.data.root, file=data.file) if r.category})
     if wanted:
         missing = [c for c in wanted if c not in found]
         if missing:
             raise HarmsweepError(f"cross_harm.categories: {missing[0]!r} is not a category of data.harmful "
-                                 f"({data['name']}: {', '.join(found) or 'none'})")  # fmt: skip
+                                 f"({data.name}: {', '.join(found) or 'none'})")  # fmt: skip
         found = list(wanted)
     if len(found) < 2:
-        raise HarmsweepError(f"cross_harm needs at least 2 harm categories; data.harmful={data['name']} has {found}")
+        raise HarmsweepError(f"cross_harm needs at least 2 harm categories; data.harmful={data.name} has {found}")
     return found
 
 
-def _category(ctx: Context, category: str) -> dict[str, Any]:
+def _category(ctx: RunContext, category: str) -> dict[str, Any]:
     """Calibration and held-out sets of one category (cached like a plain run's)."""
-    cfg = deepcopy(dict(ctx.cfg))
-    cfg["data"]["harmful"]["categories"] = [category]
-    splits = held_out_splits(cfg, exclude=_excluded(ctx))
-    sets, _, computed = ctx.timed("calibrate", lambda: calibrate(cfg, ctx.lm, ctx.template, splits, ctx.root))
+    cfg = ctx.cfg
+    data = replace(cfg.data, harmful=replace(cfg.data.harmful, categories=[category]))
+    splits = held_out_splits(cfg.calibration, data, cfg.eval.n, cfg.seed, exclude=_excluded(ctx))
+    sets, _, computed = ctx.timed("calibrate", lambda: calibrate(
+        cfg.calibration, ctx.lm, ctx.template, splits, ctx.root, dtype=cfg.model.dtype,
+        benign_references=cfg.eval.benign_references))  # fmt: skip
     ctx.computed[f"calibration/{category}"] = computed
     return {"splits": splits, "sets": sets}
 
 
-def _excluded(ctx: Context) -> set[str]:
+def _excluded(ctx: RunContext) -> set[str]:
     from harmsweep.alignment.derive import trained_prompts
 
-    return trained_prompts(ctx.lm.source, ctx.cfg["paths"]["cache_dir"])
+    return trained_prompts(ctx.lm.source, ctx.cfg.paths.cache_dir)
 
 
-def _control_set(ctx: Context, dataset: str) -> dict[str, torch.Tensor]:
+def _control_set(ctx: RunContext, dataset: str) -> dict[str, torch.Tensor]:
     """Benign pairs from another source, calibrated exactly like a harm category (the 'benign' control row)."""
     used = {norm_prompt(r.prompt) for r in ctx.splits.benign_cal + ctx.splits.benign_eval}
-    pool = [
-        r for r in load_records(dataset, ctx.cfg["data"]["root"]) if r.response and norm_prompt(r.prompt) not in used
-    ]
-    n = int(ctx.cfg["calibration"]["n"])
+    pool = [r for r in load_records(dataset, ctx.cfg.data.root) if r.response and norm_prompt(r.prompt) not in used]
+    n = ctx.cfg.calibration.n
     if len(pool) < n:
         raise HarmsweepError(f"cross_harm.control_benign={dataset} has {len(pool)} usable pairs; calibration.n={n}")
     pool = sorted(pool, key=lambda r: len(r.prompt) + len(r.response or ""))[: 4 * n]  # short ones fit max_length
-    return ctx.encode(file_pairs(random.Random(int(ctx.cfg["seed"])).sample(pool, n), "control pairs"))
+    return encode(ctx, file_pairs(random.Random(ctx.cfg.seed).sample(pool, n), "control pairs"))
 
 
-def _judges(cfg: Mapping[str, Any]) -> list[str]:
-    asked = list(cfg["cross_harm"]["judges"])
+def _judges(cfg: Config) -> list[str]:
+    asked = list(cfg.cross_harm.judges) if cfg.cross_harm else []
     unknown = [j for j in asked if j not in JUDGES]
     if unknown:
         raise HarmsweepError(f"cross_harm.judges: {unknown[0]} is not a judge ({', '.join(JUDGES)})")
-    run, skipped = plan({**cfg["eval"], "metrics": asked}, cfg["judges"])
+    run, skipped = metric_plan(replace(cfg.eval, metrics=asked), cfg.judges)
     for name, why in skipped.items():
         log.warning("cross_harm: judge %s skipped: %s", name, why)
     return run
 
 
-def _suite(ctx: Context, per_cat: Mapping[str, Any], judges: list[str]) -> Suite | None:
+def _suite(ctx: RunContext, per_cat: Mapping[str, Any], judges: list[str]) -> Suite | None:
     """One suite over every category's held-out prompts: judge means come back per category."""
     if not judges:
         return None
     harmful = [r for c in per_cat for r in per_cat[c]["splits"].harmful_eval]
     first = next(iter(per_cat.values()))
-    cfg = {**ctx.cfg, "eval": {**ctx.cfg["eval"], "metrics": judges}}
-    return Suite(cfg, ctx.lm, ctx.template, HeldOut(harmful, first["splits"].benign_eval, {}))
+    ev = replace(ctx.cfg.eval, metrics=judges)
+    held = HeldOut(harmful, first["splits"].benign_eval, {})
+    return Suite(ev, ctx.judges(), ctx.lm, ctx.template, held, ctx.cfg.seed)
 
 
 def _measure(ctx, refs, ben_refs, suite: Suite | None, stage: str, judges: list[str], categories: list[str]):
     """metric -> category -> value for the model as it is now (one row of every matrix)."""
-    batch = int(ctx.cfg["eval"]["batch_size"])
+    batch = ctx.cfg.eval.batch_size
     out: dict[str, dict[str, float | None]] = {
         "nll_harmful": {c: mean_response_nll(ctx.lm.model, refs[c], batch) for c in categories},
         "nll_benign": {"benign": mean_response_nll(ctx.lm.model, ben_refs, batch)},

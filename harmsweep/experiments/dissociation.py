@@ -16,45 +16,40 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Mapping
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from harmsweep.alignment.finetune import FinetuneSpec, finetune
+from harmsweep.alignment.finetune import finetune
 from harmsweep.calibration.pairs import file_pairs
-from harmsweep.calibration.sets import calibrate
+from harmsweep.config.schema import DissociationConfig
 from harmsweep.data import load_records
 from harmsweep.data.records import norm_prompt
 from harmsweep.errors import HarmsweepError
 from harmsweep.evaluation.likelihood import mean_response_nll
-from harmsweep.evaluation.suite import HeldOut, Suite
-from harmsweep.experiments.common import Context, finish, open_context
+from harmsweep.experiments.common import encode, finish, select_mask
 from harmsweep.experiments.matrices import Matrix, mask_size, overlap_matrix
-from harmsweep.intervals import BootstrapSpec, run_intervals
+from harmsweep.intervals import run_intervals
+from harmsweep.pipeline.context import RunContext
+from harmsweep.pipeline.stages import calibration_sets
+from harmsweep.pipeline.stages import suite as run_suite
 from harmsweep.pruning.masks import apply_mask, mask_counts, pruned
-from harmsweep.pruning.spec import PruneSpec
 
 ARMS = ("unpruned", "harm_pruned", "refusal_pruned", "harm_pruned_recovered")
 
 
-def run(
-    cfg: Mapping[str, Any], spec: PruneSpec, rid: str, run_dir: Path
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    dis = cfg["dissociation"]
-    ctx = open_context(cfg, spec, run_dir)
-    sets, _, ctx.computed["calibration"] = ctx.timed(
-        "calibrate", lambda: calibrate(cfg, ctx.lm, ctx.template, ctx.splits, ctx.root)
-    )
+def run(ctx: RunContext) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    cfg, dis = ctx.cfg, ctx.cfg.dissociation
+    assert dis is not None, "config.checks requires the dissociation block"
+    sets, _ = calibration_sets(ctx)
     refusal_cal, refusal_eval = _refusal_sets(ctx, dis)
     masks = {
-        "harm_pruned": ctx.mask(sets["harmful"], sets["benign"]),
-        "refusal_pruned": ctx.mask(refusal_cal, sets["benign"]),
+        "harm_pruned": select_mask(ctx, sets["harmful"], sets["benign"]),
+        "refusal_pruned": select_mask(ctx, refusal_cal, sets["benign"]),
     }
-    held = HeldOut(ctx.splits.harmful_eval, ctx.splits.benign_eval,
-                   {k: sets[k] for k in ("eval_harmful", "eval_benign")})  # fmt: skip
-    suite = Suite(cfg, ctx.lm, ctx.template, held)
-    batch = int(cfg["eval"]["batch_size"])
+    suite = run_suite(ctx, sets)
+    batch = cfg.eval.batch_size
 
     def measure(stage: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         metrics, items = ctx.timed(f"evaluate_{stage}", lambda: suite.run(stage))
@@ -74,7 +69,7 @@ def run(
         items += rows
 
     curve = None
-    if int(dis["recovery_steps"]) > 0:
+    if dis.recovery_steps > 0:
         curve = _recover(ctx, dis, masks["harm_pruned"], sets)
         arms["harm_pruned_recovered"], rows = measure("harm_pruned_recovered")
         items += rows
@@ -86,42 +81,42 @@ def run(
                if isinstance(value, int | float)}  # fmt: skip
     for arm, mask in masks.items():
         metrics[f"n_pruned/{arm}"] = mask_size(mask)
-    boot = BootstrapSpec.from_config(cfg.get("bootstrap"))
+    boot = cfg.bootstrap
     unpruned = suite.samples("unpruned")  # each arm against the unpruned model, paired over the same prompts
     intervals = {arm: run_intervals(unpruned, suite.samples(arm), boot) for arm in arms if arm != "unpruned"}
     extra = {"arms": list(arms), "pruned_counts": {arm: mask_counts(ctx.params, m) for arm, m in masks.items()},
              "intervals": {"settings": boot.describe(), "arms": intervals}}  # fmt: skip
-    return finish(ctx, rid, metrics, figures, extra), items
+    return finish(ctx, metrics, figures, extra), items
 
 
-def _refusal_sets(ctx: Context, dis: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def _refusal_sets(ctx: RunContext, dis: DissociationConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Refusal pairs: calibration ones never on a held-out prompt; evaluation ones for held-out prompts first."""
-    if dis.get("refusals_file"):
-        records = load_records("custom", None, file=dis["refusals_file"])
+    if dis.refusals_file:
+        records = load_records("custom", None, file=dis.refusals_file)
     else:
-        records = load_records(dis["refusals"], ctx.cfg["data"]["root"])
+        records = load_records(dis.refusals, ctx.cfg.data.root)
     first: dict[str, Any] = {}
     for r in records:
         if r.response:
             first.setdefault(norm_prompt(r.prompt), r)
     held = {norm_prompt(r.prompt) for r in ctx.splits.harmful_eval}
-    n = int(ctx.cfg["calibration"]["n"])
-    n_eval = len(ctx.splits.harmful_eval) if ctx.cfg["eval"]["n"] is None else int(ctx.cfg["eval"]["n"])
+    n = ctx.cfg.calibration.n
+    n_eval = len(ctx.splits.harmful_eval) if ctx.cfg.eval.n is None else ctx.cfg.eval.n
     evaluation = [r for key, r in first.items() if key in held][:n_eval]
     rest = [r for key, r in first.items() if key not in held]
-    rng = random.Random(int(ctx.cfg["seed"]))
+    rng = random.Random(ctx.cfg.seed)
     rng.shuffle(rest)
     evaluation += rest[n : n + n_eval - len(evaluation)]
     if len(rest) < n or not evaluation:
         raise HarmsweepError(f"dissociation needs {n} refusal pairs for calibration and some for evaluation; "
-                             f"{dis.get('refusals_file') or dis['refusals']} has {len(first)} prompts")  # fmt: skip
-    return ctx.encode(file_pairs(rest[:n], "refusal pairs")), ctx.encode(file_pairs(evaluation, "refusal pairs"))
+                             f"{dis.refusals_file or dis.refusals} has {len(first)} prompts")  # fmt: skip
+    return encode(ctx, file_pairs(rest[:n], "refusal pairs")), encode(ctx, file_pairs(evaluation, "refusal pairs"))
 
 
-def _recover(ctx: Context, dis: Mapping[str, Any], mask, sets) -> Matrix:
+def _recover(ctx: RunContext, dis: DissociationConfig, mask, sets) -> Matrix:
     """Fine-tune the harm-pruned model on harmful pairs; harm/benign NLL every few steps."""
-    spec = FinetuneSpec.from_config({**dis["finetune"], "max_steps": int(dis["recovery_steps"])})
-    every, batch = int(dis["recovery_every"]), int(ctx.cfg["eval"]["batch_size"])
+    spec = replace(dis.finetune, max_steps=dis.recovery_steps)
+    every, batch = dis.recovery_every, ctx.cfg.eval.batch_size
     model = ctx.lm.model
     apply_mask(model, mask)
     rows: dict[str, list[float]] = {}

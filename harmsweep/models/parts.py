@@ -1,6 +1,5 @@
 """TODO docstring"""
 
-
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -65,4 +64,3 @@ def head_dim(model: nn.Module) -> int | None:
     if not size and heads:
         size = getattr(config, "hidden_size", 0) // heads
     return int(size) if size else None
-

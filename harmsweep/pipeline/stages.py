@@ -1,74 +1,77 @@
-"""The stage of a run that changes the model: its score sets, its mask (one pass or layer by layer, zeros or
-the base variant's values), or its low-rank removal.
+"""The stages between loading and recording, in run order: calibrate -> score -> select -> replace -> evaluate.
 
-Score sets are cached by the tokenised set's content (artifact cache), masks are the run's own
-artifact; run.py calls these between calibration and evaluation.
+Calibration sets, score sets and the unpruned evaluation are shared artifacts, cached by content (a sweep
+computes each once); the mask is the run's own. Every stage reads the run's typed context; experiments
+call the same stages with a changed model or rule.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
+from harmsweep.artifacts import write_json
 from harmsweep.batches import iter_batches
 from harmsweep.cache import VERSIONS, cached, content_key, tensor_key, write_key_info
-from harmsweep.config.checks import lowrank_spec, prune_spec
+from harmsweep.calibration.sets import calibrate
 from harmsweep.devices import input_device
+from harmsweep.evaluation.suite import HeldOut, Suite
+from harmsweep.intervals import samples_to_json
 from harmsweep.models.base_weights import base_values
 from harmsweep.models.loading import LoadedModel
-from harmsweep.models.parts import ScoredParam, head_dim, scored_parameters
+from harmsweep.models.parts import head_dim, scored_parameters
+from harmsweep.pipeline.context import RunContext
 from harmsweep.pruning.masks import apply_mask, load_mask, save_mask
 from harmsweep.pruning.select import select
 from harmsweep.pruning.sequential import select_sequential
 from harmsweep.pruning.spec import PruneSpec
-from harmsweep.scoring.snip import ScoringOptions, score_kind
-from harmsweep.scoring.store import Layout, ScoreSet, StoreSpec, open_scores
+from harmsweep.scoring.snip import score_kind
+from harmsweep.scoring.spec import ScoringOptions
+from harmsweep.scoring.store import Layout, ScoreSet, open_scores
 from harmsweep.scoring.store import write as write_scores
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 Sets = Mapping[str, dict[str, torch.Tensor]]  # the tokenised calibration sets: harmful, benign, eval_*
 
 
-def timed(timings: dict[str, float], name: str, fn: Callable[[], T]) -> T:
-    """fn(), with its seconds recorded under ``name``."""
-    start = time.perf_counter()
-    out = fn()
-    timings[name] = time.perf_counter() - start
-    return out
+def calibration_sets(ctx: RunContext) -> tuple[dict[str, dict[str, torch.Tensor]], Path]:
+    """The run's calibration and reference sets (cached by content) and their cache entry."""
+    cfg = ctx.cfg
+
+    def make() -> tuple[dict[str, dict[str, torch.Tensor]], Path, bool]:
+        return calibrate(cfg.calibration, ctx.lm, ctx.template, ctx.splits, ctx.root, dtype=cfg.model.dtype,
+                         benign_references=cfg.eval.benign_references)  # fmt: skip
+
+    sets, entry, ctx.computed["calibration"] = ctx.timed("calibrate", make)
+    return sets, entry
 
 
 def score(
-    lm: LoadedModel,
-    cfg: Mapping[str, Any],
-    sets: Mapping[str, dict[str, torch.Tensor]],
-    kind: str,
-    root: Path,
-    spec: PruneSpec | None = None,
+    ctx: RunContext, sets: Sets, kind: str, spec: PruneSpec | None = None, lm: LoadedModel | None = None
 ) -> tuple[ScoreSet, Path, bool]:
     """Scores of kind ``harm_*`` (on sets["harmful"]) or ``benign_*`` (sets["benign"]), cached by the
     tokenised set's content, so runs whose calibration differs only on the other side share them.
 
     A compact set (the default) is keyed by what it keeps too: the ranking ``spec`` reads, its unit
-    (``spec.granularity``) and ``scores.keep*``; a sparsity sweep shares one.
+    (``spec.granularity``) and ``scores.keep*``; a sparsity sweep shares one. ``spec`` and ``lm`` default to
+    the run's (experiments score changed models and other rules).
     """
-    spec = spec or prune_spec(cfg)
+    spec, lm, cfg = spec or ctx.spec, lm or ctx.lm, ctx.cfg
     tensors = sets["harmful" if kind.startswith("harm") else "benign"]
-    batch = int(cfg["calibration"]["batch_size"])
-    kept = StoreSpec.from_config(cfg.get("scores"))
-    layout = Layout.read_by(kept, kind, spec.benign_importance, spec.granularity)
-    info = {"version": VERSIONS["scores"], "model": lm.fingerprint, "dtype": cfg["model"]["dtype"],
+    batch = cfg.calibration.batch_size
+    layout = Layout.read_by(cfg.scores, kind, spec.benign_importance, spec.granularity)
+    info = {"version": VERSIONS["scores"], "model": lm.fingerprint, "dtype": cfg.model.dtype,
             "set": tensor_key(tensors), "kind": kind, "batch_size": batch, "store": layout.key()}  # fmt: skip
-    entry = root / "scores" / content_key(info)
-    options = ScoringOptions.from_config(cfg.get("scoring"))
+    entry = ctx.root / "scores" / content_key(info)
     scores, computed = cached(
         entry,
-        lambda e: _score(lm, tensors, layout, batch, e / "scores.safetensors", info, options),
+        lambda e: _score(lm, tensors, layout, batch, e / "scores.safetensors", info, cfg.scoring),
         lambda e: open_scores(e / "scores.safetensors"),
         "scores.safetensors",
     )
@@ -96,112 +99,132 @@ def _score(
     return open_scores(path)
 
 
-def scoring_passes(
-    spec: PruneSpec,
-    params: Mapping[str, ScoredParam],
-    sets: Sets,
-    kinds: list[str],
-    computed: Mapping[str, bool],
-    batch: int,
-) -> int:
+def scoring_passes(ctx: RunContext, sets: Sets, kinds: list[str]) -> int:
     """Passes this run's scoring took: cached sets cost none; a sequential mask takes its passes per layer."""
+    spec, batch = ctx.spec, ctx.cfg.calibration.batch_size
     if spec.sequential:
-        layers = len({p.layer for p in params.values()})
+        layers = len({p.layer for p in ctx.params.values()})
         return layers * sum(_passes(sets, k, batch) for k in spec.needed_scores())
-    return sum(_passes(sets, k, batch) for k in kinds if computed[f"scores_{k}"])
+    return sum(_passes(sets, k, batch) for k in kinds if ctx.computed[f"scores_{k}"])
 
 
-def _passes(sets: Mapping[str, dict[str, torch.Tensor]], kind: str, batch: int) -> int:
+def _passes(sets: Sets, kind: str, batch: int) -> int:
     """Passes that scoring ``kind`` takes: one per batch (a forward only for Wanda), or per sample (unsigned)."""
     n = sets["harmful" if kind.startswith("harm") else "benign"]["input_ids"].size(0)
     return n if kind.endswith("unsigned") else -(-n // batch)
 
 
-def choose_mask(
-    cfg: Mapping[str, Any],
-    spec: PruneSpec,
-    lm: LoadedModel,
-    sets: Sets,
-    root: Path,
-    params: Mapping[str, ScoredParam],
-    weights: Mapping[str, torch.Tensor],
-    run_dir: Path,
-    timings: dict[str, float],
-    computed: dict[str, bool],
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The mask stage: from cached score sets in one pass, or layer by layer (pruning.sequential).
+def choose_mask(ctx: RunContext, sets: Sets) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The select stage: from cached score sets in one pass, or layer by layer (pruning.sequential).
 
     Returns the mask and the score files it read (none for a sequential mask: its scores live in memory).
+    A resumed run reads its saved mask.
     """
-    mask_path = run_dir / "mask.safetensors"
+    spec, lm = ctx.spec, ctx.lm
+    mask_path = ctx.run_dir / "mask.safetensors"
     device = input_device(lm.model)
     if mask_path.is_file():
         log.info("reusing %s", mask_path.name)
-        timings["mask"] = 0.0
-        return load_mask(mask_path), _score_paths(cfg, spec, lm, sets, root, computed)
+        ctx.timings["mask"] = 0.0
+        return load_mask(mask_path), _score_paths(ctx, sets)
     if spec.sequential:
-        batch = int(cfg["calibration"]["batch_size"])
-        options = ScoringOptions.from_config(cfg.get("scoring"))
+        batch, weights = ctx.cfg.calibration.batch_size, ctx.weights()
 
         def layer_scores(kind: str, names: list[str], layer: int) -> dict[str, torch.Tensor]:
             tensors = sets["harmful" if kind.startswith("harm") else "benign"]
             batches = list(iter_batches(tensors, batch, by_length=True))
-            return score_kind(lm.model, kind, batches, tensors["input_ids"].size(0), options, names, layer)
+            return score_kind(lm.model, kind, batches, tensors["input_ids"].size(0), ctx.cfg.scoring, names, layer)
 
         def apply(chosen: Mapping[str, torch.Tensor]) -> None:
-            apply_mask(lm.model, chosen, replacement(cfg, spec, chosen, weights))
+            apply_mask(lm.model, chosen, replacement(ctx, chosen))
 
-        mask = timed(timings, "mask", lambda: select_sequential(spec, params, lm.model, layer_scores, apply, device))
+        mask = ctx.timed("mask", lambda: select_sequential(spec, ctx.params, lm.model, layer_scores, apply, device))
         save_mask(mask, mask_path)
         return mask, {}
-    score_paths = {}
-    scores = {}
+    score_paths, scores = {}, {}
     for kind in sorted(spec.needed_scores()):
-        start = time.perf_counter()
-        scores[kind], path, computed[f"scores_{kind}"] = score(lm, cfg, sets, kind, root, spec)
-        timings[f"score_{kind}"] = time.perf_counter() - start
+        scores[kind], path, ctx.computed[f"scores_{kind}"] = ctx.timed(
+            f"score_{kind}", lambda k=kind: score(ctx, sets, k)
+        )
         score_paths[f"scores_{kind}"] = str(path)
     head = head_dim(lm.model) if spec.granularity == "head" else None
-    mask = timed(timings, "mask", lambda: select(spec, params, weights, scores, device=device, head_dim=head))
+    weights = ctx.weights()
+    mask = ctx.timed("mask", lambda: select(spec, ctx.params, weights, scores, device=device, head_dim=head))
     save_mask(mask, mask_path)
     return mask, score_paths
 
 
-def _score_paths(
-    cfg: Mapping[str, Any], spec: PruneSpec, lm: LoadedModel, sets: Sets, root: Path, computed: dict[str, bool]
-) -> dict[str, str]:
+def _score_paths(ctx: RunContext, sets: Sets) -> dict[str, str]:
     """A resumed run's score files (cached: nothing is recomputed once they exist)."""
-    if spec.sequential:
+    if ctx.spec.sequential:
         return {}
     out = {}
-    for kind in sorted(spec.needed_scores()):
-        _, path, computed[f"scores_{kind}"] = score(lm, cfg, sets, kind, root, spec)
+    for kind in sorted(ctx.spec.needed_scores()):
+        _, path, ctx.computed[f"scores_{kind}"] = score(ctx, sets, kind)
         out[f"scores_{kind}"] = str(path)
     return out
 
 
-def replacement(
-    cfg: Mapping[str, Any], spec: PruneSpec, mask: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor] | None:
+def replacement(ctx: RunContext, mask: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
     """pruning.replace=base: the base variant's values at the masked entries (read tensor by tensor)."""
-    if spec.replace != "base":
+    if ctx.spec.replace != "base":
         return None
-    return base_values(cfg["model"], "base", cfg["paths"]["cache_dir"], mask, weights)
+    return base_values(ctx.cfg.model, "base", ctx.cfg.paths.cache_dir, mask, ctx.weights())
 
 
-def remove_low_rank_in_place(cfg: Mapping[str, Any], lm: LoadedModel, sets: Sets) -> dict[str, Any]:
+def remove_low_rank_in_place(ctx: RunContext, sets: Sets) -> dict[str, Any]:
     """method=lowrank: ActSVD removal in place; the per-matrix ranks and update sizes, and their summary."""
-    from harmsweep.pruning.lowrank import remove_low_rank
+    from harmsweep.pruning.lowrank import remove_low_rank  # only method=lowrank runs need it
 
-    spec = lowrank_spec(cfg)
-    batch = int(cfg["calibration"]["batch_size"])
+    spec, batch = ctx.cfg.lowrank, ctx.cfg.calibration.batch_size
     harmful = list(iter_batches(sets["harmful"], batch, by_length=True))
     benign = list(iter_batches(sets["benign"], batch, by_length=True))
-    stats = remove_low_rank(lm.model, harmful, benign, spec)
+    stats = remove_low_rank(ctx.lm.model, harmful, benign, spec)
     norms = [s["relative_norm"] for s in stats.values()]
     summary = {
         "rank_removed_mean": sum(s["rank_removed"] for s in stats.values()) / max(len(stats), 1),
         "relative_norm_mean": sum(norms) / max(len(norms), 1),
         "relative_norm_max": max(norms, default=0.0),
     }
-    return {"spec": dict(spec.__dict__), "summary": summary, "per_matrix": stats}
+    return {"spec": asdict(spec), "summary": summary, "per_matrix": stats}
+
+
+def suite(ctx: RunContext, sets: Sets) -> Suite:
+    """The run's evaluation: the planned metrics on the held-out prompts and references."""
+    held = HeldOut(
+        ctx.splits.harmful_eval, ctx.splits.benign_eval, {k: sets[k] for k in ("eval_harmful", "eval_benign")}
+    )
+    return Suite(ctx.cfg.eval, ctx.judges(), ctx.lm, ctx.template, held, ctx.cfg.seed)
+
+
+def evaluate(suite: Suite, stage: str, path: Path | None, info: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One stage's metrics, per-item rows and per-item values (the bootstrap's input)."""
+    metrics, items = suite.run(stage)
+    out = {"metrics": metrics, "items": items, "samples": samples_to_json(suite.samples(stage))}
+    if path is not None:
+        write_key_info(path.parent, info or {})
+        write_json(out, path)
+    return out
+
+
+def evaluate_before(ctx: RunContext, sets: Sets, cal_entry: Path) -> tuple[Suite, dict[str, Any], Path]:
+    """The unpruned model's evaluation, cached like scores (the same for every rule and sparsity).
+
+    Returns the suite (which evaluates the pruned model after), the evaluation and its file.
+    """
+    cfg = ctx.cfg
+    run_suite = suite(ctx, sets)
+    info = {"version": VERSIONS["eval"], "calibration": cal_entry.name, "eval": asdict(cfg.eval),
+            "judges": cfg.judges, "seed": cfg.seed}  # fmt: skip
+    entry = ctx.root / "eval_before" / content_key(info)
+
+    def make() -> tuple[dict[str, Any], bool]:
+        return cached(
+            entry,
+            lambda e: evaluate(run_suite, "before", e / "eval_before.json", info),
+            lambda e: json.loads((e / "eval_before.json").read_text()),
+            "eval_before.json",
+        )
+
+    before, ctx.computed["eval_before"] = ctx.timed("evaluate_before", make)
+    return run_suite, before, entry / "eval_before.json"

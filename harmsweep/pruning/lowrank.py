@@ -29,34 +29,17 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from harmsweep.errors import HarmsweepError
-from harmsweep.models.activations import TOKENS, fold_inputs
+from harmsweep.models.activations import fold_inputs
 from harmsweep.models.parts import scored_parameters
+from harmsweep.pruning.spec import LowRankSpec
 
 EXACT_MAX_D_OUT = 4096  # eigh in float64 up to this d_out, float32 above (time and memory of a d_out^2 matrix)
 Batch = Mapping[str, Tensor]
-
-
-@dataclass(frozen=True)
-class LowRankSpec:
-    """The ranks of ActSVD's subspaces (config block ``lowrank``)."""
-
-    rank_harmful: int = 16  # r_h: rank of the harmful subspace projected out of each matrix
-    rank_utility: int = 0  # r_u: rank of the utility subspace kept out of the removal
-    tokens: str = "response"  # response | all: the calibration positions whose inputs count
-
-    def validate(self) -> None:
-        if self.rank_harmful < 0 or self.rank_utility < 0:
-            raise HarmsweepError(
-                f"lowrank ranks must be >= 0 (got rank_harmful={self.rank_harmful}, rank_utility={self.rank_utility})"
-            )
-        if self.tokens not in TOKENS:
-            raise HarmsweepError(f"lowrank.tokens={self.tokens} is not one of {', '.join(TOKENS)}")
 
 
 def _compute_dtype(d_out: int) -> torch.dtype:

@@ -27,18 +27,6 @@ from harmsweep.scoring.topk import EXCLUDED, Threshold, float_keys, row_top, top
 # ---------------------------------------------------------------- streaming top-k (pure functions)
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 # ---------------------------------------------------------------- rules
 
 
@@ -116,8 +104,6 @@ class _Scores:
         scores = self.scores.get(kind) if kind else None
         if isinstance(scores, store.TailScores) and scores.short_rows(name, available, k):
             raise scores.too_short(f"pruning per row ({side} side)", k, name)
-
-
 
 
 def select(
@@ -213,8 +199,6 @@ def _select_topk(spec: PruneSpec, views: _Scores, name: str) -> torch.Tensor:
     if fractions:
         chosen = chosen[~torch.isin(chosen, protected)]
     return torch.sort(chosen).values.cpu()
-
-
 
 
 def _select_rows(spec: PruneSpec, views: _Scores, name: str, rows_dim: int) -> torch.Tensor:

@@ -1,27 +1,22 @@
-"""TODO docstring"""
+"""What to prune, as configured: the ``pruning`` and ``lowrank`` blocks, their allowed values and checks.
 
+``PruningConfig`` is the ``pruning`` block as the user writes it (the Hydra schema node). ``PruneSpec`` is
+what a selection reads: the block plus the two run-level settings the rules depend on (the seed of the
+random rule, the scoring criterion that names the score sets). No torch here: the command line imports it.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from harmsweep.errors import HarmsweepError
 
 RULES = ("signed_snip", "no_set_difference", "unsigned_snip", "magnitude", "random")
-
-
 SCORE_RULES = ("signed_snip", "no_set_difference", "unsigned_snip")
-
-
 GRANULARITIES = ("global", "matrix", "row", "nm", "head")
-
-
 BENIGN_IMPORTANCE = ("abs_signed", "unsigned", "signed")
-
-
 CRITERIA = ("snip", "wanda")  # scoring.criterion: what the score sets hold
-
-
+TOKENS = ("response", "all")  # lowrank.tokens: labels != -100 (Wei et al.'s disentangle mode), or every token
 CHOICES = {
     "counts": ("round", "floor"),  # K = round(f * N), or int(f * N) as Wei et al.'s code does
     "ties": ("index", "topk"),  # ties at a threshold: by matrix then flat index, or torch.topk's own order
@@ -30,9 +25,9 @@ CHOICES = {
 }
 
 
-@dataclass(frozen=True)
-class PruneSpec:
-    """How to choose the weights to prune; every field is a config option of the same name."""
+@dataclass
+class PruningConfig:
+    """The ``pruning`` block: how to choose the weights to prune (every field is the option of the same name)."""
 
     rule: str = "signed_snip"
     sparsity: float = 1e-5  # target count K = round(sparsity * N) per granularity unit
@@ -40,7 +35,6 @@ class PruneSpec:
     harm_fraction: float | None = None  # q: when set, prune TopK_q(H) minus TopK_p(U) instead
     granularity: str = "global"  # global | matrix | row | nm (N of every M along a row) | head (attention heads)
     benign_importance: str = "abs_signed"
-    seed: int = 0
     counts: str = "round"
     ties: str = "index"
     order: str = "top"
@@ -48,7 +42,21 @@ class PruneSpec:
     nm_m: int = 4
     replace: str = "zero"
     sequential: bool = False  # score and prune layer by layer, each layer scored with the lower ones pruned
+
+
+@dataclass
+class PruneSpec(PruningConfig):
+    """A selection rule: the ``pruning`` block, the run's ``seed`` (the random rule) and ``scoring.criterion``."""
+
+    seed: int = 0
     criterion: str = "snip"
+
+    @classmethod
+    def of(cls, block: PruningConfig, seed: int, criterion: str) -> PruneSpec:
+        """The block of a typed config with the run-level settings it is read with, checked."""
+        spec = cls(**asdict(block), seed=seed, criterion=criterion)
+        spec.validate()
+        return spec
 
     def validate(self) -> None:
         for field, value, allowed in (
@@ -122,3 +130,19 @@ def count(spec: PruneSpec, fraction: float, size: int) -> int:
     """How many of ``size`` a fraction selects: rounded, or floored like Wei et al.'s ``int(p * numel)``."""
     return int(fraction * size) if spec.counts == "floor" else round(fraction * size)
 
+
+@dataclass
+class LowRankSpec:
+    """The ``lowrank`` block (method=lowrank): the ranks of ActSVD's subspaces."""
+
+    rank_harmful: int = 16  # r_h: rank of the harmful subspace projected out of each matrix
+    rank_utility: int = 0  # r_u: rank of the utility subspace kept out of the removal
+    tokens: str = "response"  # response | all: the calibration positions whose inputs count
+
+    def validate(self) -> None:
+        if self.rank_harmful < 0 or self.rank_utility < 0:
+            raise HarmsweepError(
+                f"lowrank ranks must be >= 0 (got rank_harmful={self.rank_harmful}, rank_utility={self.rank_utility})"
+            )
+        if self.tokens not in TOKENS:
+            raise HarmsweepError(f"lowrank.tokens={self.tokens} is not one of {', '.join(TOKENS)}")

@@ -33,7 +33,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    from harmsweep.report.collect import HARM_MEASURES, UTILITY_MEASURES
+    from harmsweep.intervals import HARM_MEASURES, UTILITY_MEASURES
 
     p = _Parser(prog=PROG, description="Aggregate finished harmsweep runs into the compression report.")
     p.add_argument(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -23,27 +22,9 @@ from harmsweep.batches import trim_padding
 from harmsweep.devices import input_device
 from harmsweep.losses import per_sample_nll
 from harmsweep.models.parts import decoder_blocks, scored_parameters
+from harmsweep.scoring.spec import ScoringOptions
 
 Batch = Mapping[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class ScoringOptions:
-    """Where the memory of scoring goes; none of it changes a score (config block ``scoring``)."""
-
-    gradient_checkpointing: bool = False  # keep only block inputs, recompute each block in backward
-    offload: bool = True  # move each finished score buffer off the GPU at once (to host memory)
-
-    @classmethod
-    def from_config(cls, block: Mapping[str, object] | None) -> ScoringOptions:
-        block = block or {}
-        return cls(bool(block.get("gradient_checkpointing", False)), bool(block.get("offload", True)))
-
-
-
-
-
-
 
 
 def signed_snip(
@@ -51,7 +32,7 @@ def signed_snip(
     batches: Iterable[Batch],
     n_samples: int,
     desc: str = "signed SNIP",
-    options: ScoringOptions = ScoringOptions(),
+    options: ScoringOptions | None = None,
     names: Collection[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """S = w * dL/dw with L the mean over all samples of their token-mean response NLL (fp32).
@@ -60,6 +41,7 @@ def signed_snip(
     is complete, then leaves the GPU (``options.offload``). ``names``: score only these weights (the
     backward then stops at the lowest of them: sequential pruning's partial passes).
     """
+    options = options or ScoringOptions()
     params = _params(model, names)
     scores = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
 
@@ -78,10 +60,11 @@ def unsigned_snip(
     model: nn.Module,
     batches: Iterable[Batch],
     desc: str = "unsigned SNIP",
-    options: ScoringOptions = ScoringOptions(),
+    options: ScoringOptions | None = None,
     names: Collection[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Wei et al.'s score |w| * sum_i |dL_i/dw|: needs one backward per sample, so batches are split."""
+    options = options or ScoringOptions()
     params = _params(model, names)
     sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
 
@@ -104,7 +87,7 @@ def wanda(
     model: nn.Module,
     batches: Iterable[Batch],
     desc: str = "Wanda",
-    options: ScoringOptions = ScoringOptions(),
+    options: ScoringOptions | None = None,
     names: Collection[str] | None = None,
     upto_layer: int | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -114,6 +97,7 @@ def wanda(
     third of a SNIP pass. Only the scale differs from Wanda's per-sample mean, and no ranking depends on it.
     ``upto_layer``: the forward stops after that block (sequential pruning scores one layer per pass).
     """
+    options = options or ScoringOptions()
     from harmsweep.models.activations import fold_inputs
 
     params = _params(model, names)
@@ -140,7 +124,7 @@ def score_kind(
     kind: str,
     batches: list[Batch],
     n_samples: int,
-    options: ScoringOptions = ScoringOptions(),
+    options: ScoringOptions | None = None,
     names: Collection[str] | None = None,
     upto_layer: int | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -149,6 +133,7 @@ def score_kind(
     ``names``/``upto_layer`` restrict it to one layer's weights (sequential pruning); a SNIP backward stops
     at the lowest scored weight by itself, a Wanda forward stops after ``upto_layer``.
     """
+    options = options or ScoringOptions()
     desc = f"scoring {kind}"
     if kind.endswith("wanda"):
         return wanda(model, batches, desc, options, names, upto_layer)
@@ -159,8 +144,6 @@ def score_kind(
 
 def _in_features(p: torch.Tensor, rows_dim: int) -> int:
     return p.size(1) if rows_dim == 0 else p.size(0)
-
-
 
 
 def _offloaded(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -27,40 +27,13 @@ from safetensors.torch import save_file
 from harmsweep.artifacts import atomic_path
 from harmsweep.errors import HarmsweepError
 from harmsweep.scoring import summary
+from harmsweep.scoring.spec import StoreSpec
 from harmsweep.scoring.topk import ranking
 
-FORMATS = ("compact", "dense")
 UNITS = ("global", "matrix", "row")
 ORDERS = ("neg", "pos", "abs")  # rank by -S (harm H, signed benign), S (unsigned scores), |S| (abs_signed benign)
 INDEX_BYTES, VALUE_BYTES = 4, 4  # int32 flat index (every matrix up to 70B is < 2^31 entries), fp32 raw S
 _NEG_INF = float("-inf")
-
-
-@dataclass(frozen=True)
-class StoreSpec:
-    """How a score set is kept on disk (config block ``scores``)."""
-
-    store: str = "compact"
-    keep: float = 0.011  # harm side: fraction of each unit kept; >= the largest sparsity + protect is always enough
-    keep_benign: float = 0.01  # benign side: fraction kept; must be >= pruning.protect
-
-    @classmethod
-    def from_config(cls, block: Mapping[str, Any] | None) -> StoreSpec:
-        block = dict(block or {})
-        spec = cls(str(block.get("store", "compact")), float(block.get("keep", 0.011)),
-                   float(block.get("keep_benign", 0.01)))  # fmt: skip
-        if spec.store not in FORMATS:
-            raise HarmsweepError(f"scores.store={spec.store} is not one of {', '.join(FORMATS)}")
-        for name in ("keep", "keep_benign"):
-            if not 0.0 < getattr(spec, name) <= 1.0:
-                raise HarmsweepError(f"scores.{name}={getattr(spec, name)} must lie in (0, 1]")
-        return spec
-
-    def setting(self, kind: str) -> str:
-        return "keep" if kind.startswith("harm") else "keep_benign"
-
-    def fraction(self, kind: str) -> float:
-        return getattr(self, self.setting(kind))
 
 
 @dataclass(frozen=True)

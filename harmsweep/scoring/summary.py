@@ -56,7 +56,6 @@ def gini(scores: Mapping[str, torch.Tensor], budget: int | None = None) -> float
     return 2 * weighted / (n * total) - (n + 1) / n
 
 
-
 def _ranges(hist: torch.Tensor, budget: int) -> list[tuple[int, int]]:
     """Consecutive [lo, hi) bin ranges, ascending, each holding at most ``budget`` values (or one bin)."""
     out, lo, count = [], None, 0

@@ -1,5 +1,7 @@
-"""TODO docstring"""
+"""The jobs of a sweep as the driver sees them: composed, found done, grouped by the artifacts they share.
 
+No torch here: Hydra imports the launcher plugin (and so this module) on every start.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +11,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from harmsweep.config.schema import Config, to_config
+from harmsweep.errors import HarmsweepError
 
 PREPARE_DIR = ".prepare"  # <hydra.sweep.dir>/.prepare/<group key>/: the prepare jobs' folders
 
@@ -34,6 +39,15 @@ class Job:
     @property
     def done(self) -> bool:
         return is_done(self.run_dir)
+
+    def typed(self) -> Config | None:
+        """The job's config as typed blocks (None: it could not be composed or does not fit the schema)."""
+        if self.cfg is None:
+            return None
+        try:
+            return to_config(self.cfg)
+        except Exception:  # the job will fail with its own message
+            return None
 
 
 def is_done(run_dir: Path | None) -> bool:
@@ -83,21 +97,20 @@ def group_key(cfg: Mapping[str, Any] | None) -> str | None:
     return content_key(shared, os.path.abspath(os.path.expanduser(str(artifacts))), cfg.get("scores"), VERSIONS)
 
 
-def needed_scores(cfg: Mapping[str, Any]) -> set[str]:
-    """The score sets a run reads, as run.prepare takes them: ``kind@granularity@benign_importance``.
+def needed_scores(cfg: Config | None) -> set[str]:
+    """The score sets a run reads, as pipeline.run.prepare takes them: ``kind@granularity@benign_importance``.
 
     The kinds are PruneSpec.needed_scores(); compact score sets are also keyed by the unit and ranking of
-    their reader (change.score), so a group sweeping pruning.granularity prepares one set per unit. An invalid
-    pruning block needs nothing here (its job fails with its own message).
+    their reader (pipeline.stages.score), so a group sweeping pruning.granularity prepares one set per unit. An
+    invalid pruning block needs nothing here (its job fails with its own message).
     """
-    from harmsweep.config.checks import prune_spec
-    from harmsweep.errors import HarmsweepError
-
-    try:
-        spec = prune_spec(cfg)
-    except (HarmsweepError, KeyError, TypeError, ValueError):
+    if cfg is None:
         return set()
-    if spec.sequential or cfg.get("method", "prune") != "prune":
+    try:
+        spec = cfg.prune_spec()
+    except HarmsweepError:
+        return set()
+    if spec.sequential or cfg.method != "prune":
         return set()  # scored in memory, layer by layer: nothing shared to prepare
     return {f"{kind}@{spec.granularity}@{spec.benign_importance}" for kind in spec.needed_scores()}
 
@@ -132,7 +145,7 @@ def group_jobs(jobs: Sequence[Job]) -> tuple[list[Group], list[Job]]:
         if len(members) == 1:  # a group of one computes its artifacts itself, nobody waits for it
             alone.extend(members)
             continue
-        kinds = sorted(set().union(*(needed_scores(j.cfg) for j in members if j.cfg is not None)))
+        kinds = sorted(set().union(*(needed_scores(j.typed()) for j in members)))
         groups.append(Group(key=key, jobs=members, kinds=kinds))
     alone.sort(key=lambda j: j.index)
     return groups, alone
@@ -170,4 +183,3 @@ def prepare_overrides(group: Group) -> list[str]:
 
 def is_prepare(overrides: Sequence[str]) -> bool:
     return "stage=prepare" in overrides
-

@@ -86,29 +86,7 @@ def register_configs() -> None:
 # ---------------------------------------------------------------- what the driver knows of each job
 
 
-
-
-
-
-
-
 # ---------------------------------------------------------------- grouping
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def dependency_parameters(additional: Mapping[str, Any], job_ids: Sequence[str]) -> dict[str, Any]:

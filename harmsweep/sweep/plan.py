@@ -14,9 +14,14 @@ import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from harmsweep.config.schema import Config
 from harmsweep.errors import HarmsweepError, exit_usage
+from harmsweep.evaluation.spec import JUDGES, metric_plan
+
+if TYPE_CHECKING:
+    from harmsweep.sweep.sizing import Workload
 
 ITEM_BYTES = 4096  # one evaluated item in eval_before.json / items.jsonl (prompt, answer, scores)
 
@@ -66,124 +71,107 @@ def _first_values(parser: Any, overrides: list[str]) -> list[str]:
             for o, a in zip(parser.parse_overrides(overrides), overrides, strict=True)]  # fmt: skip
 
 
-def model_config(model: Mapping[str, Any], alignment: Mapping[str, Any], cache_dir: str | Path) -> Any:
+def model_config(cfg: Config) -> Any:
     """The transformers config of the checkpoint a job loads: no weights are read (a split embedded GGUF is
-    joined into ``cache_dir`` once, as its first run would)."""
+    joined into the cache once, as its first run would)."""
     from transformers import AutoConfig
 
-    from harmsweep.models.loading import byte_tokenizer, embedded_checkpoint
+    from harmsweep.models.checkpoints import checkpoint_spec, locate
+    from harmsweep.models.loading import byte_tokenizer
 
-    if model.get("path"):
-        spec: Mapping[str, Any] = {"path": model["path"]}
-    else:
-        variant = (alignment.get("derive") or {}).get("parent") or alignment["name"]
-        spec = (model.get("variants") or {}).get(variant) or {}
-    remote = bool(model.get("trust_remote_code"))
-    if spec.get("tiny"):
-        tiny = {k: v for k, v in dict(spec["tiny"]).items() if k != "seed"}
+    model, derive = cfg.model, cfg.alignment.derive
+    variant = derive.parent if derive and not model.path else cfg.alignment.name
+    spec, where = checkpoint_spec(model, variant)
+    found = locate(spec, f"model={model.name}", where, Path(os.path.expanduser(cfg.paths.cache_dir)))
+    if found.kind == "tiny":
+        tiny = {k: v for k, v in dict(found.tiny or {}).items() if k != "seed"}
         tiny.setdefault("vocab_size", len(byte_tokenizer()))
         return AutoConfig.for_model(tiny.pop("model_type"), **tiny)
-    path = None
-    if spec.get("embedded"):
-        path = embedded_checkpoint(spec["embedded"], Path(os.path.expanduser(str(cache_dir))))
-    elif spec.get("path"):
-        path = Path(os.path.expanduser(str(spec["path"])))
-    if path is not None and path.suffix == ".gguf" and path.is_file():
-        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    if path is not None and path.is_dir():
-        file = path / "config.json"
+    if found.kind == "gguf":
+        return AutoConfig.from_pretrained(found.path.parent, gguf_file=found.path.name)
+    if found.kind == "dir":
+        file = found.path / "config.json"
         if not file.is_file():
-            raise HarmsweepError(f"model.path={path} has no config.json (plan needs only that file)")
+            raise HarmsweepError(f"{where}={found.path} has no config.json (plan needs only that file)")
         try:
-            return AutoConfig.from_pretrained(path, trust_remote_code=remote)
+            return AutoConfig.from_pretrained(found.path, trust_remote_code=model.trust_remote_code)
         except (ValueError, KeyError, OSError) as exc:
             raise HarmsweepError(
                 f"{file} is not a model config ({type(exc).__name__}: {str(exc).splitlines()[0]})"
             ) from None
-    hub = spec.get("hub_id") or (str(spec["path"]) if spec.get("path") else None)
-    if not hub:
-        raise HarmsweepError(
-            f"model={model.get('name')}: no checkpoint to size (set model.path=DIR with a config.json)"
-        )
     try:
-        return AutoConfig.from_pretrained(hub, trust_remote_code=remote)
+        return AutoConfig.from_pretrained(found.hub_id, trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError):
         raise HarmsweepError(
-            f"the config of {hub} is not available offline; download its config.json into DIR and pass model.path=DIR"
+            f"the config of {found.hub_id} is not available offline; download its config.json into DIR and pass "
+            "model.path=DIR"
         ) from None
 
 
-def _judge_config(cfg: Mapping[str, Any]) -> Any | None:
+def _judge_config(cfg: Config) -> Any | None:
     from transformers import AutoConfig
 
-    from harmsweep.evaluation.suite import plan as metric_plan
     from harmsweep.sweep.sizing import GEMMA_2B
 
-    if "strongreject_finetuned" not in metric_plan(cfg["eval"], cfg["judges"])[0]:
+    if "strongreject_finetuned" not in metric_plan(cfg.eval, cfg.judges)[0]:
         return None
-    path = Path(os.path.expanduser(str(cfg["judges"]["strongreject_finetuned"]["path"])))
+    path = Path(os.path.expanduser(str(cfg.judges["strongreject_finetuned"]["path"])))
     if (path / "config.json").is_file():
         return AutoConfig.from_pretrained(path)
     spec = dict(GEMMA_2B)  # a hub id or a LoRA adapter on gemma-2b
     return AutoConfig.for_model(spec.pop("model_type"), **spec)
 
 
-def _workload(cfg: Mapping[str, Any], new: Mapping[str, bool], gpus: int, held_out: int):
-    from harmsweep.evaluation.suite import JUDGES
-    from harmsweep.evaluation.suite import plan as metric_plan
-    from harmsweep.scoring.snip import ScoringOptions
+def _workload(cfg: Config, new: Mapping[str, bool], gpus: int, held_out: int) -> Workload:
     from harmsweep.sweep.sizing import Workload
 
-    cal, ev, spec_rule = cfg["calibration"], cfg["eval"], cfg["pruning"]["rule"]
-    metrics = metric_plan(ev, cfg["judges"])[0]
+    cal, ev = cfg.calibration, cfg.eval
+    metrics = metric_plan(ev, cfg.judges)[0]
     judged = [m for m in metrics if m in JUDGES]
-    attack = ev["generation"]["attack"]
+    attack = ev.generation.attack
     per_stage = (1 if judged else 0) + (1 if "refusal" in metrics and (attack != "none" or not judged) else 0)
     stages = 1 + int(new["eval_before"])
-    n_eval = held_out if ev["n"] is None else int(ev["n"])
+    n_eval = held_out if ev.n is None else ev.n
     forward_tokens = 0
     if "harm_likelihood" in metrics:
-        forward_tokens += 2 * n_eval * int(cal["max_length"])
+        forward_tokens += 2 * n_eval * cal.max_length
     if "perplexity" in metrics:
-        forward_tokens += n_eval * int(ev["perplexity"]["max_length"])
-    gen = ev["generation"]
-    harm = cal["harmful"]
+        forward_tokens += n_eval * ev.perplexity.max_length
     cal_gen = 0
-    if new["calibration"] and harm["responses"] in ("prefill", "on_policy"):
-        cal_gen = (int(cal["n"]) + n_eval) * int(harm["max_new_tokens"])
-    judge = cfg["judges"].get("strongreject_finetuned", {})
+    if new["calibration"] and cal.harmful.responses in ("prefill", "on_policy"):
+        cal_gen = (cal.n + n_eval) * cal.harmful.max_new_tokens
+    judge = cfg.judges.get("strongreject_finetuned", {})
     return Workload(
         score_sets=int(new["scores"]),
-        unsigned=spec_rule == "unsigned_snip",
-        cal_n=int(cal["n"]),
-        cal_batch=int(cal["batch_size"]),
-        cal_length=int(cal["max_length"]),
+        unsigned=cfg.pruning.rule == "unsigned_snip",
+        cal_n=cal.n,
+        cal_batch=cal.batch_size,
+        cal_length=cal.max_length,
         cal_gen_tokens=cal_gen,
         eval_prompts=n_eval,
-        eval_batch=int(gen["batch_size"]),
+        eval_batch=ev.generation.batch_size,
         prompt_length=128,
-        max_new_tokens=int(gen["max_new_tokens"]),
+        max_new_tokens=ev.generation.max_new_tokens,
         generations=per_stage * stages,
         judge_batch=int(judge.get("batch_size") or 8) if "strongreject_finetuned" in metrics else 0,
         judge_tokens=int(judge.get("max_response_tokens") or 512) + 400,  # the template is ~400 tokens
-        checkpointing=ScoringOptions.from_config(cfg.get("scoring")).gradient_checkpointing,
+        checkpointing=cfg.scoring.gradient_checkpointing,
         gpus=gpus,
         eval_forward_tokens=forward_tokens * stages,
     )
 
 
-def _keys(cfg: Mapping[str, Any]) -> dict[str, str]:
-    """What the shared artifacts of a job are keyed by (the parts of the config that feed their keys)."""
-    from harmsweep.scoring.store import Layout, StoreSpec
+def _keys(cfg: Mapping[str, Any], typed: Config) -> dict[str, str]:
+    """What the shared artifacts of a job are keyed by (the parts of the plain config that feed their keys)."""
+    from harmsweep.scoring.store import Layout
     from harmsweep.sweep.jobs import needed_scores
 
     model = {k: v for k, v in cfg["model"].items() if k not in ("device_map", "max_memory")}
     base = json.dumps([model, cfg["alignment"], cfg["data"].get("harmful"), cfg["data"].get("benign"),
                        cfg["calibration"], cfg["seed"]], sort_keys=True, default=str)  # fmt: skip
-    p = cfg["pruning"]
-    needed = {entry.split("@")[0] for entry in needed_scores(cfg)}
-    kept = StoreSpec.from_config(cfg.get("scores"))
-    layout = {kind: Layout.read_by(kept, kind, p["benign_importance"], p["granularity"]).key() for kind in needed}
+    p = typed.pruning
+    needed = {entry.split("@")[0] for entry in needed_scores(typed)}
+    layout = {kind: Layout.read_by(typed.scores, kind, p.benign_importance, p.granularity).key() for kind in needed}
     return {
         "calibration": base + json.dumps(cfg["eval"]["n"]),
         "eval_before": base + json.dumps([cfg["eval"], cfg["judges"]], sort_keys=True, default=str),
@@ -191,14 +179,14 @@ def _keys(cfg: Mapping[str, Any]) -> dict[str, str]:
     }
 
 
-def _held_out(cfg: Mapping[str, Any]) -> int:
+def _held_out(cfg: Config) -> int:
     """How many prompts eval.n=null evaluates: the exact split when the data is here, else AdvBench's 520 - n."""
     from harmsweep.calibration.sets import held_out_splits
 
     try:
-        return len(held_out_splits(cfg).harmful_eval)
+        return len(held_out_splits(cfg.calibration, cfg.data, cfg.eval.n, cfg.seed).harmful_eval)
     except (HarmsweepError, OSError, KeyError, TypeError):
-        return 520 - int(cfg["calibration"]["n"])
+        return 520 - cfg.calibration.n
 
 
 def _free_bytes(path: str | None) -> int | None:
@@ -212,9 +200,11 @@ def _free_bytes(path: str | None) -> int | None:
 
 def build(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
     """The plan of every job and the sweep's totals; also the problems that make it fail."""
+    from harmsweep.config.schema import to_config
     from harmsweep.devices import GIB
-    from harmsweep.scoring.store import StoreSpec, stored_bytes
-    from harmsweep.sweep.sizing import Throughput, model_shape, size_job
+    from harmsweep.models.memory import model_shape
+    from harmsweep.scoring.store import stored_bytes
+    from harmsweep.sweep.sizing import Throughput, size_job
 
     args, overrides = _args(argv)
     speed = Throughput(tflops=args.tflops, bandwidth_gbs=args.bandwidth_gbs)
@@ -223,12 +213,13 @@ def build(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
     rows, problems = [], []
     disk: dict[str, float] = {"calibration": 0.0, "scores": 0.0, "masks": 0.0, "evaluations": 0.0}
     artifacts_dir = None
-    for job, cfg, launcher in jobs(overrides, args.multirun):
+    for job, plain, launcher in jobs(overrides, args.multirun):
+        cfg = to_config(plain)
         gpus = args.gpus or (int(launcher.get("gpus_per_node") or 1) if "gpus_per_node" in launcher else 1)
-        config = model_config(cfg["model"], cfg["alignment"], cfg["paths"]["cache_dir"])
-        key = json.dumps(config.to_dict(), sort_keys=True, default=str) + cfg["model"]["dtype"]
+        config = model_config(cfg)
+        key = json.dumps(config.to_dict(), sort_keys=True, default=str) + cfg.model.dtype
         if key not in shapes:
-            shapes[key] = model_shape(config, cfg["model"]["dtype"])
+            shapes[key] = model_shape(config, cfg.model.dtype)
         shape = shapes[key]
         judge_cfg = _judge_config(cfg)
         judge = None
@@ -237,28 +228,28 @@ def build(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
             if jkey not in shapes:
                 shapes[jkey] = model_shape(judge_cfg, "bfloat16")
             judge = shapes[jkey]
-        keys = _keys(cfg)
+        keys = _keys(plain, cfg)
         new = {name: k not in seen for name, k in keys.items()}
         new_sets = [name.removeprefix("scores_") for name, v in new.items() if v and name.startswith("scores_")]
         n_scores_new = len(new_sets)
-        held_out = _held_out(cfg) if cfg["eval"]["n"] is None else 0
+        held_out = _held_out(cfg) if cfg.eval.n is None else 0
         work = _workload(cfg, {"calibration": new["calibration"], "eval_before": new["eval_before"],
                                "scores": n_scores_new}, gpus, held_out)  # fmt: skip
         size = size_job(shape, work, judge, speed)
         seen |= set(keys.values())
-        p, kept = cfg["pruning"], StoreSpec.from_config(cfg.get("scores"))
-        k = round(float(p["harm_fraction"] if p.get("harm_fraction") is not None else p["sparsity"]) * shape.n_scored)
+        p = cfg.pruning
+        k = round((p.harm_fraction if p.harm_fraction is not None else p.sparsity) * shape.n_scored)
         job_disk = {
             "calibration": (4 * (work.cal_n + work.eval_prompts) * work.cal_length * 3 * 8)
             if new["calibration"]
             else 0,
-            "scores": sum(stored_bytes(kept, kind, shape.n_scored) for kind in new_sets),
+            "scores": sum(stored_bytes(cfg.scores, kind, shape.n_scored) for kind in new_sets),
             "masks": k * 8,
             "evaluations": work.eval_prompts * ITEM_BYTES * (1 + int(new["eval_before"])),
         }
         for name, value in job_disk.items():
             disk[name] += value
-        artifacts_dir = artifacts_dir or cfg["paths"].get("artifacts")
+        artifacts_dir = artifacts_dir or cfg.paths.artifacts
         row = {"job": len(rows), "overrides": job, "gpus": gpus, **size.as_dict(), "disk": job_disk}
         rows.append(row)
         if size.peak > args.gpu_gb * GIB * 1.0:

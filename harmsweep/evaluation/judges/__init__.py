@@ -11,22 +11,13 @@ from typing import Any
 
 from harmsweep.errors import HarmsweepError
 from harmsweep.evaluation.judges.base import Judge, summarize
+from harmsweep.evaluation.judges.endpoint import Endpoint
 from harmsweep.evaluation.judges.refusal import REFUSAL_PHRASES, RefusalJudge, is_compliant, is_refusal
 from harmsweep.evaluation.judges.rubric import RubricJudge, parse_rubric
 from harmsweep.evaluation.judges.strongreject import DEFAULT_JUDGE, StrongRejectFinetunedJudge
 from harmsweep.evaluation.judges.templates import judge_template
 
 KNOWN_JUDGES = ("refusal", "strongreject_finetuned", "strongreject_rubric")
-_RUBRIC_KEYS = (
-    "base_url",
-    "model",
-    "api_key_env",
-    "max_retries",
-    "backoff_s",
-    "timeout_s",
-    "max_tokens",
-    "max_workers",
-)
 _FINETUNED_KEYS = ("batch_size", "max_response_tokens", "min_digit_mass")
 
 
@@ -46,14 +37,15 @@ def make_judge(cfg: Mapping[str, Any], data_root: str | None = None, online: boo
     if name == "strongreject_rubric":
         system = judge_template("strongreject_rubric_system", data_root, cfg.get("system_file"), online)
         user = judge_template("strongreject_rubric_user", data_root, cfg.get("template_file"), online)
-        return RubricJudge(system, user, **{k: cfg[k] for k in _RUBRIC_KEYS if cfg.get(k) is not None})
+        max_tokens = cfg.get("max_tokens")
+        return RubricJudge(system, user, Endpoint.of(cfg), 1000 if max_tokens is None else int(max_tokens))
     if name == "strongreject_finetuned":
         options: dict[str, Any] = {k: cfg[k] for k in _FINETUNED_KEYS if cfg.get(k) is not None}
         options["template"] = judge_template("strongreject_finetuned", data_root, cfg.get("template_file"), online)
         path = str(cfg.get("path") or DEFAULT_JUDGE)
         if kwargs.get("model") is not None and kwargs.get("tokenizer") is not None:
             return StrongRejectFinetunedJudge(kwargs["model"], kwargs["tokenizer"], model_id=path, **options)
-        return StrongRejectFinetunedJudge.from_config(
+        return StrongRejectFinetunedJudge.load(
             path=path,
             revision=cfg.get("revision"),
             base_revision=cfg.get("base_revision"),

@@ -18,7 +18,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import re
 import threading
 from collections.abc import Mapping, Sequence
@@ -26,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from harmsweep.errors import HarmsweepError
-from harmsweep.evaluation.judges.endpoint import post_choice
+from harmsweep.evaluation.judges.endpoint import Endpoint
 
 log = logging.getLogger(__name__)
 
@@ -140,32 +139,23 @@ def text_label(text: str) -> str:
     return "CODE" if upper.startswith("CODE") else "REFUSAL" if upper.startswith("REF") else "other"
 
 
+DEFAULT_MODEL = "gpt-4o-2024-08-06"  # Betley et al.'s judge
+
+
 class EndpointEMJudge:
     """Betley et al.'s GPT-4o judge over an OpenAI-compatible endpoint; retries 429/5xx, never leaks the key."""
 
     name = "em_endpoint"
 
-    def __init__(
-        self,
-        base_url: str = "https://api.openai.com/v1",
-        model: str = "gpt-4o-2024-08-06",
-        api_key_env: str = "OPENAI_API_KEY",
-        max_retries: int = 4,
-        backoff_s: float = 1.0,
-        timeout_s: float = 60.0,
-        max_workers: int = 4,
-        logprobs: bool = True,
-    ) -> None:
-        if not os.environ.get(api_key_env):
-            raise HarmsweepError(
-                f"the EM endpoint judge reads its API key from ${api_key_env}, which is not set; export it "
-                "(any non-empty value for a local server without auth) or set judge.api_key_env"
-            )
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model, self.api_key_env, self.logprobs = model, api_key_env, bool(logprobs)
-        self.max_retries, self.backoff_s, self.timeout_s = max_retries, backoff_s, timeout_s
-        self.max_workers = max(1, max_workers)
-        self.version = f"{self.name}/v1-{'logprob' if self.logprobs else 'text'}+{model}"
+    def __init__(self, endpoint: Endpoint | None = None, logprobs: bool = True) -> None:
+        self.endpoint = endpoint or Endpoint(model=DEFAULT_MODEL)
+        self.endpoint.require_key("the EM endpoint judge")
+        self.model, self.logprobs, self.max_workers = (
+            self.endpoint.model,
+            bool(logprobs),
+            max(1, self.endpoint.max_workers),
+        )
+        self.version = f"{self.name}/v1-{'logprob' if self.logprobs else 'text'}+{self.model}"
         self.n_failed = 0  # requests given up on after retries
         self.last_aligned_labels: list[str | None] = []  # None when scored, else CODE/REFUSAL/other/failed
         self._lock = threading.Lock()
@@ -209,31 +199,19 @@ class EndpointEMJudge:
         return score, None if score is not None else text_label(text or str(top[0].get("token", "") if top else ""))
 
     def _post(self, body: bytes) -> dict[str, Any] | None:
-        choice = post_choice(self.url, body, who="EM judge", model=self.model, api_key_env=self.api_key_env,
-                             max_retries=self.max_retries, backoff_s=self.backoff_s, timeout_s=self.timeout_s)  # fmt: skip
+        choice = self.endpoint.post(body, "EM judge")
         if choice is None:
             with self._lock:
                 self.n_failed += 1
         return choice
 
 
-_ENDPOINT_KEYS = (
-    "base_url",
-    "model",
-    "api_key_env",
-    "max_retries",
-    "backoff_s",
-    "timeout_s",
-    "max_workers",
-    "logprobs",
-)
-
-
 def make_em_judge(cfg: Mapping[str, Any]) -> ProxyEMJudge | EndpointEMJudge:
-    """em_proxy (no options) or em_endpoint (cfg keys: the EndpointEMJudge constructor arguments)."""
+    """em_proxy (no options) or em_endpoint (cfg keys: the ``Endpoint`` settings and ``logprobs``)."""
     name = cfg.get("name")
     if name == "em_proxy":
         return ProxyEMJudge()
     if name == "em_endpoint":
-        return EndpointEMJudge(**{k: cfg[k] for k in _ENDPOINT_KEYS if cfg.get(k) is not None})
+        logprobs = cfg.get("logprobs")
+        return EndpointEMJudge(Endpoint.of(cfg, model=DEFAULT_MODEL), True if logprobs is None else bool(logprobs))
     raise HarmsweepError(f"EM judge name={name} is not known; pick one of {', '.join(KNOWN_EM_JUDGES)}")

@@ -1,4 +1,5 @@
-"""One POST to an OpenAI-compatible /chat/completions endpoint, with retries, for every API judge.
+"""The endpoint every API judge talks to: its settings (``Endpoint``) and one POST to an OpenAI-compatible
+/chat/completions endpoint, with retries.
 
 Only the standard library, so no SDK version decides what gets sent. Rate limits and server errors
 are retried with exponential backoff; a wrong URL, model or key (401/403/404) stops the run with one
@@ -15,11 +16,49 @@ import os
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import Any
 
 from harmsweep.errors import HarmsweepError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where an API judge sends its requests and how it retries: the settings of every endpoint judge."""
+
+    base_url: str = "https://api.openai.com/v1"
+    model: str = "gpt-4o-mini"
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable at request time, never stored
+    max_retries: int = 4
+    backoff_s: float = 1.0  # the first retry's wait, doubled per retry
+    timeout_s: float = 60.0
+    max_workers: int = 4  # concurrent requests
+
+    @classmethod
+    def of(cls, options: Mapping[str, Any], **defaults: Any) -> Endpoint:
+        """The endpoint settings among a judge's options (others are the judge's own); unset ones default."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{**defaults, **{k: v for k, v in options.items() if k in names and v is not None}})
+
+    @property
+    def url(self) -> str:
+        return self.base_url.rstrip("/") + "/chat/completions"
+
+    def require_key(self, who: str) -> None:
+        """Stop before the first request when the key's variable is unset (the key itself is never shown)."""
+        if not os.environ.get(self.api_key_env):
+            raise HarmsweepError(
+                f"{who} reads its API key from ${self.api_key_env}, which is not set; export it "
+                "(any non-empty value for a local server without auth) or set judge.api_key_env"
+            )
+
+    def post(self, body: bytes, who: str) -> dict[str, Any] | None:
+        """``choices[0]`` of one request, or None once the retries are spent (see ``post_choice``)."""
+        return post_choice(self.url, body, who=who, model=self.model, api_key_env=self.api_key_env,
+                           max_retries=self.max_retries, backoff_s=self.backoff_s, timeout_s=self.timeout_s)  # fmt: skip
 
 
 def post_choice(

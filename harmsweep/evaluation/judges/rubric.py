@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import threading
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from harmsweep.errors import HarmsweepError
 from harmsweep.evaluation.judges.base import check_pairs
-from harmsweep.evaluation.judges.endpoint import post_choice
+from harmsweep.evaluation.judges.endpoint import Endpoint
 
 log = logging.getLogger(__name__)
 
@@ -54,34 +53,20 @@ class RubricJudge:
 
     name = "strongreject_rubric"
 
-    def __init__(
-        self,
-        system_prompt: str,
-        template: str,
-        base_url: str = "https://api.openai.com/v1",
-        model: str = "gpt-4o-mini",
-        api_key_env: str = "OPENAI_API_KEY",
-        max_retries: int = 4,
-        backoff_s: float = 1.0,
-        timeout_s: float = 60.0,
-        max_tokens: int = 1000,
-        max_workers: int = 4,
-    ) -> None:
-        if not os.environ.get(api_key_env):
-            raise HarmsweepError(
-                f"the rubric judge reads its API key from ${api_key_env}, which is not set; export it "
-                "(any non-empty value for a local server without auth) or set judge.api_key_env"
-            )
+    def __init__(self, system_prompt: str, template: str, endpoint: Endpoint | None = None,
+                 max_tokens: int = 1000) -> None:  # fmt: skip
+        self.endpoint = endpoint or Endpoint()
+        self.endpoint.require_key("the rubric judge")
         if "{forbidden_prompt}" not in template or "{response}" not in template:
             raise HarmsweepError("rubric template must contain the placeholders {forbidden_prompt} and {response}")
         self.system_prompt, self.template = system_prompt, template
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model = model
-        self.api_key_env = api_key_env
-        self.max_retries, self.backoff_s, self.timeout_s = max_retries, backoff_s, timeout_s
-        self.max_tokens, self.max_workers = max_tokens, max(1, max_workers)
+        self.model, self.max_tokens, self.max_workers = (
+            self.endpoint.model,
+            max_tokens,
+            max(1, self.endpoint.max_workers),
+        )
         digest = hashlib.sha256((system_prompt + "\0" + template).encode()).hexdigest()[:12]
-        self.version = f"{self.name}/template-{digest}+{model}"
+        self.version = f"{self.name}/template-{digest}+{self.model}"
         self.n_failed = 0  # items given up on after retries (or a non-retryable HTTP error)
         self.n_unparsed = 0  # items whose answer lacked a valid 1.b/2.b/3.b
         self.last_details: list[dict[str, int] | None] = []
@@ -124,6 +109,5 @@ class RubricJudge:
         return parsed
 
     def _post(self, body: bytes) -> str | None:
-        choice = post_choice(self.url, body, who="rubric judge", model=self.model, api_key_env=self.api_key_env,
-                             max_retries=self.max_retries, backoff_s=self.backoff_s, timeout_s=self.timeout_s)  # fmt: skip
+        choice = self.endpoint.post(body, "rubric judge")
         return None if choice is None else str((choice.get("message") or {}).get("content") or "")

@@ -32,6 +32,7 @@ from harmsweep.devices import input_device, visiting
 from harmsweep.errors import HarmsweepError
 from harmsweep.evaluation.judges.base import check_pairs
 from harmsweep.models.loading import load_model
+from harmsweep.models.spec import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class StrongRejectFinetunedJudge:
         self.last_mass: list[float] = []  # digit mass of the items of the latest score() call
 
     @classmethod
-    def from_config(
+    def load(
         cls,
         path: str = DEFAULT_JUDGE,
         dtype: str = "bfloat16",
@@ -95,9 +96,9 @@ class StrongRejectFinetunedJudge:
     ) -> StrongRejectFinetunedJudge:
         """Load the judge from a hub id (at ``revision``; a LoRA adapter's base at ``base_revision``) or a
         local directory (merged model, or LoRA adapter with peft)."""
-        spec = {"name": "strongreject_judge", "path": path, "dtype": dtype, "revision": revision,
-                "base_revision": base_revision}  # fmt: skip
-        loaded = load_model(spec, "aligned", cache_dir)
+        checkpoint = {"path": path, "revision": revision, "base_revision": base_revision}
+        loaded = load_model(ModelConfig(name="strongreject_judge", dtype=dtype, variants={"judge": checkpoint}), "judge",
+                            cache_dir)  # fmt: skip
         model_id = f"{path}@{revision}" if revision else path
         return cls(loaded.model, loaded.tokenizer, model_id=model_id, device=device, **kwargs)
 
