@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from harmsweep.models.loading import LoadedModel, load_model
+from harmsweep.models.spec import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +30,7 @@ def parser(doc: str, name: str, **defaults: Any) -> argparse.ArgumentParser:
 
 def model(name: str) -> LoadedModel:
     """The aligned checkpoint of conf/model/<name>.yaml, through the same loader as the app."""
-    cfg = yaml.safe_load((ROOT / "conf" / "model" / f"{name}.yaml").read_text())
+    cfg = ModelConfig(**yaml.safe_load((ROOT / "conf" / "model" / f"{name}.yaml").read_text()))
     return load_model(cfg, "aligned", os.environ.get("HARMSWEEP_CACHE", str(Path.home() / ".cache" / "harmsweep")))
 
 

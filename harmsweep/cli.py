@@ -1,6 +1,6 @@
-"""The ``harmsweep`` command: a Hydra app around run.run_pipeline.
+"""The ``harmsweep`` command: a Hydra app around pipeline.run.run_pipeline.
 
-Hydra stays here: it composes conf/, this module turns the result into a plain dict, runs the
+Hydra stays here: it composes conf/, this module turns the result into a plain dict, picks the experiment body, runs the
 pipeline in the Hydra run folder and prints a short summary. User errors (HarmsweepError, an
 unknown config group option) print one line and exit with status 2; nothing is left behind that
 looks like a finished run.

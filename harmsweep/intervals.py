@@ -11,7 +11,7 @@ recomputes every figure from the same draw:
   and two variants evaluated on the same prompts are compared prompt by prompt;
 - *independent over item sets*: harmful and benign items are drawn independently (different ids).
 
-The functions are pure (numpy in, numpy out); run.py records the run's intervals in result.json and the report
+The functions are pure (numpy in, numpy out); pipeline/run.py records the run's intervals in result.json and the report
 resamples whole curves with the same ``Resampler``.
 """
 

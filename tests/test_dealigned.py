@@ -160,8 +160,8 @@ def test_prefilling_needs_a_dataset_with_targets(tmp_path, shared_data):
 def test_trained_prompts_are_never_held_out(tmp_path, shared_data):
     """Neither the derivation's own check nor a run on the derived model evaluates a prompt it trained on."""
     cfg = _cfg(tmp_path, shared_data)
-    block = cfg["alignment"]["derive"]
-    harmful, benign, held_harmful, held_benign = derive._data(block, cfg["data"], 0, lambda prompt: True)
+    typed = to_config(cfg)
+    harmful, benign, held_harmful, held_benign = derive._data(typed.alignment.derive, typed.data, 0, lambda p: True)
     trained = {derive.norm_prompt(r.prompt) for r in harmful + benign}
     assert not trained & {derive.norm_prompt(r.prompt) for r in held_harmful + held_benign}
     lm = load_derived(cfg)

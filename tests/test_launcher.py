@@ -23,7 +23,9 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import HydraContext, RunMode
 from omegaconf import OmegaConf
 
+import harmsweep.sweep.jobs as sweep_jobs
 import harmsweep.sweep.launcher as hl
+import harmsweep.sweep.storage as storage
 from harmsweep.cli import _run_id_resolver
 from harmsweep.config.identity import run_id
 from harmsweep.config.schema import register
@@ -72,7 +74,7 @@ class FakeExecutor:
         jobs = []
         for i, over in enumerate(overrides):
             error = RuntimeError("Traceback ...\nValueError: calibration file is broken") if (
-                self.fail_prepare and hl.is_prepare(over)) else None  # fmt: skip
+                self.fail_prepare and sweep_jobs.is_prepare(over)) else None  # fmt: skip
             jobs.append(FakeJob(f"{array}_{i}", list(over), error))
         self.arrays.append({"overrides": [list(o) for o in overrides], "nums": list(nums),
                             "parameters": json.loads(json.dumps(self.parameters)), "jobs": jobs})  # fmt: skip
@@ -119,7 +121,7 @@ def drive(launcher, jobs: list[list[str]], monkeypatch, fail_prepare: bool = Fal
 
 def finish(sweep: Path, loader: Any, overrides: list[str]) -> Path:
     """Make a run look done: result.json in the folder its job would use."""
-    job = hl.compose_job(make_launcher(loader, sweep).config, loader, COMMON + overrides, 0)
+    job = sweep_jobs.compose_job(make_launcher(loader, sweep).config, loader, COMMON + overrides, 0)
     job.run_dir.mkdir(parents=True)
     (job.run_dir / "result.json").write_text("{}")
     return job.run_dir
@@ -154,7 +156,7 @@ def test_the_executor_gets_the_profile_settings(hydra_ctx, tmp_path):
 
 def test_the_driver_composes_each_job_as_the_job_will(hydra_ctx, tmp_path):
     launcher = make_launcher(hydra_ctx, tmp_path)
-    job = hl.compose_job(launcher.config, hydra_ctx, [*COMMON, "pruning.sparsity=0.03"], 7)
+    job = sweep_jobs.compose_job(launcher.config, hydra_ctx, [*COMMON, "pruning.sparsity=0.03"], 7)
     assert job.error is None and job.cfg["pruning"]["sparsity"] == 0.03
     assert job.run_dir == tmp_path / run_id(job.cfg) and job.sweep_dir == tmp_path  # hydra.sweep.subdir: the run id
     assert not job.done
@@ -163,7 +165,7 @@ def test_the_driver_composes_each_job_as_the_job_will(hydra_ctx, tmp_path):
     assert not job.done  # started is not done: result.json is written last
     (job.run_dir / "result.json").write_text("{}")
     assert job.done
-    broken = hl.compose_job(launcher.config, hydra_ctx, ["pruning.sparsity=lots"], 0)
+    broken = sweep_jobs.compose_job(launcher.config, hydra_ctx, ["pruning.sparsity=lots"], 0)
     assert broken.cfg is None and "sparsity" in broken.error and not broken.done
 
 
@@ -196,7 +198,9 @@ def test_skip_done_false_submits_finished_runs_again(hydra_ctx, tmp_path, monkey
 # ---------------------------------------------------------------- grouping
 
 
-def job(cfg_overrides: dict[str, Any] | None = None, index: int = 0, artifacts: str | None = "/scratch/a") -> hl.Job:
+def job(
+    cfg_overrides: dict[str, Any] | None = None, index: int = 0, artifacts: str | None = "/scratch/a"
+) -> sweep_jobs.Job:
     cfg: dict[str, Any] = {
         "model": {"name": "tiny_llama", "dtype": "float32"}, "alignment": {"name": "aligned"},
         "calibration": {"n": 6}, "eval": {"n": 4}, "seed": 0, "experiment": None, "stage": "run",
@@ -210,7 +214,7 @@ def job(cfg_overrides: dict[str, Any] | None = None, index: int = 0, artifacts: 
         for p in parents:
             node = node[p]
         node[leaf] = value
-    return hl.Job(index=index, overrides=[f"{k}={v}" for k, v in (cfg_overrides or {}).items()], cfg=cfg,
+    return sweep_jobs.Job(index=index, overrides=[f"{k}={v}" for k, v in (cfg_overrides or {}).items()], cfg=cfg,
                   run_dir=Path("/sweep") / f"run{index}")  # fmt: skip
 
 
@@ -222,7 +226,7 @@ def test_runs_that_differ_only_in_pruning_form_one_group_with_the_union_of_their
         job({"pruning.rule": "signed_snip", "pruning.protect": 0.0}, 3),
         job({"logger.name": "wandb", "paths.cache_dir": "/elsewhere", "scoring": {"offload": False}}, 4),
     ]
-    (group,), alone = hl.group_jobs(jobs)
+    (group,), alone = sweep_jobs.group_jobs(jobs)
     assert alone == [] and [j.index for j in group.jobs] == [0, 1, 2, 3, 4]
     # each score set a run reads, with the unit and ranking it is read by (compact sets are keyed by them)
     assert group.kinds == ["benign@global@abs_signed", "benign_unsigned@global@unsigned", "harm@global@abs_signed",
@@ -235,43 +239,43 @@ def test_what_changes_artifacts_splits_groups_and_what_shares_nothing_runs_alone
     other_variant = [job({"alignment.name": "base", "pruning.sparsity": s}, 2 + i) for i, s in enumerate((0.01, 0.02))]
     other_store = [job({"scores.store": "dense", "pruning.sparsity": s}, 4 + i) for i, s in enumerate((0.01, 0.02))]
     other_cache = [job({"pruning.sparsity": s}, 6 + i, artifacts="/scratch/b") for i, s in enumerate((0.01, 0.02))]
-    groups, alone = hl.group_jobs(base + other_variant + other_store + other_cache)
+    groups, alone = sweep_jobs.group_jobs(base + other_variant + other_store + other_cache)
     assert [[j.index for j in g.jobs] for g in groups] == [[0, 1], [2, 3], [4, 5], [6, 7]] and alone == []
     assert len({g.key for g in groups}) == 4
 
     experiments = [job({"experiment": "cross_harm", "pruning.sparsity": s}, i) for i, s in enumerate((0.01, 0.02))]
     no_cache = [job({"pruning.sparsity": s}, 2 + i, artifacts=None) for i, s in enumerate((0.01, 0.02))]
     single = [job({"alignment.name": "base"}, 4)]
-    unknown = [hl.Job(index=5, overrides=["pruning.sparsity=lots"], error="ValidationError")]
-    groups, alone = hl.group_jobs(experiments + no_cache + single + unknown)
+    unknown = [sweep_jobs.Job(index=5, overrides=["pruning.sparsity=lots"], error="ValidationError")]
+    groups, alone = sweep_jobs.group_jobs(experiments + no_cache + single + unknown)
     assert groups == [] and [j.index for j in alone] == [0, 1, 2, 3, 4, 5]
 
 
 def test_prepare_overrides_run_the_first_job_as_a_prepare_stage_in_its_own_folder():
-    (group,), _ = hl.group_jobs([job({"pruning.sparsity": 0.01}, 0), job({"pruning.sparsity": 0.02}, 1)])
+    (group,), _ = sweep_jobs.group_jobs([job({"pruning.sparsity": 0.01}, 0), job({"pruning.sparsity": 0.02}, 1)])
     group.jobs[0].overrides += ["stage=run", "hydra.sweep.subdir=x"]
-    over = hl.prepare_overrides(group)
+    over = sweep_jobs.prepare_overrides(group)
     assert over[0] == "pruning.sparsity=0.01" and "stage=run" not in over and "hydra.sweep.subdir=x" not in over
     assert over[-3:] == ["stage=prepare", "prepare_scores=[benign@global@abs_signed,harm@global@abs_signed]",
                          f"hydra.sweep.subdir=.prepare/{group.key}"]  # fmt: skip
-    assert hl.is_prepare(over) and not hl.is_prepare(group.jobs[1].overrides)
+    assert sweep_jobs.is_prepare(over) and not sweep_jobs.is_prepare(group.jobs[1].overrides)
 
 
 def test_a_prepared_group_needs_no_second_prepare_job(tmp_path):
-    (group,), _ = hl.group_jobs([job({"pruning.sparsity": 0.01}, 0), job({"pruning.sparsity": 0.02}, 1)])
+    (group,), _ = sweep_jobs.group_jobs([job({"pruning.sparsity": 0.01}, 0), job({"pruning.sparsity": 0.02}, 1)])
     group.jobs[0].run_dir = group.jobs[1].run_dir = tmp_path / "run"
-    assert not hl.is_prepared(group)
+    assert not sweep_jobs.is_prepared(group)
     artifact = tmp_path / "scores.safetensors"
     artifact.write_text("x")
     group.prepare_dir.mkdir(parents=True)
-    marker = group.prepare_dir / hl.PREPARE_MARKER
+    marker = group.prepare_dir / sweep_jobs.PREPARE_MARKER
     marker.write_text(json.dumps({"prepared_scores": group.kinds, "artifacts": {"scores_harm": str(artifact)}}))
-    assert hl.is_prepared(group)
+    assert sweep_jobs.is_prepared(group)
     artifact.unlink()  # someone cleaned the cache: prepare again
-    assert not hl.is_prepared(group)
+    assert not sweep_jobs.is_prepared(group)
     artifact.write_text("x")
     group.kinds.append("harm_unsigned@global@unsigned")  # the relaunched group reads a set not prepared yet
-    assert not hl.is_prepared(group)
+    assert not sweep_jobs.is_prepared(group)
 
 
 # ---------------------------------------------------------------- dependencies
@@ -302,19 +306,19 @@ def test_a_sweep_group_is_one_prepare_job_then_an_array_that_depends_on_it(hydra
     # 3. a run alone (another alignment: other artifacts, a group of one): no prepare job, no dependency
     assert alone["nums"] == [3] and alone["parameters"]["slurm_additional_parameters"] == {"requeue": True}
     assert [r.return_value for r in returns] == ["ran 101_0", "ran 101_1", "ran 101_2", "ran 102_0"]
-    prepare_dir = Path(str(hl.compose_job(launcher.config, hydra_ctx, prepare["overrides"][0], 0).run_dir))
+    prepare_dir = Path(str(sweep_jobs.compose_job(launcher.config, hydra_ctx, prepare["overrides"][0], 0).run_dir))
     assert prepare_dir.parent == sweep / ".prepare"
 
 
 def test_the_prepare_folder_is_under_the_sweep_folder_whatever_the_run_subdir(hydra_ctx, tmp_path, monkeypatch):
     sweep = tmp_path / "sweep"
     launcher = make_launcher(hydra_ctx, sweep, "hydra.sweep.subdir=${model.name}/${harmsweep_run_id:}")
-    jobs = [hl.compose_job(launcher.config, hydra_ctx, [*COMMON, f"pruning.sparsity={s}"], i)
+    jobs = [sweep_jobs.compose_job(launcher.config, hydra_ctx, [*COMMON, f"pruning.sparsity={s}"], i)
             for i, s in enumerate((0.01, 0.02))]  # fmt: skip
     assert jobs[0].run_dir.parent == sweep / "tiny_llama"
-    (group,), _ = hl.group_jobs(jobs)
+    (group,), _ = sweep_jobs.group_jobs(jobs)
     _, executor = drive(launcher, [["pruning.sparsity=0.01"], ["pruning.sparsity=0.02"]], monkeypatch)
-    actual = hl.compose_job(launcher.config, hydra_ctx, executor.arrays[0]["overrides"][0], 0).run_dir
+    actual = sweep_jobs.compose_job(launcher.config, hydra_ctx, executor.arrays[0]["overrides"][0], 0).run_dir
     assert actual == group.prepare_dir == sweep / ".prepare" / group.key
 
 
@@ -358,23 +362,26 @@ def test_local_jobs_run_the_prepare_job_before_submitting_the_runs(hydra_ctx, tm
 # ---------------------------------------------------------------- storage
 
 
-def storage_job(artifacts: str, *overrides: str) -> hl.Job:
-    return hl.Job(index=0, overrides=list(overrides), cfg={"paths": {"artifacts": artifacts}})
+def storage_job(artifacts: str, *overrides: str) -> sweep_jobs.Job:
+    return sweep_jobs.Job(index=0, overrides=list(overrides), cfg={"paths": {"artifacts": artifacts}})
 
 
 def test_default_artifacts_under_home_move_to_scratch_or_stop_the_sweep(tmp_path):
     home, scratch = tmp_path / "home", tmp_path / "scratch"
     default = storage_job(str(home / ".cache" / "harmsweep" / "artifacts"))
-    assert hl.scratch_overrides([default], {"HOME": str(home), "SCRATCH": str(scratch)}) == [
+    assert storage.scratch_overrides([default], {"HOME": str(home), "SCRATCH": str(scratch)}) == [
         f"paths.artifacts={scratch}/harmsweep/artifacts"
     ]
     with pytest.raises(HarmsweepError, match=r"paths.artifacts would be .*under \$HOME.*export SCRATCH"):
-        hl.scratch_overrides([default], {"HOME": str(home)})
+        storage.scratch_overrides([default], {"HOME": str(home)})
     # given on the command line: taken as given; elsewhere than $HOME, or no shared cache: nothing to do
     explicit = storage_job(str(home / "big"), f"paths.artifacts={home / 'big'}")
-    assert hl.scratch_overrides([explicit], {"HOME": str(home)}) == []
-    assert hl.scratch_overrides([storage_job(str(tmp_path / "fast"))], {"HOME": str(home)}) == []
-    assert hl.scratch_overrides([hl.Job(0, [], cfg={"paths": {"artifacts": None}})], {"HOME": str(home)}) == []
+    assert storage.scratch_overrides([explicit], {"HOME": str(home)}) == []
+    assert storage.scratch_overrides([storage_job(str(tmp_path / "fast"))], {"HOME": str(home)}) == []
+    assert (
+        storage.scratch_overrides([sweep_jobs.Job(0, [], cfg={"paths": {"artifacts": None}})], {"HOME": str(home)})
+        == []
+    )
 
 
 def test_the_driver_stops_in_one_line_before_submitting(hydra_ctx, tmp_path, monkeypatch, capsys):
@@ -417,32 +424,32 @@ def test_disk_problem_reuses_plan_sizing(monkeypatch, hydra_ctx):
     import harmsweep.sweep.plan as plan_cli
 
     monkeypatch.setattr(plan_cli, "build", build)
-    problem = hl.disk_problem(["model=llama3_8b", "pruning.sparsity=1e-6,1e-5"], ["paths.artifacts=/scratch/a"])
+    problem = storage.disk_problem(["model=llama3_8b", "pruning.sparsity=1e-6,1e-5"], ["paths.artifacts=/scratch/a"])
     assert problem.startswith("the sweep writes 3.0 GiB of artifacts but /scratch/a has 1.0 GiB free")
     assert calls == [["-m", "model=llama3_8b", "pruning.sparsity=1e-6,1e-5", "paths.artifacts=/scratch/a"]]
     assert GlobalHydra.instance().is_initialized()  # the driver's Hydra is back as it was
 
     monkeypatch.setattr(plan_cli, "build", lambda argv: ({"disk": {"total": 1, "free": 2, "artifacts": "/a"}}, []))
-    assert hl.disk_problem([]) is None
+    assert storage.disk_problem([]) is None
 
     def offline(argv):
         raise HarmsweepError("the config of meta-llama/x is not available offline")
 
     monkeypatch.setattr(plan_cli, "build", offline)
-    assert hl.disk_problem([]) is None  # sizing is advice: a sweep it cannot size is still submitted
+    assert storage.disk_problem([]) is None  # sizing is advice: a sweep it cannot size is still submitted
     assert GlobalHydra.instance().is_initialized()
 
 
 def test_disk_problem_with_the_real_plan(hydra_ctx, tmp_path, monkeypatch, caplog):
-    """Through plan_cli.build itself: a tiny sweep fits; the same sweep on a nearly full disk does not."""
+    """Through sweep/plan.build itself: a tiny sweep fits; the same sweep on a nearly full disk does not."""
     import harmsweep.sweep.plan as plan_cli
 
     sweep = ["model=tiny_llama", "pruning.sparsity=0.01,0.02", f"paths.artifacts={tmp_path}"]
-    assert hl.disk_problem(sweep) is None
+    assert storage.disk_problem(sweep) is None
     assert "could not size" not in caplog.text  # sized for real, not skipped
     assert GlobalHydra.instance().is_initialized()
     monkeypatch.setattr(plan_cli, "_free_bytes", lambda path: 1)
-    problem = hl.disk_problem(sweep)
+    problem = storage.disk_problem(sweep)
     assert problem.startswith("the sweep writes") and f"but {tmp_path} has 0.0 MiB free" in problem
 
 

@@ -88,7 +88,7 @@ def slurm_cluster() -> Iterator[None]:
 def job_name(slurm_cluster) -> Iterator[str]:
     """A Slurm job name unique to this test; whatever is left of its jobs is cancelled afterwards.
 
-    Prepare jobs (harmsweep/launcher.py) are named <name>-prepare: they are cleaned up too.
+    Prepare jobs (harmsweep/sweep/launcher.py) are named <name>-prepare: they are cleaned up too.
     """
     name = f"hstest-{uuid.uuid4().hex[:10]}"
     yield name

@@ -37,7 +37,7 @@ def check_composition(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
     """Compose every value of every override once, so a typo'd key or a wrong type fails in one line.
 
     Needs the run-id resolver and the schema registered (main does both).
-    The schema (harmsweep/config.py) makes Hydra reject them too, but over several lines and, in a
+    The schema (harmsweep/config/schema.py) makes Hydra reject them too, but over several lines and, in a
     multirun, only when the job with the bad value starts.
     """
     if any(a.split("=")[0] in INFO_FLAGS for a in argv):

@@ -1,7 +1,7 @@
 """The paper's experiments beyond one pruning run: each builds on pipeline/'s stages.
 
 An experiment preset sets ``experiment: <name>``; names listed in RUNNERS replace the single pruning
-run with their own body, which returns (result, items) like run.py's and writes its matrices and
+run with their own body, which returns (result, items) like one pruning run's and writes its matrices and
 curves as JSON beside result.json (``result["figures"]`` names them, for the report and W&B).
 """
 

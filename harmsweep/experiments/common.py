@@ -7,7 +7,7 @@ plain run's: a model changed by fine-tuning must carry a new fingerprint (``deri
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
@@ -76,8 +76,6 @@ def finish(
     ctx: RunContext, metrics: Mapping[str, Any], figures: Mapping[str, Matrix], extra: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """Write the figures and result.json (last, so its presence means done); returns the result."""
-    from dataclasses import asdict
-
     return record(ctx, {
         "experiment": ctx.cfg.experiment,
         "n_scored": ctx.n_scored(),

@@ -32,8 +32,7 @@ from harmsweep.experiments.common import encode, finish, select_mask
 from harmsweep.experiments.matrices import Matrix, mask_size, overlap_matrix
 from harmsweep.intervals import run_intervals
 from harmsweep.pipeline.context import RunContext
-from harmsweep.pipeline.stages import calibration_sets
-from harmsweep.pipeline.stages import suite as run_suite
+from harmsweep.pipeline.stages import calibration_sets, evaluation_suite
 from harmsweep.pruning.masks import apply_mask, mask_counts, pruned
 
 ARMS = ("unpruned", "harm_pruned", "refusal_pruned", "harm_pruned_recovered")
@@ -48,7 +47,7 @@ def run(ctx: RunContext) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         "harm_pruned": select_mask(ctx, sets["harmful"], sets["benign"]),
         "refusal_pruned": select_mask(ctx, refusal_cal, sets["benign"]),
     }
-    suite = run_suite(ctx, sets)
+    suite = evaluation_suite(ctx, sets)
     batch = cfg.eval.batch_size
 
     def measure(stage: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -4,7 +4,7 @@ Prompts arrive as token ids (already templated, possibly with a prefilled assist
 sorted by length so each batch pads little, and come back in their original order. The optional
 vLLM backend (GPU clusters, ``pip install 'harmsweep[vllm]'``) is imported only when selected: one
 engine per job reads the model's checkpoint and applies the run's mask inside itself
-(harmsweep/vllm_engine.py).
+(harmsweep/generation/vllm.py).
 """
 
 from __future__ import annotations

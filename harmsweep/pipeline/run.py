@@ -60,8 +60,6 @@ def run_pipeline(
     """
     cfg = to_config(plain)
     spec = check_config(cfg)
-    if check is not None:
-        check(cfg)
     rid = run_id(plain)
     if cfg.stage == "prepare":  # a launcher's job making its group's shared artifacts: no pruning, no W&B run
         return prepare(cfg, plain, spec, rid, run_dir)
@@ -73,6 +71,8 @@ def run_pipeline(
     if result_path.is_file():
         log.info("run %s is already done: %s", rid, result_path)
         return json.loads(result_path.read_text())
+    if check is not None:  # before the model loads, so a typo'd file fails in a second
+        check(cfg)
     logger = cfg.logger
     logger = replace(logger, group=logger.group or sweep, job_type=logger.job_type or cfg.experiment)
     tracker = open_tracker(logger, run_id=rid, run_dir=run_dir, config=plain)

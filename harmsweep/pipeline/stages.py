@@ -189,7 +189,7 @@ def remove_low_rank_in_place(ctx: RunContext, sets: Sets) -> dict[str, Any]:
     return {"spec": asdict(spec), "summary": summary, "per_matrix": stats}
 
 
-def suite(ctx: RunContext, sets: Sets) -> Suite:
+def evaluation_suite(ctx: RunContext, sets: Sets) -> Suite:
     """The run's evaluation: the planned metrics on the held-out prompts and references."""
     held = HeldOut(
         ctx.splits.harmful_eval, ctx.splits.benign_eval, {k: sets[k] for k in ("eval_harmful", "eval_benign")}
@@ -213,7 +213,7 @@ def evaluate_before(ctx: RunContext, sets: Sets, cal_entry: Path) -> tuple[Suite
     Returns the suite (which evaluates the pruned model after), the evaluation and its file.
     """
     cfg = ctx.cfg
-    run_suite = suite(ctx, sets)
+    run_suite = evaluation_suite(ctx, sets)
     info = {"version": VERSIONS["eval"], "calibration": cal_entry.name, "eval": asdict(cfg.eval),
             "judges": cfg.judges, "seed": cfg.seed}  # fmt: skip
     entry = ctx.root / "eval_before" / content_key(info)

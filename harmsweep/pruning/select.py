@@ -116,7 +116,7 @@ def select(
 ) -> dict[str, torch.Tensor]:
     """Flat indices (sorted int64, on the host) of the weights to prune, per parameter name.
 
-    ``device``: where the matrices are ranked (default: where the scores are); run.py passes the GPU.
+    ``device``: where the matrices are ranked (default: where the scores are); the pipeline passes the GPU.
     ``head_dim``: the attention head size, read by granularity=head only.
     """
     spec.validate()

@@ -6,7 +6,7 @@ harm score H = -S_harm the top weights hold. (C) ``separation``: Jaccard overlap
 top-k benign-important weights (U = |S_benign|). Aligned models should need smaller sparsities, concentrate more and
 overlap less than their base models.
 
-Score sets are the raw signed SNIP S of ``harmsweep.score_store.open_scores`` (not negated), dense or compact. Top-k selections reuse the
+Score sets are the raw signed SNIP S of ``harmsweep.scoring.store.open_scores`` (not negated), dense or compact. Top-k selections reuse the
 streaming radix select of ``harmsweep.pruning`` (exact, ties broken as pruning breaks them), so (B) and (C) scale to
 7e9 scores with one matrix-sized temporary at a time; only the Gini needs a sort.
 """

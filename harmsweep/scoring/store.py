@@ -58,7 +58,7 @@ class Layout:
 
 
 def order_of(kind: str, benign_importance: str = "abs_signed") -> str:
-    """The ranking a score set of ``kind`` is read by (pruning.py's views)."""
+    """The ranking a score set of ``kind`` is read by (pruning/select.py's views)."""
     if kind.endswith(("unsigned", "wanda")):  # scores without a sign: bigger is more important
         return "pos"
     if kind == "harm":

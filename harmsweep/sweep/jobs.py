@@ -51,7 +51,7 @@ class Job:
 
 
 def is_done(run_dir: Path | None) -> bool:
-    """run.py writes result.json last: its presence means the run finished."""
+    """pipeline/run.py writes result.json last: its presence means the run finished."""
     return run_dir is not None and (run_dir / "result.json").is_file()
 
 

@@ -4,7 +4,7 @@ The profiles of conf/hydra/launcher/ (slurm_local, slurm_gpu, slurm_gpu_node, lo
 hydra-submitit-launcher's SlurmLauncher / LocalLauncher with this module's launch():
 
 1. **Done runs are skipped.** Every job of the batch is composed as the job itself will compose it; a job
-   whose run folder ``<hydra.sweep.dir>/<run id>`` holds result.json is done (run.py writes it last). It
+   whose run folder ``<hydra.sweep.dir>/<run id>`` holds result.json is done (pipeline/run.py writes it last). It
    is not submitted; the sweeper gets a COMPLETED JobReturn for it. ``hydra.launcher.skip_done=false``
    submits it anyway (its job then returns the stored result).
 2. **Shared artifacts are made by one job per group.** The pending pruning runs are grouped by what their
@@ -18,10 +18,10 @@ hydra-submitit-launcher's SlurmLauncher / LocalLauncher with this module's launc
    gets none. Experiments with their own bodies (experiments.RUNNERS), runs without a shared cache
    (paths.artifacts=null) and groups of one are submitted as before. ``hydra.launcher.prepare_shared=false``
    turns grouping off (every run computes or waits for what it needs, under the cache's lock).
-3. **Storage is checked before anything is submitted** (harmsweep/sweep_storage.py). On SLURM the shared artifacts must not land in
+3. **Storage is checked before anything is submitted** (harmsweep/sweep/storage.py). On SLURM the shared artifacts must not land in
    $HOME: a ``paths.artifacts`` not given on the command line that would be under $HOME becomes
    ``$SCRATCH/harmsweep/artifacts``, or, without $SCRATCH, the driver stops with one line. A sweep whose
-   artifacts do not fit the free space (harmsweep plan's sizing, plan_cli.build) stops with one line too.
+   artifacts do not fit the free space (harmsweep plan's sizing, sweep/plan.build) stops with one line too.
 
 Nothing here imports torch at module level: Hydra imports the plugin module on every start.
 """

@@ -52,7 +52,7 @@ class JobSize:
 
 @dataclass(frozen=True)
 class Workload:
-    """What a job runs, in counts: taken from its config by plan_cli."""
+    """What a job runs, in counts: taken from its config by sweep/plan.py."""
 
     score_sets: int  # score sets this job computes (0 when another job of the sweep made them)
     unsigned: bool  # unsigned SNIP: one backward per sample

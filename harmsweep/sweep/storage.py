@@ -1,4 +1,4 @@
-"""Where a sweep's shared artifacts go, checked before anything is submitted (harmsweep/launcher.py).
+"""Where a sweep's shared artifacts go, checked before anything is submitted (harmsweep/sweep/launcher.py).
 
 On a cluster the artifact cache must sit on storage every node sees and that holds it: never the home
 directory (small quotas, slow shared disks) unless asked for, and only when harmsweep plan's sizing of
@@ -62,7 +62,7 @@ def scratch_overrides(jobs: Sequence[Job], env: Mapping[str, str] | None = None)
 
 
 def disk_problem(task_overrides: Sequence[str], extra: Sequence[str] = ()) -> str | None:
-    """harmsweep plan's disk sizing of the sweep (plan_cli.build): its problem line when it does not fit.
+    """harmsweep plan's disk sizing of the sweep (sweep/plan.build): its problem line when it does not fit.
 
     A sweep that cannot be sized here (a model config not available offline, a sizing error) is not
     stopped for that: one warning line, and it is submitted.
