@@ -65,6 +65,7 @@ bench: venv
 	$(BIN)/python bench/mask_select.py --sizes 1e8 $(if $(filter 1,$(BENCH_LARGE)),1e9)
 	$(BIN)/python bench/score_store.py
 	$(BIN)/python bench/generation.py
+	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/demo.py
 
 clean:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -66,3 +67,20 @@ def test_the_gpu_check_script_runs_end_to_end_in_its_cpu_smoke_mode(tmp_path):
     assert record["generation"]["tokens"] == 8 * 16
     assert record["judge"]["scores_in_range"] and record["judge"]["memory_back"]
     assert "measured/plan" in done.stdout
+
+
+def test_the_identity_check_compares_every_field_but_timings_and_versions(tmp_path, capsys):
+    """bench/result_identity.py is how a refactor shows it changed no result: it must see a changed field."""
+    import result_identity
+
+    result = {"run_id": "a1", "metrics": {"nll": 1.0, "per": [1, 2]}, "timings_s": {"load": 1.0}, "versions": {"t": 1}}
+    for side, changes in (("before", {}), ("same", {"timings_s": {"load": 9.0}, "versions": {"t": 2}})):
+        (tmp_path / side / "runs" / "x").mkdir(parents=True)
+        (tmp_path / side / "runs" / "x" / "result.json").write_text(json.dumps({**result, **changes}))
+    assert result_identity.compare(tmp_path / "before", tmp_path / "same") == 0
+    assert "1 runs, 4 fields compared, 0 differ" in capsys.readouterr().out
+    (tmp_path / "other" / "runs" / "x").mkdir(parents=True)
+    changed = {**result, "metrics": {"nll": 1.0, "per": [1, 3]}}
+    (tmp_path / "other" / "runs" / "x" / "result.json").write_text(json.dumps(changed))
+    assert result_identity.compare(tmp_path / "before", tmp_path / "other") == 1
+    assert "metrics.per[1]: 2 != 3" in capsys.readouterr().out

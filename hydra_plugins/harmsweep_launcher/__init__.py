@@ -1,1 +1,1 @@
-"""Hydra plugin: harmsweep's launchers (the code is in harmsweep/launcher.py)."""
+"""Hydra plugin: harmsweep's launchers (the code is in harmsweep/sweep/launcher.py)."""

@@ -1,7 +1,7 @@
 """The launcher classes Hydra instantiates (plugins must live in the hydra_plugins package).
 
 conf/hydra/launcher/slurm_*.yaml name HarmsweepSlurmLauncher, local_jobs.yaml HarmsweepLocalLauncher; what they
-do differently from hydra-submitit-launcher's SlurmLauncher / LocalLauncher is in harmsweep/launcher.py.
+do differently from hydra-submitit-launcher's SlurmLauncher / LocalLauncher is in harmsweep/sweep/launcher.py.
 """
 
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
