@@ -421,34 +421,34 @@ def test_disk_problem_reuses_plan_sizing(monkeypatch, hydra_ctx):
         calls.append(argv)
         return {"disk": {"total": 3 * 2**30, "free": 2**30, "artifacts": "/scratch/a"}}, []
 
-    import harmsweep.sweep.plan as plan_cli
+    import harmsweep.sweep.plan as sweep_plan
 
-    monkeypatch.setattr(plan_cli, "build", build)
+    monkeypatch.setattr(sweep_plan, "build", build)
     problem = storage.disk_problem(["model=llama3_8b", "pruning.sparsity=1e-6,1e-5"], ["paths.artifacts=/scratch/a"])
     assert problem.startswith("the sweep writes 3.0 GiB of artifacts but /scratch/a has 1.0 GiB free")
     assert calls == [["-m", "model=llama3_8b", "pruning.sparsity=1e-6,1e-5", "paths.artifacts=/scratch/a"]]
     assert GlobalHydra.instance().is_initialized()  # the driver's Hydra is back as it was
 
-    monkeypatch.setattr(plan_cli, "build", lambda argv: ({"disk": {"total": 1, "free": 2, "artifacts": "/a"}}, []))
+    monkeypatch.setattr(sweep_plan, "build", lambda argv: ({"disk": {"total": 1, "free": 2, "artifacts": "/a"}}, []))
     assert storage.disk_problem([]) is None
 
     def offline(argv):
         raise HarmsweepError("the config of meta-llama/x is not available offline")
 
-    monkeypatch.setattr(plan_cli, "build", offline)
+    monkeypatch.setattr(sweep_plan, "build", offline)
     assert storage.disk_problem([]) is None  # sizing is advice: a sweep it cannot size is still submitted
     assert GlobalHydra.instance().is_initialized()
 
 
 def test_disk_problem_with_the_real_plan(hydra_ctx, tmp_path, monkeypatch, caplog):
     """Through sweep/plan.build itself: a tiny sweep fits; the same sweep on a nearly full disk does not."""
-    import harmsweep.sweep.plan as plan_cli
+    import harmsweep.sweep.plan as sweep_plan
 
     sweep = ["model=tiny_llama", "pruning.sparsity=0.01,0.02", f"paths.artifacts={tmp_path}"]
     assert storage.disk_problem(sweep) is None
     assert "could not size" not in caplog.text  # sized for real, not skipped
     assert GlobalHydra.instance().is_initialized()
-    monkeypatch.setattr(plan_cli, "_free_bytes", lambda path: 1)
+    monkeypatch.setattr(sweep_plan, "_free_bytes", lambda path: 1)
     problem = storage.disk_problem(sweep)
     assert problem.startswith("the sweep writes") and f"but {tmp_path} has 0.0 MiB free" in problem
 

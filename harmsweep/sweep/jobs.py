@@ -10,10 +10,12 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from harmsweep.config.schema import Config, to_config
 from harmsweep.errors import HarmsweepError
+
+if TYPE_CHECKING:
+    from harmsweep.config.schema import Config
 
 PREPARE_DIR = ".prepare"  # <hydra.sweep.dir>/.prepare/<group key>/: the prepare jobs' folders
 
@@ -44,6 +46,8 @@ class Job:
         """The job's config as typed blocks (None: it could not be composed or does not fit the schema)."""
         if self.cfg is None:
             return None
+        from harmsweep.config.schema import to_config  # only a driver that groups jobs needs the schema
+
         try:
             return to_config(self.cfg)
         except Exception:  # the job will fail with its own message
