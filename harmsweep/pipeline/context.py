@@ -57,7 +57,7 @@ class RunContext:
     @property
     def root(self) -> Path:
         """Where shared artifacts live: the configured cache, or the run folder when sharing is off."""
-        return artifacts_root(self.cfg, self.run_dir)
+        return Path(self.cfg.paths.artifacts) if self.cfg.paths.artifacts else self.run_dir / "artifacts"
 
     def timed(self, name: str, fn: Callable[[], T]) -> T:
         """fn(), its seconds added to ``timings[name]``."""
@@ -85,8 +85,3 @@ def load_run_model(cfg: Config) -> LoadedModel:
         lm = load_model(cfg.model, cfg.alignment.name, cfg.paths.cache_dir)
     place_model(lm.model, cfg.device, cfg.model.device_map, cfg.model.max_memory)
     return lm
-
-
-def artifacts_root(cfg: Config, run_dir: Path) -> Path:
-    """Where shared artifacts live: the configured cache, or the run folder when sharing is off."""
-    return Path(cfg.paths.artifacts) if cfg.paths.artifacts else run_dir / "artifacts"
