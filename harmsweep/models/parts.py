@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""Model anatomy: which weights are scored (every linear layer inside the decoder blocks), where each sits, and
+the attention head size. One answer shared by scoring, pruning, activations, sizing and fine-tuning."""
 
 from __future__ import annotations
 

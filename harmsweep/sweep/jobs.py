@@ -18,11 +18,7 @@ if TYPE_CHECKING:
     from harmsweep.config.schema import Config
 
 PREPARE_DIR = ".prepare"  # <hydra.sweep.dir>/.prepare/<group key>/: the prepare jobs' folders
-
-
-PREPARE_MARKER = "prepare.json"  # written by run.prepare once every artifact of the group exists
-
-
+PREPARE_MARKER = "prepare.json"  # written by pipeline.run.prepare once every artifact of the group exists
 PREPARE_SUFFIX = "-prepare"  # SLURM job name of a prepare job: <hydra.launcher.name>-prepare
 
 

@@ -11,7 +11,7 @@ hydra-submitit-launcher's SlurmLauncher / LocalLauncher with this module's launc
    shared artifacts (calibration, scores, the unpruned evaluation) can depend on: the config without
    ``pruning`` and without what the run id ignores (config.NOT_IN_RUN_ID), plus the artifact folder and
    the cache versions. A group of two or more runs gets one prepare job (``stage=prepare``:
-   run.prepare computes calibration, the union of the score kinds its runs need and eval_before), then
+   pipeline.run.prepare computes calibration, the union of the score kinds its runs need and eval_before), then
    its runs as one job array that SLURM starts only once the prepare job has succeeded
    (``--dependency=afterok:<id>``); on submitit_local the driver runs the prepare jobs first. A group
    whose prepare job already succeeded (``<sweep>/.prepare/<key>/prepare.json``, artifacts still there)
