@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from audit import assert_one_device, audit, meta_capable
 from conftest import tiny
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from harmsweep.devices import auto_max_memory, input_device, place_model, visiting
 from harmsweep.models.parts import ScoredParam
@@ -21,62 +20,16 @@ from harmsweep.pruning.spec import PruneSpec
 from harmsweep.scoring.topk import float_keys, top_k_threshold
 
 
-class DeviceWatch(TorchDispatchMode):
-    """Records aten ops whose tensor arguments span more than one device (CPU scalars excepted)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.mixed: list[str] = []
-        self.devices: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        tensors = [t for t in tree_leaves((args, kwargs or {})) if isinstance(t, torch.Tensor)]
-        devices = {t.device.type for t in tensors if not (t.device.type == "cpu" and t.dim() == 0)}
-        self.devices |= devices
-        if len(devices) > 1:
-            self.mixed.append(f"{func}: {sorted(devices)}")
-        return func(*args, **(kwargs or {}))
-
-
-_bincount = torch.bincount
-
-
-def _meta_bincount(values: torch.Tensor, weights=None, minlength: int = 0) -> torch.Tensor:
-    """torch.bincount has no meta kernel; on meta, an op of the same shape and device stands in."""
-    if values.device.type != "meta":
-        return _bincount(values, weights, minlength)
-    return torch.zeros(minlength, dtype=torch.int64, device=values.device).index_add_(
-        0, values, torch.ones_like(values)
-    )
-
-
 @pytest.fixture(autouse=True)
-def meta_capable(monkeypatch):
-    import torch.fx.experimental._config as fx_config
-
-    monkeypatch.setattr(torch, "bincount", _meta_bincount)
-    with fx_config.patch(meta_nonzero_assume_all_nonzero=True):  # boolean indexing on meta
+def _meta(monkeypatch):
+    with meta_capable(monkeypatch):
         yield
-
-
-def _watch(fn) -> DeviceWatch:
-    watch = DeviceWatch()
-    with watch:
-        try:
-            fn()
-        except (RuntimeError, NotImplementedError) as exc:  # meta tensors cannot be read: the run stops there
-            if "meta" not in str(exc) and "same device" not in str(exc):
-                raise
-            if "same device" in str(exc):
-                watch.mixed.append(str(exc).splitlines()[0])
-    return watch
 
 
 def test_streaming_top_k_keeps_histograms_on_the_keys_device():
     keys = {n: float_keys(torch.randn(8, 16, device="meta")) for n in ("a", "b")}
-    watch = _watch(lambda: top_k_threshold(list(keys), keys.__getitem__, 5))
-    assert "meta" in watch.devices
-    assert watch.mixed == []
+    watch = audit(lambda: top_k_threshold(list(keys), keys.__getitem__, 5))
+    assert_one_device(watch)
 
 
 @pytest.mark.parametrize("rule", ["signed_snip", "magnitude", "random"])
@@ -85,9 +38,8 @@ def test_selection_on_scores_off_the_cpu_mixes_no_devices(rule):
     params = {n: ScoredParam(n, i, n.split(".")[1], 0) for i, n in enumerate(shapes)}
     weights = {n: torch.randn(s, device="meta") for n, s in shapes.items()}
     scores = {kind: {n: torch.randn(s, device="meta") for n, s in shapes.items()} for kind in ("harm", "benign")}
-    watch = _watch(lambda: select(PruneSpec(rule=rule, sparsity=0.1), params, weights, scores))
-    assert "meta" in watch.devices
-    assert watch.mixed == []
+    watch = audit(lambda: select(PruneSpec(rule=rule, sparsity=0.1), params, weights, scores))
+    assert_one_device(watch)
 
 
 def test_weight_budgets_leave_each_gpu_room_for_its_score_buffer():
