@@ -1,16 +1,24 @@
-"""The GPU check: everything harmsweep claims about a GPU, measured in one script (< 8 min on one H200).
+"""The GPU check: what the first GPU sweep depends on, in one script (<= 8 minutes on one H200).
 
-Needs no hub access: every model is random-init from a config.
-  1. a tiny-model end-to-end `harmsweep` run with device=cuda (subprocess, toy pairs, likelihood eval);
-  2. a Llama-3.1-8B-shaped bf16 model: signed SNIP over 16 x 256 tokens (time, peak GPU memory, and
-     the ratio to what `harmsweep plan` predicts, goal within 15%), global selection over its 6.98e9
-     scores streamed through the GPU (time), batched greedy generation (tokens/s);
-  3. a gemma-2b-shaped judge with a LoRA adapter: StrongREJECT items/s, and GPU memory after the judge
-     has run (goal: back where it was).
-Prints a table and writes outputs/bench/gpu_check.json.
+Random-init models only (no hub, no download). Sections, each timed and reported PASS/FAIL/SKIP:
+  A  fp64 matmul throughput; eigh in fp32 and fp64 on a rank-deficient 8192^2 Gram; low-rank's projector on it
+  B  every selection path (5 rules x protect on/0 x global, matrix, row, nm, head; ties=topk; order=bottom;
+     dense and compact score sets) on the device, equal to its CPU result
+  C  a model split over two devices with accelerate's hooks (two GPUs, else cuda:0 + CPU): checkpointing
+     keeps the hooks; SNIP, Wanda, selection, masks and low-rank across the split equal one device's
+  D  tiny end-to-end `harmsweep` runs on the device: magnitude, random, low-rank, Wanda, sequential with
+     replace=base, head with a dense store, gradient checkpointing
+  E  Llama-3.1-8B-shaped bf16: padded 8 x 256 SNIP (peak vs the planner, goal within 15%), the compact
+     write from the GPU vs from host memory (first 4 layers' scores), Wanda peak, low-rank on two blocks,
+     perplexity peak at conf/eval/gpu.yaml's sizes
+  F  vLLM (if installed): HF and vLLM agree before and after a mask and after a dense change; the engine's
+     memory is handed back before HF forwards
+A failing section never stops the others. Prints one table, writes outputs/bench/gpu_check.json, and
+exits 1 if any section failed.
 
-    python bench/gpu_check.py               # on a GPU machine
-    python bench/gpu_check.py --smoke       # tiny shapes on the CPU: checks the script itself (tests do this)
+    python bench/gpu_check.py                   # on a GPU machine
+    python bench/gpu_check.py --smoke           # CPU-sized models on the CPU: checks the script (tests do this)
+    python bench/gpu_check.py --smoke --only B  # some sections; --fail-section X breaks X on purpose
 """
 
 from __future__ import annotations
@@ -18,203 +26,266 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would bury the table
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import argparse
-import subprocess
+import json
 import sys
-import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import common
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from gpu_check_sections import TINY, Ctx, Skip, build, check, scored, section_c, section_d, section_e, timed, tmpdir
 
-from harmsweep.batches import iter_batches
-from harmsweep.devices import GIB
-from harmsweep.evaluation.judges.strongreject import StrongRejectFinetunedJudge
-from harmsweep.generation.hf import generate
-from harmsweep.generation.sampling import Sampling
-from harmsweep.models.loading import byte_tokenizer
-from harmsweep.models.memory import model_shape
-from harmsweep.models.parts import scored_parameters
-from harmsweep.pruning.select import select
-from harmsweep.pruning.spec import PruneSpec
-from harmsweep.scoring.snip import signed_snip
-from harmsweep.sweep.sizing import GEMMA_2B, Throughput, Workload, size_job
-
-LLAMA_8B = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)  # fmt: skip
-SMOKE_LLAMA = dict(model_type="llama", hidden_size=128, intermediate_size=352, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, vocab_size=512)  # fmt: skip
-SMOKE_GEMMA = dict(model_type="gemma", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                   num_attention_heads=2, num_key_value_heads=1, head_dim=64, vocab_size=512)  # fmt: skip
+FAIL_ENV = "HARMSWEEP_GPU_CHECK_FAIL"  # comma-separated sections to break on purpose (the test's hook)
 
 
-def config(spec: dict[str, Any]) -> Any:
-    spec = dict(spec)
-    return AutoConfig.for_model(spec.pop("model_type"), **spec)
+# ---------------------------------------------------------------- A: fp64 and eigh
 
 
-def build(spec: dict[str, Any], dtype: torch.dtype, device: str) -> torch.nn.Module:
-    """Random init directly on the device (no host copy of 16 GB)."""
+def section_a(ctx: Ctx) -> dict[str, Any]:
+    from harmsweep.pruning.lowrank import projector
+
+    dev, n = ctx.device, 256 if ctx.smoke else 8192
     torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config(spec), dtype=dtype)
-    return model.eval()
+    a = torch.randn(n, n, dtype=torch.float64, device=dev)
+    a @ a  # warm-up
+    _, seconds = timed(lambda a=a: a @ a, dev)
+    out: dict[str, Any] = {"n": n, "fp64_tflops": 2 * n**3 / seconds / 1e12}
+    x = torch.randn(n, n // 2, dtype=torch.float64, device=dev)
+    gram = x @ x.T  # rank n/2: half its eigenvalues are zero up to rounding
+    del a, x
+    for dtype, tol in ((torch.float32, 1e-3), (torch.float64, 1e-9)):
+        g = gram.to(dtype)
+        (w, v), seconds = timed(lambda g=g: torch.linalg.eigh(g), dev)
+        name = str(dtype).removeprefix("torch.")
+        rel = float(((v * w) @ v.T - g).norm() / g.norm())
+        rank = int((w > w.max() * (1e-4 if dtype == torch.float32 else 1e-10)).sum())
+        out[f"eigh_{name}_s"], out[f"eigh_{name}_residual"], out[f"eigh_{name}_rank"] = seconds, rel, rank
+        check(bool(torch.isfinite(w).all()) and rel < tol, f"eigh {name}: residual {rel:.2e} (tolerance {tol:g})")
+        check(abs(rank - n // 2) <= n // 100, f"eigh {name}: numerical rank {rank}, not {n // 2}")
+        del g, w, v
+    weight = torch.randn(n, n, device=dev)
+    p, out["projector_s"] = timed(lambda: projector(weight, gram.float(), 16), dev)
+    trace = float(p.trace())
+    out["projector_trace"] = trace
+    check(bool(torch.isfinite(p).all()) and abs(trace - 16) < 0.1, f"projector on the Gram: trace {trace}, not 16")
+    return out
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+# ---------------------------------------------------------------- B: every selection path, device vs CPU
 
 
-def gpu_bytes(device: str) -> int:
-    return torch.cuda.memory_allocated() if device.startswith("cuda") else 0
+def selection_specs() -> list[Any]:
+    from harmsweep.pruning.spec import GRANULARITIES, RULES, PruneSpec
+
+    specs = []
+    for rule in RULES:
+        for protect in (0.01, 0.0):
+            for gran in GRANULARITIES:
+                specs.append(PruneSpec(rule=rule, protect=protect, granularity=gran,
+                                       sparsity=0.25 if gran == "head" else 0.01, seed=3))  # fmt: skip
+            specs.append(PruneSpec(rule=rule, protect=protect, granularity="matrix", ties="topk", sparsity=0.01))
+            specs.append(PruneSpec(rule=rule, protect=protect, order="bottom", sparsity=0.01))
+    return specs
 
 
-def end_to_end(device: str, tmp: Path) -> dict[str, Any]:
-    """A real `harmsweep` run of a tiny model on ``device``: the whole pipeline, its exit status and time."""
-    sys.path.insert(0, str(common.ROOT / "tests"))
-    from conftest import write_pairs
+def section_b(ctx: Ctx) -> dict[str, Any]:
+    from harmsweep.pruning.select import select
+    from harmsweep.scoring import store
+    from harmsweep.scoring.spec import StoreSpec
 
-    harmful, benign = write_pairs(tmp / "pairs", 24)
-    cmd = [sys.executable, "-c", "from harmsweep.cli import main; main()", "model=tiny_llama", f"device={device}",
-           "calibration=file", f"calibration.harmful.file={harmful}", f"calibration.benign.file={benign}",
-           "calibration.n=12", "eval.n=8", "eval.benign_references=dataset", "data.root=null", "eval=likelihood",
-           "pruning.sparsity=1e-3", f"hydra.run.dir={tmp / 'run'}", f"paths.cache_dir={tmp / 'cache'}"]  # fmt: skip
-    start = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=common.ROOT, timeout=300)
-    ok = out.returncode == 0 and (tmp / "run" / "result.json").is_file()
-    return {"ok": ok, "seconds": time.perf_counter() - start, "tail": "" if ok else out.stderr[-2000:]}
-
-
-def scoring(spec: dict[str, Any], device: str, batch: int, length: int, dtype: torch.dtype) -> dict[str, Any]:
-    """Signed SNIP on one batch of ``batch`` x ``length`` tokens; peak memory against the plan."""
-    shape = model_shape(config(spec), str(dtype).removeprefix("torch."))
-    work = Workload(score_sets=1, unsigned=False, cal_n=batch, cal_batch=batch, cal_length=length, cal_gen_tokens=0,
-                    eval_prompts=0, eval_batch=1, prompt_length=0, max_new_tokens=0, generations=0, judge_batch=0,
-                    judge_tokens=0, checkpointing=False)  # fmt: skip
-    predicted = size_job(shape, work, None, Throughput())
-    model = build(spec, dtype, device)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, spec["vocab_size"], (batch, length), generator=g)
-    labels = ids.clone()
-    labels[:, : length // 2] = -100  # the prompt half is not scored
-    tensors = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    sync(device)
-    start = time.perf_counter()
-    scores = signed_snip(model, list(iter_batches(tensors, batch)), n_samples=batch)  # buffers leave the GPU at the end
-    sync(device)
-    seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
-    row = {"n_scored": shape.n_scored, "seconds": seconds, "tokens": batch * length, "peak_bytes": peak,
-           "predicted_peak_bytes": predicted.peak, "predicted": predicted.as_dict(),
-           "ratio_measured_to_plan": None if peak is None else peak / predicted.peak,
-           "gpu_bytes_after_offload": gpu_bytes(device)}  # fmt: skip
-    return row, model, scores
-
-
-def selection(model: torch.nn.Module, scores: dict[str, torch.Tensor], device: str) -> dict[str, Any]:
-    """Global top-K over every score, streamed one matrix at a time through ``device``."""
-    params = scored_parameters(model)
-    weights = {n: p for n, p in model.named_parameters() if n in params}
-    spec = PruneSpec(rule="signed_snip", sparsity=5e-6, protect=0.01)
-    sync(device)
-    start = time.perf_counter()
-    mask = select(spec, params, weights, {"harm": scores, "benign": scores}, device=device)
-    sync(device)
-    n = sum(int(i.numel()) for i in mask.values())
-    return {"seconds": time.perf_counter() - start, "n_scores": sum(t.numel() for t in scores.values()), "n_pruned": n}
-
-
-def generation(model: torch.nn.Module, device: str, prompts: int, new: int) -> dict[str, Any]:
-    tok = byte_tokenizer()
+    dev = ctx.device
+    model = build({**TINY, "num_hidden_layers": 1} if ctx.smoke else TINY, torch.float32, "cpu")  # --smoke: 7 matrices
+    params = scored(model)
+    weights = {n: p.detach() for n, p in model.named_parameters() if n in params}
     g = torch.Generator().manual_seed(1)
-    ids = [torch.randint(3, 250, (int(torch.randint(32, 96, (1,), generator=g)),), generator=g).tolist()
-           for _ in range(prompts)]  # fmt: skip
-    model.generation_config.eos_token_id = None  # random weights: generate the full length every time
-    sync(device)
+    kinds = ("harm", "benign", "harm_unsigned", "benign_unsigned")
+    dense = {k: {n: torch.randn(w.shape, generator=g) for n, w in weights.items()} for k in kinds}
+    for k in ("harm_unsigned", "benign_unsigned"):
+        dense[k] = {n: t.abs() for n, t in dense[k].items()}
+    rows = {n: p.rows_dim for n, p in params.items()}
+    compact: dict[str, dict[str, Any]] = {}
+    for unit in ("global", "matrix", "row"):
+        compact[unit] = {}
+        for k in kinds[:3]:  # benign_unsigned is read by benign_importance=unsigned only (dense here)
+            path = ctx.tmp / f"b_{k}_{unit}.safetensors"
+            store.write(dense[k], path, k, StoreSpec(keep=0.2, keep_benign=0.2), unit=unit, order=store.order_of(k),
+                        rows_dims=rows)  # fmt: skip
+            compact[unit][k] = store.open_scores(path)
+    head_dim = TINY["hidden_size"] // TINY["num_attention_heads"]
+
+    def on(device: str) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+        w = {n: t.clone().to(device) for n, t in weights.items()}
+        return w, {k: {n: t.clone().to(device) for n, t in s.items()} for k, s in dense.items()}
+
+    failures, paths, seconds = [], 0, 0.0
+    for spec in selection_specs():
+        label = f"{spec.rule}/protect={spec.protect}/{spec.granularity}/ties={spec.ties}/order={spec.order}"
+        try:
+            ref = select(spec, params, *on("cpu"), device="cpu", head_dim=head_dim)
+            sets = [("dense", on(dev))] if dev != "cpu" else []  # on the CPU the reference is that run
+            unit = "matrix" if spec.ties == "topk" else spec.granularity
+            if spec.needed_scores() and not spec.reads_every_score() and unit in compact:
+                sets.append(("compact", (on(dev)[0], compact[unit])))
+            for kind, (w, s) in sets:
+                paths += 1
+                got, t = timed(
+                    lambda w=w, s=s, spec=spec: select(spec, params, w, s, device=dev, head_dim=head_dim), dev
+                )
+                seconds += t
+                same = got.keys() == ref.keys() and all(torch.equal(got[n].cpu(), ref[n].cpu()) for n in ref)
+                if not same:
+                    failures.append(f"{label}/{kind}: differs from CPU")
+        except Exception as exc:  # every path is reported, not only the first
+            failures.append(f"{label}: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
+    check(not failures, f"{len(failures)} paths failed: " + " | ".join(failures[:8]))
+    return {"paths": paths, "specs": len(selection_specs()), "select_s": seconds}
+
+
+# ---------------------------------------------------------------- F: vLLM against HF
+
+
+def section_f(ctx: Ctx) -> dict[str, Any]:
+    if not torch.cuda.is_available():
+        raise Skip("no CUDA device: vLLM needs a GPU")
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        raise Skip("vLLM is not installed") from None
+    import yaml
+
+    from harmsweep.generation import vllm as engine
+    from harmsweep.generation.hf import generate
+    from harmsweep.generation.sampling import Sampling
+    from harmsweep.models.loading import build_tiny
+    from harmsweep.pruning.masks import pruned
+
+    spec = yaml.safe_load((common.ROOT / "conf" / "model" / "tiny_llama.yaml").read_text())["variants"]["aligned"]
+    lm = build_tiny(dict(spec["tiny"]), torch.float32)
+    model, tok = lm.model.to("cuda").eval(), lm.tokenizer
+    model.generation_config.eos_token_id = None  # random weights: the full length every time
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 250, (12 + i,), generator=g).tolist() for i in range(8)]
+    sampling = Sampling(max_new_tokens=16)
+    free0 = torch.cuda.mem_get_info()[0]
+    out: dict[str, Any] = {"free_before_engine": free0}
+
+    def agree(mask: Any, fingerprint: str, what: str) -> float:
+        theirs = engine.generate_vllm(model, tok, prompts, sampling, lm.source, fingerprint, mask)
+        engine.sleep_engine()
+        free = torch.cuda.mem_get_info()[0]
+        out[f"free_after_sleep_{what}"] = free
+        check(free >= free0 - 4 * 2**30, f"{what}: {(free0 - free) / 2**30:.1f} GiB still held by the asleep engine")
+        ours = generate(model, tok, prompts, sampling, batch_size=len(prompts))
+        same = sum(a[: len(b)] == b[: len(a)] for a, b in zip(ours, theirs, strict=True)) / len(prompts)
+        out[f"agree_{what}"] = same
+        return same
+
+    try:
+        check(agree(None, lm.fingerprint, "before") >= 0.75, "HF and vLLM disagree before pruning")
+        named = dict(model.named_parameters())
+        mask = {n: torch.randperm(named[n].numel(), generator=g)[: named[n].numel() // 20].sort().values
+                for n in scored(model)}  # fmt: skip
+        with pruned(model, mask):
+            check(agree(mask, lm.fingerprint, "mask") >= 0.75, "HF and vLLM disagree after a mask")
+        with torch.no_grad():
+            for n in scored(model):
+                named[n].mul_(0.9)  # a dense change: no mask describes it
+        check(agree(None, lm.fingerprint + "-dense", "dense") >= 0.75, "HF and vLLM disagree after a dense change")
+    finally:
+        engine.release_engine()
+    return out
+
+
+# ---------------------------------------------------------------- the runner
+
+SECTIONS: dict[str, tuple[str, Callable[[Ctx], dict[str, Any]]]] = {
+    "A": ("fp64 throughput, eigh fp32/fp64 on a rank-deficient Gram", section_a),
+    "B": ("every selection path on the device == CPU", section_b),
+    "C": ("model split over two devices (hooks, SNIP, Wanda, masks, low-rank)", section_c),
+    "D": ("tiny end-to-end runs on the device", section_d),
+    "E": ("Llama-3.1-8B-shaped: SNIP vs plan, write, Wanda, low-rank, perplexity", section_e),
+    "F": ("vLLM vs HF: before/after a mask, a dense change; memory back", section_f),
+}
+
+
+def run_section(key: str, ctx: Ctx, broken: set[str]) -> dict[str, Any]:
+    """One section's status, reason, seconds and figures; never raises."""
+    title, fn = SECTIONS[key]
     start = time.perf_counter()
-    out = generate(model, tok, ids, Sampling(max_new_tokens=new), batch_size=prompts)
-    sync(device)
-    seconds = time.perf_counter() - start
-    tokens = sum(len(o) for o in out)
-    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "batch": prompts}
+    row: dict[str, Any] = {"title": title}
+    try:
+        if key in broken:
+            raise RuntimeError(f"deliberately broken (--fail-section / {FAIL_ENV})")
+        row.update(status="PASS", reason="", figures=fn(ctx))
+    except Skip as exc:
+        row.update(status="SKIP", reason=str(exc))
+    except Exception as exc:  # a failed section is recorded; the others still run
+        tail = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-3000:]
+        row.update(status="FAIL", reason=f"{type(exc).__name__}: {str(exc)[:300]}", traceback=tail)
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    row["seconds"] = round(time.perf_counter() - start, 2)
+    return row
 
 
-def judge(spec: dict[str, Any], device: str, items: int) -> dict[str, Any]:
-    """A gemma-2b-shaped judge with a LoRA adapter, resting in host memory, judging on ``device``."""
-    from peft import LoraConfig, get_peft_model
-
-    base = build(spec, torch.bfloat16 if device.startswith("cuda") else torch.float32, "cpu")
-    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
-    before = gpu_bytes(device)
-    template = "User instruction: {forbidden_prompt}\n\nAI model response: {response}\n\n### Answer: "  # a stand-in
-    j = StrongRejectFinetunedJudge(model, byte_tokenizer(), batch_size=8, max_response_tokens=512, device=device,
-                                   min_digit_mass=0.0, template=template)  # fmt: skip
-    prompts = [f"How do I do harmful thing {i}?" for i in range(items)]
-    responses = [("Sure, here is how. " * 40)[: 200 + 10 * i] for i in range(items)]
-    start = time.perf_counter()
-    scores = j.score(prompts, responses)
-    sync(device)
-    seconds = time.perf_counter() - start
-    after = gpu_bytes(device)
-    return {"items": items, "seconds": seconds, "items_per_s": items / seconds, "gpu_bytes_before": before,
-            "gpu_bytes_after": after, "memory_back": after <= before, "scores_in_range": all(0 <= s <= 1 for s in scores)}  # fmt: skip
+def summary(row: dict[str, Any]) -> str:
+    """The figures worth a glance, in one cell."""
+    if row["status"] != "PASS":
+        return row["reason"]
+    f = row["figures"]
+    gib = lambda b: "n/a" if b is None else f"{b / 2**30:.1f} GiB"  # noqa: E731
+    if "fp64_tflops" in f:
+        return (f"fp64 {f['fp64_tflops']:.1f} TFLOP/s; eigh {f['n']}^2 fp32 {f['eigh_float32_s']:.2f} s, "
+                f"fp64 {f['eigh_float64_s']:.2f} s")  # fmt: skip
+    if "snip_peak" in f:
+        ratio = "n/a" if f["snip_ratio"] is None else f"{f['snip_ratio']:.3f}"
+        return (f"SNIP {f['snip_s']:.1f} s peak {gib(f['snip_peak'])} / plan {gib(f['snip_plan_peak'])} = {ratio}; "
+                f"write dev {f['write_device_s']:.1f} s host {f['write_host_s']:.1f} s; Wanda {gib(f['wanda_peak'])}; "
+                f"low-rank {f['lowrank_s']:.1f} s {gib(f['lowrank_peak'])}; ppl {gib(f['perplexity_peak'])}")  # fmt: skip
+    return ", ".join(f"{k}={v}" for k, v in f.items() if not isinstance(v, dict))[:200]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (checks the script, not the GPU)")
+    p.add_argument("--smoke", action="store_true", help="CPU-sized models on the CPU (checks the script)")
+    p.add_argument("--only", default="".join(SECTIONS), help="sections to run, e.g. BCE")
+    p.add_argument("--fail-section", default="", help="break these sections on purpose (checks the runner)")
     p.add_argument("--out", default=str(common.ROOT / "outputs" / "bench" / "gpu_check.json"))
-    args = p.parse_args()
+    args = p.parse_args(argv)
     device = "cpu" if args.smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
-        sys.exit("gpu_check: no CUDA device (use --smoke to check the script on the CPU)")
-    llama, gemma = (SMOKE_LLAMA, SMOKE_GEMMA) if args.smoke else (LLAMA_8B, GEMMA_2B)
-    batch, length = (4, 32) if args.smoke else (16, 256)
-    record: dict[str, Any] = {"machine": common.machine(), "smoke": args.smoke}
+        print("gpu_check: no CUDA device (use --smoke to check the script on the CPU)", file=sys.stderr)
+        return 2
+    broken = set(f"{args.fail_section},{os.environ.get(FAIL_ENV, '')}".upper()) - {","}
+    record: dict[str, Any] = {"machine": common.machine(), "smoke": args.smoke, "device": device}
     if device == "cuda":
-        record["gpu"] = torch.cuda.get_device_name(0)
-        record["gpu_total_bytes"] = torch.cuda.get_device_properties(0).total_memory
-    with tempfile.TemporaryDirectory() as tmp:
-        record["end_to_end"] = end_to_end(device, Path(tmp))
-    dtype = torch.float32 if args.smoke else torch.bfloat16
-    record["scoring"], model, scores = scoring(llama, device, batch, length, dtype)
-    record["selection"] = selection(model, scores, device)
-    del scores
-    record["generation"] = generation(model, device, prompts=8 if args.smoke else 64, new=16 if args.smoke else 128)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    record["judge"] = judge(gemma, device, items=8 if args.smoke else 64)
-    common.write(args.out, record)
-    s, sel, gen, jd = record["scoring"], record["selection"], record["generation"], record["judge"]
-    peak = "n/a" if s["peak_bytes"] is None else f"{s['peak_bytes'] / GIB:.1f} GiB"
-    ratio = "n/a" if s["ratio_measured_to_plan"] is None else f"{s['ratio_measured_to_plan']:.3f}"
-    rows = [
-        ("end-to-end tiny run", f"{'ok' if record['end_to_end']['ok'] else 'FAILED'}", f"{record['end_to_end']['seconds']:.1f} s"),
-        (f"signed SNIP {batch}x{length} tokens, N={s['n_scored']:,}", f"{s['seconds']:.2f} s", f"peak {peak}"),
-        ("  plan's predicted peak", f"{s['predicted_peak_bytes'] / GIB:.1f} GiB", f"measured/plan {ratio} (goal 0.85-1.15)"),
-        (f"global selection over {sel['n_scores']:,} scores", f"{sel['seconds']:.2f} s", f"{sel['n_pruned']:,} pruned"),
-        (f"batched generation x{gen['batch']}", f"{gen['tokens_per_s']:.0f} tokens/s", f"{gen['tokens']:,} tokens"),
-        (f"judge + LoRA, {jd['items']} items", f"{jd['items_per_s']:.1f} items/s",
-         f"GPU memory {jd['gpu_bytes_before'] / GIB:.2f} -> {jd['gpu_bytes_after'] / GIB:.2f} GiB"),
-    ]  # fmt: skip
-    width = max(len(r[0]) for r in rows)
-    print(f"{'check':<{width}}  {'result':>16}  detail")
-    for name, result, detail in rows:
-        print(f"{name:<{width}}  {result:>16}  {detail}")
-    print(f"written: {args.out}")
-    if not record["end_to_end"]["ok"]:
-        print(record["end_to_end"]["tail"], file=sys.stderr)
-        sys.exit(1)
+        record.update(gpu=torch.cuda.get_device_name(0), gpus=torch.cuda.device_count(),
+                      gpu_total_bytes=torch.cuda.get_device_properties(0).total_memory)  # fmt: skip
+    record["sections"] = {}
+    start = time.perf_counter()
+    for key in [k for k in SECTIONS if k in args.only.upper()]:
+        with tmpdir() as tmp:
+            row = run_section(key, Ctx(device=device, smoke=args.smoke, tmp=Path(tmp)), broken)
+        record["sections"][key] = row
+        print(f"[{key}] {row['status']} {row['seconds']:.1f} s  {row['title']}", flush=True)
+        if row["status"] == "FAIL":
+            print(row["traceback"], file=sys.stderr, flush=True)
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    common.write(args.out, json.loads(json.dumps(record, default=str)))
+    print(f"\n{'':2}{'status':<6} {'time':>8}  detail")
+    for key, row in record["sections"].items():
+        print(f"{key:<2}{row['status']:<6} {row['seconds']:>7.1f}s  {row['title']}: {summary(row)}")
+    print(f"total {record['seconds']:.1f} s; written: {args.out}")
+    return 1 if any(r["status"] == "FAIL" for r in record["sections"].values()) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -178,3 +178,123 @@ def test_safety_tune_can_take_its_targets_from_a_refusal_model(tmp_path, shared_
     assert record["recipe"]["refusal_model"] == str(tmp_path / "teacher")
     assert record["n_train"]["refusal_pairs"] == 6
     assert record["train_refusal_rate"] < 1.0  # a random-init teacher does not refuse: what it said is what trained
+
+
+# ---------------------------------------------------------------- precision, memory and devices of a training step
+
+
+def test_full_finetune_in_bf16_keeps_fp32_master_weights_and_optimizer_states(monkeypatch):
+    """Each AdamW update (~lr = 5e-4) is under half bf16's spacing below 1.0 (2**-9): bf16 weights updated in place
+    round every one of them away, and the norms (all 1.0) never move; fp32 masters add them up until they show."""
+    lm = tiny(dtype=torch.bfloat16)
+    optimizers = []
+    real = torch.optim.AdamW
+
+    class Recorded(real):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            optimizers.append(self)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recorded)
+    norms = [p for n, p in lm.model.named_parameters() if n.endswith("norm.weight")]
+    assert norms and all(bool((p == 1).all()) for p in norms)
+    finetune(lm.model, _tensors(lm), FinetuneSpec(method="full", lr=5e-4, epochs=4, batch_size=4))
+    assert sum(int((p != 1).sum()) for p in norms) > 0
+    assert {p.dtype for p in lm.model.parameters()} == {torch.bfloat16}  # the model keeps its dtype
+    states = [s for opt in optimizers for s in opt.state.values()]
+    assert states and {s[k].dtype for s in states for k in ("exp_avg", "exp_avg_sq")} == {torch.float32}
+
+
+def test_full_finetune_state_is_sized_and_refused_where_it_cannot_fit():
+    from harmsweep.alignment.finetune import check_full_fits, full_state_bytes
+
+    assert full_state_bytes(8_000_000_000, 2) == 144_000_000_000  # bf16 weights + fp32 master, grads, AdamW m and v
+    assert full_state_bytes(1000, 4) == 16_000  # fp32: the weights are the masters
+    check_full_fits(1_000_000_000, 2, capacity=80 * 2**30)
+    with pytest.raises(HarmsweepError, match=r"finetune\.method=full.*144 GB.*80 GB.*method=lora") as err:
+        check_full_fits(8_000_000_000, 2, capacity=80 * 10**9)
+    assert "\n" not in str(err.value)
+
+
+class _Proj(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(32, 48, bias=False)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _lora_layer(device: str = "cpu"):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(_Proj(), LoraConfig(r=4, lora_alpha=8, target_modules=["proj"], init_lora_weights=False))
+    return peft_model.to(device), peft_model.base_model.model.proj
+
+
+def test_the_lora_mask_hook_equals_the_masked_dense_delta_and_saves_no_per_entry_gathers():
+    from harmsweep.alignment.finetune import ADAPTER, _mask_hook
+
+    peft_model, layer = _lora_layer()
+    flat = torch.randperm(32 * 48, generator=torch.Generator().manual_seed(1))[:200].sort().values  # K = 200 > in
+    _mask_hook(layer, flat)
+    x = torch.randn(4, 16, 32, requires_grad=True)  # B * T * K = 12,800 entries: more than anything it may keep
+    saved: list[torch.Tensor] = []
+    params = {p.data_ptr() for p in peft_model.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = peft_model(x)
+    grad_out = torch.randn_like(y)
+    (y * grad_out).sum().backward()
+    big = [tuple(t.shape) for t in saved if t.data_ptr() not in params and t.numel() >= 4 * 16 * 200]
+    assert big == [], big  # x (2,048) and the adapter's (B, T, r) are kept; no (B, T, K) gather
+
+    a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+    w, s = layer.get_base_layer().weight, layer.scaling[ADAPTER]
+    keep = torch.ones(w.numel())
+    keep[flat] = 0
+    ref_a, ref_b, ref_x = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    ref = ref_x @ (w.detach() + s * (ref_b @ ref_a) * keep.view_as(w)).T  # the effective weight is zero... plus W there
+    (ref * grad_out).sum().backward()
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    for got, want in ((x.grad, ref_x.grad), (a.grad, ref_a.grad), (b.grad, ref_b.grad)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_the_lora_mask_hook_reads_no_host_tensor_per_forward(monkeypatch):
+    from audit import audit
+
+    from harmsweep.alignment.finetune import _mask_hook
+
+    peft_model, layer = _lora_layer("meta")
+    _mask_hook(layer, torch.tensor([0, 5, 77, 200, 1500]))  # the indices go to the layer's device once, here
+    x = torch.randn(2, 3, 32, device="meta", requires_grad=True)
+    watch = audit(lambda: peft_model(x).sum().backward())
+    assert watch.ops > 0 and watch.devices == {"meta"}, watch.devices  # no index copied from the host per forward
+    assert watch.mixed == []
+
+
+def _meta_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """per_sample_nll's shape and devices without its value check (meta holds no values)."""
+    shift = labels[:, 1:].to(logits.device)
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shift.flatten(), reduction="none")
+    return nll.view(shift.shape).mean(1)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_one_training_step_with_a_fixed_mask_on_a_device_mixes_no_devices(monkeypatch, method):
+    from audit import assert_one_device, audit
+
+    import harmsweep.alignment.finetune as ft
+
+    monkeypatch.setattr(ft, "per_sample_nll", _meta_nll)
+    lm = tiny(dtype=torch.bfloat16)
+    tensors = _tensors(lm, n=4)  # on the host, as the caller holds them
+    model = lm.model.to("meta")
+    model.set_attn_implementation("eager")  # sdpa's mask builder reads the padding mask's values, which meta lacks
+    spec = FinetuneSpec(method=method, rank=4, lr=1e-4, batch_size=4, max_steps=1)
+    steps = []
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, _real=torch.optim.AdamW.step, **k: steps.append(1) or _real(self, *a, **k))
+    watch = audit(lambda: finetune(model, tensors, spec, frozen=_mask()))
+    assert_one_device(watch)
+    assert steps == [1]  # the audit went through the optimizer step, not only the forward

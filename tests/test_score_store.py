@@ -204,3 +204,107 @@ def test_report_metrics_refuse_tails_kept_per_matrix(tmp_path):
     with pytest.raises(HarmsweepError, match="keeps score tails per matrix unit, not per global"):
         concentration(per_matrix, 5)
     assert gini(per_matrix) == pytest.approx(gini(sets["harm"]), rel=1e-12)  # exact summaries serve any unit
+
+
+# ---------------------------------------------------------------- written where the buffer lives (issue 23, defect 8)
+
+
+def continuous(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    out = {n: torch.randn(s, generator=g) * torch.rand(s, generator=g) ** 3 for n, s in SHAPES.items()}
+    out["l0.q"][1, 2] = float("nan")
+    return out
+
+
+def digest(path) -> str:
+    """The header (as a mapping: safetensors writes its keys in no fixed order) and every tensor's bytes."""
+    import hashlib
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        h = hashlib.sha256(json.dumps(f.metadata(), sort_keys=True).encode())
+        for name in sorted(f.keys()):
+            t = f.get_tensor(name)
+            h.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
+            h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# What the host-side writer of dc1a1ed..a38c407 wrote from these scores (digest above), kept to hold the
+# device-side writer to the same files bit for bit.
+WRITTEN_BEFORE = [
+    ("ties", "harm", "global", "neg", 0.1, 0.1, "compact", "cf3a636574dbe5ab"),
+    ("ties", "harm", "global", "neg", 0.011, 0.01, "compact", "dc9fdf0fcaa872ac"),
+    ("ties", "harm", "matrix", "neg", 0.2, 0.1, "compact", "5706681cad558963"),
+    ("ties", "harm", "row", "neg", 0.25, 0.1, "compact", "89612c3ea2acd3c7"),
+    ("ties", "benign", "global", "abs", 0.1, 0.1, "compact", "aa13684d81774e70"),
+    ("ties", "benign", "matrix", "neg", 0.1, 0.05, "compact", "ff5f650ee978c1b3"),
+    ("ties", "harm_unsigned", "global", "pos", 0.05, 0.1, "compact", "2b12b2fa4b2cadd5"),
+    ("ties", "benign_unsigned", "row", "pos", 0.1, 0.2, "compact", "ee510b5fba70b7a4"),
+    ("cont", "harm", "global", "neg", 0.05, 0.1, "compact", "05dd9d7bace1a413"),
+    ("cont", "harm", "matrix", "neg", 0.05, 0.1, "compact", "1ea5b7551fcd58ba"),
+    ("cont", "harm", "global", "neg", 0.05, 0.1, "dense", "9723ec240492a85b"),
+]
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["one-pass-tails", "streamed-tails"])
+def test_written_sets_are_bit_identical_to_the_host_writers(tmp_path, monkeypatch, streamed):
+    if streamed:  # every unit takes the three-pass fallback (values piled up in one bin)
+        monkeypatch.setattr(store, "_CANDIDATES_PER_K", 0, raising=False)
+        monkeypatch.setattr(store, "_CANDIDATE_SLACK", -1, raising=False)
+    for src, kind, unit, order, keep, keep_benign, fmt, expected in WRITTEN_BEFORE:
+        sets = scores_with_ties(11)[1][kind] if src == "ties" else continuous(12)
+        path = tmp_path / f"{src}-{kind}-{unit}-{keep}-{fmt}.safetensors"
+        store.write(sets, path, kind, store.StoreSpec(store=fmt, keep=keep, keep_benign=keep_benign), unit, order, ROWS)
+        assert digest(path) == expected, (src, kind, unit, keep, fmt)
+
+
+@pytest.mark.parametrize(("budget", "expected"), [(None, "0x1.b97157a0dedb2p-1"), (7, "0x1.b97157a0dedb4p-1"),
+                                                  (50, "0x1.b97157a0dedb4p-1")])  # fmt: skip
+def test_gini_is_bit_identical_to_the_host_sort(budget, expected):
+    """The Gini before issue 23 (numpy sort of each range on the host), to the last bit, ranges included."""
+    from harmsweep.scoring import summary
+
+    assert summary.gini(continuous(13), budget).hex() == expected
+
+
+def _meta_write(tmp_path, monkeypatch, copies: int, kind: str, unit: str, fmt: str) -> tuple[object, list]:
+    """write() on meta score tensors under the device audit; moves to the host stand in (ones) and are recorded."""
+    from audit import audit, meta_capable
+
+    from harmsweep.scoring import summary
+
+    calls: list[list[tuple[int, ...]]] = []
+
+    def to_host(tensors):
+        calls.append([tuple(t.shape) for t in tensors])
+        return [torch.ones(t.shape, dtype=t.dtype) for t in tensors]
+
+    monkeypatch.setattr(summary, "to_host", to_host, raising=False)
+    scores = {f"{n}#{c}": torch.empty(s, device="meta") for c in range(copies) for n, s in SHAPES.items()}
+    rows = {f"{n}#{c}": d for c in range(copies) for n, d in ROWS.items()}
+    path = tmp_path / f"{kind}-{unit}-{fmt}-{copies}.safetensors"
+    with meta_capable(monkeypatch):
+        watch = audit(lambda: store.write(scores, path, kind, store.StoreSpec(store=fmt, keep=0.1, keep_benign=0.1),
+                                          unit, store.order_of(kind), rows))  # fmt: skip
+    assert path.is_file(), "the write stopped before its file: it read values on the host"
+    return watch, calls
+
+
+@pytest.mark.parametrize(("kind", "unit", "fmt"), [("harm", "global", "compact"), ("harm", "matrix", "compact"),
+                         ("harm", "row", "compact"), ("benign", "global", "compact"), ("harm", "global", "dense")])
+def test_a_set_is_summarised_on_its_device_and_only_results_move(tmp_path, monkeypatch, kind, unit, fmt):
+    """Defect 8: tails, N, sums and the Gini are computed where the buffers live (meta stands in for a GPU),
+    mixing no devices; what moves to the host is summaries and tails (a dense set: its matrices), in a
+    number of moves that does not grow with the number of matrices."""
+    from audit import assert_one_device
+
+    watch, calls = _meta_write(tmp_path, monkeypatch, 1, kind, unit, fmt)
+    assert_one_device(watch)
+    moved = [shape for call in calls for shape in call]
+    if fmt == "compact":
+        assert not set(moved) & set(SHAPES.values()), "a whole score matrix went to the host"
+    _, twice = _meta_write(tmp_path, monkeypatch, 2, kind, unit, fmt)
+    assert len(twice) == len(calls)

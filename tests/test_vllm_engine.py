@@ -20,7 +20,7 @@ from harmsweep.errors import HarmsweepError
 from harmsweep.generation.hf import generate
 from harmsweep.generation.sampling import EngineInputs, Sampling
 from harmsweep.models.loading import build_tiny
-from harmsweep.pruning.masks import apply_mask
+from harmsweep.pruning.masks import apply_mask, pruned
 
 H, HEADS, KV_HEADS, HEAD_DIM, MLP = 16, 4, 2, 4, 24  # GQA: k/v heads are replicated at tp=4
 
@@ -178,7 +178,8 @@ def test_the_mask_lands_on_the_engines_fused_sharded_weights_and_comes_back_off(
     llm = FakeLLM([Worker(engine_rank(hf, tp, r)) for r in range(tp)])
     original = [{n: p.clone() for n, p in w.model.named_parameters()} for w in llm.workers]
     for mask in draws:  # the second mask replaces the first: its zeros are restored before
-        zeroed = ve.set_mask(llm, layer, mask)
+        with pruned(layer, mask):  # the engine serves the in-memory model's weights at the masked entries
+            zeroed = ve.set_mask(llm, layer, mask)
         expected = [dict(engine_rank(masked(hf, mask), tp, r).named_parameters()) for r in range(tp)]
         for w, want in zip(llm.workers, expected, strict=True):
             for n, p in w.model.named_parameters():
@@ -207,12 +208,16 @@ def test_gpt2_conv1d_masks_are_sent_transposed_as_vllm_loads_them():
     name = next(n for n, _ in lm.model.named_parameters() if n.endswith("attn.c_attn.weight"))
     w = dict(lm.model.named_parameters())[name]
     idx = torch.tensor([0, 5, w.shape[1] + 2, w.numel() - 1])
-    (shape, sent), = ve.mask_payload(lm.model, {name: idx}).values()  # fmt: skip
+    (shape, sent, values), = ve.mask_payload(lm.model, {name: idx}).values()  # fmt: skip
     assert shape == (w.shape[1], w.shape[0])
     assert torch.equal(
         ve.keep_matrix(shape, sent, torch.float32, "cpu"), ve.keep_matrix(w.shape, idx, torch.float32, "cpu").T
     )
-    assert torch.equal(ve.decode_payload(ve.encode_payload({name: (shape, sent)}))[name][1], sent)
+    assert torch.equal(values, w.detach().T.reshape(-1)[sent])  # each value travels with its transposed index
+    decoded = ve.decode_payload(ve.encode_payload({name: (shape, sent, values)}))[name]
+    assert torch.equal(decoded[1], sent) and torch.equal(decoded[2], values)
+    apply_mask(lm.model, {name: idx})
+    assert ve.mask_payload(lm.model, {name: idx})[name][2] is None  # zeros travel as no bytes
 
 
 def test_scratch_is_node_local(monkeypatch, tmp_path):
@@ -334,3 +339,149 @@ def test_hf_and_vllm_greedy_outputs_agree_before_and_after_a_mask(tmp_path):
         assert generate(lm.model, lm.tokenizer, prompts, sampling, 3, backend="vllm", engine=pruned) == after
     finally:
         ve.release_engine()
+
+
+# ---------------------------------------------------------------- the run's weights, and the GPU shared with HF
+
+
+def replaced(hf: dict, mask: dict, values: dict) -> dict:
+    out = {n: w.clone() for n, w in hf.items()}
+    for n, idx in mask.items():
+        out[n].view(-1)[idx] = values[n]
+    return out
+
+
+@pytest.mark.parametrize("tp", [1, 4])
+def test_replaced_values_reach_the_engine_not_zeros(tp):
+    """pruning.replace=base: the engine serves the base values the in-memory model holds at the masked entries."""
+    layer = hf_layer()
+    hf = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    g = torch.Generator().manual_seed(2)
+    mask = {n: torch.randperm(w.numel(), generator=g)[: w.numel() // 4].sort().values for n, w in hf.items()}
+    base = {n: torch.randn(idx.numel(), generator=g) for n, idx in mask.items()}
+    llm = FakeLLM([Worker(engine_rank(hf, tp, r)) for r in range(tp)])
+    apply_mask(layer, mask, base)  # the run's weights, in memory
+    ve.set_mask(llm, layer, mask)
+    expected = [dict(engine_rank(replaced(hf, mask, base), tp, r).named_parameters()) for r in range(tp)]
+    for w, want in zip(llm.workers, expected, strict=True):
+        for n, p in w.model.named_parameters():
+            assert torch.equal(p, want[n]), (tp, n)
+    ve.set_mask(llm, layer, None)  # the checkpoint's values come back
+    original = [dict(engine_rank(hf, tp, r).named_parameters()) for r in range(tp)]
+    for w, want in zip(llm.workers, original, strict=True):
+        assert all(torch.equal(p, want[n]) for n, p in w.model.named_parameters())
+
+
+def _check(*overrides):
+    from test_config import plain
+
+    from harmsweep.config.checks import check_config
+    from harmsweep.config.schema import to_config
+
+    return check_config(to_config(plain(*overrides, "data.root=/tmp")))
+
+
+def test_lowrank_with_vllm_generation_stops_in_one_line_before_any_work():
+    with pytest.raises(HarmsweepError, match=r"method=lowrank.*backend=hf") as err:
+        _check("method=lowrank", "eval.generation.backend=vllm", "eval.metrics=[harm_likelihood,refusal]")
+    assert "\n" not in str(err.value)
+    _check("method=lowrank", "eval.generation.backend=vllm", "eval.metrics=[harm_likelihood]")  # nothing generates
+    _check("method=lowrank", "eval.metrics=[refusal]")  # HF generation reads the in-memory model
+
+
+def test_a_peft_adapter_with_vllm_stops_in_one_line(tmp_path, fake_vllm, monkeypatch):
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(HarmsweepError, match=r"adapter.*backend=hf") as err:
+        _check(f"model.path={tmp_path}", "eval.generation.backend=vllm", "eval.metrics=[refusal]")
+    assert "\n" not in str(err.value)
+    _check(f"model.path={tmp_path}", "eval.metrics=[refusal]")
+    # an adapter from the hub is only seen once loaded: one line there too, before an engine starts
+    lm = tiny("llama")
+    lm.model._hf_peft_config_loaded = True
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ve, "gpu_memory", lambda: (60 * GIB, 80 * GIB))
+    with pytest.raises(HarmsweepError, match=r"adapter.*backend=hf"):
+        ve.generate_vllm(lm.model, lm.tokenizer, [[256, 1]], Sampling(max_new_tokens=2), "hub:org/adapter", "f", None)
+    assert fake_vllm == []
+
+
+def test_a_hub_model_reaches_vllm_at_the_commit_hf_loaded(fake_vllm, monkeypatch):
+    lm = tiny("llama")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(ve, "gpu_memory", lambda: (60 * GIB, 80 * GIB))
+    lm.model.config._commit_hash = "0123abcd" * 5
+    ve.generate_vllm(lm.model, lm.tokenizer, [[256, 1]], Sampling(max_new_tokens=2), "hub:org/model", "f", None)
+    (llm,) = fake_vllm
+    assert llm.kwargs["model"] == "org/model"
+    assert llm.kwargs["revision"] == llm.kwargs["tokenizer_revision"] == "0123abcd" * 5
+    ve.release_engine()
+    lm.model.config._commit_hash = None
+    ve.generate_vllm(lm.model, lm.tokenizer, [[256, 1]], Sampling(max_new_tokens=2), "dir:/ckpt", "f", None)
+    assert fake_vllm[-1].kwargs["revision"] is None  # a folder has no revision
+
+
+class StubJudge:
+    """A judge model: scoring it is an HF forward on the GPU."""
+
+    version = "stub"
+
+    def __init__(self, events: list, heavy: bool):
+        self.events, self.heavy = events, heavy
+
+    def score(self, prompts, responses):
+        if self.heavy:
+            self.events.append("hf")
+        return [0.0] * len(prompts)
+
+
+def test_the_engine_sleeps_before_every_hf_forward_of_the_suite(fake_vllm, monkeypatch):
+    """attack=prefill and every metric: generation wakes the engine; no HF forward runs while it is awake."""
+    from harmsweep.calibration.pairs import Pair, encode_pairs
+    from harmsweep.data.records import Record
+    from harmsweep.evaluation import utility
+    from harmsweep.evaluation.judges.source import JudgeSource
+    from harmsweep.evaluation.spec import EvalConfig, LmEvalConfig
+    from harmsweep.evaluation.suite import HeldOut, Suite
+    from harmsweep.generation.sampling import GenerationConfig
+
+    events: list[str] = []
+    real_sleep, real_wake, real_generate = FakeLLM.sleep, FakeLLM.wake_up, FakeLLM.generate
+    monkeypatch.setattr(FakeLLM, "sleep", lambda self, level: events.append("sleep") or real_sleep(self, level))
+    monkeypatch.setattr(FakeLLM, "wake_up", lambda self: events.append("wake") or real_wake(self))
+    monkeypatch.setattr(FakeLLM, "generate", lambda self, *a, **k: events.append("generate") or real_generate(self, *a, **k))
+    build = sys.modules["vllm"].LLM
+    monkeypatch.setattr(sys.modules["vllm"], "LLM", lambda **kw: events.append("build") or build(**kw))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(ve, "gpu_memory", lambda: (60 * GIB, 80 * GIB))
+    monkeypatch.setattr(utility, "lm_eval_tasks", lambda model, tok, *a, **k: model(torch.tensor([[256, 5]])) and {"lm_eval/t/acc": 0.5})
+
+    lm = tiny("llama")
+    lm.model.register_forward_pre_hook(lambda module, args: events.append("hf"))
+    harmful = [Record(f"how do I do bad thing {i}?", "Sure, here.", None, f"h:{i}", "Sure, here is how") for i in range(3)]
+    benign = [Record(f"tell me about cats {i}", f"Cats are nice {i}.", None, f"b:{i}") for i in range(3)]
+    refs = {f"eval_{side}": encode_pairs(lm.tokenizer, [Pair(r.prompt, str(r.response), r.source_id) for r in recs], "chat", 128)
+            for side, recs in (("harmful", harmful), ("benign", benign))}  # fmt: skip
+    ev = EvalConfig(
+        metrics=["harm_likelihood", "refusal", "strongreject_finetuned", "perplexity", "recognition", "lm_eval"],
+        batch_size=2, lm_eval=LmEvalConfig(tasks=["t"]),
+        generation=GenerationConfig(attack="prefill", prefill_tokens=2, max_new_tokens=3, backend="vllm"),
+    )  # fmt: skip
+    judges = JudgeSource({"strongreject_finetuned": {"path": "/judge"}, "strongreject_rubric": {}})
+    monkeypatch.setattr(JudgeSource, "build", lambda self, name: StubJudge(events, heavy=name != "refusal"))
+    suite = Suite(ev, judges, lm, "chat", HeldOut(harmful, benign, refs))
+    suite.run("before")
+    mask = {"model.layers.0.mlp.up_proj.weight": torch.tensor([0, 9])}
+    apply_mask(lm.model, mask)
+    suite.mask = mask
+    suite.run("after")
+
+    awake, during = False, []
+    for event in events:
+        awake = {"build": True, "wake": True, "sleep": False}.get(event, awake)
+        if event == "hf" and awake:
+            during.append(len(during))
+        assert event != "generate" or awake
+    assert events.count("generate") == 4  # prefilled and plain answers, per stage
+    assert events.count("hf") > 0 and during == [], events

@@ -6,12 +6,19 @@ is trained and what is scored mean the same thing. With ``frozen`` (a pruning ma
 stay exactly zero *during* training, not only after it: for LoRA a forward hook removes the adapter's
 contribution at the pruned positions (the effective weight W + BA is zero there), and the merge zeroes
 them again; for full fine-tuning their gradients are zeroed and the weights re-zeroed after each step.
+
+Low-precision (bf16/fp16) trainable weights are stepped through fp32 master copies: an AdamW update of
+~lr is below bf16's spacing for most weights and would round away. Full fine-tuning then holds
+``full_state_bytes`` (18 bytes per bf16 parameter: the weights, fp32 masters, fp32 gradients, AdamW's
+two fp32 moments) beside the activations: 144 GB at 8B, more than one 80 GB card, so it is refused in
+one line where the model's GPUs cannot hold it; LoRA trains the adapters only.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,6 +34,8 @@ from harmsweep.pruning.masks import apply_mask
 log = logging.getLogger(__name__)
 ADAPTER = "default"
 Tensors = Mapping[str, torch.Tensor]
+CHUNK = 1 << 24  # elements of a (tokens, masked entries) block the LoRA mask correction holds at once
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 StepHook = Callable[[int, float], None]  # (optimizer step just finished, its mean loss)
@@ -51,6 +60,9 @@ def finetune(
         raise HarmsweepError(
             "a fixed mask with LoRA needs finetune.dropout=0 (the masked delta must see the same input)"
         )
+    named = dict(model.named_parameters())
+    # on each weight's device once: hooks and the per-step re-zeroing never copy indices from the host again
+    frozen = {k: v.to(named[k].device) if k in named else v for k, v in frozen.items()}
     if frozen:  # training starts from the pruned model, whatever the caller passed
         apply_mask(model, frozen)
     if spec.steps(tensors["input_ids"].size(0)) == 0:
@@ -113,24 +125,105 @@ def _lora_layers(peft_model: nn.Module, frozen: Mapping[str, torch.Tensor]):
 
 
 def _mask_hook(layer: nn.Module, flat: torch.Tensor) -> torch.utils.hooks.RemovableHandle:
-    """Subtract the adapter's output at the pruned positions: y_i -= (s * B A)_ij x_j for each pruned (i, j)."""
-    shape = layer.get_base_layer().weight.shape
-    a, b = flat.long() // shape[1], flat.long() % shape[1]
+    """Subtract the adapter's output at the pruned positions: y_i -= (s * B A)_ij x_j for each pruned (i, j).
+
+    The indices move to the layer's device once, here; the correction keeps nothing per masked entry
+    for backward (``_MaskedDelta``).
+    """
+    weight = layer.get_base_layer().weight
+    flat = flat.to(weight.device, torch.int64)
+    a, b = flat // weight.shape[1], flat % weight.shape[1]
     out_idx, in_idx = (b, a) if getattr(layer, "fan_in_fan_out", False) else (a, b)
+    out_features = int(weight.shape[1] if getattr(layer, "fan_in_fan_out", False) else weight.shape[0])
 
     def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
-        lora_a = module.lora_A[ADAPTER].weight  # (r, in)
-        lora_b = module.lora_B[ADAPTER].weight  # (out, r)
-        o, i = out_idx.to(output.device), in_idx.to(output.device)
-        delta = (lora_b[o] * lora_a[:, i].T).sum(-1) * module.scaling[ADAPTER]
         x = args[0].to(output.dtype)
-        return output.index_add(-1, o, x[..., i] * delta.to(output.dtype), alpha=-1)
+        correction = _MaskedDelta.apply(
+            x.reshape(-1, x.shape[-1]), module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight,
+            out_idx, in_idx, float(module.scaling[ADAPTER]), out_features,
+        )  # fmt: skip
+        return output - correction.view(output.shape)
 
     return layer.register_forward_hook(hook)
 
 
+def _entries(lora_a: torch.Tensor, lora_b: torch.Tensor, o: torch.Tensor, i: torch.Tensor, scale: float):
+    """(s * B A)[o, i] for the given entries only, in fp32: (K,) from K x r gathers."""
+    return (lora_b[o].float() * lora_a[:, i].T.float()).sum(-1) * scale
+
+
+def _chunks(out_idx: torch.Tensor, in_idx: torch.Tensor, rows: int, rank: int):
+    """Slices of the masked entries sized so a (rows, entries) block holds about CHUNK elements."""
+    step = max(1, CHUNK // max(rows, rank, 1))
+    for start in range(0, out_idx.numel(), step):
+        yield out_idx[start : start + step], in_idx[start : start + step]
+
+
+class _MaskedDelta(torch.autograd.Function):
+    """x @ D^T with D = s * B A at the K masked entries and zero elsewhere, a chunk of entries at a time.
+
+    Neither the dense (out, in) delta nor a (tokens, K) gather is kept: backward keeps only x (the layer's
+    own input), A, B and the indices, and recomputes D's entries. On a GPU nothing here leaves the device.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, out_idx, in_idx, scale: float, out_features: int):  # type: ignore[override]
+        out = x.new_zeros(x.shape[0], out_features)
+        for o, i in _chunks(out_idx, in_idx, x.shape[0], lora_a.shape[0]):
+            out.index_add_(1, o, x[:, i] * _entries(lora_a, lora_b, o, i, scale).to(x.dtype))
+        ctx.save_for_backward(x, lora_a, lora_b, out_idx, in_idx)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        x, lora_a, lora_b, out_idx, in_idx = ctx.saved_tensors
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        grad_x = torch.zeros_like(x) if need_x else None
+        grad_a = torch.zeros_like(lora_a, dtype=torch.float32) if need_a else None
+        grad_b = torch.zeros_like(lora_b, dtype=torch.float32) if need_b else None
+        for o, i in _chunks(out_idx, in_idx, x.shape[0], lora_a.shape[0]):
+            g = grad[:, o]
+            if grad_x is not None:
+                grad_x.index_add_(1, i, g * _entries(lora_a, lora_b, o, i, ctx.scale).to(g.dtype))
+            if grad_a is None and grad_b is None:
+                continue
+            d = (g.float() * x[:, i].float()).sum(0) * ctx.scale  # dL/d(BA)[o, i], times s
+            if grad_b is not None:
+                grad_b.index_add_(0, o, d[:, None] * lora_a[:, i].T.float())
+            if grad_a is not None:
+                grad_a.index_add_(1, i, (d[:, None] * lora_b[o].float()).T)
+        grad_a = None if grad_a is None else grad_a.to(lora_a.dtype)
+        grad_b = None if grad_b is None else grad_b.to(lora_b.dtype)
+        return grad_x, grad_a, grad_b, None, None, None, None
+
+
+def full_state_bytes(n_params: int, param_bytes: int) -> int:
+    """Bytes full fine-tuning holds per run beside activations: weights, fp32 gradients, AdamW's two fp32
+    moments, and fp32 master weights where the weights are bf16/fp16 (18 bytes per bf16 parameter)."""
+    master = 4 if param_bytes < 4 else 0
+    return n_params * (param_bytes + master + 4 + 8)
+
+
+def check_full_fits(n_params: int, param_bytes: int, capacity: int) -> None:
+    """Refuse full fine-tuning in one line where the model's GPUs (``capacity`` bytes) cannot hold its state."""
+    need = full_state_bytes(n_params, param_bytes)
+    if need > capacity:
+        raise HarmsweepError(
+            f"finetune.method=full needs ~{need / 1e9:.0f} GB for {n_params / 1e9:.1f}B parameters (weights, fp32 "
+            f"master weights, gradients and AdamW states: {need // n_params} bytes each) beside activations, and "
+            f"the model's GPUs have {capacity / 1e9:.0f} GB: use finetune.method=lora, or spread the model over "
+            "more GPUs (model.device_map=auto)"
+        )
+
+
 def _train_full(model: nn.Module, tensors: Tensors, spec: FinetuneSpec, frozen, on_step) -> list[float]:
     named = dict(model.named_parameters())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    gpus = {p.device for p in trainable if p.device.type == "cuda"}
+    if gpus:  # before any state is allocated
+        capacity = sum(torch.cuda.get_device_properties(d).total_memory for d in gpus)
+        check_full_fits(sum(p.numel() for p in trainable), max(p.element_size() for p in trainable), capacity)
     handles = []
     for name, flat in frozen.items():
         idx = flat.long().to(named[name].device)
@@ -141,7 +234,6 @@ def _train_full(model: nn.Module, tensors: Tensors, spec: FinetuneSpec, frozen, 
             return grad
 
         handles.append(named[name].register_hook(zero_grad_at))
-    trainable = [p for p in model.parameters() if p.requires_grad]
     try:
         return _loop(model, trainable, tensors, spec, on_step, after_step=lambda: apply_mask(model, frozen))
     finally:
@@ -149,12 +241,28 @@ def _train_full(model: nn.Module, tensors: Tensors, spec: FinetuneSpec, frozen, 
             handle.remove()
 
 
+def _masters(trainable: list[nn.Parameter]) -> tuple[dict[nn.Parameter, torch.Tensor], list[Any]]:
+    """fp32 master copies of the bf16/fp16 weights (on their devices) that AdamW steps, and the hooks that move
+    each gradient into its master as soon as it is accumulated (so no low-precision gradient is summed)."""
+    masters = {p: p.detach().float().requires_grad_(True) for p in trainable if p.dtype in LOW_PRECISION}
+
+    def move(p: nn.Parameter) -> None:
+        master = masters[p]
+        grad = p.grad.float()
+        master.grad = grad if master.grad is None else master.grad.add_(grad)
+        p.grad = None
+
+    return masters, [p.register_post_accumulate_grad_hook(move) for p in masters]
+
+
 def _loop(model, trainable, tensors: Tensors, spec: FinetuneSpec, on_step, after_step) -> list[float]:
     """AdamW with linear warmup/decay; each optimizer step averages grad_accum micro-batches."""
     n = tensors["input_ids"].size(0)
     total = spec.steps(n)
     device = input_device(model)
-    optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay)
+    masters, hooks = _masters(trainable)
+    stepped = [masters.get(p, p) for p in trainable]
+    optimizer = torch.optim.AdamW(stepped, lr=spec.lr, weight_decay=spec.weight_decay)
     schedule = get_linear_schedule_with_warmup(optimizer, spec.warmup_steps, total)
     generator = torch.Generator().manual_seed(spec.seed)
     perms = [torch.randperm(n, generator=generator) for _ in range(spec.epochs)]  # one shuffle per epoch
@@ -163,7 +271,7 @@ def _loop(model, trainable, tensors: Tensors, spec: FinetuneSpec, on_step, after
     losses: list[float] = []
     try:
         for step in range(total):
-            step_loss = 0.0
+            summed: Any = 0.0  # on the loss's device: one host read per step, after the step
             for _ in range(spec.grad_accum):
                 order = next(batches, None)
                 if order is None:
@@ -172,12 +280,16 @@ def _loop(model, trainable, tensors: Tensors, spec: FinetuneSpec, on_step, after
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 loss = per_sample_nll(logits, batch["labels"]).mean() / spec.grad_accum
                 loss.backward()
-                step_loss += float(loss.detach())
+                summed = loss.detach() + summed
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for p, master in masters.items():
+                    p.copy_(master)
             if after_step is not None:
                 after_step()
+            step_loss = float(summed)
             losses.append(step_loss)
             log.info("fine-tune step %d/%d: loss %.4f", step + 1, total, step_loss)
             if on_step is not None:
@@ -186,5 +298,7 @@ def _loop(model, trainable, tensors: Tensors, spec: FinetuneSpec, on_step, after
                     on_step(step + 1, step_loss)
                 model.train()
     finally:
+        for hook in hooks:
+            hook.remove()
         model.eval()
     return losses

@@ -15,7 +15,7 @@ from typing import Any
 NOT_IN_RUN_ID = (
     "paths", "logger", "launcher", "hydra", "scoring", "scores", "bootstrap", "stage", "prepare_scores",
 )  # fmt: skip
-PLACEMENT_KEYS = ("device_map", "max_memory")  # where the model sits changes no result
+PLACEMENT_KEYS = ("device_map", "max_memory", "logits_chunk")  # where the model sits (and its memory) changes no result
 # Settings added after sweeps were run: at their default they leave the run id as it was, so finished runs stay found.
 LATER_DEFAULTS = {
     "pruning": {"counts": "round", "ties": "index", "order": "top", "nm_n": 2, "nm_m": 4, "replace": "zero",

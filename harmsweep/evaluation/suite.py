@@ -6,6 +6,10 @@ StrongREJECT fine-tuned or rubric judge). Utility by benign perplexity and lm-ev
 dissociation by recognition accuracy and the refusal rate on plain (un-attacked) harmful prompts.
 A judge listed in ``eval.metrics`` but not configured (no weights path, no endpoint) is skipped
 and the reason recorded, so the CPU default runs everywhere and picks the judge up when it exists.
+
+With the vLLM backend the engine, sized to the GPU memory free when it starts, shares the GPU with every
+HF forward (likelihood, judges, perplexity, recognition, lm-eval): a stage generates all its answers
+first, then puts the engine to sleep, and only then runs a forward.
 """
 
 from __future__ import annotations
@@ -58,13 +62,20 @@ class Suite:
         items: list[dict[str, Any]] = []
         model, tok, batch = self.lm.model, self.lm.tokenizer, ev.batch_size
         harmful_ids = [r.source_id for r in self.held.harmful]
+        attack = ev.generation.attack
+        judged = [m for m in metrics_to_run if m in JUDGES]
+        if ev.generation.backend == "vllm":  # every answer while the engine is awake, then it sleeps
+            for wanted, kind in ((judged, attack), ("refusal" in metrics_to_run, "none")):
+                if wanted:
+                    self._answers(kind, stage)
+            from harmsweep.generation.vllm import sleep_engine
+
+            sleep_engine()  # weights to host memory, KV cache dropped: the GPU is the HF forwards' now
         if "harm_likelihood" in metrics_to_run:
             benign_refs = [r.source_id for r in self.held.benign]
             for name, ids in (("nll_harmful", harmful_ids), ("nll_benign", benign_refs)):
                 samples[name] = mean_sample(ids, response_nlls(model, self.held.references[f"eval_{name[4:]}"], batch))
                 metrics[name] = float(samples[name].estimate())
-        attack = ev.generation.attack
-        judged = [m for m in metrics_to_run if m in JUDGES]
         if judged:
             answers = self._answers(attack, stage)
             prompts, responses = [p.prompt for p in answers], [p.response for p in answers]
@@ -145,10 +156,6 @@ class Suite:
         return self._cache[key]
 
     def _judge(self, name: str) -> Any:
-        if self.ev.generation.backend == "vllm" and name != "refusal":
-            from harmsweep.generation.vllm import sleep_engine
-
-            sleep_engine()  # the engine's weights and KV cache leave the GPU before a judge model needs it
         if name not in self._cache:
             self._cache[name] = self.judges.build(name)
         return self._cache[name]

@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn import functional
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from harmsweep.batches import padded
 from harmsweep.devices import input_device
 from harmsweep.errors import HarmsweepError
+from harmsweep.losses import DEFAULT_LOGITS_CHUNK, IGNORE, nll_sums
 
 DEFAULT_TASKS_DIR = Path(__file__).resolve().parents[2] / "conf" / "lm_eval_tasks"
 
@@ -32,9 +32,11 @@ def perplexity(
     texts: Sequence[str],
     batch_size: int,
     max_length: int,
+    logits_chunk: int = DEFAULT_LOGITS_CHUNK,
 ) -> dict[str, float]:
     """Token-weighted perplexity exp(sum NLL / predicted tokens) over all texts."""
-    per_text = [t for t in text_nlls(model, tokenizer, texts, batch_size, max_length) if t is not None]
+    per_text = text_nlls(model, tokenizer, texts, batch_size, max_length, logits_chunk=logits_chunk)
+    per_text = [t for t in per_text if t is not None]
     total, count = math.fsum(t[0] for t in per_text), sum(t[1] for t in per_text)
     mean = total / count
     return {"perplexity": math.exp(mean), "nll": mean, "tokens": float(count)}
@@ -46,12 +48,14 @@ def text_nlls(
     texts: Sequence[str],
     batch_size: int,
     max_length: int,
+    logits_chunk: int = DEFAULT_LOGITS_CHUNK,
 ) -> list[tuple[float, int] | None]:
     """Per text: (summed NLL, predicted tokens), None for a text too short to predict anything.
 
     Each text is tokenised on its own (with BOS when the tokenizer adds one) so batching never
-    changes what a token is conditioned on; padding is right-side and never counted. The per-text
-    sums are perplexity's bootstrap items.
+    changes what a token is conditioned on; padding is right-side and never counted (it gets no
+    logits). The per-text sums are perplexity's bootstrap items, summed in fp64. At most
+    ``logits_chunk`` positions' fp32 logits exist at once (``model.logits_chunk``).
     """
     rows = [tokenizer(t, add_special_tokens=True)["input_ids"][:max_length] for t in texts]
     kept = [i for i, r in enumerate(rows) if len(r) >= 2]  # a single token predicts nothing
@@ -63,11 +67,9 @@ def text_nlls(
         for start in range(0, len(kept), batch_size):
             chunk = kept[start : start + batch_size]
             ids, mask = padded([rows[i] for i in chunk], tokenizer.pad_token_id)
-            ids, mask = ids.to(device), mask.to(device)
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-            nll = functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-            keep = mask[:, 1:].to(nll.dtype)
-            sums = (nll.double() * keep).sum(dim=1).tolist()
+            labels = ids.masked_fill(mask == 0, IGNORE)  # on the host: padding is found there, never scored
+            sums = nll_sums(model, ids.to(device), mask.to(device), labels, logits_chunk=logits_chunk,
+                            dtype=torch.float64).tolist()  # fmt: skip
             for j, i in enumerate(chunk):
                 out[i] = (float(sums[j]), len(rows[i]) - 1)
     return out

@@ -14,6 +14,7 @@ import torch
 
 from harmsweep.cache import content_key
 from harmsweep.calibration.pairs import Pair, encode_pairs, file_pairs
+from harmsweep.devices import input_device
 from harmsweep.experiments import save_figures
 from harmsweep.experiments.matrices import Matrix
 from harmsweep.models.loading import LoadedModel
@@ -58,7 +59,8 @@ def select_mask(
     scores = score_sets(ctx, harmful, benign, lm, spec)
     weights = {n: p for n, p in lm.model.named_parameters() if n in ctx.params}
     head = head_dim(lm.model) if spec.granularity == "head" else None
-    return ctx.timed("mask", lambda: select(spec, ctx.params, weights, scores, head_dim=head))
+    device = input_device(lm.model)  # rank where the model is, like a plain run (scores come back on the host)
+    return ctx.timed("mask", lambda: select(spec, ctx.params, weights, scores, device=device, head_dim=head))
 
 
 def derived_lm(lm: LoadedModel, model: torch.nn.Module, recipe: Mapping[str, Any]) -> LoadedModel:

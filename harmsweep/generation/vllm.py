@@ -6,7 +6,9 @@ a model without one (random-init) is written once to node-local scratch. vLLM fu
 that layout, each HF matrix's keep-pattern (ones, zeros at masked entries) goes through the engine
 parameter's own ``weight_loader`` into a ones-filled staging buffer, in every worker. The zeros that
 land there are the engine's masked positions; their values are kept, so the next mask (or none)
-restores them first and one engine serves the unpruned and the pruned model.
+restores them first and one engine serves the unpruned and the pruned model. The engine takes the
+in-memory model's values at the masked entries (zeros, or the base variant's under pruning.replace=base),
+routed through the same loader; a change beyond the mask (method=lowrank) is refused by check_config.
 
 The mask reaches the workers by ``collective_rpc`` to a method that ``worker_extension_cls`` mixes
 into each worker, as plain ints and bytes: ``apply_model`` pickles a callable, which vLLM's V1 engine
@@ -46,7 +48,12 @@ STACKED = {
 HEADROOM = 2 * GIB  # left free beside the engine: CUDA contexts, the sampler, a judge's first batch
 _SAVED = "_harmsweep_masked"  # per worker, on the engine's model: [(param name, flat positions, values)]
 _NO_VLLM = "eval.generation.backend=vllm needs vLLM: pip install 'harmsweep[vllm]' on a GPU machine"
-Payload = Mapping[str, tuple[Sequence[int], torch.Tensor]]  # HF name -> (engine-side HF shape, flat indices)
+ADAPTER = (  # the run's mask names the adapter's factors; vLLM serves neither them nor an unmerged adapter's masks
+    "a PEFT adapter model cannot be served by vLLM with the run's weights (its mask names the adapter's own "
+    "matrices): use eval.generation.backend=hf, or merge the adapter into a full checkpoint and load that"
+)
+# HF name -> (engine-side HF shape, flat indices, the values there: None for zeros)
+Payload = Mapping[str, tuple[Sequence[int], torch.Tensor, torch.Tensor | None]]
 
 
 @dataclass(frozen=True)
@@ -59,11 +66,12 @@ class EngineSpec:
     max_model_len: int
     gpu_memory_utilization: float
     seed: int = 0
+    revision: str | None = None  # a hub checkpoint's commit: the one HF loaded
 
 
 def engine_spec(model: str, dtype: str, max_model_len: int, free_bytes: int, total_bytes: int, n_gpus: int,
                 seed: int = 0, headroom_bytes: int = HEADROOM, weight_bytes: int = 0,
-                max_positions: int | None = None) -> EngineSpec:  # fmt: skip
+                max_positions: int | None = None, revision: str | None = None) -> EngineSpec:  # fmt: skip
     """Size the engine from the memory free now: vLLM's fraction is of the card's total, and must be free."""
     usable = free_bytes - headroom_bytes
     if n_gpus < 1 or usable < weight_bytes // max(n_gpus, 1) + GIB:  # this GPU's weights and some KV cache
@@ -81,6 +89,7 @@ def engine_spec(model: str, dtype: str, max_model_len: int, free_bytes: int, tot
         max_model_len=length,
         gpu_memory_utilization=math.floor(1000 * min(0.95, usable / total_bytes)) / 1000,
         seed=seed,
+        revision=revision,
     )
 
 
@@ -99,21 +108,35 @@ def keep_matrix(shape: Sequence[int], flat_idx: torch.Tensor, dtype: torch.dtype
     return keep
 
 
-def _engine_positions(p: torch.nn.Parameter, shard: str | int | None, shape: Sequence[int], idx: torch.Tensor):
-    """Where this rank's (fused, sharded) ``p`` holds the HF entries ``idx``: their keep-pattern through p's loader."""
+def _through_loader(p: torch.nn.Parameter, shard: str | int | None, matrix: torch.Tensor, fill: float) -> torch.Tensor:
+    """``matrix`` (HF layout) as this rank's (fused, sharded) ``p`` loads it, into a ``fill``-filled staging copy."""
     original = p.data
-    p.data = torch.ones_like(original)  # staging: the loader writes the keep-pattern here
+    p.data = torch.full_like(original, fill)  # staging: the loader writes here, p's own values stay untouched
     try:
         loader = getattr(p, "weight_loader", None) or (lambda param, w: param.data.copy_(w))  # vLLM's default
-        keep = keep_matrix(shape, idx, original.dtype, original.device)
-        loader(p, keep) if shard is None else loader(p, keep, shard)
-        return torch.nonzero(p.data.view(-1) == 0).view(-1)
+        loader(p, matrix) if shard is None else loader(p, matrix, shard)
+        return p.data
     finally:
         p.data = original
 
 
+def _engine_positions(p: torch.nn.Parameter, shard: str | int | None, shape: Sequence[int], idx: torch.Tensor):
+    """Where this rank's (fused, sharded) ``p`` holds the HF entries ``idx``: their keep-pattern through p's loader."""
+    keep = keep_matrix(shape, idx, p.dtype, p.device)
+    return torch.nonzero(_through_loader(p, shard, keep, 1.0).view(-1) == 0).view(-1)
+
+
+def _engine_values(p: torch.nn.Parameter, shard: str | int | None, shape: Sequence[int], idx: torch.Tensor,
+                   values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """The HF ``values`` at ``idx``, as they land at this rank's ``positions`` (same loader, same layout)."""
+    matrix = torch.zeros(tuple(shape), dtype=p.dtype, device=p.device)
+    matrix.view(-1)[idx.to(p.device)] = values.to(p.device, p.dtype)
+    return _through_loader(p, shard, matrix, 0.0).view(-1)[positions]
+
+
 def apply_mask_in_model(model: torch.nn.Module, payload: Payload) -> int:
-    """Restore the previous mask's values, then zero ``payload``'s entries; returns how many were zeroed.
+    """Restore the previous mask's values, then set ``payload``'s entries (zeros, or the values it carries);
+    returns how many were set.
 
     Runs inside each vLLM worker, on that rank's shard of every parameter.
     """
@@ -130,39 +153,49 @@ def apply_mask_in_model(model: torch.nn.Module, payload: Payload) -> int:
         for name, positions, values in reversed(getattr(model, _SAVED, [])):
             params[name].data.view(-1)[positions] = values
         saved = []
-        for hf_name, (shape, idx) in payload.items():
+        for hf_name, (shape, idx, values) in payload.items():
             name, shard = targets[hf_name]
             positions = _engine_positions(params[name], shard, shape, idx)
             flat = params[name].data.view(-1)
             saved.append((name, positions, flat[positions].clone()))
-            flat[positions] = 0
+            flat[positions] = 0 if values is None else _engine_values(params[name], shard, shape, idx, values, positions)
     setattr(model, _SAVED, saved)
     return sum(int(s[1].numel()) for s in saved)
 
 
 def mask_payload(model: torch.nn.Module, mask: Mapping[str, torch.Tensor] | None) -> dict[str, tuple]:
-    """The mask in the layout vLLM loads each HF weight in (GPT-2's Conv1D weights are loaded transposed)."""
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    """The mask in the layout vLLM loads each HF weight in (GPT-2's Conv1D weights are loaded transposed), with
+    the in-memory model's values there: the run's weights (None where all are zero, the usual pruning)."""
+    params = dict(model.named_parameters())
     conv1d = {f"{n}.weight" for n, m in model.named_modules() if type(m).__name__ == "Conv1D"}
     out = {}
     for name, idx in (mask or {}).items():
         if not idx.numel():
             continue
-        shape, idx = shapes[name], idx.detach().to("cpu", torch.int64)
+        weight = params[name].detach()
+        values = weight.view(-1)[idx.to(weight.device)].to("cpu", torch.float32)  # one copy per matrix and mask
+        shape, idx = tuple(weight.shape), idx.detach().to("cpu", torch.int64)
         if name in conv1d:
             rows, cols = shape
-            shape, idx = (cols, rows), ((idx % cols) * rows + idx // cols).sort().values
-        out[name] = (shape, idx)
+            idx, order = ((idx % cols) * rows + idx // cols).sort()
+            shape, values = (cols, rows), values[order]
+        out[name] = (shape, idx, values if bool(values.any()) else None)
     return out
 
 
 def encode_payload(payload: Payload) -> dict[str, list]:
-    """Plain ints and bytes: what vLLM's RPC carries without pickling."""
-    return {n: [list(s), i.to(torch.int64).contiguous().numpy().tobytes()] for n, (s, i) in payload.items()}
+    """Plain ints and bytes: what vLLM's RPC carries without pickling (no value bytes for zeros)."""
+    return {n: [list(s), i.to(torch.int64).contiguous().numpy().tobytes(),
+                b"" if v is None else v.to(torch.float32).contiguous().numpy().tobytes()]
+            for n, (s, i, v) in payload.items()}  # fmt: skip
 
 
-def decode_payload(wire: Mapping[str, Sequence[Any]]) -> dict[str, tuple[tuple[int, ...], torch.Tensor]]:
-    return {n: (tuple(s), torch.frombuffer(bytearray(raw), dtype=torch.int64)) for n, (s, raw) in wire.items() if raw}
+def decode_payload(wire: Mapping[str, Sequence[Any]]) -> dict[str, tuple[tuple[int, ...], torch.Tensor, Any]]:
+    def floats(raw: bytes) -> torch.Tensor | None:
+        return torch.frombuffer(bytearray(raw), dtype=torch.float32) if raw else None
+
+    return {n: (tuple(s), torch.frombuffer(bytearray(raw), dtype=torch.int64), floats(vals))
+            for n, (s, raw, vals) in wire.items() if raw}  # fmt: skip
 
 
 class MaskWorkerExtension:
@@ -197,13 +230,15 @@ def gpu_memory() -> tuple[int, int]:
     return min(torch.cuda.mem_get_info(i) for i in range(torch.cuda.device_count()))
 
 
-def reuse_engine(model: str, dtype: str, tp: int, length: int) -> Any | None:
+def reuse_engine(model: str, dtype: str, tp: int, length: int, revision: str | None = None) -> Any | None:
     """The job's engine if it fits (woken if asleep and its memory is still free), else None."""
     spec = _engine.get("spec")
-    if spec is None or (spec.model, spec.dtype, spec.tensor_parallel_size) != (model, dtype, tp) or (
-        spec.max_model_len < length):  # fmt: skip
+    if spec is None or (spec.model, spec.dtype, spec.tensor_parallel_size, spec.revision) != (
+        model, dtype, tp, revision) or spec.max_model_len < length:  # fmt: skip
         return None
     if _engine["asleep"]:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # what HF forwards left in PyTorch's cache is the engine's to take back
         if _engine["freed"] and gpu_memory()[0] - _engine["freed"] < GIB // 2:
             return None  # something else holds what it gave up: waking would fail, a new one is sized to fit
         _engine["llm"].wake_up()
@@ -213,7 +248,7 @@ def reuse_engine(model: str, dtype: str, tp: int, length: int) -> Any | None:
 
 def get_engine(spec: EngineSpec) -> Any:
     """The job's engine: reused while ``spec`` fits it, else the old one is released and a new one built."""
-    llm = reuse_engine(spec.model, spec.dtype, spec.tensor_parallel_size, spec.max_model_len)
+    llm = reuse_engine(spec.model, spec.dtype, spec.tensor_parallel_size, spec.max_model_len, spec.revision)
     if llm is not None:
         return llm
     release_engine()
@@ -223,7 +258,7 @@ def get_engine(spec: EngineSpec) -> Any:
         raise HarmsweepError(_NO_VLLM) from None
     llm = LLM(model=spec.model, dtype=spec.dtype, tensor_parallel_size=spec.tensor_parallel_size,
               max_model_len=spec.max_model_len, gpu_memory_utilization=spec.gpu_memory_utilization,
-              seed=spec.seed, enable_sleep_mode=True,
+              seed=spec.seed, enable_sleep_mode=True, revision=spec.revision, tokenizer_revision=spec.revision,
               worker_extension_cls=f"{__name__}.{MaskWorkerExtension.__name__}")  # fmt: skip
     _engine.update(spec=spec, llm=llm, asleep=False, freed=0, mask=None)
     return llm
@@ -321,16 +356,20 @@ def generate_vllm(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], 
         raise HarmsweepError("eval.generation.backend=vllm needs a GPU; use eval.generation.backend=hf")
     from harmsweep.generation.sampling import _stop_ids
 
+    if getattr(model, "_hf_peft_config_loaded", False):
+        raise HarmsweepError(ADAPTER)
     n_gpus, dtype = torch.cuda.device_count(), str(model.dtype).removeprefix("torch.")
     checkpoint = checkpoint_for(model, tokenizer, source, fingerprint, mask)
+    # a hub model at the commit HF loaded, not at whatever the branch points to when the engine starts
+    revision = getattr(model.config, "_commit_hash", None) if source.startswith("hub:") else None
     length = max((len(p) for p in prompts), default=1) + sampling.max_new_tokens
-    llm = reuse_engine(checkpoint, dtype, n_gpus, length)
+    llm = reuse_engine(checkpoint, dtype, n_gpus, length, revision)
     if llm is None:  # sized only now: an engine that is awake holds most of the memory
         free, total = gpu_memory()
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         positions = getattr(model.config, "max_position_embeddings", None)
         llm = get_engine(engine_spec(checkpoint, dtype, length, free, total, n_gpus, sampling.seed,
-                                     weight_bytes=weights, max_positions=positions))  # fmt: skip
+                                     weight_bytes=weights, max_positions=positions, revision=revision))  # fmt: skip
     if _engine.get("mask") is not mask:  # the same mask object is applied already
         set_mask(llm, model, mask)
         _engine["mask"] = mask

@@ -1,7 +1,8 @@
 """The inputs of the scored linear layers, recorded by forward pre-hooks and folded as they come.
 
 Wanda's norms and ActSVD's Grams are sums over calibration tokens of functions of a layer's input rows,
-so no activation is ever kept: each batch's rows go to ``fold`` and are dropped. ``upto_layer`` stops the
+so no activation is ever kept: each batch's rows go to ``fold`` and are dropped. The rows are picked by
+indices found on the host once per batch, so no hook waits for the device. ``upto_layer`` stops the
 forward after that decoder block, so the inputs of block l cost a partial pass (layer-by-layer methods).
 """
 
@@ -55,13 +56,17 @@ def fold_inputs(
         raise ValueError(f"tokens={tokens} is not one of {', '.join(TOKENS)}")
     modules = linear_modules(model, names)
     device = input_device(model)
-    masks: dict[torch.device, Tensor] = {}  # the current batch's token mask, per device it is needed on
+    # the current batch's (sample, position) pairs at ``tokens``, per device they are needed on: found on the
+    # host once per batch, so the hooks gather a known number of rows (a boolean mask on the device would
+    # cost a host sync per layer to learn the count)
+    picks: dict[torch.device, Tensor] = {}
 
     def hook(name: str, args: tuple) -> None:
         x = args[0]
-        if x.device not in masks:
-            masks[x.device] = masks[device].to(x.device)
-        fold(name, x[masks[x.device]].float())
+        if x.device not in picks:
+            picks[x.device] = picks[device].to(x.device)  # device to device, once per batch
+        at = picks[x.device]
+        fold(name, x[at[0], at[1]].float())
 
     def stop(*_: object) -> None:
         raise _StopForwardError
@@ -77,8 +82,8 @@ def fold_inputs(
             for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
                 batch = trim_padding(batch)
                 selected = batch["labels"] != IGNORE if tokens == "response" else batch["attention_mask"] == 1
-                masks.clear()
-                masks[device] = selected.to(device)
+                picks.clear()
+                picks[device] = torch.stack(torch.nonzero(selected.cpu(), as_tuple=True)).to(device)
                 with contextlib.suppress(_StopForwardError):
                     model(input_ids=batch["input_ids"].to(device),
                           attention_mask=batch["attention_mask"].to(device), use_cache=False)  # fmt: skip

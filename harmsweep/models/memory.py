@@ -5,15 +5,24 @@ Activation memory is measured the same way: one forward on meta of a 1- and a 2-
 counting the bytes autograd saves for backward (parameters excluded), with attention standing in for a fused
 (flash / memory-efficient) kernel as used on GPUs, which saves q, k, v, the output and a log-sum-exp. The
 difference is one block's cost; the rest (embedding, final norm, logits, the fp32 loss) is the head.
+Peaks are measured on meta too (``peak_bytes``: live storages created during a call, as a CUDA allocator
+would hold them): a scoring step (forward, the fp32 loss, backward with each weight's gradient folded and
+freed as it lands, as SNIP does) and a no-grad forward (Wanda, low-rank, evaluation). Which scored weights
+read the same input (q/k/v, gate/up: one Gram each for low-rank) is seen from the hooks of that forward.
 ``harmsweep plan`` (sweep/sizing.py) turns these into the GPU memory, time and disk of a job.
 """
 
 from __future__ import annotations
 
 import copy
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_iter
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from harmsweep.models.parts import scored_parameters
@@ -37,6 +46,14 @@ class ModelShape:
     layer_input_bytes_per_token: int  # what a checkpointed block keeps
     block_act_bytes_per_token: float  # saved for backward by one block, per token
     head_act_bytes_per_token: float  # embedding, norm, logits and the fp32 loss, per token
+    vocab: int = 0
+    step_block_bytes_per_token: float = 0.0  # peak of a scoring step (fwd + loss + bwd), per block and token
+    step_head_bytes_per_token: float = 0.0  # ... what does not grow with depth, bar the logits (per token)
+    step_logit_bytes_per_position: float = 0.0  # ... one chunk's logits, fp32 copy and gradient (per position)
+    eval_bytes_per_token: float = 0.0  # peak of a no-grad loss forward in tiny chunks: the blocks' (per token)
+    forward_bytes_per_token: float = 0.0  # peak of a plain no-grad forward, full logits in the model's dtype
+    block_matrices: tuple[tuple[int, int], ...] = ()  # (d_out, d_in) of one block's scored weights
+    block_inputs: tuple[int, ...] = ()  # d_in of each distinct input those weights read (one Gram each)
 
     @property
     def weight_bytes(self) -> int:
@@ -55,20 +72,159 @@ class ModelShape:
             blocks = self.n_layers * self.block_act_bytes_per_token * tokens
         return head + blocks
 
+    def step_bytes(self, tokens: int, checkpointing: bool, logits_chunk: int, layers: int | None = None) -> float:
+        """Peak of one scoring step over ``tokens`` tokens above the weights (score buffers not included).
+
+        ``layers``: blocks whose activations are kept (sequential SNIP at layer l keeps those from l up);
+        checkpointing keeps each block's input and one block's activations while it is recomputed.
+        """
+        kept = self.n_layers if layers is None else layers
+        logits = self.step_logit_bytes_per_position * min(tokens, logits_chunk)
+        head = self.step_head_bytes_per_token * tokens
+        if checkpointing:  # the loss's chunk, then one block at a time, beside the kept block inputs
+            inputs = kept * self.layer_input_bytes_per_token * tokens
+            return head + inputs + max(logits, self.step_block_bytes_per_token * tokens)
+        return head + kept * self.step_block_bytes_per_token * tokens + logits
+
+    def eval_bytes(self, tokens: int, logits_chunk: int) -> float:
+        """Peak of an evaluation forward (perplexity, likelihood, recognition) above the weights: a block's
+        temporaries, or the final states (and their gathered copy) beside one chunk's logits in the model's
+        dtype, their fp32 copy (none for fp32) and the cross-entropy's fp32 log-softmax, whichever is larger."""
+        upcast = 0 if self.dtype_bytes == 4 else 4
+        chunk = self.vocab * (self.dtype_bytes + upcast + 4) * min(tokens, logits_chunk)
+        return max(self.eval_bytes_per_token * tokens, 2 * self.hidden * self.dtype_bytes * tokens + chunk)
+
+    def forward_bytes(self, tokens: int) -> float:
+        """Peak of a plain no-grad forward (Wanda, low-rank, a prefill) above the weights, no KV cache kept."""
+        return self.forward_bytes_per_token * tokens
+
+
+class _Peak(TorchDispatchMode):
+    """Live bytes of the storages created inside the block, and their peak (``meta`` storages included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen: dict[int, int] = {}
+
+    def _free(self, key: int) -> None:
+        self.live -= self._seen.pop(key, 0)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(a.untyped_storage()) for a in tree_iter((args, kwargs or {})) if isinstance(a, torch.Tensor)}
+        for t in tree_iter(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = id(storage)
+            if key in inputs or key in self._seen or storage.nbytes() == 0:
+                continue  # a view or an in-place result: no new bytes
+            self._seen[key] = storage.nbytes()
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._free, key)
+        return out
+
+
+def peak_bytes(fn: Callable[[], Any]) -> int:
+    """Peak bytes of the storages ``fn()`` creates and holds at once (on meta: those a GPU would allocate)."""
+    with _Peak() as mode:
+        fn()
+    return mode.peak
+
+
+def _ids(model: torch.nn.Module, batch: int, length: int) -> torch.Tensor:
+    return torch.zeros(batch, length, dtype=torch.long, device=next(model.parameters()).device)
+
+
+def _fold_and_free(model: torch.nn.Module) -> list[Any]:
+    """Scored weights require grad and drop each gradient as it lands (SNIP folds it into its buffer)."""
+    scored = scored_parameters(model)
+    handles = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in scored)
+        if name in scored:
+            handles.append(p.register_post_accumulate_grad_hook(lambda q: setattr(q, "grad", None)))
+    return handles
+
+
+def step_peak(model: torch.nn.Module, batch: int, length: int, logits_chunk: int) -> int:
+    """Peak bytes of SNIP's step: forward, the chunked fp32 response loss (every position labelled, the most
+    a batch can have), backward with each gradient folded and freed. Labels stay on the host, as in scoring."""
+    from harmsweep.losses import response_nll
+
+    handles = _fold_and_free(model)
+    ids = _ids(model, batch, length)
+    labels = torch.zeros(batch, length, dtype=torch.long)
+    try:
+        return peak_bytes(
+            lambda: response_nll(model, ids, torch.ones_like(ids), labels, logits_chunk=logits_chunk).sum().backward()
+        )
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def eval_peak(model: torch.nn.Module, batch: int, length: int, logits_chunk: int) -> int:
+    """Peak bytes of an evaluation forward (perplexity, likelihood): no grad, the chunked fp32 loss."""
+    from harmsweep.losses import nll_sums
+
+    ids = _ids(model, batch, length)
+    labels = torch.zeros(batch, length, dtype=torch.long)
+    with torch.no_grad():
+        return peak_bytes(lambda: nll_sums(model, ids, torch.ones_like(ids), labels, logits_chunk=logits_chunk))
+
+
+def forward_peak(
+    model: torch.nn.Module, batch: int, length: int
+) -> tuple[int, tuple[tuple[int, int], ...], tuple[int, ...]]:
+    """Peak bytes of a no-grad forward; also the first block's scored (d_out, d_in) and its distinct inputs."""
+    from harmsweep.models.activations import linear_modules
+
+    scored = scored_parameters(model)
+    first = [n for n, p in scored.items() if p.layer == min(q.layer for q in scored.values())]
+    modules = linear_modules(model, first)
+    named = dict(model.named_parameters())
+    inputs: dict[int, int] = {}
+    shapes = []
+    for n in first:
+        w = named[n] if scored[n].rows_dim == 0 else named[n].T
+        shapes.append((int(w.size(0)), int(w.size(1))))
+    hooks = [m.register_forward_pre_hook(lambda m, args: inputs.setdefault(id(args[0]), args[0].size(-1)) and None)
+             for m in modules.values()]  # fmt: skip
+    ids = _ids(model, batch, length)
+    try:
+        with torch.no_grad():
+            peak = peak_bytes(lambda: model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False))
+    finally:
+        for h in hooks:
+            h.remove()
+    return peak, tuple(shapes), tuple(int(d) for d in inputs.values())
+
 
 class _FusedAttention(torch.autograd.Function):
     """Saves what a fused attention kernel saves: q, k, v, the output and the fp32 log-sum-exp."""
 
     @staticmethod
     def forward(ctx, q, k, v):
-        out = torch.empty_like(q)
+        # causal attention's real output (so a CPU check of the plan runs on real numbers); free on meta
+        if q.device.type == "meta":  # a fused kernel's output only (no T x T scores)
+            out = torch.empty_like(q)
+            ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+            return out
+        gqa = q.size(1) // k.size(1)
+        k_all, v_all = (t.repeat_interleave(gqa, dim=1) if gqa > 1 else t for t in (k, v))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k_all, v_all, is_causal=True)
+        del k_all, v_all
         ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
         return out
 
     @staticmethod
     def backward(ctx, grad):
+        # memory only: what a fused kernel's backward returns (its values are not needed by any plan)
         q, k, v, _, _ = ctx.saved_tensors
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
 
 
 def _fused_attention(module, q, k, v, attention_mask, **kwargs):
@@ -137,6 +293,13 @@ def model_shape(config: PretrainedConfig, dtype: str) -> ModelShape:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     elt = DTYPE_BYTES[dtype]
+    # every position gets logits in one chunk (all), or in chunks of ``small``: the difference is the logits'
+    positions, small = batch * (length - 1), 8
+    step_one, step_two = (step_peak(meta_model(config, torch_dtype, k), batch, length, tokens) for k in (1, 2))
+    step_small = step_peak(meta_model(config, torch_dtype, 1), batch, length, small)
+    step_logit = (step_one - step_small) / (positions - small)
+    ev_small = eval_peak(meta_model(config, torch_dtype, 1), batch, length, small)
+    fwd, matrices, inputs = forward_peak(meta_model(config, torch_dtype, 1), batch, length)
     return ModelShape(
         n_scored=sum(sizes),
         n_params=sum(p.numel() for p in full.parameters()),
@@ -149,4 +312,12 @@ def model_shape(config: PretrainedConfig, dtype: str) -> ModelShape:
         layer_input_bytes_per_token=config.hidden_size * elt,
         block_act_bytes_per_token=(two - one) / tokens,
         head_act_bytes_per_token=(2 * one - two) / tokens,
+        vocab=int(config.vocab_size),
+        step_block_bytes_per_token=(step_two - step_one) / tokens,
+        step_head_bytes_per_token=(2 * step_one - step_two - step_logit * positions) / tokens,
+        step_logit_bytes_per_position=step_logit,
+        eval_bytes_per_token=ev_small / tokens,
+        forward_bytes_per_token=fwd / tokens,
+        block_matrices=matrices,
+        block_inputs=inputs,
     )

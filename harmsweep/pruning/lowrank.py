@@ -16,68 +16,134 @@ total = min(d_out, d_in) (a subspace of rank q = total - rank_pos is computed); 
 the subspaces directly: rank_utility = total - rank_pos, rank_harmful = total - rank_neg.
 
 Exactness: the left singular vectors of W X^T are the eigenvectors of W G W^T with G = X^T X, so only the
-Gram G is accumulated (fp32, one d_in x d_in matrix per weight; X is never kept) and torch.linalg.eigh
-(exact, float64 up to d_out = 4096) replaces their randomised torch.svd_lowrank.
+Gram G is accumulated (one d_in x d_in matrix per distinct input: q/k/v share one, gate/up another; X is
+never kept) and torch.linalg.eigh (exact) replaces their randomised torch.svd_lowrank. Everything is float64:
+squaring W X^T squares its condition, and float32 eigh on a rank-deficient 8192^2 Gram (70B) fails to
+converge or returns garbage in cuSOLVER. Directions whose energy is below RTOL of the top one (or below the
+Gram's own rounding) are numerically zero and never chosen, so a subspace can have fewer directions than
+asked; ``rank_removed`` is the rank of the update actually applied. Each eigensolve is checked (finite,
+residual, orthonormal) and redone on the host in float64, then by SVD, if the device's fails.
+
+Where: Grams, solves and updates stay on the weight's device (A100/H100/H200 run float64 at half or all of
+the float32 rate); only a failed solve moves its matrix to the host on purpose (LAPACK, then back).
+
+Memory (all float64, figures in harmsweep.pruning.lowrank_size, which ``plan`` reads): one block's Grams at
+a time, 8 d_in^2 bytes per distinct input and set (``lowrank_grams``), and per matrix, one at a time
+(``lowrank_bytes``): the weight's float64 copy 8 d_out d_in; for d_out <= d_in, G W^T and M = W G W^T, then M
+with its eigenvectors (2 x 8 d_out^2) and the solver's workspace (~2 x 8 d_out^2); for d_out > d_in (gate/up),
+G's factor F (8 d_in^2, shared by the layers reading G) and A = W F (8 d_out d_in); the bases (8 d_out r);
+then Delta (8 d_out d_in), turned into W - Delta in place and copied into the weight.
 
 Layer by layer, as theirs: block l's Grams are recorded after blocks 0..l-1 were changed, so each block
 sees what the modified model feeds it. Cost: per calibration set one partial forward per block (the
 forward stops after block l: about L/2 full passes in all), no backward; the benign set is skipped when
-r_u = 0. Memory: the Grams of one block and one set pair at a time, beside the weights.
+r_u = 0.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Collection, Iterable, Mapping
+import weakref
+from collections import Counter, defaultdict
+from collections.abc import Callable, Collection, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from harmsweep.errors import HarmsweepError
-from harmsweep.models.activations import fold_inputs
+from harmsweep.models.activations import fold_inputs, linear_modules
 from harmsweep.models.parts import scored_parameters
+from harmsweep.pruning.lowrank_size import FOLD_ROWS, gram_bytes, lowrank_bytes, lowrank_grams
 from harmsweep.pruning.spec import LowRankSpec
 
-EXACT_MAX_D_OUT = 4096  # eigh in float64 up to this d_out, float32 above (time and memory of a d_out^2 matrix)
+__all__ = ["gram_bytes", "lowrank_bytes", "lowrank_grams", "projector", "removal", "remove_low_rank"]
+
+F64 = torch.float64
+RTOL = 1e-10  # energy (s^2) share of the top direction below which a direction is numerically zero
+CHECK = 1e-8  # relative residual and orthonormality an eigensolve must reach to be used
+SINE = 1e-8  # a harmful direction this close to the utility subspace is spared whole
 Batch = Mapping[str, Tensor]
 
 
-def _compute_dtype(d_out: int) -> torch.dtype:
-    return torch.float64 if d_out <= EXACT_MAX_D_OUT else torch.float32
+def _zero_rtol(n: int, dtype: torch.dtype) -> float:
+    """Energies under this share of the largest are noise: RTOL, or the rounding of an n x n Gram of ``dtype``."""
+    return max(RTOL, n * torch.finfo(dtype).eps)
 
 
-def _basis(weight: Tensor, gram: Tensor, rank: int) -> Tensor:
-    """U_r: the top-``rank`` eigenvectors of W G W^T (= left singular vectors of W X^T), d_out x r.
+def _eigh_on_host(m: Tensor) -> tuple[Tensor, Tensor]:
+    values, vectors = torch.linalg.eigh(m.cpu())
+    return values.to(m.device), vectors.to(m.device)
 
-    ``rank`` is clipped to min(d_out, d_in); the result is in the compute dtype, on the weight's device.
-    A wide output (d_out > d_in: gate/up projections) is solved on the input side instead: with
-    A = W G^(1/2), A A^T = W G W^T, and the top eigenvectors V of the d_in x d_in matrix A^T A give
-    U = A V / s, so no d_out x d_out eigenproblem is ever formed.
+
+def _svd_on_host(m: Tensor) -> tuple[Tensor, Tensor]:
+    """For a symmetric PSD m the SVD is its eigendecomposition; ascending, as eigh's."""
+    u, s, _ = torch.linalg.svd(m.cpu())
+    return s.flip(0).to(m.device), u.flip(1).to(m.device)
+
+
+def _accurate(m: Tensor, values: Tensor, vectors: Tensor) -> bool:
+    """Whether the chosen eigenpairs are eigenpairs of m: finite, small residual, orthonormal (one host sync)."""
+    residual = (m @ vectors).addcmul_(vectors, values, value=-1)
+    gram = vectors.T @ vectors
+    gram.diagonal().sub_(1)
+    scale = m.norm()
+    ok = (residual.norm() <= CHECK * scale) & (gram.norm() <= CHECK * max(vectors.size(1), 1) ** 0.5)
+    return bool(ok & torch.isfinite(values).all() & torch.isfinite(scale))
+
+
+def _top(m: Tensor, rank: int, rtol: float) -> tuple[Tensor, Tensor]:
+    """The top eigenpairs of the symmetric PSD float64 ``m`` (only its lower triangle is read): at most ``rank``,
+    none numerically zero. Values (k,) and vectors (n x k), on m's device, in no particular order."""
+    n = m.size(0)
+    rank = min(rank, n)
+    for solve in (torch.linalg.eigh, _eigh_on_host, _svd_on_host):
+        if solve is _eigh_on_host and m.device.type == "cpu":
+            continue  # the host is where it just failed
+        try:
+            values, vectors = solve(m)  # ascending
+        except torch.linalg.LinAlgError:
+            continue
+        keep = values[n - rank :] > rtol * values[-1]  # a zero matrix keeps nothing
+        top, basis = values[n - rank :][keep], vectors[:, n - rank :][:, keep]  # copies: the n x n go now
+        del values, vectors
+        if _accurate(m, top, basis):
+            return top, basis
+    raise HarmsweepError(f"the eigensolve of a {n} x {n} low-rank matrix failed on the device and on the host")
+
+
+def _factor(gram: Tensor) -> Tensor:
+    """F (d_in x k, float64) with F F^T = G on G's numerical range: a wide weight's input side (gate/up).
+
+    A = W F has the left singular vectors of W X^T, so a wide output never forms a d_out x d_out problem.
     """
-    d_out, d_in = weight.shape
+    d_in = gram.size(0)
+    values, vectors = _top(gram.to(F64), d_in, _zero_rtol(d_in, gram.dtype))
+    return vectors.mul_(values.sqrt())
+
+
+def _basis(w: Tensor, gram: Tensor, rank: int, factor: Tensor | None = None) -> Tensor:
+    """U: the top left singular vectors of W X^T (at most ``rank``, none numerically zero), d_out x k float64.
+
+    ``w`` is float64, d_out x d_in, on the device the result lives on; ``factor`` is G's (``_factor``), when
+    already computed for another weight reading the same input.
+    """
+    d_out, d_in = w.shape
     rank = min(rank, d_out, d_in)
-    dtype = _compute_dtype(min(d_out, d_in))
     if rank <= 0:
-        return weight.new_zeros((d_out, 0), dtype=dtype)
-    w = weight.detach().to(dtype)
-    g = gram.to(device=w.device, dtype=dtype)
+        return w.new_zeros((d_out, 0))
+    rtol = _zero_rtol(max(d_out, d_in), gram.dtype)
     if d_out <= d_in:
-        m = w @ (g @ w.T)
-        _, vectors = torch.linalg.eigh((m + m.T) / 2)  # ascending eigenvalues
-        return vectors[:, d_out - rank :]
-    values, q = torch.linalg.eigh((g + g.T) / 2)
-    a = w @ (q * values.clamp(min=0).sqrt()) @ q.T  # W G^(1/2)
-    m = a.T @ a
-    s2, v = torch.linalg.eigh((m + m.T) / 2)
-    s = s2[d_in - rank :].clamp(min=0).sqrt()
-    used = s > s.max() * d_in * torch.finfo(dtype).eps  # directions the data never reaches have no U: drop them
-    return (a @ v[:, d_in - rank :])[:, used] / s[used]
+        m = w @ (gram.to(device=w.device, dtype=F64) @ w.T)  # W G W^T
+        return _top(m, rank, rtol)[1]
+    f = factor if factor is not None else _factor(gram.to(w.device))
+    a = w @ f
+    s2, v = _top(a.T @ a, rank, rtol)
+    return (a @ v).div_(s2.sqrt())
 
 
 def projector(weight: Tensor, gram: Tensor, rank: int) -> Tensor:
     """P = U_r U_r^T (d_out x d_out, float32): the orthogonal projection on the top-``rank`` output subspace
-    of ``weight`` (d_out x d_in) on inputs whose Gram X^T X is ``gram``."""
-    u = _basis(weight, gram, rank)
+    of ``weight`` (d_out x d_in) on inputs whose Gram X^T X is ``gram`` (its directions that carry signal)."""
+    u = _basis(weight.detach().to(F64), gram, rank)
     return (u @ u.T).float()
 
 
@@ -88,41 +154,122 @@ def removal(
 
     Computed from the bases (U (U^T W)), never forming I - P_u; ``gram_utility`` may be None when r_u = 0.
     """
-    return _exact_removal(weight, gram_harmful, gram_utility, rank_harmful, rank_utility).to(weight.dtype)
+    w = weight.detach().to(F64)
+    return _exact_removal(w, gram_harmful, gram_utility, rank_harmful, rank_utility)[0].to(weight.dtype)
 
 
 def _exact_removal(
-    weight: Tensor, gram_harmful: Tensor, gram_utility: Tensor | None, rank_harmful: int, rank_utility: int
-) -> Tensor:
-    """Delta in the compute dtype (float64 up to d_out = 4096), so that W - Delta is rounded once."""
-    u_h = _basis(weight, gram_harmful, rank_harmful)
-    w = weight.detach().to(u_h.dtype)
-    delta = u_h @ (u_h.T @ w)
+    w: Tensor,
+    gram_harmful: Tensor,
+    gram_utility: Tensor | None,
+    rank_harmful: int,
+    rank_utility: int,
+    factors: tuple[Tensor | None, Tensor | None] = (None, None),
+) -> tuple[Tensor, int | Tensor]:
+    """Delta (float64, from the float64 ``w``) and its rank: the harmful directions the utility subspace leaves.
+
+    (I - P_u) U_h = Y S Z^T: the sines S of U_h's angles to the utility subspace; those under SINE are spared
+    whole, so the update applied has exactly the rank reported.
+    """
+    u_h = _basis(w, gram_harmful, rank_harmful, factors[0])
+    rank: int | Tensor = u_h.size(1)
+    c = u_h
     if rank_utility > 0 and u_h.size(1) > 0:
         if gram_utility is None:
             raise ValueError("rank_utility > 0 needs the utility Gram")
-        u_u = _basis(weight, gram_utility, rank_utility)
-        delta = delta - u_u @ (u_u.T @ delta)
-    return delta
+        u_u = _basis(w, gram_utility, rank_utility, factors[1])
+        c = u_h - u_u @ (u_u.T @ u_h)
+        del u_u
+        y, sines, _ = torch.linalg.svd(c, full_matrices=False)
+        kept = sines > SINE
+        y = y[:, kept]
+        c, rank = y @ (y.T @ c), kept.sum()
+    return c @ (u_h.T @ w), rank
+
+
+def _change(
+    w: Tensor,
+    gram_harmful: Tensor,
+    gram_utility: Tensor | None,
+    spec: LowRankSpec,
+    factors: dict[tuple[str, str], Tensor],
+    keys: tuple[tuple[str, str], tuple[str, str] | None],
+) -> tuple[int | Tensor, Tensor]:
+    """W <- W - Delta for one matrix (``w``: its d_out x d_in view, written in place); rank(Delta), ||Delta||/||W||.
+
+    A wide matrix's Gram factors go into ``factors`` (under ``keys``) for the next matrix reading that input.
+    Peak device bytes: ``lowrank_bytes``.
+    """
+    exact = w.to(F64)  # may be w itself: never changed in place
+    if w.size(0) > w.size(1):
+        for key, gram in ((keys[0], gram_harmful), (keys[1], gram_utility)):
+            if key is not None and gram is not None and key not in factors:
+                factors[key] = _factor(gram)
+    side = tuple(factors.get(k) if k is not None else None for k in keys)
+    delta, rank = _exact_removal(exact, gram_harmful, gram_utility, spec.rank_harmful, spec.rank_utility, side)
+    ratio = delta.norm() / exact.norm().clamp_min(1e-30)
+    with torch.no_grad():
+        w.copy_(delta.neg_().add_(exact))  # W - Delta in float64, rounded once to the weight's dtype
+    return rank, ratio
+
+
+class _SharedInputs:
+    """Which linear layers read the very same tensor in a forward (q/k/v, gate/up): they share one Gram.
+
+    Forward pre-hooks, registered before fold_inputs' own so they run first, remember each input by weak
+    reference (nothing is kept alive) and name, for each layer, the first layer seen with the same input.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module]) -> None:
+        self.last: dict[str, weakref.ref[Tensor]] = {}
+        self.source: dict[str, str] = {}
+        self.handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in modules.items()]
+
+    def _hook(self, name: str) -> Callable[[nn.Module, tuple], None]:
+        def see(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            same = next((o for o, ref in self.last.items() if o != name and ref() is x), name)
+            self.source[name] = self.source.get(same, same) if same != name else name
+            self.last[name] = weakref.ref(x)
+
+        return see
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 def _grams(
     model: nn.Module, batches: list[Batch], weights: Mapping[str, Tensor], tokens: str, layer: int, what: str
-) -> dict[str, Tensor]:
-    """X^T X (fp32, beside each weight) of the inputs of ``weights`` (d_out x d_in, all in block ``layer``)."""
-    grams = {n: w.new_zeros((w.size(1), w.size(1)), dtype=torch.float32) for n, w in weights.items()}
-    names = list(weights)
-    counts = dict.fromkeys(names, 0)
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """X^T X (float64, beside the weights) per distinct input of ``weights`` (d_out x d_in, all in block
+    ``layer``), keyed by the first layer reading it, and the key of each weight's Gram."""
+    grams: dict[str, Tensor] = {}
+    keys: dict[str, str] = {}
+    counts = dict.fromkeys(weights, 0)
+    shared = _SharedInputs(linear_modules(model, weights))
 
     def fold(name: str, x: Tensor) -> None:
-        grams[name].addmm_(x.T, x)
+        key = shared.source[name]
+        if keys.setdefault(name, key) != key:
+            raise HarmsweepError(f"{name} shares its input with {key} in one batch and not in another")
         counts[name] += x.size(0)
+        if key != name:
+            return  # the Gram of that input is folded already
+        if name not in grams:
+            grams[name] = weights[name].new_zeros((x.size(1), x.size(1)), dtype=F64)
+        for rows in x.split(FOLD_ROWS):  # float64 rows, a bounded number at a time
+            rows = rows.to(F64)
+            grams[name].addmm_(rows.T, rows)
 
-    fold_inputs(model, batches, names, fold, tokens, upto_layer=layer, desc=f"lowrank {what} block {layer}")
+    try:
+        fold_inputs(model, batches, list(weights), fold, tokens, upto_layer=layer, desc=f"lowrank {what} block {layer}")
+    finally:
+        shared.remove()
     empty = [n for n, c in counts.items() if c == 0]
     if empty:
         raise HarmsweepError(f"no {what} calibration tokens (lowrank.tokens={tokens}) reached {empty[0]}")
-    return grams
+    return grams, keys
 
 
 def remove_low_rank(
@@ -134,8 +281,9 @@ def remove_low_rank(
 ) -> dict[str, dict[str, float]]:
     """Subtract Delta from every scored weight (or those in ``names``), block by block, in place.
 
-    Returns per weight ``rank_removed`` (r_h clipped to min(d_out, d_in): the rank of the harmful subspace
-    used, an upper bound of rank(Delta)) and ``relative_norm`` ||Delta||_F / ||W||_F.
+    Returns per weight ``rank_removed`` (rank(Delta): at most r_h, fewer where the data hold fewer directions
+    or the utility subspace spares some) and ``relative_norm`` ||Delta||_F / ||W||_F. Both are read back from
+    the device once, at the end.
     """
     spec.validate()
     rows = scored_parameters(model)
@@ -146,25 +294,27 @@ def remove_low_rank(
     for n, r in rows.items():
         if names is None or n in names:
             by_layer[r.layer].append(n)
-    stats: dict[str, dict[str, float]] = {}
     if spec.rank_harmful == 0:  # nothing to remove: no forward pass at all
         return {n: {"rank_removed": 0, "relative_norm": 0.0} for ns in by_layer.values() for n in ns}
     harmful = list(harmful_batches)  # every block reads the sets again
     benign = list(benign_batches) if spec.rank_utility > 0 else []
+    found: dict[str, tuple[int | Tensor, Tensor]] = {}
     for layer in sorted(by_layer):
         conv = {n: rows[n].rows_dim == 1 for n in by_layer[layer]}  # Conv1D stores (d_in, d_out)
         weights = {n: named[n].detach().T if c else named[n].detach() for n, c in conv.items()}  # d_out x d_in
-        g_harm = _grams(model, harmful, weights, spec.tokens, layer, "harmful")
-        g_util = _grams(model, benign, weights, spec.tokens, layer, "benign") if spec.rank_utility else {}
-        for n, w in weights.items():
-            delta = _exact_removal(w, g_harm.pop(n), g_util.pop(n, None), spec.rank_harmful, spec.rank_utility)
-            exact = w.to(delta.dtype)  # may be w itself: never changed in place
-            stats[n] = {
-                "rank_removed": min(spec.rank_harmful, *w.shape),
-                "relative_norm": float(delta.norm() / exact.norm().clamp_min(1e-30)),
-            }
-            new = (exact - delta).to(w.dtype)  # one rounding to the weight's dtype (bf16: not two)
-            with torch.no_grad():
-                named[n].copy_(new.T if conv[n] else new)
-            del delta, exact, new
-    return stats
+        g_harm, k_harm = _grams(model, harmful, weights, spec.tokens, layer, "harmful")
+        g_util, k_util = _grams(model, benign, weights, spec.tokens, layer, "benign") if spec.rank_utility else ({}, {})
+        sides = (("h", g_harm, k_harm), ("u", g_util, k_util))
+        users = Counter((s, keys[n]) for s, _, keys in sides for n in keys)
+        factors: dict[tuple[str, str], Tensor] = {}
+        order = {k: i for i, k in enumerate(g_harm)}  # the weights of one input together: its Gram goes after
+        for n in sorted(weights, key=lambda n: order[k_harm[n]]):
+            g_u, key_u = (g_util[k_util[n]], ("u", k_util[n])) if spec.rank_utility else (None, None)
+            found[n] = _change(weights[n], g_harm[k_harm[n]], g_u, spec, factors, (("h", k_harm[n]), key_u))
+            for s, grams, keys in sides:  # a Gram (and its factor) goes with the last weight reading it
+                if n in keys:
+                    users[(s, keys[n])] -= 1
+                    if users[(s, keys[n])] == 0:
+                        grams.pop(keys[n])
+                        factors.pop((s, keys[n]), None)
+    return {n: {"rank_removed": int(r), "relative_norm": float(norm)} for n, (r, norm) in found.items()}

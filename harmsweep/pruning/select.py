@@ -22,7 +22,7 @@ from harmsweep.models.parts import ScoredParam
 from harmsweep.pruning import structured
 from harmsweep.pruning.spec import SCORE_RULES, PruneSpec, count
 from harmsweep.scoring import store
-from harmsweep.scoring.topk import EXCLUDED, Threshold, float_keys, row_top, top_k_threshold
+from harmsweep.scoring.topk import EXCLUDED, Threshold, float_keys, row_top, top_k_of_tails, top_k_threshold
 
 # ---------------------------------------------------------------- streaming top-k (pure functions)
 
@@ -91,6 +91,31 @@ class _Scores:
         kind = self.benign_set()
         return store.ranked(self.scores[kind], name, store.order_of(kind, self.spec.benign_importance), self.device)
 
+    def reads_tails(self) -> bool:
+        """Whether a top-k can run on the stored tails alone: every set compact, a top-down rule read per
+        global or matrix unit (rows, N:M, heads and ties=topk keep the dense path)."""
+        spec = self.spec
+        return (
+            spec.rule in SCORE_RULES
+            and spec.granularity in ("global", "matrix")
+            and spec.order == "top"
+            and spec.ties == "index"
+            and all(isinstance(self.scores[kind], store.TailScores) for kind in spec.needed_scores())
+        )
+
+    def harm_tail(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat indices and keys (EXCLUDED where not eligible) of the harm set's stored tail, on the device."""
+        kind = self.harm_set()
+        assert kind is not None
+        idx, h = self.scores[kind].tail(name, store.order_of(kind), self.device)
+        return idx, float_keys(h).masked_fill_(~(h > 0) if kind == "harm" else h == float("-inf"), EXCLUDED)
+
+    def benign_tail(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        kind = self.benign_set()
+        order = store.order_of(kind, self.spec.benign_importance)
+        idx, u = self.scores[kind].tail(name, order, self.device)
+        return idx, float_keys(u).masked_fill_(u == float("-inf"), EXCLUDED)
+
     def check(self, side: str, unit: list[str], available: int, k: int) -> None:
         """Stop when a top-k reached past a compact set's stored tail (the dense set would answer differently)."""
         kind = self.harm_set() if side == "harm" else self.benign_set()
@@ -131,9 +156,10 @@ def select(
     if spec.ties == "topk":
         return {n: _select_topk(spec, views, n) for n in names}
     units = [names] if spec.granularity == "global" else [[n] for n in names]
+    by_unit = _select_tails if views.reads_tails() else _select_unit
     out: dict[str, torch.Tensor] = {}
     for unit in units:
-        out.update(_select_unit(spec, views, unit, sum(weights[n].numel() for n in unit)))
+        out.update(by_unit(spec, views, unit, sum(weights[n].numel() for n in unit)))
     return out
 
 
@@ -151,13 +177,12 @@ def _select_unit(spec: PruneSpec, views: _Scores, unit: list[str], size: int) ->
         protected = top_k_threshold(unit, benign_keys, k_protect)
         views.check("benign", unit, protected.available, k_protect)
 
-    def protected_mask(n: str) -> torch.Tensor:
-        return protected.mask(n, benign_keys(n)) if spec.protects else torch.zeros((), dtype=torch.bool)
-
     def harm_keys(n: str) -> torch.Tensor:
         h = views.harm(n)
         keys = float_keys(h).masked_fill_(h == float("-inf"), EXCLUDED)
-        return keys if fractions else keys.masked_fill_(protected_mask(n), EXCLUDED)
+        if fractions or not spec.protects:  # nothing protected: no mask at all (a host-side one breaks a GPU)
+            return keys
+        return keys.masked_fill_(protected.mask(n, benign_keys(n)), EXCLUDED)
 
     k = count(spec, spec.harm_fraction if fractions else spec.sparsity, size)
     chosen = top_k_threshold(unit, harm_keys, k)
@@ -166,9 +191,44 @@ def _select_unit(spec: PruneSpec, views: _Scores, unit: list[str], size: int) ->
     out = {}
     for n in unit:
         mask = chosen.mask(n, harm_keys(n))
-        if fractions:
-            mask &= ~protected_mask(n)
+        if fractions and spec.protects:
+            mask &= ~protected.mask(n, benign_keys(n))
         out[n] = torch.nonzero(mask.view(-1)).view(-1).cpu()
+    return out
+
+
+def _select_tails(spec: PruneSpec, views: _Scores, unit: list[str], size: int) -> dict[str, torch.Tensor]:
+    """``_select_unit`` over the stored tails of compact sets only: a top-k over K-sized (index, value) pairs
+    instead of N-sized streams. The tails are prefixes of the ranking in pruning's tie order, so the mask is
+    the dense set's exactly. Counts are checked after the device work, with one host sync."""
+    if not unit:
+        return {}
+    fractions = spec.harm_fraction is not None
+    protected: dict[str, torch.Tensor] = {}  # per matrix: protected flat indices, -1 where a tail entry is not
+    checks: list[tuple[str, torch.Tensor, int]] = []
+    if spec.protects:
+        k_protect = count(spec, spec.protect, size)
+        idx_u, keys_u = zip(*(views.benign_tail(n) for n in unit), strict=True)
+        picked, available = top_k_of_tails(keys_u, k_protect)
+        protected = {n: torch.where(p, i, -1) for n, i, p in zip(unit, idx_u, picked, strict=True)}
+        checks.append(("benign", available, k_protect))
+    idx_h, keys_h = [], []
+    for n in unit:
+        idx, keys = views.harm_tail(n)
+        if spec.protects and not fractions:
+            keys = keys.masked_fill_(torch.isin(idx, protected[n]), EXCLUDED)
+        idx_h.append(idx)
+        keys_h.append(keys)
+    k = count(spec, spec.harm_fraction if fractions else spec.sparsity, size)
+    chosen, available = top_k_of_tails(keys_h, k)
+    checks.append(("harm", available, k))
+    for (side, _, wanted), found in zip(checks, torch.stack([c[1] for c in checks]).tolist(), strict=True):
+        views.check(side, unit, int(found), wanted)
+    out = {}
+    for n, idx, mask in zip(unit, idx_h, chosen, strict=True):
+        if fractions and spec.protects:
+            mask &= ~torch.isin(idx, protected[n])
+        out[n] = torch.sort(idx[mask]).values.cpu()
     return out
 
 
@@ -184,21 +244,26 @@ def _select_topk(spec: PruneSpec, views: _Scores, name: str) -> torch.Tensor:
     size = harm.numel()
     fractions = spec.harm_fraction is not None
     protected = torch.zeros(0, dtype=torch.long, device=harm.device)
+    checks: list[tuple[str, torch.Tensor, int]] = []  # counts checked at the end: one host sync, after the work
     if spec.protects:
         k_protect = count(spec, spec.protect, size)
         benign = views.benign(name).view(-1)
-        views.check("benign", [name], int((benign > float("-inf")).sum()), k_protect)
+        checks.append(("benign", (benign > float("-inf")).sum(), k_protect))
         protected = top(benign, k_protect)
     k = count(spec, spec.harm_fraction if fractions else spec.sparsity, size)
     if not fractions:
         harm = harm.clone()
         harm[protected] = float("-inf")
     if spec.rule in SCORE_RULES:
-        views.check("harm", [name], int((harm > float("-inf")).sum()), k)
+        checks.append(("harm", (harm > float("-inf")).sum(), k))
     chosen = top(harm, k)
     if fractions:
         chosen = chosen[~torch.isin(chosen, protected)]
-    return torch.sort(chosen).values.cpu()
+    chosen = torch.sort(chosen).values
+    if checks:
+        for (side, _, wanted), found in zip(checks, torch.stack([c[1] for c in checks]).tolist(), strict=True):
+            views.check(side, [name], int(found), wanted)
+    return chosen.cpu()
 
 
 def _select_rows(spec: PruneSpec, views: _Scores, name: str, rows_dim: int) -> torch.Tensor:

@@ -90,7 +90,7 @@ def select_heads(
     elif spec.harm_set() == "harm":
         harm = harm.masked_fill(~(harm > 0), _NEG_INF)  # heads whose removal raises the harmful loss
     total = harm.numel()
-    protected = torch.zeros(total, dtype=torch.bool)
+    protected = torch.zeros(total, dtype=torch.bool, device=harm.device)  # the rankings' device, not the host
     if spec.protects:
         benign = torch.cat([_head_values(views.benign, q, o, head_dim) for q, o, _ in units])
         order = torch.sort(benign, descending=True, stable=True).indices[: count(spec, spec.protect, total)]
@@ -99,10 +99,11 @@ def select_heads(
     k = count(spec, spec.harm_fraction if fractions else spec.sparsity, total)
     ranked = harm if fractions else harm.masked_fill(protected, _NEG_INF)
     top = torch.sort(ranked, descending=True, stable=True).indices[:k]
-    chosen = torch.zeros(total, dtype=torch.bool)
-    chosen[top[ranked[top] > _NEG_INF]] = True
+    chosen = torch.zeros(total, dtype=torch.bool, device=harm.device)
+    chosen[top] = ranked[top] > _NEG_INF
     if fractions:
         chosen &= ~protected
+    chosen = chosen.cpu()  # one copy of a few hundred flags: the masks below are built and returned on the host
     out = {n: torch.zeros(0, dtype=torch.long) for n in params}
     start = 0
     for q, o, _ in units:

@@ -4,7 +4,8 @@ Zeroing w changes the loss by about -S(w) (first-order Taylor), so S < 0 marks w
 support the calibration responses. S is linear in the gradient, so one backward pass of the mean
 loss over a batch gives the sum of per-sample scores: one forward+backward per batch scores every
 layer at once. Gradients are folded into fp32 score buffers by a post-accumulate hook and freed at
-once, so memory stays at weights + one score buffer + activations.
+once, so memory stays at weights + one score buffer + activations. fp16 weights get a scaled loss
+(``_LossScale``): the gradient of loss/n underflows in fp16, and is unscaled only in the fp32 fold.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from tqdm.auto import tqdm
 
 from harmsweep.batches import trim_padding
 from harmsweep.devices import input_device
-from harmsweep.losses import per_sample_nll
+from harmsweep.errors import HarmsweepError
+from harmsweep.losses import DEFAULT_LOGITS_CHUNK, response_nll
 from harmsweep.models.parts import decoder_blocks, scored_parameters
 from harmsweep.scoring.spec import ScoringOptions
 
@@ -45,9 +47,8 @@ def signed_snip(
     params = _params(model, names)
     scores = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
 
-    def fold(name: str, p: nn.Parameter) -> None:
-        scores[name].addcmul_(p.detach(), p.grad)
-        p.grad = None
+    def fold(name: str, p: nn.Parameter, grad: torch.Tensor, unscale: float) -> None:
+        scores[name].addcmul_(p.detach(), grad, value=unscale)  # in fp32: the product is exact
 
     def loss_of(batch: Batch) -> torch.Tensor:
         return _batch_nll(model, batch).sum() / n_samples
@@ -68,9 +69,8 @@ def unsigned_snip(
     params = _params(model, names)
     sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
 
-    def fold(name: str, p: nn.Parameter) -> None:
-        sums[name].add_(p.grad.abs())
-        p.grad = None
+    def fold(name: str, p: nn.Parameter, grad: torch.Tensor, unscale: float) -> None:
+        sums[name].add_(grad.abs(), alpha=unscale)
 
     def samples() -> Iterable[Batch]:
         for batch in batches:
@@ -112,11 +112,15 @@ def wanda(
 
     fold_inputs(model, batches, params, fold, upto_layer=upto_layer, desc=desc)
     scores = {}
-    for n, p in params.items():
-        norm = squares[n].div_(max(tokens[n], 1)).sqrt_()
+    for n, p in params.items():  # one fp32 matrix on the device at a time when offloading
+        norm = squares.pop(n).div_(max(tokens[n], 1)).sqrt_()
         norm = norm.unsqueeze(0) if rows[n].rows_dim == 0 else norm.unsqueeze(1)  # Conv1D stores (in, out)
-        scores[n] = p.detach().float().abs().mul_(norm)
-    return _offloaded(scores) if options.offload else scores
+        score = torch.empty_like(p, dtype=torch.float32).copy_(p.detach()).abs_().mul_(norm)
+        scores[n] = score.to("cpu") if options.offload else score
+        del score, norm  # before the next matrix is made
+    if options.offload:
+        _empty_cache()
+    return scores
 
 
 def score_kind(
@@ -152,9 +156,13 @@ def _offloaded(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if t.device.type != "cpu":
             scores[name] = t.to("cpu")
             del t
+    _empty_cache()
+    return scores
+
+
+def _empty_cache() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return scores
 
 
 @contextmanager
@@ -162,19 +170,26 @@ def checkpointed(model: nn.Module, enabled: bool = True) -> Iterator[None]:
     """Recompute each decoder block in backward instead of keeping its activations.
 
     Wraps the blocks' forward with non-reentrant torch checkpointing rather than transformers'
-    switch, which only acts in train mode (and so would turn dropout on).
+    switch, which only acts in train mode (and so would turn dropout on). What is wrapped is the
+    forward the instance has now: with ``device_map=auto`` that is accelerate's hooked forward, so its
+    device moves run inside the checkpointed region and again in recomputation; afterwards that same
+    object is put back (deleting it would drop the hooks and send tensors to the wrong GPU).
     """
     if not enabled:
         yield
         return
     _, blocks = decoder_blocks(model)
+    own = [block.__dict__.get("forward") for block in blocks]  # an instance forward (accelerate's) or None
     for block in blocks:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
     try:
         yield
     finally:
-        for block in blocks:
-            del block.forward  # the class's forward shows through again
+        for block, forward in zip(blocks, own, strict=True):
+            if forward is None:
+                del block.forward  # the class's forward shows through again
+            else:
+                block.forward = forward
 
 
 def _params(model: nn.Module, names: Collection[str] | None = None) -> dict[str, nn.Parameter]:
@@ -182,28 +197,88 @@ def _params(model: nn.Module, names: Collection[str] | None = None) -> dict[str,
     return {n: named[n] for n in scored_parameters(model) if names is None or n in names}
 
 
-def _batch_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
+def _batch_nll(model: nn.Module, batch: Batch, logits_chunk: int = DEFAULT_LOGITS_CHUNK) -> torch.Tensor:
+    """Each sample's response NLL; forward and backward hold one chunk of ``logits_chunk`` positions' fp32 logits.
+
+    Labels stay where the batch has them (the host): the loss finds the labelled positions there, without a sync.
+    """
     device = input_device(model)
-    out = model(
-        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False
-    )
-    return per_sample_nll(out.logits, batch["labels"].to(out.logits.device))
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    return response_nll(model, ids, mask, batch["labels"], logits_chunk=logits_chunk)
+
+
+class _LossScale:
+    """Dynamic loss scale for fp16 gradients: start high, halve on any inf/nan and redo that batch.
+
+    The gradient of loss/n underflows to exact zeros in fp16; scaling the loss by a power of two keeps it
+    representable, and the fp32 fold divides it back out exactly. A weight whose gradient overflowed folds
+    nothing in that pass; the batch is redone at half the scale for those weights only, so every batch
+    counts once. Other dtypes get scale 1 and no checks.
+    """
+
+    START = 2.0**16
+    FLOOR = 1.0  # overflow even unscaled: fp16 cannot score this model
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.scale = self.START if enabled else 1.0
+
+    def guard(self, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``grad`` or zeros where it is not all finite, and the device flag saying which (no host read)."""
+        if not self.enabled:
+            return grad, None
+        ok = torch.isfinite(grad).all()
+        return torch.where(ok, grad, 0), ok
+
+    def overflowed(self, flags: Mapping[str, torch.Tensor]) -> list[str]:
+        """The names whose gradients were not finite (one host read per pass); backs off if any."""
+        if not flags:
+            return []
+        first = next(iter(flags.values())).device
+        ok = torch.stack([f.to(first) for f in flags.values()]).tolist()
+        bad = [n for n, good in zip(flags, ok, strict=True) if not good]
+        if bad:
+            self.scale /= 2
+            if self.scale < self.FLOOR:
+                raise HarmsweepError(f"fp16 gradients of {bad[0]} are not finite even unscaled: score in bfloat16")
+        return bad
 
 
 def _backward_each(model, params, batches, loss_of, fold, desc: str, checkpointing: bool = False) -> None:
-    """Run loss_of(batch).backward() per batch with only ``params`` requiring grad; fold grads as they land."""
+    """Run loss_of(batch).backward() per batch with only ``params`` requiring grad; fold grads as they land.
+
+    ``fold(name, p, grad, unscale)`` adds ``grad * unscale`` (times what it needs of p) to its fp32 buffer.
+    """
     previous = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
+    scaler = _LossScale(any(p.dtype == torch.float16 for p in params.values()))
+    pending: set[str] = set(params)  # the weights this pass folds (all but in a redo after an overflow)
+    flags: dict[str, torch.Tensor] = {}
+
+    def landed(name: str, p: nn.Parameter) -> None:
+        if name in pending:
+            grad, ok = scaler.guard(p.grad)
+            if ok is not None:
+                flags[name] = ok
+            fold(name, p, grad, 1.0 / scaler.scale)
+        p.grad = None
+
     handles = []
     for name, p in params.items():
         p.requires_grad_(True)
         p.grad = None
-        handles.append(p.register_post_accumulate_grad_hook(lambda p, name=name: fold(name, p)))
+        handles.append(p.register_post_accumulate_grad_hook(lambda p, name=name: landed(name, p)))
     try:
         with checkpointed(model, checkpointing):
             for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
-                loss_of(trim_padding(batch)).backward()
+                batch = trim_padding(batch)
+                pending.clear()
+                pending.update(params)
+                while pending:
+                    flags.clear()
+                    (loss_of(batch) * scaler.scale).backward()
+                    pending.intersection_update(scaler.overflowed(flags))
     finally:
         for h in handles:
             h.remove()

@@ -93,6 +93,22 @@ def top_k_threshold(names: Sequence[str], keys_of: Callable[[str], torch.Tensor]
     return Threshold(key, ties, available)
 
 
+def top_k_of_tails(keys: Sequence[torch.Tensor], k: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Exact top-k over the concatenated keys of several short tails, ties by tail order, then position.
+
+    The order ``top_k_threshold`` gives a stream when tails are its matrices (in order) and each tail's
+    entries are in flat-index order. Returns per tail which entries are chosen, and the number of eligible
+    keys as a 0-dim tensor on the keys' device (no host sync here).
+    """
+    flat = torch.cat([t.reshape(-1) for t in keys])
+    eligible = flat != EXCLUDED
+    chosen = torch.zeros_like(eligible)
+    if k > 0 and flat.numel():
+        top = torch.sort(flat, descending=True, stable=True).indices[:k]
+        chosen[top] = eligible[top]
+    return list(chosen.split([t.numel() for t in keys])), eligible.sum()
+
+
 def _counts(bins: torch.Tensor, keep: torch.Tensor, n: int) -> torch.Tensor:
     """Histogram of ``bins`` where ``keep``, on their device.
 

@@ -122,28 +122,40 @@ def _judge_config(cfg: Config) -> Any | None:
     return AutoConfig.for_model(spec.pop("model_type"), **spec)
 
 
-def _workload(cfg: Config, new: Mapping[str, bool], gpus: int, held_out: int) -> Workload:
+def _workload(cfg: Config, new: Mapping[str, bool], gpus: int, held_out: int, shape: Any, gpu_gb: float) -> Workload:
+    from harmsweep.devices import GIB
     from harmsweep.sweep.sizing import Workload
 
-    cal, ev = cfg.calibration, cfg.eval
+    cal, ev, p = cfg.calibration, cfg.eval, cfg.pruning
     metrics = metric_plan(ev, cfg.judges)[0]
     judged = [m for m in metrics if m in JUDGES]
     attack = ev.generation.attack
     per_stage = (1 if judged else 0) + (1 if "refusal" in metrics and (attack != "none" or not judged) else 0)
     stages = 1 + int(new["eval_before"])
     n_eval = held_out if ev.n is None else ev.n
-    forward_tokens = 0
+    forward_tokens, lengths = 0, [0]
     if "harm_likelihood" in metrics:
         forward_tokens += 2 * n_eval * cal.max_length
+        lengths.append(cal.max_length)
     if "perplexity" in metrics:
         forward_tokens += n_eval * ev.perplexity.max_length
+        lengths.append(ev.perplexity.max_length)
+    if "recognition" in metrics:
+        forward_tokens += 2 * n_eval * 128  # a harmful and a benign question each
+        lengths.append(128)
+    if "lm_eval" in metrics:  # ~4 choices of ~256 tokens per request (whole tasks: ~1000 requests)
+        forward_tokens += len(ev.lm_eval.tasks) * (ev.lm_eval.limit or 1000) * 4 * 256
+        lengths.append(256)
     cal_gen = 0
     if new["calibration"] and cal.harmful.responses in ("prefill", "on_policy"):
         cal_gen = (cal.n + n_eval) * cal.harmful.max_new_tokens
     judge = cfg.judges.get("strongreject_finetuned", {})
+    spec = cfg.prune_spec()
+    lowrank = cfg.method == "lowrank"
+    k = round((p.harm_fraction if p.harm_fraction is not None else p.sparsity) * shape.n_scored)
     return Workload(
-        score_sets=int(new["scores"]),
-        unsigned=cfg.pruning.rule == "unsigned_snip",
+        score_sets=0 if (lowrank or p.sequential) else int(new["scores"]),
+        unsigned=spec.harm_set() == "harm_unsigned",
         cal_n=cal.n,
         cal_batch=cal.batch_size,
         cal_length=cal.max_length,
@@ -158,7 +170,43 @@ def _workload(cfg: Config, new: Mapping[str, bool], gpus: int, held_out: int) ->
         checkpointing=cfg.scoring.gradient_checkpointing,
         gpus=gpus,
         eval_forward_tokens=forward_tokens * stages,
+        criterion=cfg.scoring.criterion,
+        sequential=p.sequential and not lowrank,
+        sequential_kinds=len(spec.needed_scores()) if p.sequential and not lowrank else 0,
+        method=cfg.method,
+        rank_harmful=cfg.lowrank.rank_harmful,
+        rank_utility=cfg.lowrank.rank_utility,
+        masked=0 if lowrank else k,
+        replace_base=p.replace == "base" and not lowrank,
+        logits_chunk=int(getattr(cfg.model, "logits_chunk", 2048)),
+        forward_batch=ev.batch_size,
+        forward_length=max(lengths),
+        backend=ev.generation.backend,
+        gpu_bytes=gpu_gb * GIB,
+        finetunes=_finetunes(cfg, n_eval),
     )
+
+
+def _finetunes(cfg: Config, n_eval: int) -> tuple[Any, ...]:
+    """The fine-tunes a job runs: deriving its variant (once, then cached), EM's arms, dissociation's recovery."""
+    from harmsweep.sweep.sizing import FineTune
+
+    out = []
+    derive = cfg.alignment.derive
+    if derive is not None:
+        t = derive.finetune
+        out.append(FineTune("derive", t.method, t.rank, t.batch_size, t.max_length,
+                            t.steps(derive.n_harmful + derive.n_benign)))  # fmt: skip
+    if cfg.em is not None:
+        t = cfg.em.finetune
+        arms = len(cfg.em.arms) * len(cfg.em.domains)  # every arm fine-tunes (the parent is not an arm)
+        steps = t.steps(cfg.em.n_train or 6000)  # insecure.jsonl has 6000 pairs
+        out.append(FineTune("em", t.method, t.rank, t.batch_size, t.max_length, steps * arms))
+    if cfg.dissociation is not None and cfg.dissociation.recovery_steps:
+        t = cfg.dissociation.finetune
+        out.append(FineTune("recovery", t.method, t.rank, t.batch_size, t.max_length,
+                            cfg.dissociation.recovery_steps))  # fmt: skip
+    return tuple(out)
 
 
 def _keys(cfg: Mapping[str, Any], typed: Config) -> dict[str, str]:
@@ -234,7 +282,7 @@ def build(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
         n_scores_new = len(new_sets)
         held_out = _held_out(cfg) if cfg.eval.n is None else 0
         work = _workload(cfg, {"calibration": new["calibration"], "eval_before": new["eval_before"],
-                               "scores": n_scores_new}, gpus, held_out)  # fmt: skip
+                               "scores": n_scores_new}, gpus, held_out, shape, args.gpu_gb)  # fmt: skip
         size = size_job(shape, work, judge, speed)
         seen |= set(keys.values())
         p = cfg.pruning
@@ -255,8 +303,8 @@ def build(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
         if size.peak > args.gpu_gb * GIB * 1.0:
             problems.append(
                 f"job {row['job']} ({' '.join(job) or 'defaults'}) needs {size.peak / GIB:.1f} GiB per GPU in "
-                f"{size.phase}, more than --gpu-gb {args.gpu_gb:g}: set scoring.gradient_checkpointing=true, a smaller "
-                f"calibration.batch_size, or more GPUs (hardware=gpu_node)"
+                f"{size.phase}, more than --gpu-gb {args.gpu_gb:g}: {_advice(size.phase)}, or more GPUs "
+                "(hardware=gpu_node)"
             )
     total_disk = sum(disk.values())
     free = _free_bytes(artifacts_dir)
@@ -266,7 +314,13 @@ def build(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
         )
     plan = {
         "jobs": rows,
-        "disk": {**disk, "total": total_disk, "free": free, "artifacts": artifacts_dir},
+        "disk": {
+            **disk,
+            "total": total_disk,
+            "free": free,
+            "artifacts": artifacts_dir,
+            "read": sum(r["disk_read"] for r in rows),
+        },
         "gpu_hours": sum(r["gpu_hours"] for r in rows),
         "assumptions": {"gpu_gb": args.gpu_gb, **speed.__dict__, "prompt_tokens": 128},
         "problems": problems,
@@ -278,34 +332,68 @@ def build(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
 
 
 def render(plan: Mapping[str, Any]) -> str:
-    """The table a user reads before submitting: per job, only the overrides that differ between jobs."""
+    """The table a user reads before submitting: per job, only the overrides that differ between jobs; then the
+    phases of each job (of the one with the largest peak when there are more than four)."""
     from harmsweep.sweep.sizing import gib
 
     common = set.intersection(*(set(r["overrides"]) for r in plan["jobs"])) if len(plan["jobs"]) > 1 else set()
     head = (f"{'job':>4} {'N scored':>15} {'weights':>8} {'scores':>7} {'activ.':>7} {'KV':>6} {'judge':>6} "
-            f"{'peak GiB':>9} {'phase':<10} {'fwd+bwd':>7} {'gen tokens':>11} {'GPU-h':>6}  overrides")  # fmt: skip
+            f"{'peak GiB':>9} {'phase':<12} {'passes':>7} {'host GiB':>8} {'gen tokens':>11} {'GPU-h':>6}  overrides")  # fmt: skip
     lines = [f"every job: {' '.join(sorted(common))}"] if common else []
     lines += [head, "-" * len(head)]
     for r in plan["jobs"]:
         lines.append(
             f"{r['job']:>4} {r['n_scored']:>15,} {gib(r['weights']):>8} {gib(r['score_buffer']):>7} "
             f"{gib(r['activations']):>7} {gib(r['kv_cache']):>6} {gib(r['judge']):>6} {gib(r['peak']):>9} "
-            f"{r['phase']:<10} {r['passes']:>7} {r['generated_tokens']:>11,} {r['gpu_hours']:>6.2f}  "
-            f"{' '.join(o for o in r['overrides'] if o not in common) or '(defaults)'}"
+            f"{r['phase']:<12} {r['passes']:>7} {gib(r['host_ram']):>8} {r['generated_tokens']:>11,} "
+            f"{r['gpu_hours']:>6.2f}  {' '.join(o for o in r['overrides'] if o not in common) or '(defaults)'}"
         )
+    shown = plan["jobs"] if len(plan["jobs"]) <= 4 else [max(plan["jobs"], key=lambda r: r["peak"])]
+    for r in shown:
+        lines += ["", f"job {r['job']} by phase (GiB per GPU; minutes the GPUs compute, and wait on the host):"]
+        lines += _phase_table(r["phases"])
     d = plan["disk"]
     free = "unknown" if d["free"] is None else f"{gib(d['free'])} GiB free"
     lines += [
         "",
         f"disk (under {d['artifacts']}): "
         + ", ".join(f"{k} {gib(d[k])} GiB" for k in ("calibration", "scores", "masks", "evaluations"))
-        + f"; total {gib(d['total'])} GiB of {free}",
+        + f"; total {gib(d['total'])} GiB of {free}; reads {gib(d.get('read', 0.0))} GiB",
         f"GPU-hours (estimate): {plan['gpu_hours']:.2f} over {len(plan['jobs'])} jobs",
         "assumptions: "
         + ", ".join(f"{k}={v}" for k, v in plan["assumptions"].items())
-        + "; memory is per GPU, peak = the largest of scoring, generation and judging",
+        + "; memory is per GPU, peak = the largest phase's",
     ]
     return "\n".join(lines)
+
+
+def _advice(phase: str) -> str:
+    """What lowers the memory of the phase that sets the peak."""
+    if phase in ("scoring", "sequential"):
+        return "set scoring.gradient_checkpointing=true, a smaller calibration.batch_size"
+    if phase == "evaluation":
+        return "set a smaller eval.batch_size or model.logits_chunk"
+    if phase == "generation":
+        return "set a smaller eval.generation.batch_size (or eval.generation.backend=hf)"
+    if phase.startswith("finetune"):
+        return "use LoRA (finetune.method=lora), a smaller fine-tune batch_size or max_length"
+    return "set a smaller calibration.batch_size"
+
+
+def _phase_table(phases: list[Mapping[str, Any]]) -> list[str]:
+    from harmsweep.sweep.sizing import gib
+
+    head = (
+        f"  {'phase':<18} {'GPU peak':>8} {'host':>6} {'read':>6} {'passes':>7} {'GPU min':>8} {'host min':>8}  made of"
+    )
+    out = [head, "  " + "-" * (len(head) - 2)]
+    for p in phases:
+        parts = ", ".join(f"{k} {gib(v)}" for k, v in p["parts"].items())
+        out.append(
+            f"  {p['name']:<18} {gib(p['gpu']):>8} {gib(p['host']):>6} {gib(p['disk_read']):>6} {p['passes']:>7} "
+            f"{p['gpu_seconds'] / 60:>8.1f} {p['host_seconds'] / 60:>8.1f}  {parts}"
+        )
+    return out
 
 
 def main(argv: list[str]) -> None:
