@@ -11,7 +11,7 @@ The masks must be identical. Time and peak extra memory (VmHWM minus RSS before 
 repetitions alternate the variants. The files sit in the page cache, so this is the ranking, not the disk.
 Writes JSON to outputs/bench/compact_select.json.
 
-    python bench/compact_select.py [--sizes 1e8] [--reps 3] [--granularity global matrix]
+    python bench/compact_select.py [--sizes 1e8] [--reps 3] [--granularity global matrix] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -45,16 +45,18 @@ def files(folder: Path, variant: str, granularity: str) -> dict[str, Path]:
 
 
 def prepare(folder: Path, total: float, granularities: list[str]) -> None:
-    """The dense files and one compact pair per granularity, written as a run writes them."""
+    """The dense files and one compact pair per granularity, written as a run writes them (kept ones reused)."""
     shapes = layout(total)
     for kind in ("harm", "benign"):
+        todo = [g for g in granularities if not files(folder, "compact", g)[kind].exists()]
+        if not todo and files(folder, "dense", "")[kind].exists():
+            continue
         scores = make_scores(shapes, kind)
-        order = store.order_of(kind)
-        store.write(scores, files(folder, "dense", "")[kind], kind, store.StoreSpec(store="dense"))
-        for granularity in granularities:
-            store.write(
-                scores, files(folder, "compact", granularity)[kind], kind, store.StoreSpec(), granularity, order
-            )
+        if not files(folder, "dense", "")[kind].exists():
+            store.write(scores, files(folder, "dense", "")[kind], kind, store.StoreSpec(store="dense"))
+        for granularity in todo:
+            path = files(folder, "compact", granularity)[kind]
+            store.write(scores, path, kind, store.StoreSpec(), granularity, store.order_of(kind))
         del scores
 
 
@@ -85,6 +87,7 @@ def main() -> None:
     p = common.parser(__doc__, "compact_select", reps=3)
     p.add_argument("--sizes", type=float, nargs="+", default=[1e8])
     p.add_argument("--granularity", nargs="+", default=["global", "matrix"], choices=["global", "matrix"])
+    p.add_argument("--dir", help="keep the score files here (per size) and reuse them on the next run")
     p.add_argument("--child", nargs=5, metavar=("DIR", "VARIANT", "GRANULARITY", "SIZE", "SAVE"), help="internal")
     args = p.parse_args()
     if args.child:
@@ -94,8 +97,9 @@ def main() -> None:
 
     results, all_equal = [], True
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
         for total in args.sizes:
+            folder = Path(args.dir) / f"{total:g}" if args.dir else Path(tmp)
+            folder.mkdir(parents=True, exist_ok=True)
             start = time.perf_counter()
             prepare(folder, total, args.granularity)
             n = sum(a * b for a, b in layout(total).values())
@@ -104,9 +108,9 @@ def main() -> None:
                 runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
                 for rep in range(args.reps):
                     for v in VARIANTS:
-                        runs[v].append(measure(folder, v, granularity, total, folder / f"{v}-{rep}.pt"))
+                        runs[v].append(measure(folder, v, granularity, total, Path(tmp) / f"{v}-{rep}.pt"))
                         print(f"{n:.2e} {granularity} {v}: {runs[v][-1]['seconds']:.2f} s", flush=True)
-                masks = {v: torch.load(folder / f"{v}-0.pt") for v in VARIANTS}
+                masks = {v: torch.load(Path(tmp) / f"{v}-0.pt") for v in VARIANTS}
                 same = masks["dense"].keys() == masks["compact"].keys() and all(
                     torch.equal(masks["dense"][k], masks["compact"][k]) for k in masks["dense"]
                 )

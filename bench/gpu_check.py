@@ -246,10 +246,12 @@ def summary(row: dict[str, Any]) -> str:
         return (f"fp64 {f['fp64_tflops']:.1f} TFLOP/s; eigh {f['n']}^2 fp32 {f['eigh_float32_s']:.2f} s, "
                 f"fp64 {f['eigh_float64_s']:.2f} s")  # fmt: skip
     if "snip_peak" in f:
-        ratio = "n/a" if f["snip_ratio"] is None else f"{f['snip_ratio']:.3f}"
-        return (f"SNIP {f['snip_s']:.1f} s peak {gib(f['snip_peak'])} / plan {gib(f['snip_plan_peak'])} = {ratio}; "
-                f"write dev {f['write_device_s']:.1f} s host {f['write_host_s']:.1f} s; Wanda {gib(f['wanda_peak'])}; "
-                f"low-rank {f['lowrank_s']:.1f} s {gib(f['lowrank_peak'])}; ppl {gib(f['perplexity_peak'])}")  # fmt: skip
+        r = lambda k: "" if f[f"{k}_ratio"] is None else f" = {f[f'{k}_ratio']:.2f} x plan"  # noqa: E731
+        return (f"SNIP {f['snip_s']:.1f} s peak {gib(f['snip_peak'])}{r('snip')}; select {f['select_scores']:.2e} "
+                f"scores {f['select_s']:.1f} s; write dev "
+                f"{f['write_device_s']:.1f} s host {f['write_host_s']:.1f} s; Wanda {gib(f['wanda_peak'])}{r('wanda')}; "
+                f"low-rank {f['lowrank_s']:.1f} s {gib(f['lowrank_peak'])}{r('lowrank')}; "
+                f"ppl {gib(f['perplexity_peak'])}{r('perplexity')}")  # fmt: skip
     return ", ".join(f"{k}={v}" for k, v in f.items() if not isinstance(v, dict))[:200]
 
 

@@ -230,54 +230,73 @@ def section_d(ctx: Ctx) -> dict[str, Any]:
 
 
 def workload(**values: Any) -> Any:
-    """A sizing.Workload from the fields it has today (others' edits may add fields with defaults)."""
+    """A sizing.Workload from the fields it has (others' edits may add or drop fields with defaults)."""
     from harmsweep.sweep.sizing import Workload
 
+    base = dict(score_sets=1, unsigned=False, cal_n=1, cal_batch=1, cal_length=1, cal_gen_tokens=0, eval_prompts=0,
+                eval_batch=1, prompt_length=0, max_new_tokens=0, generations=0, judge_batch=0, judge_tokens=0,
+                checkpointing=False)  # fmt: skip
     names = {f.name for f in dataclasses.fields(Workload)}
-    return Workload(**{k: v for k, v in values.items() if k in names})
+    return Workload(**{k: v for k, v in {**base, **values}.items() if k in names})
 
 
-def plan_scoring_peak(spec: dict[str, Any], dtype: str, batch: int, length: int) -> tuple[float, dict[str, Any]]:
-    """What the planner says scoring one set of ``batch`` x ``length`` tokens peaks at (bytes per GPU)."""
+def planned(spec: dict[str, Any], dtype: str, phase: str, **work: Any) -> float:
+    """The planner's GPU peak (bytes) of one ``phase`` of a job doing ``work`` (harmsweep/sweep/sizing.py)."""
     from harmsweep.models.memory import model_shape
     from harmsweep.sweep.sizing import Throughput, size_job
 
     spec = dict(spec)
     shape = model_shape(AutoConfig.for_model(spec.pop("model_type"), **spec), dtype)
-    work = workload(score_sets=1, unsigned=False, cal_n=batch, cal_batch=batch, cal_length=length, cal_gen_tokens=0,
-                    eval_prompts=0, eval_batch=1, prompt_length=0, max_new_tokens=0, generations=0, judge_batch=0,
-                    judge_tokens=0, checkpointing=False)  # fmt: skip
-    size = size_job(shape, work, None, Throughput())
-    phases = getattr(size, "phases", None)  # per-phase figures, once plan has them
-    scoring = phases.get("scoring") if isinstance(phases, dict) else None
-    figure = scoring if isinstance(scoring, int | float) else size.weights + size.score_buffer + size.activations
-    return float(figure), {"n_scored": shape.n_scored, "weights": size.weights, "activations": size.activations}
+    size = size_job(shape, workload(**work), None, Throughput())
+    phases = {p["name"]: p["gpu"] for p in getattr(size, "phases", []) or []}
+    if phase not in phases:
+        raise AssertionError(f"the planner has no {phase} phase (phases: {sorted(phases)})")
+    return float(phases[phase])
+
+
+def measured(out: dict[str, Any], name: str, device: str, plan: float, goal: tuple[float, float]) -> str | None:
+    """Record ``name``'s peak against the plan; the problem, if the ratio is off ``goal`` (None off CUDA)."""
+    out[f"{name}_peak"], out[f"{name}_plan"] = peak(device), plan
+    ratio = None if out[f"{name}_peak"] is None else out[f"{name}_peak"] / plan
+    out[f"{name}_ratio"] = ratio
+    if ratio is not None and not goal[0] <= ratio <= goal[1]:
+        return f"{name} peak / plan = {ratio:.3f} (goal {goal[0]}-{goal[1]})"
+    return None
 
 
 def section_e(ctx: Ctx) -> dict[str, Any]:
     from harmsweep.evaluation.utility import perplexity
     from harmsweep.models.loading import byte_tokenizer
     from harmsweep.pruning.lowrank import remove_low_rank
-    from harmsweep.pruning.spec import LowRankSpec
+    from harmsweep.pruning.select import select
+    from harmsweep.pruning.spec import LowRankSpec, PruneSpec
     from harmsweep.scoring import store
     from harmsweep.scoring.snip import score_kind
     from harmsweep.scoring.spec import StoreSpec
 
     dev, spec = ctx.device, SMOKE_LLAMA if ctx.smoke else LLAMA_8B
     dtype = torch.float32 if ctx.smoke else torch.bfloat16
+    name = str(dtype).removeprefix("torch.")
     batch, length = (4, 32) if ctx.smoke else (8, 256)
+    cal_work = dict(cal_n=batch, cal_batch=batch, cal_length=length)
     out: dict[str, Any] = {"layers": spec["num_hidden_layers"], "batch": batch, "length": length}
+    problems: list[str | None] = []
     model = build(spec, dtype, dev)
     cal = batches(spec["vocab_size"], batch, length, batch)
-    planned, out["plan"] = plan_scoring_peak(spec, str(dtype).removeprefix("torch."), batch, length)
     reset_peak(dev)
     scores, out["snip_s"] = timed(lambda: score_kind(model, "harm", cal, batch), dev)
-    out["snip_peak"], out["snip_plan_peak"] = peak(dev), planned
-    out["snip_ratio"] = None if out["snip_peak"] is None else out["snip_peak"] / planned
+    problems.append(measured(out, "snip", dev, planned(spec, name, "scoring", **cal_work), (0.85, 1.15)))
     check(all(torch.isfinite(s).all() for s in scores.values()), "SNIP scores are not finite")
-    # the compact write from the GPU against the same write from host memory (a slice of the layers at 8B)
+    # global selection over every score, each matrix streamed from host memory through the device
+    params = scored(model)
+    weights = {n: p for n, p in model.named_parameters() if n in params}
+    sel_spec = PruneSpec(sparsity=1e-5, protect=0.0)
+    mask, out["select_s"] = timed(lambda s=scores: select(sel_spec, params, weights, {"harm": s}, device=dev), dev)
+    out["select_scores"] = sum(t.numel() for t in scores.values())
+    check(sum(i.numel() for i in mask.values()) == round(1e-5 * out["select_scores"]), "global selection count")
+    # the compact write from the GPU against the same write from host memory (the first 4 layers' scores at 8B)
     names = [n for n in scores if ".layers." not in n or int(n.split(".layers.")[1].split(".")[0]) < 4]
-    host = {n: scores[n] for n in names}
+    host = {n: scores[n].cpu() for n in names}
     del scores
     on_dev = {n: t.to(dev) for n, t in host.items()}
     paths = ctx.tmp / "e_dev.safetensors", ctx.tmp / "e_host.safetensors"
@@ -290,23 +309,28 @@ def section_e(ctx: Ctx) -> dict[str, Any]:
     del host
     reset_peak(dev)
     wanda, out["wanda_s"] = timed(lambda: score_kind(model, "harm_wanda", cal, batch), dev)
-    out["wanda_peak"] = peak(dev)
+    problems.append(measured(out, "wanda", dev, planned(spec, name, "scoring", criterion="wanda", **cal_work),
+                             (0.0, 1.15)))  # fmt: skip
     del wanda
     two = [n for n in scored(model) if ".layers.0." in n or ".layers.1." in n]
     reset_peak(dev)
     lr_spec = LowRankSpec(rank_harmful=16, rank_utility=4)
     stats, out["lowrank_s"] = timed(lambda: remove_low_rank(model, cal, cal[::-1], lr_spec, names=two), dev)
-    out["lowrank_peak"] = peak(dev)
+    lr_plan = planned(spec, name, "lowrank", method="lowrank", rank_harmful=16, rank_utility=4, **cal_work)
+    problems.append(measured(out, "lowrank", dev, lr_plan, (0.0, 1.15)))  # the plan's peak is per block
     check(all(0 < s["relative_norm"] < 1 for s in stats.values()), "low-rank relative norms outside (0, 1)")
     ev = yaml.safe_load((common.ROOT / "conf" / "eval" / "gpu.yaml").read_text())
     ppl_batch, ppl_len = (2, 64) if ctx.smoke else (ev["batch_size"], ev["perplexity"]["max_length"])
     texts = ["".join(chr(97 + (i * 7 + j) % 26) for j in range(ppl_len + 16)) for i in range(ppl_batch)]
     reset_peak(dev)
     ppl, out["perplexity_s"] = timed(lambda: perplexity(model, byte_tokenizer(), texts, ppl_batch, ppl_len), dev)
-    out["perplexity_peak"], out["perplexity"] = peak(dev), ppl["perplexity"]
+    ppl_plan = planned(spec, name, "evaluation", eval_forward_tokens=ppl_batch * ppl_len, forward_batch=ppl_batch,
+                       forward_length=ppl_len)  # fmt: skip
+    problems.append(measured(out, "perplexity", dev, ppl_plan, (0.0, 1.15)))
+    out["perplexity"] = ppl["perplexity"]
     check(ppl["perplexity"] > 1, "perplexity is not > 1")
-    if out["snip_ratio"] is not None:
-        check(0.85 <= out["snip_ratio"] <= 1.15, f"SNIP peak / plan = {out['snip_ratio']:.3f} (goal 0.85-1.15)")
+    found = [p for p in problems if p]
+    check(not found, "; ".join(found))
     return out
 
 

@@ -86,7 +86,7 @@ def audit(fn: Callable[[], object]) -> DeviceAudit:
             fn()
         except (RuntimeError, NotImplementedError) as exc:
             message = str(exc)
-            if "same device" in message or "device" in message and "expected" in message.lower():
+            if "same device" in message or ("device" in message and "expected" in message.lower()):
                 watch.mixed.append(message.splitlines()[0])
             elif "meta" not in message and "data-dependent" not in message:
                 raise

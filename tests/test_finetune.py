@@ -229,7 +229,9 @@ def _lora_layer(device: str = "cpu"):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    peft_model = get_peft_model(_Proj(), LoraConfig(r=4, lora_alpha=8, target_modules=["proj"], init_lora_weights=False))
+    peft_model = get_peft_model(
+        _Proj(), LoraConfig(r=4, lora_alpha=8, target_modules=["proj"], init_lora_weights=False)
+    )
     return peft_model.to(device), peft_model.base_model.model.proj
 
 
@@ -253,8 +255,14 @@ def test_the_lora_mask_hook_equals_the_masked_dense_delta_and_saves_no_per_entry
     w, s = layer.get_base_layer().weight, layer.scaling[ADAPTER]
     keep = torch.ones(w.numel())
     keep[flat] = 0
-    ref_a, ref_b, ref_x = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
-    ref = ref_x @ (w.detach() + s * (ref_b @ ref_a) * keep.view_as(w)).T  # the effective weight is zero... plus W there
+    ref_a, ref_b, ref_x = (
+        a.detach().clone().requires_grad_(),
+        b.detach().clone().requires_grad_(),
+        x.detach().clone().requires_grad_(),
+    )
+    ref = (
+        ref_x @ (w.detach() + s * (ref_b @ ref_a) * keep.view_as(w)).T
+    )  # the adapter adds nothing at the masked entries
     (ref * grad_out).sum().backward()
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
     for got, want in ((x.grad, ref_x.grad), (a.grad, ref_a.grad), (b.grad, ref_b.grad)):
@@ -294,7 +302,11 @@ def test_one_training_step_with_a_fixed_mask_on_a_device_mixes_no_devices(monkey
     model.set_attn_implementation("eager")  # sdpa's mask builder reads the padding mask's values, which meta lacks
     spec = FinetuneSpec(method=method, rank=4, lr=1e-4, batch_size=4, max_steps=1)
     steps = []
-    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, _real=torch.optim.AdamW.step, **k: steps.append(1) or _real(self, *a, **k))
+    monkeypatch.setattr(
+        torch.optim.AdamW,
+        "step",
+        lambda self, *a, _real=torch.optim.AdamW.step, **k: steps.append(1) or _real(self, *a, **k),
+    )
     watch = audit(lambda: finetune(model, tensors, spec, frozen=_mask()))
     assert_one_device(watch)
     assert steps == [1]  # the audit went through the optimizer step, not only the forward

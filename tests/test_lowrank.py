@@ -16,7 +16,6 @@ from harmsweep.calibration.pairs import Pair, encode_pairs
 from harmsweep.errors import HarmsweepError
 from harmsweep.models.activations import fold_inputs
 from harmsweep.models.parts import decoder_blocks, scored_parameters
-from harmsweep.pruning import lowrank
 from harmsweep.pruning.lowrank import projector, removal, remove_low_rank
 from harmsweep.pruning.spec import LowRankSpec
 
@@ -83,6 +82,11 @@ def remove_by_hand(model, harmful, benign, r_h: int, r_u: int, all_at_once: bool
             delta = reference_delta(w, x_h[n], x_u[n], r_h, r_u).float()
             with torch.no_grad():
                 p.sub_(delta.T if conv else delta)
+
+
+def rank_of(change: torch.Tensor) -> int:
+    """The rank of a float32 weight's change: singular values above its rounding."""
+    return int(torch.linalg.matrix_rank(change.detach().double(), rtol=1e-4))
 
 
 def harmful_and_benign(lm) -> tuple[dict, dict]:
@@ -287,142 +291,3 @@ def test_a_wide_output_is_solved_on_the_input_side_and_ignores_unreached_directi
     p = project(w, x.T @ x, 6).double()
     u = torch.linalg.svd(w @ x.T, full_matrices=False).U[:, :5]
     torch.testing.assert_close(p, u @ u.T, atol=1e-6, rtol=0)  # rank 5, no garbage column for the sixth
-
-
-# ---------------------------------------------------------------- at 70B: rank-deficient Grams, shared inputs, sizes
-
-
-def deficient(d_out: int, d_in: int, rank: int, n: int = 400, seed: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """W (d_out x d_in) and X (n x d_in) of rank ``rank``, singular values spread over 1 .. 1e-3 (float64)."""
-    g = torch.Generator().manual_seed(seed)
-    basis = torch.linalg.qr(torch.randn(d_in, rank, generator=g, dtype=torch.float64)).Q
-    spread = torch.logspace(0, -3, rank, dtype=torch.float64)
-    x = torch.randn(n, rank, generator=g, dtype=torch.float64) @ (spread[:, None] * basis.T)
-    return torch.randn(d_out, d_in, generator=g, dtype=torch.float64), x
-
-
-def numpy_projector(w: torch.Tensor, x: torch.Tensor, rank: int) -> tuple[torch.Tensor, int]:
-    """numpy's float64 SVD of W X^T: the projector on its top ``rank`` directions above its numerical rank."""
-    import numpy as np
-
-    u, s, _ = np.linalg.svd(w.numpy() @ x.numpy().T, full_matrices=False)
-    keep = min(rank, int((s > s[0] * max(u.shape) * np.finfo(np.float64).eps).sum()))
-    u = torch.from_numpy(u[:, :keep])
-    return u @ u.T, keep
-
-
-@pytest.mark.parametrize("shape", [(200, 256), (300, 160)])  # solved on the output side, and on the input side
-@pytest.mark.parametrize("rank", [5, 12, 40])  # within and beyond the rank (12) of the data
-def test_a_rank_deficient_gram_gives_numpys_float64_projector(shape, rank, monkeypatch):
-    monkeypatch.setattr(lowrank, "EXACT_MAX_D_OUT", 0, raising=False)  # dc1a1ed: float32 above it (70B's d = 8192)
-    w, x = deficient(*shape, 12)
-    p = projector(w, x.T @ x, rank).double()
-    expected, keep = numpy_projector(w, x, rank)
-    assert keep == min(rank, 12)
-    assert float(p.trace()) == pytest.approx(keep, abs=1e-5)  # no direction the data never reaches
-    torch.testing.assert_close(p, expected, atol=1e-5, rtol=0)
-    captured = float((p @ w @ x.T).square().sum())  # as good: the same share of W X^T
-    assert captured == pytest.approx(float((expected @ w @ x.T).square().sum()), rel=1e-7)
-
-
-def rank_of(change: torch.Tensor) -> int:
-    """The rank of a float32 weight's change: singular values above its rounding."""
-    return int(torch.linalg.matrix_rank(change.double(), rtol=1e-4))
-
-
-def garbage_eigh(kind: str):
-    """torch.linalg.eigh as cuSOLVER's float32 fails on a rank-deficient 8192^2 Gram: an error, NaNs, or wrong vectors."""
-    real = torch.linalg.eigh
-
-    def eigh(m, *args, **kwargs):
-        if kind == "error":
-            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
-        values, vectors = real(m, *args, **kwargs)
-        if kind == "nan":
-            return values, torch.full_like(vectors, float("nan"))
-        shuffle = torch.randperm(vectors.size(1), generator=torch.Generator().manual_seed(0))
-        return values, vectors[:, shuffle]  # orthonormal, finite, not the eigenvectors of those values
-
-    return eigh
-
-
-@pytest.mark.parametrize("kind", ["error", "nan", "wrong"])
-@pytest.mark.parametrize("shape", [(60, 80), (90, 50)])
-def test_a_failed_eigensolve_falls_back_to_a_right_one(kind, shape, monkeypatch):
-    w, x = deficient(*shape, 10, n=100)
-    x_u = torch.randn(120, shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    expected = reference_delta(w, x, x_u, 6, 3)
-    monkeypatch.setattr(torch.linalg, "eigh", garbage_eigh(kind))
-    delta = removal(w, x.T @ x, x_u.T @ x_u, 6, 3)
-    torch.testing.assert_close(delta, expected, atol=1e-8, rtol=1e-6)
-
-
-def test_one_gram_per_distinct_input_and_the_rank_actually_removed():
-    """q/k/v read one input, gate/up another: 4 Grams per Llama block and batch, not 7."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    harmful, benign = harmful_and_benign(tiny())
-    lm, ref = tiny(), tiny()
-    before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
-    batches = list(iter_batches(harmful, 2))
-
-    class Grams(TorchDispatchMode):
-        folds = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket is torch.ops.aten.addmm_ and args[0].size(0) == args[0].size(1):
-                Grams.folds += 1
-            return func(*args, **(kwargs or {}))
-
-    with Grams():
-        stats = remove_low_rank(lm.model, batches, iter_batches(benign, 2), LowRankSpec(6, 0))
-    layers = lm.model.config.num_hidden_layers
-    assert Grams.folds == 4 * layers * len(batches)
-    remove_by_hand(ref.model, harmful, benign, 6, 0)
-    got, expected = dict(lm.model.named_parameters()), dict(ref.model.named_parameters())
-    for n in scored_parameters(lm.model):
-        torch.testing.assert_close(got[n].detach(), expected[n].detach(), rtol=1e-3, atol=1e-5, msg=n)
-        assert stats[n]["rank_removed"] == rank_of(before[n] - got[n].detach())
-
-
-def test_rank_removed_counts_the_directions_that_exist():
-    """Fewer harmful directions than asked (few tokens), or all but two spared by the utility subspace."""
-    harmful, benign = harmful_and_benign(tiny())
-    few = {k: v[:1] for k, v in harmful.items()}  # one sample: fewer response tokens than r_h
-    tokens = int((few["labels"] != -100).sum())
-    lm = tiny()
-    name = "model.layers.0.mlp.up_proj.weight"  # 128 x 64
-    before = dict(lm.model.named_parameters())[name].detach().clone()
-    stats = remove_low_rank(lm.model, iter_batches(few, 1), [], LowRankSpec(60, 0), [name])
-    after = dict(lm.model.named_parameters())[name].detach()
-    assert tokens < 60 and stats[name]["rank_removed"] == tokens
-    assert rank_of(before - after) == tokens
-    lm = tiny()
-    name = "model.layers.1.self_attn.v_proj.weight"  # 32 x 64: r_u = 30 of 32 leaves 2 directions to remove
-    before = dict(lm.model.named_parameters())[name].detach().clone()
-    stats = remove_low_rank(lm.model, iter_batches(harmful, 2), iter_batches(benign, 2), LowRankSpec(8, 30), [name])
-    after = dict(lm.model.named_parameters())[name].detach()
-    assert stats[name]["rank_removed"] == 2 == rank_of(before - after)
-
-
-def test_removal_on_a_model_off_the_cpu_mixes_no_devices(monkeypatch):
-    """The whole removal (Grams, factors, eigensolves, sines, updates) on ``meta``, every matrix of both blocks.
-
-    Meta holds no values: the eigensolve check (a host read) is stood in for, boolean selections keep every
-    entry, and the run ends at the read-back of the statistics. Eager attention: HF's SDPA mask reads values.
-    """
-    from audit import assert_one_device, audit, meta_capable
-
-    harmful, benign = harmful_and_benign(tiny())
-    lm = tiny()
-    lm.model.config._attn_implementation = "eager"
-    lm.model.to("meta")
-    monkeypatch.setattr(lowrank, "_accurate", lambda m, values, vectors: True)
-    solved: list[str] = []
-    real = lowrank._exact_removal
-    monkeypatch.setattr(lowrank, "_exact_removal", lambda w, *a: solved.append(w.device.type) or real(w, *a))
-    spec = LowRankSpec(4, 2)
-    with meta_capable(monkeypatch):
-        watch = audit(lambda: remove_low_rank(lm.model, iter_batches(harmful, 2), iter_batches(benign, 2), spec))
-    assert_one_device(watch)
-    assert solved == ["meta"] * len(scored_parameters(lm.model))

@@ -72,8 +72,9 @@ def test_a_sweep_counts_shared_scores_once(tmp_path):
     assert len(jobs) == 4
     n = jobs[0]["n_scored"]
     # signed_snip needs harm + benign scores (computed by the first job); random needs none.
-    # Compact sets (the default) keep 1.1% of H and 1% of U, as (int32 index, fp32 value) pairs
-    compact = (round(0.011 * n) + round(0.01 * n)) * 8
+    # Compact sets (the default, scores.keep=auto) keep the paper's range in one set: 2.02% of H (sparsity and
+    # protect up to 1e-2) and 1% of U, as (int32 index, fp32 value) pairs
+    compact = (round(0.0202 * n) + round(0.01 * n)) * 8
     assert [j["disk"]["scores"] for j in jobs] == [compact, 0, 0, 0]
     assert [j["passes"] > 0 for j in jobs] == [True, False, False, False]
     assert result["disk"]["scores"] == compact
@@ -123,3 +124,195 @@ def test_bad_plan_requests_stop_with_one_line(tmp_path, args, message):
     out = plan(tmp_path, *args)
     assert out.returncode == 2
     assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+# --- plan's figures against the bytes the code allocates (tests/alloc.py), one tiny model, every method ---
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=260)  # fmt: skip
+BATCH, LENGTH, N_CAL = 4, 64, 8
+
+
+@pytest.fixture(scope="module")
+def measured() -> tuple:
+    """The plan's shape of TINY (from meta) and a real fp32 copy on the CPU with the same fused attention."""
+    from harmsweep.models.memory import _register_attention
+
+    config = AutoConfig.for_model("llama", **TINY)
+    shape = model_shape(config, "float32")
+    _register_attention()
+    real_config = copy.deepcopy(config)
+    real_config._attn_implementation = "harmsweep_plan"  # the fused kernel a GPU runs (no T x T scores)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(real_config, dtype=torch.float32).eval()
+    ids = torch.randint(0, TINY["vocab_size"], (N_CAL, LENGTH))
+    batches = [{"input_ids": ids[i : i + BATCH], "attention_mask": torch.ones(BATCH, LENGTH, dtype=torch.long),
+                "labels": ids[i : i + BATCH].clone()} for i in range(0, N_CAL, BATCH)]  # fmt: skip
+    return shape, model, batches
+
+
+def _work(**kw):
+    from harmsweep.sweep.sizing import Workload
+
+    base = dict(score_sets=1, unsigned=False, cal_n=N_CAL, cal_batch=BATCH, cal_length=LENGTH, cal_gen_tokens=0,
+                eval_prompts=0, eval_batch=1, prompt_length=0, max_new_tokens=0, generations=0, judge_batch=0,
+                judge_tokens=0, checkpointing=False)  # fmt: skip
+    return Workload(**{**base, **kw})
+
+
+def _above_weights(phase) -> float:
+    return phase.gpu - phase.parts["weights"]
+
+
+def _close(predicted: float, measured_bytes: int) -> None:
+    assert abs(predicted - measured_bytes) / measured_bytes < 0.15, (predicted, measured_bytes)
+
+
+@pytest.mark.parametrize(("kind", "work"), [("harm", {}), ("harm", {"checkpointing": True}),
+                                            ("harm_unsigned", {"unsigned": True})])  # fmt: skip
+def test_snip_scoring_peak_matches_measured_allocations(measured, kind, work):
+    from alloc import peak_bytes
+
+    from harmsweep.scoring.snip import score_kind
+    from harmsweep.scoring.spec import ScoringOptions
+    from harmsweep.sweep.sizing import Throughput, scoring_phase
+
+    shape, model, batches = measured
+    options = ScoringOptions(gradient_checkpointing=bool(work.get("checkpointing")))
+    got = peak_bytes(lambda: score_kind(model, kind, batches, N_CAL, options))
+    phase = scoring_phase(shape, _work(**work), Throughput())
+    _close(_above_weights(phase), got)  # the buffer and the step: on a CPU the offloaded buffer stays put
+
+
+def test_wanda_peak_is_a_forward_and_matches_measured_allocations(measured):
+    from alloc import peak_bytes
+
+    from harmsweep.scoring.snip import score_kind
+    from harmsweep.sweep.sizing import Throughput, scoring_phase
+
+    shape, model, batches = measured
+    got = peak_bytes(lambda: score_kind(model, "harm_wanda", batches, N_CAL))
+    wanda = scoring_phase(shape, _work(criterion="wanda"), Throughput())
+    snip = scoring_phase(shape, _work(), Throughput())
+    # on a GPU: the norms and a forward (each fp32 matrix leaves at once); on this CPU the host copies stay too
+    _close(max(_above_weights(wanda), wanda.parts["scores"] + shape.n_scored * 4), got)
+    assert wanda.parts["activations"] < snip.parts["activations"] / 2  # no saved activations, no backward
+    assert wanda.gpu_seconds == pytest.approx(snip.gpu_seconds / 3)
+
+
+def test_sequential_peak_matches_measured_allocations(measured):
+    from alloc import peak_bytes
+
+    from harmsweep.models.parts import scored_parameters
+    from harmsweep.pruning.masks import apply_mask
+    from harmsweep.pruning.sequential import select_sequential
+    from harmsweep.pruning.spec import PruneSpec
+    from harmsweep.scoring.snip import score_kind
+    from harmsweep.sweep.sizing import Throughput, sequential_phase
+
+    shape, model, batches = measured
+    spec = PruneSpec(sparsity=0.01, protect=0.01, granularity="matrix", sequential=True)
+    state = copy.deepcopy(model.state_dict())
+
+    def run() -> None:
+        select_sequential(spec, scored_parameters(model), model,
+                          lambda kind, names, layer: score_kind(model, kind, batches, N_CAL, None, names, layer),
+                          lambda chosen: apply_mask(model, chosen))  # fmt: skip
+
+    try:
+        got = peak_bytes(run)
+    finally:
+        model.load_state_dict(state)
+    phase = sequential_phase(shape, _work(score_sets=0, sequential=True, sequential_kinds=2), Throughput())
+    _close(_above_weights(phase), got)
+    assert phase.passes == shape.n_layers * 2 * (N_CAL // BATCH)  # per layer, per kind, per batch
+
+
+def test_lowrank_peak_matches_measured_allocations(measured):
+    from alloc import peak_bytes
+
+    from harmsweep.pruning.lowrank import remove_low_rank
+    from harmsweep.pruning.spec import LowRankSpec
+    from harmsweep.sweep.sizing import Throughput, lowrank_phase
+
+    shape, model, batches = measured
+    changed = copy.deepcopy(model)
+    got = peak_bytes(lambda: remove_low_rank(changed, batches, batches, LowRankSpec(rank_harmful=16)))
+    phase = lowrank_phase(shape, _work(score_sets=0, method="lowrank", rank_harmful=16), Throughput())
+    _close(_above_weights(phase), got)
+    assert phase.passes == shape.n_layers * (N_CAL // BATCH)  # one partial forward per block and batch
+
+
+@pytest.mark.parametrize("chunk", [2048, 16])
+def test_perplexity_forward_peak_matches_measured_allocations(measured, chunk):
+    from alloc import peak_bytes
+
+    from harmsweep.evaluation.utility import text_nlls
+    from harmsweep.sweep.sizing import Throughput, evaluation_phase
+
+    shape, model, _ = measured
+
+    class Bytes:  # one token per byte, no special tokens: every text is exactly LENGTH tokens
+        pad_token_id = 0
+
+        def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+            return {"input_ids": list(text.encode())}
+
+    texts = ["harmsweep " * (LENGTH // 10 + 1)] * (2 * BATCH)
+    got = peak_bytes(lambda: text_nlls(model, Bytes(), texts, BATCH, LENGTH, logits_chunk=chunk))
+    work = _work(eval_forward_tokens=2 * BATCH * LENGTH, forward_batch=BATCH, forward_length=LENGTH, logits_chunk=chunk)
+    _close(_above_weights(evaluation_phase(shape, work, Throughput())), got)
+
+
+def _plan_job(tmp_path, monkeypatch, *overrides: str) -> dict:
+    from omegaconf import OmegaConf
+
+    from harmsweep.cli import _run_id_resolver
+    from harmsweep.config.schema import register
+    from harmsweep.sweep.plan import build
+
+    monkeypatch.setenv("HARMSWEEP_CACHE", str(tmp_path / "cache"))
+    OmegaConf.register_new_resolver("harmsweep_run_id", _run_id_resolver, replace=True)  # as `harmsweep plan`
+    register()
+    _, problems = build([*overrides, "--json", str(tmp_path / "plan.json")])
+    assert not problems, problems
+    return json.loads((tmp_path / "plan.json").read_text())["jobs"][0]
+
+
+def test_plan_sizes_lowrank_sequential_and_wanda_on_llama_8b(llama8b, tmp_path, monkeypatch):
+    """Each method has its own phase with passes and activations (low-rank had 0 and 0 before)."""
+    model = ("model=llama3_8b", f"model.path={llama8b}")
+    snip = _plan_job(tmp_path, monkeypatch, *model)
+    lowrank = _plan_job(tmp_path, monkeypatch, *model, "method=lowrank")
+    sequential = _plan_job(tmp_path, monkeypatch, *model, "pruning.sequential=true", "pruning.granularity=matrix")
+    wanda = _plan_job(tmp_path, monkeypatch, *model, "scoring=wanda")
+    phases = {name: [p["name"] for p in job["phases"]] for name, job in
+              (("lowrank", lowrank), ("sequential", sequential), ("wanda", wanda))}  # fmt: skip
+    assert "lowrank" in phases["lowrank"] and "scoring" not in phases["lowrank"]
+    assert lowrank["passes"] == 32 * 4 and lowrank["activations"] > 0  # 32 blocks x 4 harmful batches of 8
+    grams = next(p for p in lowrank["phases"] if p["name"] == "lowrank")["parts"]["grams"]
+    assert grams >= 8 * (3 * 4096**2 + 14336**2)  # float64 Grams of the q/k/v, o, gate/up and down inputs
+    assert sequential["passes"] == 32 * 2 * 4 and sequential["disk"]["scores"] == 0  # per layer, 2 kinds
+    assert wanda["passes"] == snip["passes"] and wanda["activations"] < snip["activations"] / 4
+    assert wanda["gpu_hours"] < snip["gpu_hours"]
+    for job in (snip, lowrank, sequential, wanda):
+        assert job["peak"] == max(p["gpu"] for p in job["phases"])
+        assert {"load", "evaluation", "generation"} <= {p["name"] for p in job["phases"]}
+
+
+def test_plan_sizes_vllm_base_reads_and_finetunes(llama8b, tmp_path, monkeypatch):
+    model = ("model=llama3_8b", f"model.path={llama8b}")
+    vllm = _plan_job(tmp_path, monkeypatch, *model, "eval.generation.backend=vllm")
+    gen = next(p for p in vllm["phases"] if p["name"] == "generation")
+    assert gen["parts"]["vllm weights"] == 8_030_261_248 * 2  # its own copy beside the run's
+    assert gen["gpu"] == pytest.approx(min(0.95 * 80, 78) * 2**30)  # all it finds free, less 2 GiB
+    base = _plan_job(tmp_path, monkeypatch, *model, "pruning.replace=base")
+    reads = next(p for p in base["phases"] if p["name"] == "base reads")
+    assert 0 < reads["disk_read"] <= 6_979_321_856 * 2 and reads["host_seconds"] > 0
+    tunes = {}
+    for method in ("lora", "full"):
+        tune = ("alignment=dealigned", f"alignment.derive.finetune.method={method}", "--gpu-gb", "141")
+        job = _plan_job(tmp_path, monkeypatch, *model, *tune)
+        tunes[method] = next(p for p in job["phases"] if p["name"] == "finetune derive")
+    assert tunes["full"]["parts"]["optimizer"] == 8_030_261_248 * (2 + 2 * 4)  # bf16 gradient, two fp32 moments
+    per_block = 16 * (2 * 4096 * 2 + 2 * (1024 + 4096) + 3 * (14336 + 4096))  # rank 16 adapters, every linear
+    assert tunes["lora"]["parts"]["optimizer"] == 32 * per_block * 16  # fp32 weight, gradient, two moments

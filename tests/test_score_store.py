@@ -140,9 +140,13 @@ def test_a_request_past_the_stored_tail_stops_in_one_line(tmp_path):
     spec = PruneSpec(sparsity=0.05, protect=0.1)
     sets["benign"] = {n: -s for n, s in sets["harm"].items()}  # U = |S_benign| = H: the top of H is protected
     files = stored(tmp_path, sets, spec, store.StoreSpec(keep=0.06, keep_benign=0.1))
-    with pytest.raises(HarmsweepError, match=r"raise scores\.keep, or use scores\.store=dense") as info:
+    with pytest.raises(HarmsweepError, match=r"use scores\.keep=auto .*, raise it, or use scores\.store=dense") as info:
         select(spec, PARAMS, weights, files)
-    assert "\n" not in str(info.value)
+    k, held = round(0.05 * N), round(0.06 * N)
+    # more held than needed, and still too few: the message says why (the protected ones are skipped)
+    assert f"needs {k:,} eligible entries of unit *" in str(info.value) and k < held
+    assert f"(the top {held:,} of the ranking, scores.keep=0.06) has fewer left" in str(info.value)
+    assert "protected weights" in str(info.value) and "\n" not in str(info.value)
     roomy = stored(tmp_path / "roomy", sets, spec, store.StoreSpec(keep=0.2, keep_benign=0.1))
     assert sum(t.numel() for t in select(spec, PARAMS, weights, roomy).values()) == round(0.05 * N)
 
@@ -171,9 +175,9 @@ def test_a_compact_set_refuses_another_ranking_or_unit(tmp_path):
 
 def test_compact_bytes_at_the_default_settings():
     """The figure the README quotes: Llama-3.1-8B's 6,979,321,856 scored weights, harm + benign set."""
-    n, kept = 6_979_321_856, store.StoreSpec()
-    per_variant = store.compact_bytes(n, kept.keep) + store.compact_bytes(n, kept.keep_benign)
-    assert per_variant < 2e9 and per_variant == pytest.approx(1.17e9, rel=0.01)
+    n, kept = 6_979_321_856, store.StoreSpec()  # auto: the floors, which serve the paper's whole range
+    per_variant = store.stored_bytes(kept, "harm", n) + store.stored_bytes(kept, "benign", n)
+    assert per_variant < 2e9 and per_variant == pytest.approx(1.69e9, rel=0.01)
     assert 2 * 4 * n / per_variant > 20  # a cached run reads under 1/20 of the dense bytes
 
 
@@ -293,8 +297,16 @@ def _meta_write(tmp_path, monkeypatch, copies: int, kind: str, unit: str, fmt: s
     return watch, calls
 
 
-@pytest.mark.parametrize(("kind", "unit", "fmt"), [("harm", "global", "compact"), ("harm", "matrix", "compact"),
-                         ("harm", "row", "compact"), ("benign", "global", "compact"), ("harm", "global", "dense")])
+@pytest.mark.parametrize(
+    ("kind", "unit", "fmt"),
+    [
+        ("harm", "global", "compact"),
+        ("harm", "matrix", "compact"),
+        ("harm", "row", "compact"),
+        ("benign", "global", "compact"),
+        ("harm", "global", "dense"),
+    ],
+)
 def test_a_set_is_summarised_on_its_device_and_only_results_move(tmp_path, monkeypatch, kind, unit, fmt):
     """Defect 8: tails, N, sums and the Gini are computed where the buffers live (meta stands in for a GPU),
     mixing no devices; what moves to the host is summaries and tails (a dense set: its matrices), in a
@@ -308,3 +320,104 @@ def test_a_set_is_summarised_on_its_device_and_only_results_move(tmp_path, monke
         assert not set(moved) & set(SHAPES.values()), "a whole score matrix went to the host"
     _, twice = _meta_write(tmp_path, monkeypatch, 2, kind, unit, fmt)
     assert len(twice) == len(calls)
+
+
+# ---------------------------------------------------------------- tails sized from what reads them (issue 23, item 5)
+
+
+def auto_sets(tmp_path, sets: dict, spec: PruneSpec) -> dict:
+    """Each set written as pipeline.stages.score writes it for ``spec`` with the default ``scores`` block."""
+    kept = store.StoreSpec().resolved(*store.StoreSpec.needs(spec))
+    return stored(tmp_path, sets, spec, kept)
+
+
+@pytest.mark.parametrize(("sparsity", "protect"), [(0.01, 0.01), (0.02, 0.01), (0.01, 0.0), (0.005, 0.01)])
+def test_the_default_store_serves_the_papers_range_and_beyond(tmp_path, sparsity, protect):
+    """The worst case: every protected weight at the top of H, so the K-th eligible one sits at sparsity +
+    protect down the ranking. Before issue 23 the default keep (0.011) stopped at sparsity 0.01."""
+    from harmsweep.config.checks import _check_store
+
+    weights, sets = scores_with_ties(6)
+    sets["benign"] = {n: -s for n, s in sets["harm"].items()}  # U = |S_benign| = H: the top of H is protected
+    spec = PruneSpec(sparsity=sparsity, protect=protect)
+    _check_store(spec, store.StoreSpec())  # no stop before scoring either
+    mask = select(spec, PARAMS, weights, auto_sets(tmp_path, sets, spec))
+    dense = select(spec, PARAMS, weights, sets)
+    assert all(torch.equal(mask[n], dense[n]) for n in PARAMS)
+    assert sum(t.numel() for t in mask.values()) == round(sparsity * N) > 0
+
+
+def test_auto_keeps_what_the_run_reads_and_numbers_still_work():
+    auto = store.StoreSpec()
+    assert auto.resolved(*store.StoreSpec.needs(PruneSpec(sparsity=1e-5, protect=0.01))).keep == 0.0202  # the floor
+    assert auto.resolved(*store.StoreSpec.needs(PruneSpec(sparsity=0.05, protect=0.02))).keep == pytest.approx(0.0707)
+    assert auto.resolved(*store.StoreSpec.needs(PruneSpec(sparsity=0.02, protect=0.03))).keep_benign == 0.03
+    fraction = PruneSpec(sparsity=0.02, protect=0.1, harm_fraction=0.08)  # top 8% of H minus the protected: 8%
+    assert auto.resolved(*store.StoreSpec.needs(fraction)).keep == pytest.approx(0.0808)
+    assert store.StoreSpec(keep=0.3, keep_benign=0.2).resolved(0.5, 0.5) == store.StoreSpec(keep=0.3, keep_benign=0.2)
+    store.StoreSpec(keep="auto", keep_benign=0.5).validate()
+    with pytest.raises(HarmsweepError, match=r"scores\.keep=lots must be auto or a fraction in"):
+        store.StoreSpec(keep="lots").validate()
+
+
+def test_a_prepare_job_keeps_the_longest_tail_its_group_reads():
+    from test_launcher import job
+
+    from harmsweep.sweep import jobs as sweep_jobs
+
+    runs = [job({"pruning.sparsity": 0.01, "pruning.protect": 0.01}, 0), job({"pruning.sparsity": 0.05}, 1),
+            job({"pruning.sparsity": 0.001, "pruning.protect": 0.03}, 2)]  # fmt: skip
+    (group,), _ = sweep_jobs.group_jobs(runs)
+    over = sweep_jobs.prepare_overrides(group)
+    assert "scores.keep=0.0606" in over and "scores.keep_benign=0.03" in over  # 0.05 + 0.01 (with 1% to spare)
+    assert over[-3][: len("stage=")] == "stage="
+    prepared = store.StoreSpec(keep=0.0606, keep_benign=0.03)
+    for run in runs:
+        cfg = run.typed()
+        need = cfg.scores.resolved(*store.StoreSpec.needs(cfg.prune_spec()))
+        assert need.keep <= prepared.keep and need.keep_benign <= prepared.keep_benign
+    (bigger,), _ = sweep_jobs.group_jobs([*runs, job({"pruning.sparsity": 0.2}, 3)])
+    assert bigger.key != group.key  # a relaunch that reads longer tails is prepared again
+
+
+def _fake_run(tmp_path, monkeypatch, sets: dict, keep, sparsity: float, calls: list):
+    """pipeline.stages.score on a stand-in model whose scoring returns ``sets["harm"]``."""
+    from types import SimpleNamespace
+
+    from harmsweep.pipeline import stages
+    from harmsweep.scoring.spec import ScoringOptions
+
+    def score_kind(model, kind, batches, n, options):
+        calls.append(options)
+        return {n: s.clone() for n, s in sets["harm"].items()}
+
+    monkeypatch.setattr(stages, "score_kind", score_kind)
+    monkeypatch.setattr(stages, "scored_parameters", lambda model: PARAMS)
+    cfg = SimpleNamespace(calibration=SimpleNamespace(batch_size=2), model=SimpleNamespace(dtype="float32"),
+                          scores=store.StoreSpec(keep=keep), scoring=ScoringOptions(offload=True))  # fmt: skip
+    ctx = SimpleNamespace(spec=PruneSpec(sparsity=sparsity, protect=0.0), lm=SimpleNamespace(fingerprint="f", model=None),
+                          cfg=cfg, root=tmp_path)  # fmt: skip
+    ids = torch.ones(4, 3, dtype=torch.long)
+    tensors = {"input_ids": ids, "attention_mask": ids, "labels": ids}
+    return stages.score(ctx, {"harmful": tensors, "benign": tensors}, "harm")
+
+
+def test_a_stored_set_too_short_for_a_run_is_scored_again_and_replaced(tmp_path, monkeypatch):
+    from harmsweep.cache import entry_problem
+
+    weights, sets = scores_with_ties(12)
+    calls: list = []
+    first, path, computed = _fake_run(tmp_path, monkeypatch, sets, 0.05, 0.01, calls)
+    assert computed and first.keep == 0.05
+    assert calls[0].offload is False  # summarised on the device, before the buffers would leave it
+    again, path2, computed = _fake_run(tmp_path, monkeypatch, sets, "auto", 0.01, calls)  # needs 0.0202: served
+    assert (path2, computed, again.keep, len(calls)) == (path, False, 0.05, 1)
+    longer, path3, computed = _fake_run(tmp_path, monkeypatch, sets, "auto", 0.08, calls)  # needs 0.0808
+    assert (path3, computed, longer.keep, len(calls)) == (path, True, pytest.approx(0.0808), 2)
+    assert entry_problem(path.parent, path.name) is None  # the replaced entry verifies
+    assert sorted(p.name for p in path.parent.parent.iterdir() if not p.name.endswith(".lock")) == [path.parent.name]
+    shorter, _, computed = _fake_run(tmp_path, monkeypatch, sets, 0.03, 0.02, calls)  # less: the longer set serves
+    assert not computed and shorter.keep == pytest.approx(0.0808) and len(calls) == 2
+    spec = PruneSpec(sparsity=0.08, protect=0.0)
+    assert torch.equal(torch.cat([t.view(-1) for t in select(spec, PARAMS, weights, {"harm": longer}).values()]).sort()[0],
+                       torch.cat([t.view(-1) for t in select(spec, PARAMS, weights, sets).values()]).sort()[0])  # fmt: skip

@@ -13,6 +13,7 @@ import weakref
 
 import pytest
 import torch
+from accelerate import dispatch_model
 from accelerate.hooks import AlignDevicesHook, ModelHook, SequentialHook, add_hook_to_module
 from audit import assert_one_device, audit, meta_capable
 from conftest import tiny
@@ -104,16 +105,31 @@ class Counting(ModelHook):
         return args, kwargs
 
 
+def dispatched(model: torch.nn.Module) -> None:
+    """accelerate's own placement, every module on the CPU, hooks forced (as ``device_map=auto`` puts them)."""
+    names = [n for n, _ in model.model.named_children() if n != "layers"]
+    device_map = {f"model.{n}": "cpu" for n in names} | {"lm_head": "cpu"}
+    device_map |= {f"model.layers.{i}": "cpu" for i in range(len(model.model.layers))}
+    dispatch_model(model, device_map, main_device="cpu", force_hooks=True)
+
+
+@pytest.mark.parametrize("placed", ["add_hook", "dispatch_model"])
 @pytest.mark.parametrize("scorer", ["signed", "unsigned"])
-def test_checkpointing_keeps_accelerate_hooks_which_run_in_forward_and_recomputation(scorer):
+def test_checkpointing_keeps_accelerate_hooks_which_run_in_forward_and_recomputation(scorer, placed):
     lm = tiny("llama")
     plain = copy.deepcopy(lm.model)
     batches = batches_of(lm)
     _, blocks = decoder_blocks(lm.model)
     counters = []
+    if placed == "dispatch_model":
+        dispatched(lm.model)
+        assert all(isinstance(block._hf_hook, AlignDevicesHook) for block in blocks)
     for block in blocks:
         counters.append(Counting())
-        add_hook_to_module(block, SequentialHook(AlignDevicesHook(execution_device="cpu"), counters[-1]))
+        if placed == "dispatch_model":
+            add_hook_to_module(block, counters[-1], append=True)  # after accelerate's device hook
+        else:
+            add_hook_to_module(block, SequentialHook(AlignDevicesHook(execution_device="cpu"), counters[-1]))
     forwards = [block.__dict__["forward"] for block in blocks]
 
     def score(model, checkpointing):
@@ -191,7 +207,7 @@ def test_bf16_and_fp32_scores_are_not_scaled():
     real_backward = torch.Tensor.backward
 
     def spy(self, *args, **kwargs):
-        seen.append(float(self))
+        seen.append(float(self.detach()))
         return real_backward(self, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
@@ -317,6 +333,69 @@ def test_fp16_scoring_with_its_overflow_checks_mixes_no_devices(kind):
     watch = audit(run)
     assert_one_device(watch)
     passes = len(batches) if kind == "harm" else sum(b["input_ids"].size(0) for b in batches)
-    assert values.reads >= passes  # one read of the overflow flags per backward (besides the model's own)
-    assert len(result) == len(scored_parameters(model))
+    n = len(scored_parameters(model))
+    flag_reads = [shape for shape in values.offloaded if shape == (n,)]
+    assert len(flag_reads) == passes  # one host read of all overflow flags per backward, no more
+    assert len(values.offloaded) == passes + n and len(result) == n
     assert all(s.device.type == "cpu" and s.dtype == torch.float32 for s in result.values())
+
+
+@pytest.mark.parametrize("scorer", ["signed"])
+def test_an_fp16_overflow_backs_the_scale_off_and_still_matches_fp32(scorer, monkeypatch):
+    from harmsweep.scoring import snip
+
+    lm16, lm32 = fp16_pair()
+    batches = batches_of(lm16)
+    scales: list[float] = []
+    overflowed = snip._LossScale.overflowed
+
+    def spy(self, flags):
+        bad = overflowed(self, flags)
+        scales.append(self.scale)
+        return bad
+
+    def score(model):
+        if scorer == "signed":
+            return signed_snip(model, batches, n_samples=5)
+        return unsigned_snip(model, batches)
+
+    reference = score(lm32.model)
+    monkeypatch.setattr(snip._LossScale, "overflowed", spy)
+    monkeypatch.setattr(snip._LossScale, "START", 2.0**40)  # every gradient overflows fp16 at first
+    got = score(lm16.model)
+    passes = len(batches) if scorer == "signed" else sum(b["input_ids"].size(0) for b in batches)
+    assert scales[0] == 2.0**39 and len(scales) > passes  # backed off, with redone passes
+    for n in reference:
+        scale = reference[n].abs().max()
+        torch.testing.assert_close(got[n] / scale, reference[n] / scale, rtol=0, atol=2e-2)
+
+
+def test_only_the_weights_that_overflowed_are_redone_so_each_batch_counts_once():
+    """Two fp16 layers: at scale 2^16 the second's gradient overflows (inputs ~4000), the first's does not."""
+    from harmsweep.scoring.snip import _backward_each
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(4, 3, bias=False)).half()
+    with torch.no_grad():
+        model[0].weight.uniform_(900, 1100)
+        model[1].weight.uniform_(-2e-3, 2e-3)
+    params = {"first": model[0].weight, "second": model[1].weight}
+    xs = [torch.rand(2, 4).half() for _ in range(3)]
+    batches = [{"attention_mask": torch.ones(2, 4), "x": x} for x in xs]  # trim_padding keeps all 4
+    sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    calls = dict.fromkeys(params, 0)
+
+    def fold(name, p, grad, unscale):
+        calls[name] += 1
+        sums[name].addcmul_(p.detach(), grad, value=unscale)
+
+    _backward_each(model, params, batches, lambda b: model(b["x"]).float().sum(), fold, "test")
+    w0, w1 = model[0].weight.detach().double(), model[1].weight.detach().double()
+    expected = {"first": torch.zeros_like(w0), "second": torch.zeros_like(w1)}
+    for x in xs:  # loss = sum(W1 W0 x): dL/dW1 = 1 (W0 x)^T, dL/dW0 = (W1^T 1) x^T
+        h = x.double() @ w0.T
+        expected["second"] += w1 * (torch.ones(3, 2, dtype=torch.float64) @ h)
+        expected["first"] += w0 * ((w1.T @ torch.ones(3, 2, dtype=torch.float64)) @ x.double())
+    assert calls["first"] < calls["second"]  # the second was folded again in redone passes, the first was not
+    for n in params:
+        torch.testing.assert_close(sums[n].double(), expected[n], rtol=2e-3, atol=0)

@@ -449,17 +449,23 @@ def test_the_engine_sleeps_before_every_hf_forward_of_the_suite(fake_vllm, monke
     real_sleep, real_wake, real_generate = FakeLLM.sleep, FakeLLM.wake_up, FakeLLM.generate
     monkeypatch.setattr(FakeLLM, "sleep", lambda self, level: events.append("sleep") or real_sleep(self, level))
     monkeypatch.setattr(FakeLLM, "wake_up", lambda self: events.append("wake") or real_wake(self))
-    monkeypatch.setattr(FakeLLM, "generate", lambda self, *a, **k: events.append("generate") or real_generate(self, *a, **k))
+    monkeypatch.setattr(
+        FakeLLM, "generate", lambda self, *a, **k: events.append("generate") or real_generate(self, *a, **k)
+    )
     build = sys.modules["vllm"].LLM
     monkeypatch.setattr(sys.modules["vllm"], "LLM", lambda **kw: events.append("build") or build(**kw))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(ve, "gpu_memory", lambda: (60 * GIB, 80 * GIB))
-    monkeypatch.setattr(utility, "lm_eval_tasks", lambda model, tok, *a, **k: model(torch.tensor([[256, 5]])) and {"lm_eval/t/acc": 0.5})
+    monkeypatch.setattr(
+        utility, "lm_eval_tasks", lambda model, tok, *a, **k: model(torch.tensor([[256, 5]])) and {"lm_eval/t/acc": 0.5}
+    )
 
     lm = tiny("llama")
     lm.model.register_forward_pre_hook(lambda module, args: events.append("hf"))
-    harmful = [Record(f"how do I do bad thing {i}?", "Sure, here.", None, f"h:{i}", "Sure, here is how") for i in range(3)]
+    harmful = [
+        Record(f"how do I do bad thing {i}?", "Sure, here.", None, f"h:{i}", "Sure, here is how") for i in range(3)
+    ]
     benign = [Record(f"tell me about cats {i}", f"Cats are nice {i}.", None, f"b:{i}") for i in range(3)]
     refs = {f"eval_{side}": encode_pairs(lm.tokenizer, [Pair(r.prompt, str(r.response), r.source_id) for r in recs], "chat", 128)
             for side, recs in (("harmful", harmful), ("benign", benign))}  # fmt: skip

@@ -122,17 +122,21 @@ def _check_store(spec: PruneSpec, kept: StoreSpec) -> None:
             f"{what} reads every score, and a compact score set keeps only the top tails: use scores.store=dense "
             "(or pruning.sequential=true, which keeps one layer's scores in memory)"
         )
+    # scores.keep*=auto sizes each tail from this run's needs (StoreSpec.resolved): only numbers can fall short
     wanted = spec.harm_fraction if spec.harm_fraction is not None else spec.sparsity
-    if spec.needed_scores() & {"harm", "harm_unsigned"} and wanted > kept.keep:
+    harm_kept = kept.keep if kept.keep != kept.AUTO else None
+    if spec.needed_scores() & {"harm", "harm_unsigned"} and harm_kept is not None and wanted > harm_kept:
         name = "harm_fraction" if spec.harm_fraction is not None else "sparsity"
         raise HarmsweepError(
-            f"pruning.{name}={wanted:g} is more than the stored score tail scores.keep={kept.keep:g}: "
-            f"raise scores.keep (to at least {wanted:g} + pruning.protect to be safe) or use scores.store=dense"
+            f"pruning.{name}={wanted:g} is more than the stored score tail scores.keep={harm_kept:g}: "
+            f"use scores.keep=auto (sized from the run), raise scores.keep (to at least {wanted:g} + pruning.protect "
+            "to be safe) or use scores.store=dense"
         )
-    if spec.protects and spec.protect > kept.keep_benign:
+    benign_kept = kept.keep_benign if kept.keep_benign != kept.AUTO else None
+    if spec.protects and benign_kept is not None and spec.protect > benign_kept:
         raise HarmsweepError(
             f"pruning.protect={spec.protect:g} is more than the stored benign tail scores.keep_benign="
-            f"{kept.keep_benign:g}: raise scores.keep_benign or use scores.store=dense"
+            f"{benign_kept:g}: use scores.keep_benign=auto, raise it, or use scores.store=dense"
         )
 
 

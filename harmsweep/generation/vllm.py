@@ -158,7 +158,9 @@ def apply_mask_in_model(model: torch.nn.Module, payload: Payload) -> int:
             positions = _engine_positions(params[name], shard, shape, idx)
             flat = params[name].data.view(-1)
             saved.append((name, positions, flat[positions].clone()))
-            flat[positions] = 0 if values is None else _engine_values(params[name], shard, shape, idx, values, positions)
+            flat[positions] = (
+                0 if values is None else _engine_values(params[name], shard, shape, idx, values, positions)
+            )
     setattr(model, _SAVED, saved)
     return sum(int(s[1].numel()) for s in saved)
 
@@ -265,7 +267,8 @@ def get_engine(spec: EngineSpec) -> Any:
 
 
 def sleep_engine() -> None:
-    """Before a judge loads: weights to host memory, KV cache dropped (level 1); the engine and its mask stay."""
+    """Before any HF forward (likelihood, judges, perplexity, ...): weights to host memory, KV cache dropped
+    (level 1); the engine and the weights it serves stay."""
     if _engine.get("llm") is None or _engine["asleep"]:
         return
     before = gpu_memory()[0]

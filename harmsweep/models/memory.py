@@ -51,6 +51,7 @@ class ModelShape:
     step_head_bytes_per_token: float = 0.0  # ... what does not grow with depth, bar the logits (per token)
     step_logit_bytes_per_position: float = 0.0  # ... one chunk's logits, fp32 copy and gradient (per position)
     eval_bytes_per_token: float = 0.0  # peak of a no-grad loss forward in tiny chunks: the blocks' (per token)
+    eval_logit_bytes_per_position: float = 0.0  # one chunk's fp32 logits and log-softmax (per position)
     forward_bytes_per_token: float = 0.0  # peak of a plain no-grad forward, full logits in the model's dtype
     block_matrices: tuple[tuple[int, int], ...] = ()  # (d_out, d_in) of one block's scored weights
     block_inputs: tuple[int, ...] = ()  # d_in of each distinct input those weights read (one Gram each)
@@ -80,7 +81,7 @@ class ModelShape:
         """
         kept = self.n_layers if layers is None else layers
         logits = self.step_logit_bytes_per_position * min(tokens, logits_chunk)
-        head = self.step_head_bytes_per_token * tokens
+        head = self.step_head_bytes_per_token * tokens + self.largest_matrix * self.dtype_bytes  # one gradient
         if checkpointing:  # the loss's chunk, then one block at a time, beside the kept block inputs
             inputs = kept * self.layer_input_bytes_per_token * tokens
             return head + inputs + max(logits, self.step_block_bytes_per_token * tokens)
@@ -88,10 +89,9 @@ class ModelShape:
 
     def eval_bytes(self, tokens: int, logits_chunk: int) -> float:
         """Peak of an evaluation forward (perplexity, likelihood, recognition) above the weights: a block's
-        temporaries, or the final states (and their gathered copy) beside one chunk's logits in the model's
-        dtype, their fp32 copy (none for fp32) and the cross-entropy's fp32 log-softmax, whichever is larger."""
-        upcast = 0 if self.dtype_bytes == 4 else 4
-        chunk = self.vocab * (self.dtype_bytes + upcast + 4) * min(tokens, logits_chunk)
+        temporaries, or the final states (and their gathered copy) beside one chunk's fp32 logits and
+        log-softmax, whichever is larger."""
+        chunk = self.eval_logit_bytes_per_position * min(tokens, logits_chunk)
         return max(self.eval_bytes_per_token * tokens, 2 * self.hidden * self.dtype_bytes * tokens + chunk)
 
     def forward_bytes(self, tokens: int) -> float:
@@ -138,32 +138,34 @@ def _ids(model: torch.nn.Module, batch: int, length: int) -> torch.Tensor:
     return torch.zeros(batch, length, dtype=torch.long, device=next(model.parameters()).device)
 
 
-def _fold_and_free(model: torch.nn.Module) -> list[Any]:
-    """Scored weights require grad and drop each gradient as it lands (SNIP folds it into its buffer)."""
-    scored = scored_parameters(model)
-    handles = []
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in scored)
-        if name in scored:
-            handles.append(p.register_post_accumulate_grad_hook(lambda q: setattr(q, "grad", None)))
-    return handles
-
-
 def step_peak(model: torch.nn.Module, batch: int, length: int, logits_chunk: int) -> int:
-    """Peak bytes of SNIP's step: forward, the chunked fp32 response loss (every position labelled, the most
-    a batch can have), backward with each gradient folded and freed. Labels stay on the host, as in scoring."""
+    """Peak bytes of SNIP's step bar the weights' gradients: forward with the scored weights requiring grad (so
+    autograd saves what scoring saves), the chunked fp32 response loss (every position labelled, the most a
+    batch can have; labels on the host, as in scoring), and the backward of the activations. The gradient of
+    one weight at a time comes on top (``ModelShape.step_bytes``): measured here it would pass for activations."""
     from harmsweep.losses import response_nll
 
-    handles = _fold_and_free(model)
+    scored = scored_parameters(model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in scored)
+    first: list[torch.Tensor] = []
+
+    def mark(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        first.append(out.detach().requires_grad_(True))
+        return first[-1]
+
+    handle = model.get_input_embeddings().register_forward_hook(mark)
     ids = _ids(model, batch, length)
     labels = torch.zeros(batch, length, dtype=torch.long)
+
+    def step() -> None:
+        loss = response_nll(model, ids, torch.ones_like(ids), labels, logits_chunk=logits_chunk).sum()
+        torch.autograd.grad(loss, first.pop())
+
     try:
-        return peak_bytes(
-            lambda: response_nll(model, ids, torch.ones_like(ids), labels, logits_chunk=logits_chunk).sum().backward()
-        )
+        return peak_bytes(step)
     finally:
-        for h in handles:
-            h.remove()
+        handle.remove()
 
 
 def eval_peak(model: torch.nn.Module, batch: int, length: int, logits_chunk: int) -> int:
@@ -191,15 +193,27 @@ def forward_peak(
     for n in first:
         w = named[n] if scored[n].rows_dim == 0 else named[n].T
         shapes.append((int(w.size(0)), int(w.size(1))))
-    hooks = [m.register_forward_pre_hook(lambda m, args: inputs.setdefault(id(args[0]), args[0].size(-1)) and None)
-             for m in modules.values()]  # fmt: skip
+    seen: dict[int, torch.Tensor] = {}  # kept alive in a pass of its own, so no id is reused by a later input
+
+    def record(module: torch.nn.Module, args: tuple) -> None:
+        seen.setdefault(id(args[0]), args[0])
+
+    hooks = [m.register_forward_pre_hook(record) for m in modules.values()]
     ids = _ids(model, batch, length)
+
+    def forward() -> None:
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+
     try:
         with torch.no_grad():
-            peak = peak_bytes(lambda: model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False))
+            forward()
     finally:
         for h in hooks:
             h.remove()
+    inputs = {k: int(t.size(-1)) for k, t in seen.items()}
+    seen.clear()
+    with torch.no_grad():
+        peak = peak_bytes(forward)
     return peak, tuple(shapes), tuple(int(d) for d in inputs.values())
 
 
@@ -317,6 +331,7 @@ def model_shape(config: PretrainedConfig, dtype: str) -> ModelShape:
         step_head_bytes_per_token=(2 * step_one - step_two - step_logit * positions) / tokens,
         step_logit_bytes_per_position=step_logit,
         eval_bytes_per_token=ev_small / tokens,
+        eval_logit_bytes_per_position=8 * int(config.vocab_size),  # fp32 logits, then their log-softmax beside
         forward_bytes_per_token=fwd / tokens,
         block_matrices=matrices,
         block_inputs=inputs,

@@ -58,24 +58,47 @@ def score(
     """Scores of kind ``harm_*`` (on sets["harmful"]) or ``benign_*`` (sets["benign"]), cached by the
     tokenised set's content, so runs whose calibration differs only on the other side share them.
 
-    A compact set (the default) is keyed by what it keeps too: the ranking ``spec`` reads, its unit
-    (``spec.granularity``) and ``scores.keep*``; a sparsity sweep shares one. ``spec`` and ``lm`` default to
-    the run's (experiments score changed models and other rules).
+    A compact set (the default) is keyed by the ranking ``spec`` reads and its unit (``spec.granularity``),
+    not by how much it keeps: its header records that. ``scores.keep*`` (auto: what ``spec`` reads, at least
+    a floor covering the paper's range) is what this run needs; a stored set keeping at least that serves
+    it (a sparsity sweep shares one), a shorter one is scored again with this need and replaced, under the
+    entry's lock. ``spec`` and ``lm`` default to the run's (experiments score changed models and other rules).
     """
+    import os
+    import shutil
+
+    from harmsweep.cache import _locked, write_manifest
+    from harmsweep.scoring.spec import StoreSpec
+
     spec, lm, cfg = spec or ctx.spec, lm or ctx.lm, ctx.cfg
     tensors = sets["harmful" if kind.startswith("harm") else "benign"]
     batch = cfg.calibration.batch_size
-    layout = Layout.read_by(cfg.scores, kind, spec.benign_importance, spec.granularity)
+    layout = Layout.read_by(cfg.scores.resolved(*StoreSpec.needs(spec)), kind, spec.benign_importance,
+                            spec.granularity)  # fmt: skip
     info = {"version": VERSIONS["scores"], "model": lm.fingerprint, "dtype": cfg.model.dtype,
             "set": tensor_key(tensors), "kind": kind, "batch_size": batch, "store": layout.key()}  # fmt: skip
     entry = ctx.root / "scores" / content_key(info)
-    scores, computed = cached(
-        entry,
-        lambda e: _score(lm, tensors, layout, batch, e / "scores.safetensors", info, cfg.scoring),
-        lambda e: open_scores(e / "scores.safetensors"),
-        "scores.safetensors",
-    )
-    return scores, entry / "scores.safetensors", computed
+    marker = "scores.safetensors"
+
+    def make(e: Path) -> ScoreSet:
+        return _score(lm, tensors, layout, batch, e / marker, info, cfg.scoring)
+
+    scores, computed = cached(entry, make, lambda e: open_scores(e / marker), marker)
+    if not layout.serves(scores):
+        log.info("%s keeps %s of its ranking, this run needs %s: scoring it again", entry.name,
+                 getattr(scores, "keep", "?"), layout.spec.fraction(kind))  # fmt: skip
+        with _locked(entry.with_name(entry.name + ".lock")):
+            if not layout.serves(open_scores(entry / marker)):  # another run may have replaced it meanwhile
+                fresh, short = (entry.with_name(f"{entry.name}.{tag}-{os.getpid()}") for tag in ("new", "short"))
+                shutil.rmtree(fresh, ignore_errors=True)
+                fresh.mkdir(parents=True)
+                make(fresh)
+                write_manifest(fresh, marker)
+                entry.rename(short)  # a reader finding no entry now waits for the lock, then reads the new one
+                fresh.rename(entry)
+                shutil.rmtree(short, ignore_errors=True)
+        scores, computed = open_scores(entry / marker), True
+    return scores, entry / marker, computed
 
 
 def _score(
@@ -87,15 +110,23 @@ def _score(
     info: Mapping[str, Any],
     options: ScoringOptions,
 ) -> ScoreSet:
-    """Score, write (its tail and summaries, or every score), and hand back the file's view: the full
-    host copy is freed once the file is on disk."""
+    """Score, write (its tail and summaries, or every score), and hand back the file's view.
+
+    The buffers stay where scoring left them (``scoring.offload`` is for buffers that outlive their pass):
+    the write summarises each matrix on its device and moves only the results (a dense set: one matrix at
+    a time), then the buffers are freed, so no GPU waits for a host-side summary.
+    """
+    from dataclasses import replace
+
     batches = list(iter_batches(tensors, batch, by_length=True))
     kind = layout.kind
-    scores = score_kind(lm.model, kind, batches, tensors["input_ids"].size(0), options)
+    scores = score_kind(lm.model, kind, batches, tensors["input_ids"].size(0), replace(options, offload=False))
     write_key_info(path.parent, info)
     rows = {n: p.rows_dim for n, p in scored_parameters(lm.model).items()}
     write_scores(scores, path, kind, layout.spec, layout.unit, layout.order, rows)
     del scores
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return open_scores(path)
 
 
@@ -180,9 +211,10 @@ def remove_low_rank_in_place(ctx: RunContext, sets: Sets) -> dict[str, Any]:
     harmful = list(iter_batches(sets["harmful"], batch, by_length=True))
     benign = list(iter_batches(sets["benign"], batch, by_length=True))
     stats = remove_low_rank(ctx.lm.model, harmful, benign, spec)
-    norms = [s["relative_norm"] for s in stats.values()]
-    summary = {
-        "rank_removed_mean": sum(s["rank_removed"] for s in stats.values()) / max(len(stats), 1),
+    norms, ranks = [s["relative_norm"] for s in stats.values()], [s["rank_removed"] for s in stats.values()]
+    summary = {  # ranks actually removed: fewer than asked where the data hold fewer directions
+        "rank_removed_mean": sum(ranks) / max(len(ranks), 1),
+        "rank_removed_min": min(ranks, default=0),
         "relative_norm_mean": sum(norms) / max(len(norms), 1),
         "relative_norm_max": max(norms, default=0.0),
     }

@@ -100,7 +100,7 @@ def _top(m: Tensor, rank: int, rtol: float) -> tuple[Tensor, Tensor]:
             continue  # the host is where it just failed
         try:
             values, vectors = solve(m)  # ascending
-        except torch.linalg.LinAlgError:
+        except (torch.linalg.LinAlgError, RuntimeError):  # no convergence; cuSOLVER status errors, out of memory
             continue
         keep = values[n - rank :] > rtol * values[-1]  # a zero matrix keeps nothing
         top, basis = values[n - rank :][keep], vectors[:, n - rank :][:, keep]  # copies: the n x n go now
@@ -177,14 +177,17 @@ def _exact_removal(
     if rank_utility > 0 and u_h.size(1) > 0:
         if gram_utility is None:
             raise ValueError("rank_utility > 0 needs the utility Gram")
-        u_u = _basis(w, gram_utility, rank_utility, factors[1])
-        c = u_h - u_u @ (u_u.T @ u_h)
-        del u_u
-        y, sines, _ = torch.linalg.svd(c, full_matrices=False)
-        kept = sines > SINE
-        y = y[:, kept]
-        c, rank = y @ (y.T @ c), kept.sum()
+        c, rank = _spared(u_h, _basis(w, gram_utility, rank_utility, factors[1]))
     return c @ (u_h.T @ w), rank
+
+
+def _spared(u_h: Tensor, u_u: Tensor) -> tuple[Tensor, Tensor]:
+    """(I - P_u) U_h without the directions the utility subspace holds (sines under SINE), and its rank."""
+    c = u_h - u_u @ (u_u.T @ u_h)
+    y, sines, _ = torch.linalg.svd(c, full_matrices=False)
+    kept = sines > SINE
+    y = y[:, kept]
+    return y @ (y.T @ c), kept.sum()
 
 
 def _change(

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 F64 = 8  # bytes of a float64 entry: Grams, bases, updates and eigensolves are all float64
-FOLD_ROWS = 4096  # calibration rows cast to float64 at a time while a Gram is accumulated
+FOLD_ROWS = 1024  # calibration rows cast to float64 at a time while a Gram is accumulated
 
 
 def eigh_workspace_bytes(n: int) -> int:

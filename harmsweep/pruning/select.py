@@ -7,7 +7,8 @@ fractions (TopK_q(H) minus TopK_p(U), count measured afterwards). Baselines prun
 
 Global selection never sorts or copies all scores: it streams the matrices through a radix select
 on the float bit patterns (two 65,536-bin histogram passes, plus a tie pass when needed) and keeps
-only a threshold, so it scales to 7e9 scores with one matrix-sized temporary at a time.
+only a threshold, so it scales to 7e9 scores with one matrix-sized temporary at a time. From compact
+score sets, global and per-matrix selection rank the stored tails alone (about 1% of the scores).
 Masks are stored as flat indices per parameter: K entries, not N.
 """
 
@@ -228,7 +229,7 @@ def _select_tails(spec: PruneSpec, views: _Scores, unit: list[str], size: int) -
     for n, idx, mask in zip(unit, idx_h, chosen, strict=True):
         if fractions and spec.protects:
             mask &= ~torch.isin(idx, protected[n])
-        out[n] = torch.sort(idx[mask]).values.cpu()
+        out[n] = idx[mask].cpu()  # tails are read in flat-index order: already sorted
     return out
 
 

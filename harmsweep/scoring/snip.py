@@ -96,6 +96,8 @@ def wanda(
     One forward pass per batch and no backward (hooks on the linear inputs, fp32 sums), so it costs about a
     third of a SNIP pass. Only the scale differs from Wanda's per-sample mean, and no ranking depends on it.
     ``upto_layer``: the forward stops after that block (sequential pruning scores one layer per pass).
+    With ``options.offload`` each fp32 score leaves the device before the next is made: one matrix at a
+    time on the GPU, not the whole set (42 GiB at 8B).
     """
     options = options or ScoringOptions()
     from harmsweep.models.activations import fold_inputs

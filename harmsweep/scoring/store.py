@@ -51,10 +51,21 @@ class Layout:
         return cls(spec, kind, order_of(kind, benign_importance), granularity)
 
     def key(self) -> dict[str, Any]:
-        """The part of the cache key that tells stored sets apart (a dense set serves every ranking and unit)."""
+        """The part of the cache key that tells stored sets apart (a dense set serves every ranking and unit).
+
+        Not the fraction kept: a set keeping more serves every run that needs less (``serves``)."""
         if self.spec.store == "dense":
             return {"format": "dense"}
-        return {"format": "compact", "order": self.order, "unit": self.unit, "keep": self.spec.fraction(self.kind)}
+        return {"format": "compact", "order": self.order, "unit": self.unit}
+
+    def serves(self, scores: Mapping[str, torch.Tensor] | TailScores) -> bool:
+        """Whether a stored set answers every top-k a reader of this layout asks: it keeps at least this
+        layout's fraction, or it is complete (no unit had more eligible entries than its tail holds)."""
+        if not isinstance(scores, TailScores):
+            return True
+        if scores.keep >= self.spec.fraction(self.kind):
+            return True
+        return scores.unit != "row" and not any(scores.truncated.values())
 
 
 def order_of(kind: str, benign_importance: str = "abs_signed") -> str:
@@ -276,11 +287,12 @@ def _tails(
         low = torch.stack([low_of[n] for n in planned]).sum(0)
         lo, above_lo = _bucket_from_top(low, k - above)
         key = (hi - _HALF) * _BINS + lo
-        ties = k - above - above_lo
+        ties = k - above - above_lo  # keys equal to the threshold to take, in matrix order then flat index
+        take_all = ties == int(low[lo])
         for name in planned:
             flat, keys = found[name]
-            quota = int(low_of[name][lo]) if ties == int(low[lo]) else min(int(low_of[name][lo]), ties)
-            ties -= quota if ties != int(low[lo]) else 0
+            quota = int(low_of[name][lo]) if take_all else min(int(low_of[name][lo]), ties)
+            ties -= quota
             chosen = (keys > key) | ((keys == key) & (torch.cumsum(keys == key, 0) <= quota))
             above_key = int(first.eligible_hist[where[name], hi + 1 :].sum()) + int(low_of[name][lo + 1 :].sum())
             picked[name] = flat[_nonzero(chosen, above_key + quota)]
@@ -446,10 +458,14 @@ class TailScores:
         return bool((cut & (available < k)).any())
 
     def too_short(self, what: str, k: int, unit: str) -> HarmsweepError:
+        """A top-k reached past the tail: the tail's entries that the reader may not take (protected weights,
+        H <= 0) are skipped, so a tail longer than k can still leave fewer than k; say so, and what to change."""
+        held = self.k.get("*" if self.unit == "global" else unit, "?")
         return HarmsweepError(
-            f"{what} needs the top {k:,} of unit {unit} past the stored tail of {self.path.parent.name} "
-            f"(scores.{self.setting}={self.keep:g} keeps {self.k.get('*' if self.unit == 'global' else unit, '?')}):"
-            f" raise scores.{self.setting}, or use scores.store=dense"
+            f"{what} needs {k:,} eligible entries of unit {unit}, and the stored tail of {self.path.parent.name} "
+            f"(the top {held if isinstance(held, str) else f'{held:,}'} of the ranking, scores.{self.setting}="
+            f"{self.keep:g}) has fewer left once the entries it may not take (protected weights, H <= 0) are "
+            f"skipped: use scores.{self.setting}=auto (sized from the run), raise it, or use scores.store=dense"
         )
 
 

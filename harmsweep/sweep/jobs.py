@@ -115,11 +115,23 @@ def needed_scores(cfg: Config | None) -> set[str]:
     return {f"{kind}@{spec.granularity}@{spec.benign_importance}" for kind in spec.needed_scores()}
 
 
+def tail_keep(cfg: Config | None) -> tuple[float, float] | None:
+    """What a run's compact score sets keep, harm and benign side (``scores.keep*``, auto sized by its pruning
+    block: scoring.spec.StoreSpec.resolved); None: the run reads no compact set."""
+    if cfg is None or cfg.scores.store != "compact" or not needed_scores(cfg):
+        return None
+    from harmsweep.scoring.spec import StoreSpec
+
+    kept = cfg.scores.resolved(*StoreSpec.needs(cfg.prune_spec()))
+    return kept.fraction("harm"), kept.fraction("benign")
+
+
 @dataclass
 class Group:
     key: str
     jobs: list[Job]
     kinds: list[str] = field(default_factory=list)  # the union of the score sets the runs read (needed_scores)
+    keep: tuple[float, float] | None = None  # the largest tails its runs need (tail_keep): what the prepare job keeps
 
     @property
     def prepare_dir(self) -> Path:
@@ -145,8 +157,15 @@ def group_jobs(jobs: Sequence[Job]) -> tuple[list[Group], list[Job]]:
         if len(members) == 1:  # a group of one computes its artifacts itself, nobody waits for it
             alone.extend(members)
             continue
-        kinds = sorted(set().union(*(needed_scores(j.typed()) for j in members)))
-        groups.append(Group(key=key, jobs=members, kinds=kinds))
+        typed = [j.typed() for j in members]
+        kinds = sorted(set().union(*(needed_scores(t) for t in typed)))
+        needs = [n for n in map(tail_keep, typed) if n is not None]
+        keep = (max(n[0] for n in needs), max(n[1] for n in needs)) if needs else None
+        if keep is not None:  # a relaunch whose runs need longer tails gets its own prepare job
+            from harmsweep.cache import content_key
+
+            key = content_key(key, keep)
+        groups.append(Group(key=key, jobs=members, kinds=kinds, keep=keep))
     alone.sort(key=lambda j: j.index)
     return groups, alone
 
@@ -167,14 +186,17 @@ def is_prepared(group: Group) -> bool:
     return all(Path(p).exists() for p in done.get("artifacts", {}).values())
 
 
-PREPARE_KEYS = ("stage", "prepare_scores", "hydra.sweep.subdir")
+PREPARE_KEYS = ("stage", "prepare_scores", "hydra.sweep.subdir", "scores.keep", "scores.keep_benign")
 
 
 def prepare_overrides(group: Group) -> list[str]:
-    """The first run's overrides turned into the group's prepare job: stage=prepare, the kinds, its own folder."""
+    """The first run's overrides turned into the group's prepare job: stage=prepare, the kinds, its own folder,
+    and score tails as long as the longest any of its runs reads (so every run reuses them)."""
     base = [o for o in group.jobs[0].overrides if o.split("=", 1)[0].lstrip("+~") not in PREPARE_KEYS]
+    keep = [f"scores.keep={group.keep[0]!r}", f"scores.keep_benign={group.keep[1]!r}"] if group.keep else []
     return [
         *base,
+        *keep,
         "stage=prepare",
         f"prepare_scores=[{','.join(group.kinds)}]",
         f"hydra.sweep.subdir={PREPARE_DIR}/{group.key}",

@@ -367,17 +367,17 @@ def render(plan: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+ADVICE = {  # what lowers the memory of the phase that sets the peak
+    "scoring": "set scoring.gradient_checkpointing=true, a smaller calibration.batch_size",
+    "evaluation": "set a smaller eval.batch_size or model.logits_chunk",
+    "generation": "set a smaller eval.generation.batch_size (or eval.generation.backend=hf)",
+    "finetune": "use LoRA (finetune.method=lora), a smaller fine-tune batch_size or max_length",
+}
+
+
 def _advice(phase: str) -> str:
-    """What lowers the memory of the phase that sets the peak."""
-    if phase in ("scoring", "sequential"):
-        return "set scoring.gradient_checkpointing=true, a smaller calibration.batch_size"
-    if phase == "evaluation":
-        return "set a smaller eval.batch_size or model.logits_chunk"
-    if phase == "generation":
-        return "set a smaller eval.generation.batch_size (or eval.generation.backend=hf)"
-    if phase.startswith("finetune"):
-        return "use LoRA (finetune.method=lora), a smaller fine-tune batch_size or max_length"
-    return "set a smaller calibration.batch_size"
+    key = "scoring" if phase == "sequential" else phase.split()[0]
+    return ADVICE.get(key, "set a smaller calibration.batch_size")
 
 
 def _phase_table(phases: list[Mapping[str, Any]]) -> list[str]:

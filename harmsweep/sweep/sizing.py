@@ -31,7 +31,7 @@ class Throughput:
     bandwidth_gbs: float = 1500.0  # HBM bytes/s while decoding (weights read once per step)
     load_gbs: float = 1.0  # checkpoint read from shared storage
     summary_per_s: float = 2e7  # scores a host summarises (tails, N, sums, Gini) per second, one thread
-    eigh_gflops: float = 50.0  # a dense symmetric eigensolve (float64), effective
+    eigh_gflops: float = 500.0  # a float64 eigensolve with vectors, counted as 10 n^3 flops: ~1.4 s at n = 4096
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ def sequential_phase(shape: ModelShape, work: Workload, speed: Throughput) -> Ph
     down to layer l; Wanda: a forward up to layer l); one layer's scores at a time, nothing stored."""
     g, layers = max(1, work.gpus), shape.n_layers
     tokens = work.cal_n * work.cal_length
-    layer_scores = shape.n_scored / layers * SCORE_BYTES
+    layer_scores = shape.n_scored / layers * SCORE_BYTES * work.sequential_kinds  # every kind's, together
     per_layer = math.ceil(work.cal_n / work.cal_batch) if not work.unsigned else work.cal_n
     passes = layers * work.sequential_kinds * per_layer
     if work.criterion == "wanda":
