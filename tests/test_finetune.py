@@ -282,20 +282,10 @@ def test_the_lora_mask_hook_reads_no_host_tensor_per_forward(monkeypatch):
     assert watch.mixed == []
 
 
-def _meta_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """per_sample_nll's shape and devices without its value check (meta holds no values)."""
-    shift = labels[:, 1:].to(logits.device)
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shift.flatten(), reduction="none")
-    return nll.view(shift.shape).mean(1)
-
-
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_one_training_step_with_a_fixed_mask_on_a_device_mixes_no_devices(monkeypatch, method):
     from audit import assert_one_device, audit
 
-    import harmsweep.alignment.finetune as ft
-
-    monkeypatch.setattr(ft, "per_sample_nll", _meta_nll)
     lm = tiny(dtype=torch.bfloat16)
     tensors = _tensors(lm, n=4)  # on the host, as the caller holds them
     model = lm.model.to("meta")

@@ -27,7 +27,7 @@ from transformers import get_linear_schedule_with_warmup
 from harmsweep.alignment.spec import FinetuneSpec
 from harmsweep.devices import input_device
 from harmsweep.errors import HarmsweepError
-from harmsweep.losses import per_sample_nll
+from harmsweep.losses import response_nll
 from harmsweep.models.parts import scored_parameters
 from harmsweep.pruning.masks import apply_mask
 
@@ -276,9 +276,9 @@ def _loop(model, trainable, tensors: Tensors, spec: FinetuneSpec, on_step, after
                 order = next(batches, None)
                 if order is None:
                     break
-                batch = {k: v[order].to(device) for k, v in tensors.items()}
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss = per_sample_nll(logits, batch["labels"]).mean() / spec.grad_accum
+                batch = {k: v[order] for k, v in tensors.items()}  # labels stay on the host: no sync to find them
+                ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+                loss = response_nll(model, ids, mask, batch["labels"]).mean() / spec.grad_accum
                 loss.backward()
                 summed = loss.detach() + summed
             optimizer.step()

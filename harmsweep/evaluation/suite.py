@@ -27,6 +27,7 @@ from harmsweep.evaluation.likelihood import response_nlls
 from harmsweep.evaluation.spec import COUNTS, JUDGES, EvalConfig, metric_plan
 from harmsweep.generation.sampling import EngineInputs
 from harmsweep.intervals import Sample, mean_sample, with_stage
+from harmsweep.losses import DEFAULT_LOGITS_CHUNK
 from harmsweep.models.loading import LoadedModel
 
 
@@ -50,6 +51,7 @@ class Suite:
     held: HeldOut
     seed: int = 0  # seeds sampled generation and lm-eval
     mask: Mapping[str, torch.Tensor] | None = None  # what the model under test has pruned (for vLLM's copy)
+    logits_chunk: int = DEFAULT_LOGITS_CHUNK  # model.logits_chunk: positions whose fp32 logits exist at once
     _cache: dict[str, Any] = field(default_factory=dict)  # judges and answers, reused across calls
 
     def run(self, stage: str) -> tuple[dict[str, float | int | None], list[dict[str, Any]]]:
@@ -74,7 +76,12 @@ class Suite:
         if "harm_likelihood" in metrics_to_run:
             benign_refs = [r.source_id for r in self.held.benign]
             for name, ids in (("nll_harmful", harmful_ids), ("nll_benign", benign_refs)):
-                samples[name] = mean_sample(ids, response_nlls(model, self.held.references[f"eval_{name[4:]}"], batch))
+                samples[name] = mean_sample(
+                    ids,
+                    response_nlls(
+                        model, self.held.references[f"eval_{name[4:]}"], batch, logits_chunk=self.logits_chunk
+                    ),
+                )
                 metrics[name] = float(samples[name].estimate())
         if judged:
             answers = self._answers(attack, stage)
@@ -104,7 +111,9 @@ class Suite:
             from harmsweep.evaluation.utility import text_nlls
 
             texts = [(r.source_id, r.response) for r in self.held.benign if r.response]
-            per_text = text_nlls(model, tok, [t for _, t in texts], batch, ev.perplexity.max_length)
+            per_text = text_nlls(
+                model, tok, [t for _, t in texts], batch, ev.perplexity.max_length, logits_chunk=self.logits_chunk
+            )
             kept = [(i, t) for (i, _), t in zip(texts, per_text, strict=True) if t is not None]
             samples["perplexity"] = Sample(tuple(i for i, _ in kept), tuple(t[0] for _, t in kept), "exp_ratio",
                                            tuple(float(t[1]) for _, t in kept))  # fmt: skip

@@ -152,15 +152,15 @@ def _suite(ctx: RunContext, per_cat: Mapping[str, Any], judges: list[str]) -> Su
     first = next(iter(per_cat.values()))
     ev = replace(ctx.cfg.eval, metrics=judges)
     held = HeldOut(harmful, first["splits"].benign_eval, {})
-    return Suite(ev, ctx.judges(), ctx.lm, ctx.template, held, ctx.cfg.seed)
+    return Suite(ev, ctx.judges(), ctx.lm, ctx.template, held, ctx.cfg.seed, logits_chunk=ctx.cfg.model.logits_chunk)
 
 
 def _measure(ctx, refs, ben_refs, suite: Suite | None, stage: str, judges: list[str], categories: list[str]):
     """metric -> category -> value for the model as it is now (one row of every matrix)."""
-    batch = ctx.cfg.eval.batch_size
+    batch, chunk = ctx.cfg.eval.batch_size, ctx.cfg.model.logits_chunk
     out: dict[str, dict[str, float | None]] = {
-        "nll_harmful": {c: mean_response_nll(ctx.lm.model, refs[c], batch) for c in categories},
-        "nll_benign": {"benign": mean_response_nll(ctx.lm.model, ben_refs, batch)},
+        "nll_harmful": {c: mean_response_nll(ctx.lm.model, refs[c], batch, logits_chunk=chunk) for c in categories},
+        "nll_benign": {"benign": mean_response_nll(ctx.lm.model, ben_refs, batch, logits_chunk=chunk)},
     }
     if suite is not None:
         metrics, _ = suite.run(stage)

@@ -48,12 +48,12 @@ def run(ctx: RunContext) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         "refusal_pruned": select_mask(ctx, refusal_cal, sets["benign"]),
     }
     suite = evaluation_suite(ctx, sets)
-    batch = cfg.eval.batch_size
+    batch, chunk = cfg.eval.batch_size, cfg.model.logits_chunk
 
     def measure(stage: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         metrics, items = ctx.timed(f"evaluate_{stage}", lambda: suite.run(stage))
         metrics = {k.replace(f"_{stage}", "", 1): v for k, v in metrics.items()}
-        metrics["nll_refusal"] = mean_response_nll(ctx.lm.model, refusal_eval, batch)
+        metrics["nll_refusal"] = mean_response_nll(ctx.lm.model, refusal_eval, batch, logits_chunk=chunk)
         return metrics, items
 
     arms: dict[str, dict[str, Any]] = {}
@@ -115,15 +115,15 @@ def _refusal_sets(ctx: RunContext, dis: DissociationConfig) -> tuple[dict[str, t
 def _recover(ctx: RunContext, dis: DissociationConfig, mask, sets) -> Matrix:
     """Fine-tune the harm-pruned model on harmful pairs; harm/benign NLL every few steps."""
     spec = replace(dis.finetune, max_steps=dis.recovery_steps)
-    every, batch = dis.recovery_every, ctx.cfg.eval.batch_size
+    every, batch, chunk = dis.recovery_every, ctx.cfg.eval.batch_size, ctx.cfg.model.logits_chunk
     model = ctx.lm.model
     apply_mask(model, mask)
     rows: dict[str, list[float]] = {}
 
     def point(step: int, loss: float) -> None:
         if step % every == 0 or step == spec.steps(sets["harmful"]["input_ids"].size(0)):
-            rows[str(step)] = [mean_response_nll(model, sets["eval_harmful"], batch),
-                               mean_response_nll(model, sets["eval_benign"], batch), loss]  # fmt: skip
+            rows[str(step)] = [mean_response_nll(model, sets["eval_harmful"], batch, logits_chunk=chunk),
+                               mean_response_nll(model, sets["eval_benign"], batch, logits_chunk=chunk), loss]  # fmt: skip
 
     point(0, math.nan)
     ctx.timed("recovery", lambda: finetune(model, sets["harmful"], spec, on_step=point))

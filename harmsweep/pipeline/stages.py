@@ -81,7 +81,7 @@ def score(
     marker = "scores.safetensors"
 
     def make(e: Path) -> ScoreSet:
-        return _score(lm, tensors, layout, batch, e / marker, info, cfg.scoring)
+        return _score(lm, tensors, layout, batch, e / marker, info, cfg.scoring, cfg.model.logits_chunk)
 
     scores, computed = cached(entry, make, lambda e: open_scores(e / marker), marker)
     if not layout.serves(scores):
@@ -109,6 +109,7 @@ def _score(
     path: Path,
     info: Mapping[str, Any],
     options: ScoringOptions,
+    logits_chunk: int,
 ) -> ScoreSet:
     """Score, write (its tail and summaries, or every score), and hand back the file's view.
 
@@ -120,7 +121,8 @@ def _score(
 
     batches = list(iter_batches(tensors, batch, by_length=True))
     kind = layout.kind
-    scores = score_kind(lm.model, kind, batches, tensors["input_ids"].size(0), replace(options, offload=False))
+    n = tensors["input_ids"].size(0)
+    scores = score_kind(lm.model, kind, batches, n, replace(options, offload=False), logits_chunk=logits_chunk)
     write_key_info(path.parent, info)
     rows = {n: p.rows_dim for n, p in scored_parameters(lm.model).items()}
     write_scores(scores, path, kind, layout.spec, layout.unit, layout.order, rows)
@@ -164,7 +166,16 @@ def choose_mask(ctx: RunContext, sets: Sets) -> tuple[dict[str, torch.Tensor], d
         def layer_scores(kind: str, names: list[str], layer: int) -> dict[str, torch.Tensor]:
             tensors = sets["harmful" if kind.startswith("harm") else "benign"]
             batches = list(iter_batches(tensors, batch, by_length=True))
-            return score_kind(lm.model, kind, batches, tensors["input_ids"].size(0), ctx.cfg.scoring, names, layer)
+            return score_kind(
+                lm.model,
+                kind,
+                batches,
+                tensors["input_ids"].size(0),
+                ctx.cfg.scoring,
+                names,
+                layer,
+                ctx.cfg.model.logits_chunk,
+            )
 
         def apply(chosen: Mapping[str, torch.Tensor]) -> None:
             apply_mask(lm.model, chosen, replacement(ctx, chosen))
@@ -226,7 +237,9 @@ def evaluation_suite(ctx: RunContext, sets: Sets) -> Suite:
     held = HeldOut(
         ctx.splits.harmful_eval, ctx.splits.benign_eval, {k: sets[k] for k in ("eval_harmful", "eval_benign")}
     )
-    return Suite(ctx.cfg.eval, ctx.judges(), ctx.lm, ctx.template, held, ctx.cfg.seed)
+    return Suite(
+        ctx.cfg.eval, ctx.judges(), ctx.lm, ctx.template, held, ctx.cfg.seed, logits_chunk=ctx.cfg.model.logits_chunk
+    )
 
 
 def evaluate(suite: Suite, stage: str, path: Path | None, info: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -36,6 +36,7 @@ def signed_snip(
     desc: str = "signed SNIP",
     options: ScoringOptions | None = None,
     names: Collection[str] | None = None,
+    logits_chunk: int = DEFAULT_LOGITS_CHUNK,
 ) -> dict[str, torch.Tensor]:
     """S = w * dL/dw with L the mean over all samples of their token-mean response NLL (fp32).
 
@@ -51,7 +52,7 @@ def signed_snip(
         scores[name].addcmul_(p.detach(), grad, value=unscale)  # in fp32: the product is exact
 
     def loss_of(batch: Batch) -> torch.Tensor:
-        return _batch_nll(model, batch).sum() / n_samples
+        return _batch_nll(model, batch, logits_chunk).sum() / n_samples
 
     _backward_each(model, params, batches, loss_of, fold, desc, options.gradient_checkpointing)
     return _offloaded(scores) if options.offload else scores
@@ -63,6 +64,7 @@ def unsigned_snip(
     desc: str = "unsigned SNIP",
     options: ScoringOptions | None = None,
     names: Collection[str] | None = None,
+    logits_chunk: int = DEFAULT_LOGITS_CHUNK,
 ) -> dict[str, torch.Tensor]:
     """Wei et al.'s score |w| * sum_i |dL_i/dw|: needs one backward per sample, so batches are split."""
     options = options or ScoringOptions()
@@ -77,7 +79,7 @@ def unsigned_snip(
             for i in range(batch["input_ids"].size(0)):
                 yield {k: v[i : i + 1] for k, v in batch.items()}  # _backward_each trims the padding
 
-    _backward_each(model, params, samples(), lambda b: _batch_nll(model, b).sum(), fold, desc,
+    _backward_each(model, params, samples(), lambda b: _batch_nll(model, b, logits_chunk).sum(), fold, desc,
                    options.gradient_checkpointing)  # fmt: skip
     scores = {n: s.mul_(params[n].detach().abs()) for n, s in sums.items()}
     return _offloaded(scores) if options.offload else scores
@@ -133,19 +135,21 @@ def score_kind(
     options: ScoringOptions | None = None,
     names: Collection[str] | None = None,
     upto_layer: int | None = None,
+    logits_chunk: int = DEFAULT_LOGITS_CHUNK,
 ) -> dict[str, torch.Tensor]:
     """The scores of a set of ``kind`` (harm_* or benign_*: signed SNIP, ``*_unsigned``, ``*_wanda``).
 
     ``names``/``upto_layer`` restrict it to one layer's weights (sequential pruning); a SNIP backward stops
-    at the lowest scored weight by itself, a Wanda forward stops after ``upto_layer``.
+    at the lowest scored weight by itself, a Wanda forward stops after ``upto_layer``. ``logits_chunk``
+    (``model.logits_chunk``): positions whose fp32 logits a SNIP loss holds at once.
     """
     options = options or ScoringOptions()
     desc = f"scoring {kind}"
     if kind.endswith("wanda"):
         return wanda(model, batches, desc, options, names, upto_layer)
     if kind.endswith("unsigned"):
-        return unsigned_snip(model, batches, desc, options, names)
-    return signed_snip(model, batches, n_samples, desc, options, names)
+        return unsigned_snip(model, batches, desc, options, names, logits_chunk)
+    return signed_snip(model, batches, n_samples, desc, options, names, logits_chunk)
 
 
 def _in_features(p: torch.Tensor, rows_dim: int) -> int:
