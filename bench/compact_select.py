@@ -1,7 +1,7 @@
 """Mask selection from a compact score set (stored tails only) vs from the dense set, at 1e8 scores.
 
 Synthetic harm and benign signed-SNIP sets (bench/mask_select.py's 7B layout scaled to the size, N(0, 1)
-per matrix) are written once with harmsweep.scoring.store.write: dense, and compact at the default
+per matrix) are written once with harmsweep.scoring.writer.write: dense, and compact at the default
 ``scores`` block (keep 0.011 harm, 0.01 benign) per ranking unit. Each measurement opens the files in a
 fresh process and runs harmsweep.pruning.select with the run's default rule (signed_snip, sparsity 1e-5,
 protect 0.01), global and per matrix:
@@ -29,7 +29,7 @@ from mask_select import layout, make_scores, scored
 
 from harmsweep.pruning.select import select
 from harmsweep.pruning.spec import PruneSpec
-from harmsweep.scoring import store
+from harmsweep.scoring import store, writer
 
 SPARSITY, PROTECT = 1e-5, 0.01
 VARIANTS = ("dense", "compact")
@@ -53,10 +53,10 @@ def prepare(folder: Path, total: float, granularities: list[str]) -> None:
             continue
         scores = make_scores(shapes, kind)
         if not files(folder, "dense", "")[kind].exists():
-            store.write(scores, files(folder, "dense", "")[kind], kind, store.StoreSpec(store="dense"))
+            writer.write(scores, files(folder, "dense", "")[kind], kind, store.StoreSpec(store="dense"))
         for granularity in todo:
             path = files(folder, "compact", granularity)[kind]
-            store.write(scores, path, kind, store.StoreSpec(), granularity, store.order_of(kind))
+            writer.write(scores, path, kind, store.StoreSpec(), granularity, store.order_of(kind))
         del scores
 
 

@@ -97,7 +97,7 @@ def selection_specs() -> list[Any]:
 
 def section_b(ctx: Ctx) -> dict[str, Any]:
     from harmsweep.pruning.select import select
-    from harmsweep.scoring import store
+    from harmsweep.scoring import store, writer
     from harmsweep.scoring.spec import StoreSpec
 
     dev = ctx.device
@@ -115,7 +115,7 @@ def section_b(ctx: Ctx) -> dict[str, Any]:
         compact[unit] = {}
         for k in kinds[:3]:  # benign_unsigned is read by benign_importance=unsigned only (dense here)
             path = ctx.tmp / f"b_{k}_{unit}.safetensors"
-            store.write(dense[k], path, k, StoreSpec(keep=0.2, keep_benign=0.2), unit=unit, order=store.order_of(k),
+            writer.write(dense[k], path, k, StoreSpec(keep=0.2, keep_benign=0.2), unit=unit, order=store.order_of(k),
                         rows_dims=rows)  # fmt: skip
             compact[unit][k] = store.open_scores(path)
     head_dim = TINY["hidden_size"] // TINY["num_attention_heads"]

@@ -270,7 +270,7 @@ def section_e(ctx: Ctx) -> dict[str, Any]:
     from harmsweep.pruning.lowrank import remove_low_rank
     from harmsweep.pruning.select import select
     from harmsweep.pruning.spec import LowRankSpec, PruneSpec
-    from harmsweep.scoring import store
+    from harmsweep.scoring import store, writer
     from harmsweep.scoring.snip import score_kind
     from harmsweep.scoring.spec import StoreSpec
 
@@ -300,9 +300,9 @@ def section_e(ctx: Ctx) -> dict[str, Any]:
     del scores
     on_dev = {n: t.to(dev) for n, t in host.items()}
     paths = ctx.tmp / "e_dev.safetensors", ctx.tmp / "e_host.safetensors"
-    _, out["write_device_s"] = timed(lambda on_dev=on_dev: store.write(on_dev, paths[0], "harm", StoreSpec()), dev)
+    _, out["write_device_s"] = timed(lambda on_dev=on_dev: writer.write(on_dev, paths[0], "harm", StoreSpec()), dev)
     del on_dev
-    _, out["write_host_s"] = timed(lambda host=host: store.write(host, paths[1], "harm", StoreSpec()), dev)
+    _, out["write_host_s"] = timed(lambda host=host: writer.write(host, paths[1], "harm", StoreSpec()), dev)
     out["write_scores"] = sum(t.numel() for t in host.values())
     a, b = store.open_scores(paths[0]), store.open_scores(paths[1])
     check(all(torch.equal(a.stored(n)[0], b.stored(n)[0]) for n in names), "GPU and host writes keep other tails")

@@ -26,7 +26,7 @@ from harmsweep.models.parts import scored_parameters
 from harmsweep.pruning.select import select
 from harmsweep.pruning.spec import PruneSpec
 from harmsweep.report.compression import concentration, gini, separation
-from harmsweep.scoring import store as store
+from harmsweep.scoring import store, writer
 from harmsweep.scoring.snip import signed_snip
 
 SCORED = {"Llama-3.1-8B": 6_979_321_856, "Llama-3.1-70B": 68_451_041_280}  # harmsweep plan's N
@@ -67,7 +67,7 @@ def main() -> None:
         for fmt in ("dense", "compact"):
             kept = store.StoreSpec(store=fmt)
             paths = {kind: Path(tmp) / f"{kind}-{fmt}.safetensors" for kind in sets}
-            write_s, _ = timed(lambda: [store.write(sets[k], paths[k], k, kept, "global", store.order_of(k))  # noqa: B023
+            write_s, _ = timed(lambda: [writer.write(sets[k], paths[k], k, kept, "global", store.order_of(k))  # noqa: B023
                                         for k in sets], 1)  # fmt: skip
             files = {k: store.open_scores(paths[k]) for k in sets}
             select_s, masks[fmt] = timed(lambda: select(spec, params, weights, files), args.reps)  # noqa: B023

@@ -4,7 +4,7 @@ One streaming pass, the yardstick: every matrix read once and reduced the cheape
 least do once, its ranking values turned into float keys (``topk.float_keys``) and their top 16 bits counted
 into a 65,536-bin histogram (``summary.histogram``: where + bincount, no host sync), the histograms joined,
 one copy to the host. That is the first pass of the radix select every tail needs, so no exact writer can
-cost less than about one of it. The write is ``scoring.store.write`` as pipeline.stages calls it, from the
+cost less than about one of it. The write is ``scoring.writer.write`` as pipeline.stages calls it, from the
 same buffer: a compact harm set (global unit, kept at ``--keep``: tails, N, the positive sum, the exact
 Gini) and a compact benign set (|S|, no Gini). Scores are synthetic, SNIP-like (heavy tails: N(0,1) * U^3),
 in Llama-shaped matrices, on the CPU unless ``--device`` says otherwise. Prints a table and writes
@@ -24,7 +24,7 @@ from pathlib import Path
 import common
 import torch
 
-from harmsweep.scoring import store, summary
+from harmsweep.scoring import store, summary, writer
 from harmsweep.scoring.topk import _BINS, _HALF, float_keys, ranking
 
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]  # q/o, k/v, gate/up, down of Llama-3.1-8B
@@ -84,7 +84,7 @@ def main() -> None:
         for kind, order in (("harm", "neg"), ("benign", "abs")):
             path = Path(tmp) / f"{kind}.safetensors"
             stream = timed(lambda o=order: streaming_pass(buffer, o), args.reps)
-            write = timed(lambda k=kind, o=order, p=path: store.write(buffer, p, k, kept, "global", o), args.reps)
+            write = timed(lambda k=kind, o=order, p=path: writer.write(buffer, p, k, kept, "global", o), args.reps)
             ratio = statistics.median(write) / statistics.median(stream)
             rows.append([kind, f"{n:.3g}", statistics.median(stream), statistics.median(write), f"{ratio:.2f}x",
                          "yes" if ratio <= 1.5 else "no"])  # fmt: skip

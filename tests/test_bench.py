@@ -50,23 +50,29 @@ def test_full_sort_reference_breaks_ties_like_select():
     assert torch.equal(chosen, mask_select.reference(harm, benign, 0.02, 0.05))
 
 
-def test_the_gpu_check_script_runs_end_to_end_in_its_cpu_smoke_mode(tmp_path):
-    """bench/gpu_check.py is run once per GPU machine: it must not be the first time it runs at all."""
-    import json
+def _bench(name: str, *args: str, tmp_path: Path) -> dict:
+    """Run bench/<name>.py small, in its own process as a user would; its JSON record."""
     import subprocess
-    import sys
 
-    out = tmp_path / "gpu_check.json"
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"), "--smoke", "--out", str(out)],
+    out = tmp_path / f"{name}.json"
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"), *args, "--out", str(out)],
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    record = json.loads(out.read_text())
-    assert record["end_to_end"]["ok"]
-    assert record["scoring"]["n_scored"] == 2 * (2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 352)
-    assert record["selection"]["n_pruned"] == round(5e-6 * record["scoring"]["n_scored"])
-    assert record["generation"]["tokens"] == 8 * 16
-    assert record["judge"]["scores_in_range"] and record["judge"]["memory_back"]
-    assert "measured/plan" in done.stdout
+    return json.loads(out.read_text())
+
+
+def test_compact_selection_bench_compares_equal_masks(tmp_path):
+    """bench/compact_select.py: the compact path's speed-up is only claimed for the dense path's exact mask."""
+    record = _bench("compact_select", "--sizes", "2e5", "--reps", "1", tmp_path=tmp_path)
+    assert [r["granularity"] for r in record["results"]] == ["global", "matrix"]
+    assert all(r["same_mask"] for r in record["results"])
+    assert record["results"][0]["selected"] == round(1e-5 * record["results"][0]["n"])  # global: K of all N
+
+
+def test_score_write_bench_times_both_kinds_against_one_pass(tmp_path):
+    record = _bench("score_write", "--n-scores", "2e5", "--reps", "1", tmp_path=tmp_path)
+    assert set(record["sets"]) == {"harm", "benign"}
+    assert all(s["ratio"] > 0 and s["bytes"] > 0 for s in record["sets"].values())
 
 
 def test_the_identity_check_compares_every_field_but_timings_and_versions(tmp_path, capsys):

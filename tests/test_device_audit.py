@@ -20,7 +20,7 @@ from conftest import tiny
 from harmsweep.models.parts import ScoredParam, scored_parameters
 from harmsweep.pruning import masks, select, sequential
 from harmsweep.pruning.spec import RULES, PruneSpec, count
-from harmsweep.scoring import store
+from harmsweep.scoring import store, writer
 
 HEAD_DIM = 4
 SHAPES = {
@@ -185,7 +185,7 @@ def compact_sets(tmp_path, sets, spec: PruneSpec, kept: store.StoreSpec) -> dict
     out = {}
     for kind in spec.needed_scores():
         path = tmp_path / f"{kind}.safetensors"
-        store.write(sets[kind], path, kind, kept, spec.granularity, store.order_of(kind, spec.benign_importance))
+        writer.write(sets[kind], path, kind, kept, spec.granularity, store.order_of(kind, spec.benign_importance))
         out[kind] = store.open_scores(path)
     return out
 

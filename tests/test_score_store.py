@@ -13,7 +13,7 @@ from harmsweep.errors import HarmsweepError
 from harmsweep.pruning.select import select
 from harmsweep.pruning.spec import PruneSpec
 from harmsweep.report.compression import concentration, gini, separation
-from harmsweep.scoring import store as store
+from harmsweep.scoring import store, writer
 
 N = sum(a * b for a, b in SHAPES.values())
 ROWS = {n: p.rows_dim for n, p in PARAMS.items()}
@@ -37,7 +37,7 @@ def stored(tmp_path, dense_sets: dict, spec: PruneSpec, kept: store.StoreSpec) -
     for kind in spec.needed_scores():
         path = tmp_path / f"{kind}-{kept.store}-{spec.granularity}-{spec.benign_importance}.safetensors"
         order = store.order_of(kind, spec.benign_importance)
-        store.write(dense_sets[kind], path, kind, kept, spec.granularity, order, ROWS)
+        writer.write(dense_sets[kind], path, kind, kept, spec.granularity, order, ROWS)
         out[kind] = store.open_scores(path)
     return out
 
@@ -78,7 +78,7 @@ def test_masks_from_compact_sets_equal_masks_from_dense_sets(tmp_path, spec):
 def test_tail_is_the_exact_prefix_of_the_ranking_with_ties_in_pruning_order(tmp_path):
     _, sets = scores_with_ties(2)
     k = round(0.1 * N)
-    store.write(sets["harm"], tmp_path / "h.safetensors", "harm", store.StoreSpec(keep=0.1), "global", "neg")
+    writer.write(sets["harm"], tmp_path / "h.safetensors", "harm", store.StoreSpec(keep=0.1), "global", "neg")
     tail = store.open_scores(tmp_path / "h.safetensors")
     h = torch.cat([-sets["harm"][n].reshape(-1) for n in SHAPES])
     expected = torch.sort(h.masked_fill(h <= 0, float("-inf")), descending=True, stable=True).indices[:k]
@@ -98,7 +98,7 @@ def test_report_metrics_from_compact_equal_those_from_dense(tmp_path):
         kept = store.StoreSpec(store=fmt, keep=0.05, keep_benign=0.05)
         for kind, order in (("harm", "neg"), ("benign", "abs")):
             path = tmp_path / f"{kind}-{fmt}.safetensors"
-            store.write(sets[kind], path, kind, kept, "global", order)
+            writer.write(sets[kind], path, kind, kept, "global", order)
             files[fmt, kind] = store.open_scores(path)
     for k in (1, 10, round(0.05 * N)):
         b = {fmt: concentration(files[fmt, "harm"], k) for fmt in ("dense", "compact")}
@@ -126,7 +126,7 @@ def test_streamed_gini_equals_an_independent_computation(budget):
 def test_summaries_are_exact_and_survive_the_file(tmp_path):
     _, sets = scores_with_ties(5)
     sets["harm"]["l0.q"][0, 0] = float("nan")  # a NaN score counts nowhere
-    store.write(sets["harm"], tmp_path / "h.safetensors", "harm", store.StoreSpec(), "global", "neg")
+    writer.write(sets["harm"], tmp_path / "h.safetensors", "harm", store.StoreSpec(), "global", "neg")
     stats = store.open_scores(tmp_path / "h.safetensors").stats
     h = -torch.cat([t.reshape(-1) for t in sets["harm"].values()]).double()
     assert stats.n == N - 1
@@ -188,7 +188,7 @@ def test_the_report_never_reads_a_damaged_score_file(tmp_path):
     _, sets = scores_with_ties(9)
     entry = tmp_path / "scores" / "abc"
     entry.mkdir(parents=True)
-    store.write(sets["harm"], entry / "scores.safetensors", "harm", store.StoreSpec(keep=0.1), "global", "neg")
+    writer.write(sets["harm"], entry / "scores.safetensors", "harm", store.StoreSpec(keep=0.1), "global", "neg")
     write_manifest(entry, "scores.safetensors")
     rows = [{"run_id": "r1", "scores_harm": str(entry / "scores.safetensors"), "scores_benign": None, "n_scored": N}]
     intact = _metrics_bc(rows, rows, 0.01)
@@ -203,7 +203,7 @@ def test_the_report_never_reads_a_damaged_score_file(tmp_path):
 
 def test_report_metrics_refuse_tails_kept_per_matrix(tmp_path):
     _, sets = scores_with_ties(10)
-    store.write(sets["harm"], tmp_path / "h.safetensors", "harm", store.StoreSpec(keep=0.2), "matrix", "neg")
+    writer.write(sets["harm"], tmp_path / "h.safetensors", "harm", store.StoreSpec(keep=0.2), "matrix", "neg")
     per_matrix = store.open_scores(tmp_path / "h.safetensors")
     with pytest.raises(HarmsweepError, match="keeps score tails per matrix unit, not per global"):
         concentration(per_matrix, 5)
@@ -256,12 +256,14 @@ WRITTEN_BEFORE = [
 @pytest.mark.parametrize("streamed", [False, True], ids=["one-pass-tails", "streamed-tails"])
 def test_written_sets_are_bit_identical_to_the_host_writers(tmp_path, monkeypatch, streamed):
     if streamed:  # every unit takes the three-pass fallback (values piled up in one bin)
-        monkeypatch.setattr(store, "_CANDIDATES_PER_K", 0, raising=False)
-        monkeypatch.setattr(store, "_CANDIDATE_SLACK", -1, raising=False)
+        monkeypatch.setattr(writer, "_CANDIDATES_PER_K", 0)
+        monkeypatch.setattr(writer, "_CANDIDATE_SLACK", -1)
     for src, kind, unit, order, keep, keep_benign, fmt, expected in WRITTEN_BEFORE:
         sets = scores_with_ties(11)[1][kind] if src == "ties" else continuous(12)
         path = tmp_path / f"{src}-{kind}-{unit}-{keep}-{fmt}.safetensors"
-        store.write(sets, path, kind, store.StoreSpec(store=fmt, keep=keep, keep_benign=keep_benign), unit, order, ROWS)
+        writer.write(
+            sets, path, kind, store.StoreSpec(store=fmt, keep=keep, keep_benign=keep_benign), unit, order, ROWS
+        )
         assert digest(path) == expected, (src, kind, unit, keep, fmt)
 
 
@@ -291,7 +293,7 @@ def _meta_write(tmp_path, monkeypatch, copies: int, kind: str, unit: str, fmt: s
     rows = {f"{n}#{c}": d for c in range(copies) for n, d in ROWS.items()}
     path = tmp_path / f"{kind}-{unit}-{fmt}-{copies}.safetensors"
     with meta_capable(monkeypatch):
-        watch = audit(lambda: store.write(scores, path, kind, store.StoreSpec(store=fmt, keep=0.1, keep_benign=0.1),
+        watch = audit(lambda: writer.write(scores, path, kind, store.StoreSpec(store=fmt, keep=0.1, keep_benign=0.1),
                                           unit, store.order_of(kind), rows))  # fmt: skip
     assert path.is_file(), "the write stopped before its file: it read values on the host"
     return watch, calls

@@ -9,7 +9,7 @@ from conftest import ARCHS, tiny
 from harmsweep.batches import iter_batches
 from harmsweep.calibration.pairs import Pair, encode_pairs
 from harmsweep.models.parts import decoder_blocks, scored_parameters
-from harmsweep.scoring import store
+from harmsweep.scoring import store, writer
 from harmsweep.scoring.snip import signed_snip, unsigned_snip
 from harmsweep.scoring.spec import ScoringOptions
 
@@ -164,7 +164,7 @@ def test_finished_buffers_sit_in_host_memory_and_files_read_lazily(tmp_path):
     lm = tiny("llama")
     scores = signed_snip(lm.model, iter_batches(encoded(lm), 5), n_samples=len(PAIRS))
     assert {t.device.type for t in scores.values()} == {"cpu"}
-    store.write(scores, tmp_path / "s.safetensors", "harm", store.StoreSpec(store="dense"))
+    writer.write(scores, tmp_path / "s.safetensors", "harm", store.StoreSpec(store="dense"))
     lazy = store.open_scores(tmp_path / "s.safetensors")
     assert isinstance(lazy, store.DenseScores) and len(lazy) == len(scores) and list(lazy) == list(scores)
     for name, t in scores.items():

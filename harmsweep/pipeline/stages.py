@@ -34,7 +34,7 @@ from harmsweep.pruning.spec import PruneSpec
 from harmsweep.scoring.snip import score_kind
 from harmsweep.scoring.spec import ScoringOptions
 from harmsweep.scoring.store import Layout, ScoreSet, open_scores
-from harmsweep.scoring.store import write as write_scores
+from harmsweep.scoring.writer import write as write_scores
 
 log = logging.getLogger(__name__)
 Sets = Mapping[str, dict[str, torch.Tensor]]  # the tokenised calibration sets: harmful, benign, eval_*
