@@ -219,7 +219,10 @@ def test_bf16_and_fp32_scores_are_not_scaled():
 # ---- defect 9: Wanda offloads one matrix at a time ---------------------------------------------------------------
 
 
-def test_wanda_holds_one_score_matrix_on_the_compute_device_at_a_time(monkeypatch):
+@pytest.mark.parametrize("offload", [True, False])
+def test_wanda_holds_one_score_matrix_on_the_compute_device_at_a_time(monkeypatch, offload):
+    """Offloaded, each matrix leaves before the next is made; kept on the device (the score writer's input),
+    each is made when read, so a reader going matrix by matrix holds one."""
     lm = tiny("llama", torch.bfloat16)
     batches = batches_of(lm)
     model = lm.model.to("meta")
@@ -228,10 +231,23 @@ def test_wanda_holds_one_score_matrix_on_the_compute_device_at_a_time(monkeypatc
     largest = max(named[n].numel() * 4 for n in scored_parameters(model))
     watch = MetaValues(shapes)
     with meta_capable(monkeypatch), watch:
-        scores = wanda(model, batches, options=ScoringOptions(offload=True))
-    assert len(watch.offloaded) == len(scores) == len(scored_parameters(model))
-    assert all(s.device.type == "cpu" for s in scores.values())
+        scores = wanda(model, batches, options=ScoringOptions(offload=offload))
+        read = [tuple(scores[n].shape) for n in scores]  # as the writer reads them: one at a time
+    assert len(read) == len(scores) == len(scored_parameters(model))
+    if offload:
+        assert len(watch.offloaded) == len(scores)
+        assert all(s.device.type == "cpu" for s in scores.values())
     assert watch.peak_bytes == largest
+
+
+def test_wanda_made_on_demand_equals_the_offloaded_scores():
+    lm = tiny("llama")
+    batches = batches_of(lm)
+    host = wanda(lm.model, batches, options=ScoringOptions(offload=True))
+    lazy = wanda(lm.model, batches, options=ScoringOptions(offload=False))
+    assert list(lazy) == list(host)
+    for n in host:
+        torch.testing.assert_close(lazy[n], host[n], rtol=0, atol=0)
 
 
 # ---- defect 11: the activation fold reads no device value --------------------------------------------------------

@@ -163,7 +163,7 @@ def choose_mask(ctx: RunContext, sets: Sets) -> tuple[dict[str, torch.Tensor], d
     if spec.sequential:
         batch, weights = ctx.cfg.calibration.batch_size, ctx.weights()
 
-        def layer_scores(kind: str, names: list[str], layer: int) -> dict[str, torch.Tensor]:
+        def layer_scores(kind: str, names: list[str], layer: int) -> Mapping[str, torch.Tensor]:
             tensors = sets["harmful" if kind.startswith("harm") else "benign"]
             batches = list(iter_batches(tensors, batch, by_length=True))
             return score_kind(

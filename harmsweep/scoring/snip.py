@@ -92,14 +92,15 @@ def wanda(
     options: ScoringOptions | None = None,
     names: Collection[str] | None = None,
     upto_layer: int | None = None,
-) -> dict[str, torch.Tensor]:
+) -> Mapping[str, torch.Tensor]:
     """Wanda's score |W_ij| * ||x_j||, with ||x_j||^2 the mean over calibration response tokens of input j squared.
 
     One forward pass per batch and no backward (hooks on the linear inputs, fp32 sums), so it costs about a
     third of a SNIP pass. Only the scale differs from Wanda's per-sample mean, and no ranking depends on it.
     ``upto_layer``: the forward stops after that block (sequential pruning scores one layer per pass).
-    With ``options.offload`` each fp32 score leaves the device before the next is made: one matrix at a
-    time on the GPU, not the whole set (42 GiB at 8B).
+    With ``options.offload`` each fp32 score leaves the device before the next is made; without it the
+    scores are made on demand on the weight's device (``WandaScores``). Either way one fp32 matrix at a
+    time is on the GPU, not the whole set (42 GiB at 8B).
     """
     options = options or ScoringOptions()
     from harmsweep.models.activations import fold_inputs
@@ -115,16 +116,38 @@ def wanda(
         tokens[name] += x.size(0)
 
     fold_inputs(model, batches, params, fold, upto_layer=upto_layer, desc=desc)
-    scores = {}
-    for n, p in params.items():  # one fp32 matrix on the device at a time when offloading
+    norms = {}
+    for n in params:
         norm = squares.pop(n).div_(max(tokens[n], 1)).sqrt_()
-        norm = norm.unsqueeze(0) if rows[n].rows_dim == 0 else norm.unsqueeze(1)  # Conv1D stores (in, out)
-        score = torch.empty_like(p, dtype=torch.float32).copy_(p.detach()).abs_().mul_(norm)
-        scores[n] = score.to("cpu") if options.offload else score
-        del score, norm  # before the next matrix is made
-    if options.offload:
-        _empty_cache()
+        norms[n] = norm.unsqueeze(0) if rows[n].rows_dim == 0 else norm.unsqueeze(1)  # Conv1D stores (in, out)
+    lazy = WandaScores(params, norms)
+    if not options.offload:
+        return lazy
+    scores = {}
+    for n in params:
+        score = lazy[n]
+        scores[n] = score.to("cpu")
+        del score  # before the next matrix is made
+    _empty_cache()
     return scores
+
+
+class WandaScores(Mapping[str, torch.Tensor]):
+    """Wanda scores made on demand, |W| * ||x|| on the weight's device: a reader that takes one matrix at a
+    time (the score writer) never holds more than one fp32 matrix. Valid while the weights are unchanged."""
+
+    def __init__(self, params: Mapping[str, nn.Parameter], norms: Mapping[str, torch.Tensor]) -> None:
+        self.params, self.norms = params, norms
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        p = self.params[name]
+        return torch.empty_like(p, dtype=torch.float32).copy_(p.detach()).abs_().mul_(self.norms[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.params)
+
+    def __len__(self) -> int:
+        return len(self.params)
 
 
 def score_kind(
@@ -136,7 +159,7 @@ def score_kind(
     names: Collection[str] | None = None,
     upto_layer: int | None = None,
     logits_chunk: int = DEFAULT_LOGITS_CHUNK,
-) -> dict[str, torch.Tensor]:
+) -> Mapping[str, torch.Tensor]:
     """The scores of a set of ``kind`` (harm_* or benign_*: signed SNIP, ``*_unsigned``, ``*_wanda``).
 
     ``names``/``upto_layer`` restrict it to one layer's weights (sequential pruning); a SNIP backward stops

@@ -55,7 +55,7 @@ def write(
     if spec.store == "dense":
         if gathered is not None:
             gathered = [_positives(ranking(scores[n], "neg"), int(first.positives[i])) for i, n in enumerate(names)]
-        tensors = dict(zip(names, _host([scores[n].detach().float().contiguous() for n in names]), strict=True))
+        tensors = {n: _host([scores[n].detach().float().contiguous()])[0] for n in names}  # a matrix at a time
     else:
         tensors, truncated, k_of = _tails(scores, kind, order, unit, spec.fraction(kind), rows_dims or {}, first,
                                           gathered)  # fmt: skip

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from harmsweep.config.schema import Config
 from harmsweep.errors import HarmsweepError, exit_usage
 from harmsweep.evaluation.spec import JUDGES, metric_plan
+from harmsweep.scoring.spec import StoreSpec
 from harmsweep.sweep.plan_table import advice, render
 
 if TYPE_CHECKING:
@@ -153,6 +154,7 @@ def _workload(cfg: Config, new: Mapping[str, bool], gpus: int, held_out: int, sh
     judge = cfg.judges.get("strongreject_finetuned", {})
     spec = cfg.prune_spec()
     lowrank = cfg.method == "lowrank"
+    kept = cfg.scores.resolved(*StoreSpec.needs(spec))
     k = round((p.harm_fraction if p.harm_fraction is not None else p.sparsity) * shape.n_scored)
     return Workload(
         score_sets=0 if (lowrank or p.sequential) else int(new["scores"]),
@@ -179,7 +181,9 @@ def _workload(cfg: Config, new: Mapping[str, bool], gpus: int, held_out: int, sh
         rank_utility=cfg.lowrank.rank_utility,
         masked=0 if lowrank else k,
         replace_base=p.replace == "base" and not lowrank,
-        logits_chunk=int(getattr(cfg.model, "logits_chunk", 2048)),
+        logits_chunk=cfg.model.logits_chunk,
+        dense_scores=cfg.scores.store == "dense",
+        kept_fraction=kept.keep + kept.keep_benign,
         forward_batch=ev.batch_size,
         forward_length=max(lengths),
         backend=ev.generation.backend,

@@ -30,7 +30,6 @@ class Throughput:
     tflops: float = 150.0  # bf16 dense matmul, effective (about 40-50% of an A100's peak)
     bandwidth_gbs: float = 1500.0  # HBM bytes/s while decoding (weights read once per step)
     load_gbs: float = 1.0  # checkpoint read from shared storage
-    summary_per_s: float = 2e7  # scores a host summarises (tails, N, sums, Gini) per second, one thread
     eigh_gflops: float = 500.0  # a float64 eigensolve with vectors, counted as 10 n^3 flops: ~1.4 s at n = 4096
 
 
@@ -75,6 +74,8 @@ class Workload:
     masked: int = 0  # weights the mask selects (replace=base reads their base values)
     replace_base: bool = False
     logits_chunk: int = 2048
+    dense_scores: bool = False  # scores.store=dense: every score comes to the host to be saved
+    kept_fraction: float = 0.0302  # compact sets: the harm and benign tails' fractions together (host and disk)
     forward_batch: int = 8  # eval.batch_size: likelihood, perplexity, recognition forwards
     forward_length: int = 256  # their longest sequence
     backend: str = "hf"  # hf | vllm
@@ -135,19 +136,20 @@ def _decode_s(steps: float, shape: ModelShape, speed: Throughput, gpus: int) -> 
 def scoring_phase(shape: ModelShape, work: Workload, speed: Throughput) -> Phase:
     """Scoring by criterion. SNIP: fwd + bwd with saved activations beside one fp32 buffer; unsigned: per sample;
     Wanda: a no-grad forward, fp32 input norms, then each fp32 score matrix made and offloaded one at a time.
-    Each finished set is summarised on the host (the GPU waits) and stored."""
+    Each finished set is summarised where it lives (scoring.writer: two streaming passes and a gather, at
+    memory bandwidth); only the tails come to the host, or with scores.store=dense every score, to be saved."""
     g = max(1, work.gpus)
     weights, n = shape.weight_bytes / g, shape.n_scored
     tokens = work.cal_n * work.cal_length
-    summary = work.score_sets * n / speed.summary_per_s
-    host = 2 * n * SCORE_BYTES  # the offloaded buffer and the summary's working copy
+    summary = work.score_sets * 3 * n * SCORE_BYTES / (speed.bandwidth_gbs * 1e9 * g)
+    host = n * SCORE_BYTES if work.dense_scores else work.kept_fraction * n * 8  # (int32 index, fp32 value) pairs
     if work.criterion == "wanda":
         norms = sum(d for _, d in shape.block_matrices) * shape.n_layers * SCORE_BYTES
         act = max(shape.forward_bytes(work.cal_batch * work.cal_length), 2 * shape.largest_matrix * SCORE_BYTES)
         passes = work.score_sets * math.ceil(work.cal_n / work.cal_batch)
         return _phase("scoring", {"weights": weights, "scores": norms / g, "activations": act / g}, host=host,
-                      passes=passes, gpu_seconds=_flop_s(2 * shape.n_params * tokens * work.score_sets, speed, g),
-                      host_seconds=summary)  # fmt: skip
+                      passes=passes,
+                      gpu_seconds=_flop_s(2 * shape.n_params * tokens * work.score_sets, speed, g) + summary)  # fmt: skip
     step_tokens = work.cal_length if work.unsigned else work.cal_batch * work.cal_length
     act = shape.step_bytes(step_tokens, work.checkpointing, work.logits_chunk)
     if work.unsigned:  # |grad| of one matrix beside its gradient
@@ -155,7 +157,7 @@ def scoring_phase(shape: ModelShape, work: Workload, speed: Throughput) -> Phase
     passes = work.score_sets * (work.cal_n if work.unsigned else math.ceil(work.cal_n / work.cal_batch))
     flops = (8 if work.checkpointing else 6) * shape.n_params * tokens * work.score_sets
     return _phase("scoring", {"weights": weights, "scores": n * SCORE_BYTES / g, "activations": act / g},
-                  host=host, passes=passes, gpu_seconds=_flop_s(flops, speed, g), host_seconds=summary)  # fmt: skip
+                  host=host, passes=passes, gpu_seconds=_flop_s(flops, speed, g) + summary)  # fmt: skip
 
 
 def sequential_phase(shape: ModelShape, work: Workload, speed: Throughput) -> Phase:
