@@ -389,6 +389,14 @@ def test_lowrank_with_vllm_generation_stops_in_one_line_before_any_work():
     _check("method=lowrank", "eval.metrics=[refusal]")  # HF generation reads the in-memory model
 
 
+def test_em_arms_with_vllm_generation_stop_in_one_line_before_any_work():
+    """EM answers from fine-tuned weights in memory: an engine would answer from the checkpoint instead."""
+    with pytest.raises(HarmsweepError, match=r"experiment=em.*backend=hf") as err:
+        _check("experiment=em", "eval.generation.backend=vllm")
+    assert "\n" not in str(err.value)
+    _check("experiment=em")
+
+
 def test_a_peft_adapter_with_vllm_stops_in_one_line(tmp_path, fake_vllm, monkeypatch):
     (tmp_path / "adapter_config.json").write_text("{}")
     with pytest.raises(HarmsweepError, match=r"adapter.*backend=hf") as err:
