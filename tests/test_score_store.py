@@ -389,13 +389,13 @@ def _fake_run(tmp_path, monkeypatch, sets: dict, keep, sparsity: float, calls: l
     from harmsweep.pipeline import stages
     from harmsweep.scoring.spec import ScoringOptions
 
-    def score_kind(model, kind, batches, n, options):
+    def score_kind(model, kind, batches, n, options, logits_chunk=2048):
         calls.append(options)
         return {n: s.clone() for n, s in sets["harm"].items()}
 
     monkeypatch.setattr(stages, "score_kind", score_kind)
     monkeypatch.setattr(stages, "scored_parameters", lambda model: PARAMS)
-    cfg = SimpleNamespace(calibration=SimpleNamespace(batch_size=2), model=SimpleNamespace(dtype="float32"),
+    cfg = SimpleNamespace(calibration=SimpleNamespace(batch_size=2), model=SimpleNamespace(dtype="float32", logits_chunk=2048),
                           scores=store.StoreSpec(keep=keep), scoring=ScoringOptions(offload=True))  # fmt: skip
     ctx = SimpleNamespace(spec=PruneSpec(sparsity=sparsity, protect=0.0), lm=SimpleNamespace(fingerprint="f", model=None),
                           cfg=cfg, root=tmp_path)  # fmt: skip
