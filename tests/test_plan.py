@@ -118,6 +118,10 @@ def test_activation_estimate_matches_a_real_model_saved_bytes():
     [
         (["model=tiny_llama", "pruning.sparsty=1"], "Key 'sparsty' not in 'PruningConfig'"),
         (["model=tiny_llama", "pruning.sparsity=1e-3,1e-2"], "needs -m"),
+        # what a run refuses before any work, plan refuses too (it sized such jobs before)
+        (["model=tiny_llama", "model.logits_chunk=0"], "model.logits_chunk=0 must be at least 1"),
+        (["model=tiny_llama", "scores.keep=0.5x"], "scores.keep=0.5x must be auto or a fraction in (0, 1]"),
+        (["model=tiny_llama", "method=lowrank", "eval.generation.backend=vllm"], "use eval.generation.backend=hf"),
     ],
 )
 def test_bad_plan_requests_stop_with_one_line(tmp_path, args, message):

@@ -22,8 +22,11 @@ METHODS = ("prune", "lowrank")
 EXPERIMENT_BLOCKS = ("cross_harm", "em", "dissociation")
 
 
-def check_config(cfg: Config) -> PruneSpec:
-    """Every check that needs no model, so bad input fails in a second, before any work; the run's rule."""
+def check_config(cfg: Config, *, data_root: bool = True) -> PruneSpec:
+    """Every check that needs no model, so bad input fails in a second, before any work; the run's rule.
+
+    ``data_root=False``: the data folder is not looked for (``harmsweep plan`` reads configs only, and may
+    run where the data is not)."""
     spec = cfg.prune_spec()
     _check_method(cfg, spec)
     cfg.model.validate()
@@ -60,7 +63,7 @@ def check_config(cfg: Config) -> PruneSpec:
     _check_experiment(cfg)
     harmful_from_root = mode != "file" and not data.harmful.file
     benign_from_root = not cal.benign.file and not data.benign.file
-    if (harmful_from_root or benign_from_root) and (not data.root or not Path(str(data.root)).is_dir()):
+    if data_root and (harmful_from_root or benign_from_root) and (not data.root or not Path(str(data.root)).is_dir()):
         raise HarmsweepError(
             f"data root not found: {data.root} (set data.root=DIR or the HARMSWEEP_DATA environment variable)"
         )

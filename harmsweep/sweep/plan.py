@@ -253,6 +253,7 @@ def _free_bytes(path: str | None) -> int | None:
 
 def build(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
     """The plan of every job and the sweep's totals; also the problems that make it fail."""
+    from harmsweep.config.checks import check_config
     from harmsweep.config.schema import to_config
     from harmsweep.devices import GIB
     from harmsweep.models.memory import model_shape
@@ -268,6 +269,9 @@ def build(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
     artifacts_dir = None
     for job, plain, launcher in jobs(overrides, args.multirun):
         cfg = to_config(plain)
+        spec = check_config(
+            cfg, data_root=False
+        )  # what a run would refuse, plan refuses too: one line, before any sizing
         gpus = args.gpus or (int(launcher.get("gpus_per_node") or 1) if "gpus_per_node" in launcher else 1)
         config = model_config(cfg)
         key = json.dumps(config.to_dict(), sort_keys=True, default=str) + cfg.model.dtype
@@ -296,7 +300,9 @@ def build(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
             "calibration": (4 * (work.cal_n + work.eval_prompts) * work.cal_length * 3 * 8)
             if new["calibration"]
             else 0,
-            "scores": sum(stored_bytes(cfg.scores, kind, shape.n_scored) for kind in new_sets),
+            "scores": sum(
+                stored_bytes(cfg.scores.resolved(*StoreSpec.needs(spec)), kind, shape.n_scored) for kind in new_sets
+            ),
             "masks": k * 8,
             "evaluations": work.eval_prompts * ITEM_BYTES * (1 + int(new["eval_before"])),
         }
