@@ -64,6 +64,8 @@ bench: venv
 	$(BIN)/python bench/sweep_reuse.py
 	$(BIN)/python bench/mask_select.py --sizes 1e8 $(if $(filter 1,$(BENCH_LARGE)),1e9)
 	$(BIN)/python bench/score_store.py
+	$(BIN)/python bench/compact_select.py --sizes 1e8 --reps 2
+	$(BIN)/python bench/score_write.py --n-scores 1e8
 	$(BIN)/python bench/generation.py
 	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/demo.py
