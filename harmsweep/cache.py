@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -119,6 +120,29 @@ def cached(entry: Path, compute: Callable[[Path], T], load: Callable[[Path], T],
             raise RuntimeError(f"computing {entry} did not write its main file {marker}")
         write_manifest(entry, marker)
         return value, True
+
+
+def replaced(
+    entry: Path, compute: Callable[[Path], T], load: Callable[[Path], T], marker: str, stale: Callable[[T], bool]
+) -> tuple[T, bool]:
+    """Recompute an intact entry that no longer serves (``stale``: a score tail too short for a run) and swap
+    it in under the entry's lock: the new files are complete, manifest included, before the old entry moves
+    aside, so a reader finds the old entry, none (and waits for the lock), or the new one. Returns the value
+    and whether this call computed it (another job may have replaced it meanwhile)."""
+    with _locked(entry.with_name(entry.name + ".lock")):
+        if not stale(value := load(entry)):
+            return value, False
+        fresh, old = (entry.with_name(f"{entry.name}.{tag}-{os.getpid()}") for tag in ("new", "old"))
+        shutil.rmtree(fresh, ignore_errors=True)
+        fresh.mkdir(parents=True)
+        compute(fresh)
+        if not (fresh / marker).is_file():
+            raise RuntimeError(f"computing {entry} did not write its main file {marker}")
+        write_manifest(fresh, marker)
+        entry.rename(old)
+        fresh.rename(entry)
+        shutil.rmtree(old, ignore_errors=True)
+        return load(entry), True
 
 
 def entry_problem(entry: Path, marker: str | None = None) -> str | None:

@@ -18,7 +18,7 @@ import torch
 
 from harmsweep.artifacts import write_json
 from harmsweep.batches import iter_batches
-from harmsweep.cache import VERSIONS, cached, content_key, tensor_key, write_key_info
+from harmsweep.cache import VERSIONS, cached, content_key, replaced, tensor_key, write_key_info
 from harmsweep.calibration.sets import calibrate
 from harmsweep.devices import input_device
 from harmsweep.evaluation.suite import HeldOut, Suite
@@ -64,10 +64,6 @@ def score(
     it (a sparsity sweep shares one), a shorter one is scored again with this need and replaced, under the
     entry's lock. ``spec`` and ``lm`` default to the run's (experiments score changed models and other rules).
     """
-    import os
-    import shutil
-
-    from harmsweep.cache import _locked, write_manifest
     from harmsweep.scoring.spec import StoreSpec
 
     spec, lm, cfg = spec or ctx.spec, lm or ctx.lm, ctx.cfg
@@ -83,21 +79,14 @@ def score(
     def make(e: Path) -> ScoreSet:
         return _score(lm, tensors, layout, batch, e / marker, info, cfg.scoring, cfg.model.logits_chunk)
 
-    scores, computed = cached(entry, make, lambda e: open_scores(e / marker), marker)
+    def load(e: Path) -> ScoreSet:
+        return open_scores(e / marker)
+
+    scores, computed = cached(entry, make, load, marker)
     if not layout.serves(scores):
         log.info("%s keeps %s of its ranking, this run needs %s: scoring it again", entry.name,
                  getattr(scores, "keep", "?"), layout.spec.fraction(kind))  # fmt: skip
-        with _locked(entry.with_name(entry.name + ".lock")):
-            if not layout.serves(open_scores(entry / marker)):  # another run may have replaced it meanwhile
-                fresh, short = (entry.with_name(f"{entry.name}.{tag}-{os.getpid()}") for tag in ("new", "short"))
-                shutil.rmtree(fresh, ignore_errors=True)
-                fresh.mkdir(parents=True)
-                make(fresh)
-                write_manifest(fresh, marker)
-                entry.rename(short)  # a reader finding no entry now waits for the lock, then reads the new one
-                fresh.rename(entry)
-                shutil.rmtree(short, ignore_errors=True)
-        scores, computed = open_scores(entry / marker), True
+        scores, computed = replaced(entry, make, load, marker, stale=lambda s: not layout.serves(s))
     return scores, entry / marker, computed
 
 

@@ -55,7 +55,9 @@ def write(
     if spec.store == "dense":
         if gathered is not None:
             gathered = [_positives(ranking(scores[n], "neg"), int(first.positives[i])) for i, n in enumerate(names)]
-        tensors = {n: _host([scores[n].detach().float().contiguous()])[0] for n in names}  # a matrix at a time
+        tensors = {
+            n: summary.to_host([scores[n].detach().float().contiguous()])[0] for n in names
+        }  # a matrix at a time
     else:
         tensors, truncated, k_of = _tails(scores, kind, order, unit, spec.fraction(kind), rows_dims or {}, first,
                                           gathered)  # fmt: skip
@@ -73,10 +75,6 @@ def write(
 # A tail's pass keeps the entries of its threshold's top-16-bit bin and above, unless they exceed this many
 # times the tail plus the slack (values piled up in one bin): then three streamed passes (topk's).
 _CANDIDATES_PER_K, _CANDIDATE_SLACK = 4, 1 << 24
-
-
-def _host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    return summary.to_host(tensors)
 
 
 def _home(scores: Mapping[str, torch.Tensor]) -> torch.device:
@@ -122,7 +120,7 @@ def _first_pass(scores: Mapping[str, torch.Tensor], kind: str, order: str, unit:
             if order != "neg" or unit == "row":  # else the eligible histogram's upper half is this one
                 positive_hists.append(summary.positive_histogram(h).to(home))
     empty = torch.zeros(0, 1, dtype=torch.int64, device=home)
-    moved = _host([torch.stack(counts) if counts else empty.view(-1),
+    moved = summary.to_host([torch.stack(counts) if counts else empty.view(-1),
                    torch.stack(sums) if sums else empty.view(-1).double(),
                    torch.stack(eligible_hists) if eligible_hists else empty,
                    torch.stack(positive_hists) if positive_hists else empty])  # fmt: skip
@@ -191,7 +189,7 @@ def _tails(
         flat = _nonzero(keys >= (hi - _HALF) * _BINS, int(first.eligible_hist[i, hi:].sum()))
         found[name] = (flat, keys[flat])
         lows.append(summary.histogram(found[name][1] & 0xFFFF, (found[name][1] >> 16) == hi - _HALF).to(home))
-    low_of = dict(zip(found, _host([torch.stack(lows)])[0], strict=True)) if lows else {}
+    low_of = dict(zip(found, summary.to_host([torch.stack(lows)])[0], strict=True)) if lows else {}
     picked: dict[str, torch.Tensor] = {}
     for members in units:
         planned = [n for n in members if n in found]
@@ -256,7 +254,7 @@ def _row_tails(
         cut.append((ok.sum(1) > k).to(torch.uint8))
         k_of[name] = k
     tensors = _pairs(scores, picked)
-    for name, rows_cut in zip(scores, _host(cut), strict=True):
+    for name, rows_cut in zip(scores, summary.to_host(cut), strict=True):
         tensors[f"{name}/truncated_rows"] = rows_cut
     return tensors, {}, k_of
 
@@ -264,7 +262,7 @@ def _row_tails(
 def _pairs(scores: Mapping[str, torch.Tensor], picked: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Flat indices (int32) and raw S of each matrix's tail, gathered on its device, then moved."""
     pairs = [_pair(name, flat, scores[name]) for name, flat in picked.items()]
-    moved = iter(_host([t for pair in pairs for t in pair]))
+    moved = iter(summary.to_host([t for pair in pairs for t in pair]))
     out = {}
     for name in picked:
         out[f"{name}/index"], out[f"{name}/value"] = next(moved).contiguous(), next(moved).contiguous()
