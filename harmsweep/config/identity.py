@@ -19,7 +19,11 @@ PLACEMENT_KEYS = ("device_map", "max_memory", "logits_chunk")  # where the model
 # Settings added after sweeps were run: at their default they leave the run id as it was, so finished runs stay found.
 LATER_DEFAULTS = {
     "pruning": {"counts": "round", "ties": "index", "order": "top", "nm_n": 2, "nm_m": 4, "replace": "zero",
-                "sequential": False},
+                "sequential": False, "eligible": "positive", "layers": None, "alpha": 0, "freeze_first_top_q": False,
+                "mask_file": None, "intersect": None},
+    "calibration": {"n_benign": None, "format": "template", "separator": "\n", "rows": "split",
+                    "prune_data": "advbench_align_anti", "preserve_data": "alpaca_cleaned_no_safety_train_raw"},
+    "model": {"architecture": None, "chat_template_kwargs": {}},
     "": {"method": "prune"},
 }  # fmt: skip
 
@@ -28,6 +32,8 @@ def run_id(cfg: Mapping[str, Any]) -> str:
     """Hash of the resolved config minus where things are stored, placed, launched and logged."""
     kept = {k: v for k, v in cfg.items() if k not in NOT_IN_RUN_ID and v is not None}
     kept["data"] = {k: v for k, v in kept.get("data", {}).items() if k not in ("root", "download")}
+    if "calibration" in kept:  # the authors' data folder is a location, like data.root: its files' content keys the cache
+        kept["calibration"] = {k: v for k, v in kept["calibration"].items() if k != "btap_data"}
     if "model" in kept:
         kept["model"] = {k: v for k, v in kept["model"].items() if k not in PLACEMENT_KEYS}
     for block, defaults in LATER_DEFAULTS.items():
@@ -39,7 +45,8 @@ def run_id(cfg: Mapping[str, Any]) -> str:
         kept.pop("lowrank", None)  # read by method=lowrank only
     else:
         kept.pop("pruning", None)  # a low-rank removal selects no weights
-    criterion = (cfg.get("scoring") or {}).get("criterion", "snip")
-    if criterion != "snip":
-        kept["scoring"] = {"criterion": criterion}
+    scoring = cfg.get("scoring") or {}
+    changed = {k: scoring.get(k, d) for k, d in (("criterion", "snip"), ("accumulate", "fp32")) if scoring.get(k, d) != d}
+    if changed:  # what the scores hold is part of a run; where their memory goes is not
+        kept["scoring"] = changed
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -20,6 +20,10 @@ class ModelConfig:
     # token positions whose fp32 logits exist at once in every full-vocabulary loss (scoring, likelihood,
     # perplexity): 2048 x 128,256 fp32 is 1 GiB; changes no result beyond float rounding (not in the run id)
     logits_chunk: int = 2048
+    # the checkpoint's transformers config (model_type and sizes): what `harmsweep plan` sizes when no
+    # config.json is at hand (offline); never used to build a model. null: read the checkpoint's config
+    architecture: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. Qwen3: {enable_thinking: false}
 
     def validate(self) -> None:
         if int(self.logits_chunk) < 1:

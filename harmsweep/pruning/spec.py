@@ -8,6 +8,7 @@ random rule, the scoring criterion that names the score sets). No torch here: th
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from harmsweep.errors import HarmsweepError
 
@@ -22,6 +23,7 @@ CHOICES = {
     "ties": ("index", "topk"),  # ties at a threshold: by matrix then flat index, or torch.topk's own order
     "order": ("top", "bottom"),  # prune the highest-ranked weights, or the lowest-ranked
     "replace": ("zero", "base"),  # pruned weights become 0, or the base variant's values
+    "eligible": ("positive", "all"),  # H > 0 only, or any sign (the authors' top-k)
 }
 
 
@@ -42,6 +44,12 @@ class PruningConfig:
     nm_m: int = 4
     replace: str = "zero"
     sequential: bool = False  # score and prune layer by layer, each layer scored with the lower ones pruned
+    eligible: str = "positive"  # positive: only H > 0 can be pruned | all: the top of H whatever its sign (theirs)
+    layers: list[int] | None = None  # only these decoder layers lose weights (all are still scored); null: all
+    alpha: Any = 0  # 0: zero the selected weights | a number: scale them by it | mean: set them to their mean
+    freeze_first_top_q: bool = False  # prune the next band: TopK_2q(H) minus TopK_q(H) minus the protected
+    mask_file: str | None = None  # prune this mask (mask.safetensors, or JSON/safetensors of layer, module, row, col)
+    intersect: list[str] | None = None  # harmful calibration files: prune the intersection of their masks
 
 
 @dataclass

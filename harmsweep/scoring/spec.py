@@ -11,16 +11,20 @@ from typing import Any, ClassVar
 from harmsweep.errors import HarmsweepError
 
 FORMATS = ("compact", "dense")
+ACCUMULATE = ("fp32", "bf16")  # scoring.accumulate: fp32 sums, or the authors' bf16 per-example sums
 
 
 @dataclass
 class ScoringOptions:
     """The ``scoring`` block: what the score sets hold, and where the memory of scoring goes.
 
-    ``criterion`` is in the run id; the memory knobs change no score (they are left out of it).
+    ``criterion`` and ``accumulate`` are in the run id; the memory knobs change no score (they are left out of it).
     """
 
     criterion: str = "snip"  # snip | wanda: what the score sets hold
+    # fp32: every sum in fp32 (default) | bf16: the authors' arithmetic for bit-level comparison (batch of one,
+    # each example's bf16 gradient summed into a bf16 buffer, W*G formed in bf16; needs scores.store=dense)
+    accumulate: str = "fp32"
     gradient_checkpointing: bool = False  # keep only block inputs, recompute each block in backward
     offload: bool = True  # move each finished score buffer off the GPU at once (to host memory)
 
