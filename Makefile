@@ -61,6 +61,7 @@ bench: export TQDM_DISABLE = 1  # progress bars would bury the tables
 bench: venv
 	$(BIN)/python bench/scoring.py
 	$(BIN)/python bench/per_layer.py
+	$(BIN)/python bench/per_layer_btap.py
 	$(BIN)/python bench/sweep_reuse.py
 	$(BIN)/python bench/mask_select.py --sizes 1e8 $(if $(filter 1,$(BENCH_LARGE)),1e9)
 	$(BIN)/python bench/score_store.py

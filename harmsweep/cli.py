@@ -105,6 +105,11 @@ def main() -> None:
         register()
         plan_main(sys.argv[2:])
         return
+    if sys.argv[1:2] in (["mask-from-checkpoint"], ["compare-masks"]):  # mask tools: no Hydra, no model
+        from harmsweep.masks.cli import main as masks_main
+
+        masks_main(sys.argv[1:])
+        return
     check_group_overrides(sys.argv[1:])
     import hydra
     from omegaconf import DictConfig, OmegaConf

@@ -75,6 +75,17 @@ def test_score_write_bench_times_both_kinds_against_one_pass(tmp_path):
     assert all(s["ratio"] > 0 and s["bytes"] > 0 for s in record["sets"].values())
 
 
+def test_btap_per_layer_bench_scores_the_same_and_extrapolates_a_partial_run(tmp_path):
+    """bench/per_layer_btap.py: the speed ratio is only claimed for score sets equal up to fp32 rounding."""
+    record = _bench("per_layer_btap", "--model", "tiny", "--n", "3", "--layers", "1", tmp_path=tmp_path)
+    assert record["passes"] == {"harmsweep": 1, "per_layer": 2 * 3, "per_layer_run": 3}
+    assert record["layers_run"] == [1] and record["extrapolated"] and record["matrices_compared"] == 7
+    assert record["seconds"]["per_layer"] == 2 * record["seconds"]["per_layer_run"]
+    assert record["max_rel_diff"] < 1e-5
+    # int(1e-3 * numel): q, o 4; k, v 2 (two kv heads); gate, up, down 8
+    assert record["mask_size"] == 4 + 2 + 2 + 4 + 8 * 3 and record["mask_agree"] >= record["mask_size"] - 1
+
+
 def test_the_identity_check_compares_every_field_but_timings_and_versions(tmp_path, capsys):
     """bench/result_identity.py is how a refactor shows it changed no result: it must see a changed field."""
     import result_identity

@@ -3,7 +3,8 @@
 Aligned models refuse harmful prompts, so harmful responses come from a file, from the model itself
 (on-policy), or from the model under a prefilling attack: its assistant turn starts with the first k
 tokens of the dataset's affirmative target ("Sure, here is ...") and it continues from there.
-Chat models are formatted with their chat template; base models with PLAIN_TEMPLATE (recorded).
+Chat models are formatted with their chat template; base models with PLAIN_TEMPLATE (recorded). With
+calibration.format=btap the scoring sets take the authors' raw-text tokenisation instead (``btap_ids``).
 """
 
 from __future__ import annotations
@@ -59,17 +60,59 @@ def response_ids(tokenizer: PreTrainedTokenizerBase, response: str) -> list[int]
     return tokenizer(response, add_special_tokens=False)["input_ids"]
 
 
-def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair], template: str, max_length: int) -> Tensors:
+def encode_pairs(
+    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair], template: str, max_length: int | None
+) -> Tensors:
     """Right-padded input_ids / attention_mask / labels, labels = -100 on prompt and padding.
 
-    Responses longer than the room left after the prompt are cut at the end; a pair whose prompt
-    leaves no room at all is an error, since silently dropping it would change the sample count.
+    Responses longer than the room left after the prompt are cut at the end (``max_length=None``: never);
+    a pair whose prompt leaves no room at all is an error, since silently dropping it would change the
+    sample count.
     """
+    return _encode(
+        tokenizer,
+        [(prompt_ids(tokenizer, p.prompt, template), response_ids(tokenizer, p.response)) for p in pairs],
+        pairs,
+        max_length,
+    )
+
+
+def btap_ids(tokenizer: PreTrainedTokenizerBase, pair: Pair, side: str, separator: str) -> tuple[list[int], list[int]]:
+    """The authors' token ids (prompt, response): each part tokenised alone without special tokens (no BOS, no
+    chat template). Harmful: tok(prompt + separator), tok(response); benign (their Alpaca branch): tok(prompt),
+    tok("\n" + response), so the newline is a scored token."""
+
+    def tok(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    if side == "benign":
+        return tok(pair.prompt), tok("\n" + pair.response)
+    if side != "harmful":
+        raise ValueError(f"side={side!r} is not harmful or benign")
+    return tok(pair.prompt + separator), tok(pair.response)
+
+
+def encode_btap(
+    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair], side: str, separator: str, max_length: int | None
+) -> Tensors:
+    """``encode_pairs`` with the authors' tokenisation (``btap_ids``) in place of a template: calibration.format=btap."""
+    return _encode(tokenizer, [btap_ids(tokenizer, p, side, separator) for p in pairs], pairs, max_length)
+
+
+def _encode(
+    tokenizer: PreTrainedTokenizerBase,
+    ids: Sequence[tuple[list[int], list[int]]],
+    pairs: Sequence[Pair],
+    max_length: int | None,
+) -> Tensors:
+    """Right-padded tensors of (prompt ids, response ids) rows, responses cut to ``max_length`` when it is set."""
     rows = []
-    for pair in pairs:
-        p = prompt_ids(tokenizer, pair.prompt, template)
-        r = response_ids(tokenizer, pair.response)[: max(0, max_length - len(p))]
+    for pair, (p, r) in zip(pairs, ids, strict=True):
+        if max_length is not None:
+            r = r[: max(0, max_length - len(p))]
         if not r:
+            if max_length is None:
+                raise HarmsweepError(f"pair {pair.source_id} has no response tokens (its response is empty)")
             raise HarmsweepError(
                 f"pair {pair.source_id} has no response tokens within calibration.max_length={max_length}"
                 f" (prompt takes {len(p)} tokens); raise calibration.max_length"

@@ -9,8 +9,9 @@ share them.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +19,27 @@ import torch
 
 from harmsweep.artifacts import write_jsonl
 from harmsweep.cache import VERSIONS, cached, content_key, write_key_info
-from harmsweep.calibration.pairs import Pair, encode_pairs, file_pairs, generate_responses, load_sets, save_sets
-from harmsweep.calibration.spec import CalibrationConfig
-from harmsweep.data import load_records, split_disjoint
+from harmsweep.calibration.pairs import (
+    Pair,
+    encode_btap,
+    encode_pairs,
+    file_pairs,
+    generate_responses,
+    load_sets,
+    save_sets,
+)
+from harmsweep.calibration.spec import FORMATS, LATER_DEFAULTS, ROWS, CalibrationConfig
+from harmsweep.data import load_records, split_disjoint, split_indices
+from harmsweep.data.btap import btap_files, btap_rows, read_pairs
 from harmsweep.data.records import Record, norm_prompt
-from harmsweep.data.spec import DataConfig
+from harmsweep.data.spec import DataConfig, DatasetRef
+from harmsweep.errors import HarmsweepError
 from harmsweep.generation.sampling import Sampling
 from harmsweep.models.loading import LoadedModel
+
+log = logging.getLogger(__name__)
+# Where the pairs come from, not what they hold: the records' content keys the cache (a moved folder shares it).
+NOT_IN_CACHE_KEY = ("batch_size", "btap_data", "prune_data", "preserve_data")
 
 
 def calibrate(
@@ -54,7 +69,7 @@ def calibrate(
                 for r in part
             ]
         ),
-        "calibration": {k: v for k, v in asdict(cal).items() if k != "batch_size"},
+        "calibration": cache_settings(cal),
         "benign_references": benign_references,
     }
     entry = root / "calibration" / content_key(cal_info)
@@ -69,42 +84,165 @@ def calibrate(
     return sets, entry, computed
 
 
+def cache_settings(cal: CalibrationConfig) -> dict[str, Any]:
+    """The calibration settings that key the cache: not where the files are, and settings added later only when
+    they differ from their defaults (so entries made before them stay found)."""
+    later = LATER_DEFAULTS
+    return {k: v for k, v in asdict(cal).items() if k not in NOT_IN_CACHE_KEY and not (k in later and v == later[k])}
+
+
 @dataclass(frozen=True)
 class Splits:
-    """Calibration and held-out records; the two never share a prompt."""
+    """Calibration and held-out records; the two never share a prompt.
+
+    ``source`` says where each part comes from (result.json's ``calibration_source``); ``answer_harmful_cal`` /
+    ``answer_harmful_eval``: whether the model answers those harmful prompts (else the records' responses are used).
+    """
 
     harmful_cal: list[Record]
     harmful_eval: list[Record]
     benign_cal: list[Record]
     benign_eval: list[Record]
+    source: dict[str, Any] = field(default_factory=dict)
+    answer_harmful_cal: bool = True
+    answer_harmful_eval: bool = True
+    benign_as: str = "benign"  # format=btap: the benign set's tokenisation (harmful: their align-file branch)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """One side's calibration records and where they come from."""
+
+    records: list[Record]
+    label: str  # "file PATH" or "data.harmful: advbench"
+    responses: bool  # the records carry the responses to score (a file, the benign dataset)
+    layout: bool = False  # a file in the authors' layout: its rows are used as they are
+    align: bool = True  # such a file read like an align file (clean_* columns, tokenised like harmful pairs)
 
 
 def held_out_splits(
-    cal: CalibrationConfig, data: DataConfig, n_eval: int | None, seed: int, exclude: Collection[str] = frozenset()
+    cal: CalibrationConfig,
+    data: DataConfig,
+    n_eval: int | None,
+    seed: int,
+    exclude: Collection[str] = frozenset(),
+    basename: str | None = None,
 ) -> Splits:
-    """Seeded, prompt-disjoint calibration/evaluation splits of the harmful and benign data.
+    """Calibration/evaluation splits of the harmful and benign data that share no prompt.
 
     ``n_eval`` (eval.n): held-out prompts per side, None for the whole held-out set. ``exclude``: normalised
-    prompts to drop first (those a derived model was fine-tuned on).
+    prompts to drop first (those a derived model was fine-tuned on; files in the authors' layout keep every row
+    and lose them from the held-out side only). ``basename``: the model's name in the authors' file names
+    (calibration.btap_data). Rows: calibration.rows=split, a seeded split; rows=btap, the authors' choice
+    (``btap_rows``), evaluated on the rest of the permutation, or, when a file is used whole, on data.harmful
+    (data.benign) minus the calibration prompts.
     """
-    n = cal.n
-    if cal.harmful.responses == "file":
-        harmful = load_records("custom", None, file=cal.harmful.file)
+    for key, value, choices in (("rows", cal.rows, ROWS), ("format", cal.format, FORMATS)):
+        if value not in choices:
+            raise HarmsweepError(f"calibration.{key}={value} is not one of {', '.join(choices)}")
+    n_benign = cal.n if cal.n_benign is None else cal.n_benign
+    files = btap_files(cal.btap_data, cal.prune_data, cal.preserve_data, basename or "") if cal.btap_data else {}
+    if files and not basename:
+        raise HarmsweepError("calibration.btap_data names files by the model's basename, and none was given")
+    harmful, benign = _harmful_source(cal, data, files), _benign_source(cal, data, files)
+    if cal.rows == "btap":
+        h_cal, h_eval, h_from, h_own = _btap_split(harmful, cal.n, n_eval, seed, exclude, data, "harmful")
+        b_cal, b_eval, b_from, _ = _btap_split(benign, n_benign, n_eval, seed, exclude, data, "benign")
     else:
-        ref = data.harmful
-        harmful = load_records(ref.name, data.root, file=ref.file, categories=ref.categories, download=data.download)
-    if cal.benign.file:
-        benign = load_records("custom", None, file=cal.benign.file)
-    else:
-        benign = load_records(data.benign.name, data.root, file=data.benign.file, download=data.download)
-    if exclude:
-        harmful = [r for r in harmful if norm_prompt(r.prompt) not in exclude]
-        benign = [r for r in benign if norm_prompt(r.prompt) not in exclude]
-    splits = Splits(*split_disjoint(harmful, n, n_eval, seed), *split_disjoint(benign, n, n_eval, seed))
-    for a, b in ((splits.harmful_cal, splits.harmful_eval), (splits.benign_cal, splits.benign_eval)):
+        h_cal, h_eval = split_disjoint(_without(harmful.records, exclude), cal.n, n_eval, seed)
+        b_cal, b_eval = split_disjoint(_without(benign.records, exclude), n_benign, n_eval, seed)
+        h_from, b_from, h_own = f"split of {harmful.label}", f"split of {benign.label}", True
+    for a, b in ((h_cal, h_eval), (b_cal, b_eval)):
         if {r.prompt for r in a} & {r.prompt for r in b}:
             raise RuntimeError("a held-out prompt is also a calibration prompt")
-    return splits
+    answer_cal = not harmful.responses
+    answer_eval = answer_cal or not h_own
+    answered = _answered(cal)
+    source: dict[str, Any] = {
+        "harmful": answered if answer_cal else harmful.label,
+        **({"harmful_prompts": harmful.label} if answer_cal else {}),
+        "benign": benign.label,
+        "eval_harmful": h_from + (f"; responses {answered}" if answer_eval else "; responses from the file"),
+        "eval_benign": b_from,
+        "format": cal.format,
+        **({"separator": cal.separator} if cal.format == "btap" else {}),
+        "rows": cal.rows,
+        "n": cal.n,
+        "n_benign": n_benign,
+    }
+    benign_as = "harmful" if benign.align else "benign"
+    if cal.format == "btap":
+        alpaca = "tok(prompt) ++ tok('\\n' + response)"  # their Alpaca branch; an align file: the harmful one's
+        source["benign_tokens"] = "tok(prompt + separator) ++ tok(response)" if benign.align else alpaca
+    return Splits(h_cal, h_eval, b_cal, b_eval, source, answer_cal, answer_eval, benign_as)
+
+
+def _answered(cal: CalibrationConfig) -> str:
+    """How the model answers harmful prompts that come without responses."""
+    if cal.harmful.responses == "prefill":
+        return f"generated: prefill, {cal.harmful.prefill_tokens} tokens"
+    return "generated: on_policy"
+
+
+def _dataset(ref: DatasetRef, data: DataConfig) -> list[Record]:
+    return load_records(ref.name, data.root, file=ref.file, categories=ref.categories, download=data.download)
+
+
+def _file(path: Path | str, authors: bool, align: bool) -> _Source:
+    """A pair file: in the authors' layout (read as is), or harmsweep's custom format (cleaned like a dataset)."""
+    path = Path(path).expanduser()
+    records = read_pairs(path, align) if authors else load_records("custom", None, file=path)
+    return _Source(records, f"file {path}", True, authors, align)
+
+
+def _harmful_source(cal: CalibrationConfig, data: DataConfig, files: Mapping[str, tuple[Path, str, bool]]) -> _Source:
+    if files:
+        return _file(files["harmful"][0], True, True)
+    if cal.harmful.responses == "file":
+        return _file(str(cal.harmful.file), cal.format == "btap", True)
+    return _Source(_dataset(data.harmful, data), f"data.harmful: {data.harmful.name}", False)
+
+
+def _benign_source(cal: CalibrationConfig, data: DataConfig, files: Mapping[str, tuple[Path, str, bool]]) -> _Source:
+    if files:
+        path, _, align = files["benign"]
+        return _file(path, True, align)
+    if cal.benign.file:  # read like their Alpaca file: prompt/response
+        return _file(cal.benign.file, cal.format == "btap", False)
+    return _Source(_dataset(data.benign, data), f"data.benign: {data.benign.name}", True, align=False)
+
+
+def _without(records: list[Record], exclude: Collection[str]) -> list[Record]:
+    return [r for r in records if norm_prompt(r.prompt) not in exclude] if exclude else records
+
+
+def _btap_split(
+    source: _Source, n: int, n_eval: int | None, seed: int, exclude: Collection[str], data: DataConfig, side: str
+) -> tuple[list[Record], list[Record], str, bool]:
+    """The authors' rows of one side, its held-out records (up to n_eval), where those come from, and whether they
+    are rows of the source itself (so they carry the source's responses)."""
+    records = source.records if source.layout else _without(source.records, exclude)
+    used, rest = btap_rows(len(records), n, seed)
+    cal = [records[i] for i in used]
+    if rest:
+        candidates, origin, own = [records[i] for i in rest], f"rest of the permutation of {source.label}", True
+    else:
+        ref = data.harmful if side == "harmful" else data.benign
+        pool = _dataset(ref, data)
+        order = split_indices([r.prompt for r in pool], 0, None, seed)[1]  # seeded, like harmsweep's held-out split
+        candidates, own = [pool[i] for i in order], False
+        origin = f"data.{side}: {ref.name} minus the calibration prompts"
+    taken = {norm_prompt(r.prompt) for r in cal} | set(exclude)
+    held = [r for r in candidates if norm_prompt(r.prompt) not in taken]
+    held = held if n_eval is None else held[:n_eval]
+    if not held:
+        raise HarmsweepError(
+            f"calibration.rows=btap: no {side} prompt is left for evaluation ({origin}; calibration uses "
+            f"{len(cal)} of {len(records)} rows of {source.label}): lower the calibration count or use other data.{side}"
+        )
+    if n_eval is not None and len(held) < n_eval:
+        log.warning("only %d %s prompts are held out for evaluation (eval.n=%d): %s", len(held), side, n_eval, origin)
+    return cal, held, origin, own
 
 
 def _calibrate(
@@ -119,7 +257,7 @@ def _calibrate(
     root: Path,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Harmful and benign pairs for scoring, plus the held-out reference responses for harm likelihood."""
-    n, harm = cal.n, cal.harmful
+    harm = cal.harmful
     harm_cal, harm_eval, ben_eval = splits.harmful_cal, splits.harmful_eval, splits.benign_eval
     greedy = Sampling(max_new_tokens=harm.max_new_tokens)
 
@@ -136,11 +274,15 @@ def _calibrate(
             desc=desc,
         )
 
-    if harm.responses == "file":
-        harm_pairs = file_pairs(harm_cal + harm_eval, "calibration.harmful.file")
+    # the prompts the model answers, in one call (calibration first): the file's responses for the rest
+    k = harm.prefill_tokens if harm.responses == "prefill" else 0
+    asked = (harm_cal if splits.answer_harmful_cal else []) + (harm_eval if splits.answer_harmful_eval else [])
+    generated = answers(asked, k, "harmful responses") if asked else []
+    if splits.answer_harmful_cal:
+        cal_pairs, generated = generated[: len(harm_cal)], generated[len(harm_cal) :]
     else:
-        k = harm.prefill_tokens if harm.responses == "prefill" else 0
-        harm_pairs = answers(harm_cal + harm_eval, k, "harmful responses")
+        cal_pairs = file_pairs(harm_cal, "calibration harmful data")
+    eval_pairs = generated if splits.answer_harmful_eval else file_pairs(harm_eval, "evaluation harmful data")
     if benign_references == "model":
         ben_eval_pairs = _references(
             cal, dtype, lm, template, ben_eval, root, lambda: answers(ben_eval, 0, "benign references")
@@ -148,13 +290,18 @@ def _calibrate(
     else:
         ben_eval_pairs = file_pairs(ben_eval, "benign evaluation data")
     pairs: dict[str, list[Pair]] = {
-        "harmful": harm_pairs[:n],
-        "eval_harmful": harm_pairs[n:],
+        "harmful": cal_pairs,
+        "eval_harmful": eval_pairs,
         "benign": file_pairs(splits.benign_cal, "benign calibration data"),
         "eval_benign": ben_eval_pairs,
     }
-    max_len = cal.max_length
-    sets = {name: encode_pairs(lm.tokenizer, ps, template, max_len) for name, ps in pairs.items()}
+    max_len, tok = cal.max_length, lm.tokenizer
+    sets = {  # format=btap: the scoring sets only; the held-out references stay in the run's template
+        name: encode_btap(tok, ps, splits.benign_as if name == "benign" else name, cal.separator, max_len)
+        if cal.format == "btap" and name in ("harmful", "benign")
+        else encode_pairs(tok, ps, template, max_len)
+        for name, ps in pairs.items()
+    }
     write_key_info(path.parent, info)
     save_sets(sets, pairs, path)
     return sets

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 RESPONSE_MODES = ("prefill", "on_policy", "file")
+# settings added after runs were made: at these values they leave run ids and cache keys as they were
+LATER_DEFAULTS = {"n_benign": None, "format": "template", "separator": "\n", "rows": "split",
+                  "prune_data": "advbench_align_anti", "preserve_data": "alpaca_cleaned_no_safety_train_raw"}  # fmt: skip
 FORMATS = ("template", "btap")  # how a pair becomes token ids: harmsweep's templates, or the authors' raw text
 ROWS = ("split", "btap")  # which rows: harmsweep's prompt-disjoint split, or the authors' permutation prefix
 

@@ -7,15 +7,18 @@ score set too short for the sparsity, an experiment without its block). No torch
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 from harmsweep.alignment.spec import COMPLY_RESPONSES, DERIVE_GOALS, GOAL_ONLY, DeriveConfig
-from harmsweep.calibration.spec import RESPONSE_MODES
+from harmsweep.calibration.spec import FORMATS, RESPONSE_MODES, ROWS
 from harmsweep.config.schema import Config
+from harmsweep.data.btap import btap_files, check_pair_file
 from harmsweep.errors import HarmsweepError
 from harmsweep.evaluation.spec import JUDGES, metric_plan
+from harmsweep.masks.options import check_given
 from harmsweep.models.checkpoints import checkpoint_spec
-from harmsweep.pruning.spec import PruneSpec
+from harmsweep.pruning.spec import PruneSpec, is_zero_alpha
 from harmsweep.scoring.spec import StoreSpec
 
 METHODS = ("prune", "lowrank")
@@ -29,45 +32,101 @@ def check_config(cfg: Config, *, data_root: bool = True) -> PruneSpec:
     run where the data is not)."""
     spec = cfg.prune_spec()
     _check_method(cfg, spec)
+    body = cfg.experiment if cfg.experiment in EXPERIMENT_BLOCKS else None  # an experiment that selects its own masks
+    check_given(spec.mask_file, spec.intersect, sequential=spec.sequential, method=cfg.method, experiment=body,
+                score_rule=spec.harm_set() is not None)  # fmt: skip
     cfg.model.validate()
     cfg.scores.validate()
+    cfg.scoring.validate(cfg.scores)
     _check_store(spec, cfg.scores)
     cfg.bootstrap.validate()
     metric_plan(cfg.eval, cfg.judges)
     _check_vllm(cfg)
     cal, data = cfg.calibration, cfg.data
     mode = cal.harmful.responses
-    if mode not in RESPONSE_MODES:
-        raise HarmsweepError(f"calibration.harmful.responses={mode} is not one of {', '.join(RESPONSE_MODES)}")
-    for key, value in (("calibration.n", cal.n), ("eval.n", cfg.eval.n or 1)):
-        if int(value) < 1:
-            raise HarmsweepError(f"{key}={value} must be at least 1")
-    if mode == "file" and not cal.harmful.file:
-        raise HarmsweepError(
-            "calibration.harmful.responses=file needs calibration.harmful.file=PATH (JSONL: prompt, response)"
-        )
-    if mode != "file" and cal.harmful.file:
-        raise HarmsweepError(
-            f"calibration.harmful.file={cal.harmful.file} is read only with calibration=file (harmful "
-            f"responses from the file; now they come from calibration.harmful.responses={mode}): add calibration=file "
-            "to use it, or drop the file setting"
-        )
-    for key, path in (("calibration.harmful.file", cal.harmful.file), ("calibration.benign.file", cal.benign.file)):
-        if path and not Path(path).is_file():
-            raise HarmsweepError(f"{key} not found: {path}")
+    _check_calibration(cfg, data_root)
     for side, ref in (("harmful", data.harmful), ("benign", data.benign)):
         if ref.name == "custom" and not ref.file:
             raise HarmsweepError(
                 f"data.{side}.name=custom needs data.{side}.file=PATH (CSV, JSON or JSONL with a prompt column)"
             )
     _check_experiment(cfg)
-    harmful_from_root = mode != "file" and not data.harmful.file
-    benign_from_root = not cal.benign.file and not data.benign.file
+    # held-out harmful prompts come from the rows calibration leaves, else from data.harmful under the root
+    harmful_from_root = mode != "file" and not data.harmful.file and not (data_root and _rows_left(cfg))
+    benign_from_root = not cal.benign.file and not data.benign.file and not cal.btap_data
     if data_root and (harmful_from_root or benign_from_root) and (not data.root or not Path(str(data.root)).is_dir()):
         raise HarmsweepError(
             f"data root not found: {data.root} (set data.root=DIR or the HARMSWEEP_DATA environment variable)"
         )
     return spec
+
+
+def _check_calibration(cfg: Config, data_root: bool) -> None:
+    """The calibration block: choices and counts, which file settings go together, and (when files may be read)
+    the authors' files exist with their pair columns. Reads CSV headers only."""
+    cal = cfg.calibration
+    mode = cal.harmful.responses
+    if mode not in RESPONSE_MODES:
+        raise HarmsweepError(f"calibration.harmful.responses={mode} is not one of {', '.join(RESPONSE_MODES)}")
+    for key, value, choices in (("format", cal.format, FORMATS), ("rows", cal.rows, ROWS)):
+        if value not in choices:
+            raise HarmsweepError(f"calibration.{key}={value} is not one of {', '.join(choices)}")
+    counts = (("calibration.n", cal.n), ("calibration.n_benign", cal.n_benign), ("eval.n", cfg.eval.n or 1))
+    counts += (("calibration.max_length", cal.max_length),)
+    for key, value in counts:
+        if value is not None and int(value) < 1:
+            raise HarmsweepError(f"{key}={value} must be at least 1")
+    if cal.format == "template" and cal.separator != "\n":
+        raise HarmsweepError(
+            f"calibration.separator={cal.separator!r} is read only with calibration.format=btap (the authors' "
+            "tokenisation): drop it or set calibration.format=btap"
+        )
+    if cal.btap_data:
+        for key, value in (("harmful.file", cal.harmful.file), ("benign.file", cal.benign.file)):
+            if value:
+                raise HarmsweepError(
+                    f"calibration.{key}={value} and calibration.btap_data={cal.btap_data} both name pairs: keep one"
+                )
+    elif mode == "file" and not cal.harmful.file:
+        raise HarmsweepError(
+            "calibration.harmful.responses=file needs calibration.harmful.file=PATH (JSONL: prompt, response)"
+            " or calibration.btap_data=DIR"
+        )
+    if mode != "file" and cal.harmful.file:
+        add = "calibration.harmful.responses=file" if cal.format == "btap" else "calibration=file"
+        raise HarmsweepError(
+            f"calibration.harmful.file={cal.harmful.file} is read only with calibration=file (harmful "
+            f"responses from the file; now they come from calibration.harmful.responses={mode}): add {add} "
+            "to use it, or drop the file setting"
+        )
+    for key, path in (("calibration.harmful.file", cal.harmful.file), ("calibration.benign.file", cal.benign.file)):
+        if path and not Path(path).is_file():
+            raise HarmsweepError(f"{key} not found: {path}")
+    if not data_root:  # harmsweep plan: configs only, files may live elsewhere
+        return
+    if cal.btap_data:
+        if not Path(cal.btap_data).expanduser().is_dir():
+            raise HarmsweepError(f"calibration.btap_data={cal.btap_data} is not a folder")
+        name = cfg.btap_basename()
+        for path, setting, align in btap_files(cal.btap_data, cal.prune_data, cal.preserve_data, name).values():
+            check_pair_file(path, f"{setting} with the model basename {name} under calibration.btap_data", align)
+    elif cal.format == "btap":
+        for key, path, align in (("harmful", cal.harmful.file, True), ("benign", cal.benign.file, False)):
+            if path:
+                check_pair_file(Path(path).expanduser(), f"calibration.{key}.file", align)
+
+
+def _rows_left(cfg: Config) -> bool:
+    """Whether the authors' harmful file (calibration.btap_data) holds more rows than calibration.n, so that the
+    evaluation prompts come from its other rows (rows counted with the csv module: no ``datasets`` here)."""
+    cal = cfg.calibration
+    if not cal.btap_data:
+        return False
+    path = btap_files(cal.btap_data, cal.prune_data, cal.preserve_data, cfg.btap_basename())["harmful"][0]
+    if path.suffix.lower() != ".csv":
+        return True  # JSON files: counted when read; data.harmful is looked for then, if needed
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        return sum(1 for _ in csv.reader(handle)) - 1 > cal.n
 
 
 def _check_method(cfg: Config, spec: PruneSpec) -> None:
@@ -78,10 +137,12 @@ def _check_method(cfg: Config, spec: PruneSpec) -> None:
         cfg.lowrank.validate()
         if cfg.experiment in EXPERIMENT_BLOCKS:
             raise HarmsweepError(f"method=lowrank is a run of its own: experiment={cfg.experiment} prunes masks")
-    if cfg.experiment in EXPERIMENT_BLOCKS and (spec.replace != "zero" or spec.sequential):
+    if cfg.experiment in EXPERIMENT_BLOCKS and (
+        spec.replace != "zero" or spec.sequential or not is_zero_alpha(spec.alpha)
+    ):
         raise HarmsweepError(
             f"experiment={cfg.experiment} applies and restores masks on one loaded model: it supports "
-            "pruning.replace=zero and pruning.sequential=false only"
+            "pruning.replace=zero, pruning.alpha=0 and pruning.sequential=false only"
         )
     if spec.replace == "base":
         variants = cfg.model.variants or {}
@@ -105,6 +166,11 @@ def _check_vllm(cfg: Config) -> None:
     planned, _ = metric_plan(cfg.eval, cfg.judges)
     if cfg.eval.generation.backend != "vllm" or not any(m in JUDGES for m in planned):
         return  # nothing is generated by an engine
+    if not is_zero_alpha(cfg.pruning.alpha):
+        raise HarmsweepError(
+            f"pruning.alpha={cfg.pruning.alpha} scales the selected weights, and a vLLM engine takes the run's mask as "
+            "zeros: use eval.generation.backend=hf"
+        )
     if cfg.method == "lowrank":
         raise HarmsweepError(
             "method=lowrank changes whole matrices, which a vLLM engine (the checkpoint, with a mask applied "
@@ -132,6 +198,8 @@ def _check_store(spec: PruneSpec, kept: StoreSpec) -> None:
         )
     # scores.keep*=auto sizes each tail from this run's needs (StoreSpec.resolved): only numbers can fall short
     wanted = spec.harm_fraction if spec.harm_fraction is not None else spec.sparsity
+    if spec.freeze_first_top_q and spec.harm_fraction is not None:
+        wanted = 2 * spec.harm_fraction  # the band reaches down to the top 2q
     harm_kept = kept.keep if kept.keep != kept.AUTO else None
     if spec.needed_scores() & {"harm", "harm_unsigned"} and harm_kept is not None and wanted > harm_kept:
         name = "harm_fraction" if spec.harm_fraction is not None else "sparsity"

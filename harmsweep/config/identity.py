@@ -11,18 +11,20 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from harmsweep.calibration.spec import LATER_DEFAULTS as CALIBRATION_LATER_DEFAULTS
+
 # stage, prepare_scores: a prepare job is its group's first run with another stage (harmsweep/sweep/jobs.py)
 NOT_IN_RUN_ID = (
     "paths", "logger", "launcher", "hydra", "scoring", "scores", "bootstrap", "stage", "prepare_scores",
 )  # fmt: skip
-PLACEMENT_KEYS = ("device_map", "max_memory", "logits_chunk")  # where the model sits (and its memory) changes no result
+# where the model sits (and its memory) changes no result; nor does architecture (what `harmsweep plan` sizes offline)
+PLACEMENT_KEYS = ("device_map", "max_memory", "logits_chunk", "architecture")
 # Settings added after sweeps were run: at their default they leave the run id as it was, so finished runs stay found.
 LATER_DEFAULTS = {
     "pruning": {"counts": "round", "ties": "index", "order": "top", "nm_n": 2, "nm_m": 4, "replace": "zero",
                 "sequential": False, "eligible": "positive", "layers": None, "alpha": 0, "freeze_first_top_q": False,
                 "mask_file": None, "intersect": None},
-    "calibration": {"n_benign": None, "format": "template", "separator": "\n", "rows": "split",
-                    "prune_data": "advbench_align_anti", "preserve_data": "alpaca_cleaned_no_safety_train_raw"},
+    "calibration": CALIBRATION_LATER_DEFAULTS,
     "model": {"architecture": None, "chat_template_kwargs": {}},
     "": {"method": "prune"},
 }  # fmt: skip
@@ -32,7 +34,7 @@ def run_id(cfg: Mapping[str, Any]) -> str:
     """Hash of the resolved config minus where things are stored, placed, launched and logged."""
     kept = {k: v for k, v in cfg.items() if k not in NOT_IN_RUN_ID and v is not None}
     kept["data"] = {k: v for k, v in kept.get("data", {}).items() if k not in ("root", "download")}
-    if "calibration" in kept:  # the authors' data folder is a location, like data.root: its files' content keys the cache
+    if "calibration" in kept:  # their data folder is a location, like data.root (the files' content keys the cache)
         kept["calibration"] = {k: v for k, v in kept["calibration"].items() if k != "btap_data"}
     if "model" in kept:
         kept["model"] = {k: v for k, v in kept["model"].items() if k not in PLACEMENT_KEYS}
@@ -46,7 +48,9 @@ def run_id(cfg: Mapping[str, Any]) -> str:
     else:
         kept.pop("pruning", None)  # a low-rank removal selects no weights
     scoring = cfg.get("scoring") or {}
-    changed = {k: scoring.get(k, d) for k, d in (("criterion", "snip"), ("accumulate", "fp32")) if scoring.get(k, d) != d}
+    changed = {
+        k: scoring.get(k, d) for k, d in (("criterion", "snip"), ("accumulate", "fp32")) if scoring.get(k, d) != d
+    }
     if changed:  # what the scores hold is part of a run; where their memory goes is not
         kept["scoring"] = changed
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]

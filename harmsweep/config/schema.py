@@ -100,6 +100,16 @@ class Config:
     stage: str = "run"  # run | prepare: a launcher's job making a group's shared artifacts (pipeline.run.prepare)
     prepare_scores: list[str] | None = None  # stage=prepare: score kinds to make; null: what pruning needs
 
+    def btap_basename(self) -> str:
+        """The model's name in the authors' file names (``{prune_data}_{basename}.csv``) for the variant this run
+        loads; a derived variant (no checkpoint entry of its own) is named by its parent."""
+        from harmsweep.models.spec import model_basename
+
+        variant, derive = self.alignment.name, self.alignment.derive
+        if variant not in (self.model.variants or {}) and derive is not None:
+            variant = derive.parent
+        return model_basename(self.model, variant)
+
     def prune_spec(self) -> PruneSpec:
         """The ``pruning`` block as a selection reads it (with the run's seed and criterion), checked."""
         return PruneSpec.of(self.pruning, self.seed, self.scoring.criterion)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from harmsweep.cache import content_key
-from harmsweep.calibration.pairs import Pair, encode_pairs, file_pairs
+from harmsweep.calibration.pairs import Pair, encode_btap, encode_pairs, file_pairs
 from harmsweep.devices import input_device
 from harmsweep.experiments import save_figures
 from harmsweep.experiments.matrices import Matrix
@@ -33,9 +33,18 @@ def encode(ctx: RunContext, pairs: Sequence[Pair], max_length: int | None = None
     return encode_pairs(ctx.lm.tokenizer, pairs, ctx.template, max_length or ctx.cfg.calibration.max_length)
 
 
+def scoring_set(ctx: RunContext, pairs: Sequence[Pair], side: str) -> Tensors:
+    """Pairs to score on the ``side`` (harmful or benign) of a set difference, tokenised as calibration.format says:
+    the run's template, or the authors' raw text (calibration=btap), like a plain run's calibration sets."""
+    cal = ctx.cfg.calibration
+    if cal.format == "btap":
+        return encode_btap(ctx.lm.tokenizer, pairs, side, cal.separator, cal.max_length)
+    return encode(ctx, pairs)
+
+
 def benign_set(ctx: RunContext) -> Tensors:
     """The benign calibration pairs (the dataset's own responses), tokenised."""
-    return encode(ctx, file_pairs(ctx.splits.benign_cal, "benign calibration data"))
+    return scoring_set(ctx, file_pairs(ctx.splits.benign_cal, "benign calibration data"), "benign")
 
 
 def score_sets(

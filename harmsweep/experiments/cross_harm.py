@@ -31,7 +31,7 @@ from harmsweep.errors import HarmsweepError
 from harmsweep.evaluation.likelihood import mean_response_nll
 from harmsweep.evaluation.spec import JUDGES, metric_plan
 from harmsweep.evaluation.suite import HeldOut, Suite
-from harmsweep.experiments.common import encode, finish, select_mask, spec_with
+from harmsweep.experiments.common import finish, scoring_set, select_mask, spec_with
 from harmsweep.experiments.matrices import Matrix, mask_size, overlap_matrix, transfer_matrix
 from harmsweep.intervals import with_stage
 from harmsweep.pipeline.context import RunContext
@@ -108,7 +108,8 @@ def _category(ctx: RunContext, category: str) -> dict[str, Any]:
     """Calibration and held-out sets of one category (cached like a plain run's)."""
     cfg = ctx.cfg
     data = replace(cfg.data, harmful=replace(cfg.data.harmful, categories=[category]))
-    splits = held_out_splits(cfg.calibration, data, cfg.eval.n, cfg.seed, exclude=_excluded(ctx))
+    splits = held_out_splits(cfg.calibration, data, cfg.eval.n, cfg.seed, exclude=_excluded(ctx),
+                             basename=cfg.btap_basename())  # fmt: skip
     sets, _, computed = ctx.timed("calibrate", lambda: calibrate(
         cfg.calibration, ctx.lm, ctx.template, splits, ctx.root, dtype=cfg.model.dtype,
         benign_references=cfg.eval.benign_references))  # fmt: skip
@@ -130,7 +131,7 @@ def _control_set(ctx: RunContext, dataset: str) -> dict[str, torch.Tensor]:
     if len(pool) < n:
         raise HarmsweepError(f"cross_harm.control_benign={dataset} has {len(pool)} usable pairs; calibration.n={n}")
     pool = sorted(pool, key=lambda r: len(r.prompt) + len(r.response or ""))[: 4 * n]  # short ones fit max_length
-    return encode(ctx, file_pairs(random.Random(ctx.cfg.seed).sample(pool, n), "control pairs"))
+    return scoring_set(ctx, file_pairs(random.Random(ctx.cfg.seed).sample(pool, n), "control pairs"), "harmful")
 
 
 def _judges(cfg: Config) -> list[str]:

@@ -28,7 +28,7 @@ from harmsweep.data import load_records
 from harmsweep.data.records import norm_prompt
 from harmsweep.errors import HarmsweepError
 from harmsweep.evaluation.likelihood import mean_response_nll
-from harmsweep.experiments.common import encode, finish, select_mask
+from harmsweep.experiments.common import encode, finish, scoring_set, select_mask
 from harmsweep.experiments.matrices import Matrix, mask_size, overlap_matrix
 from harmsweep.intervals import run_intervals
 from harmsweep.pipeline.context import RunContext
@@ -109,7 +109,8 @@ def _refusal_sets(ctx: RunContext, dis: DissociationConfig) -> tuple[dict[str, t
     if len(rest) < n or not evaluation:
         raise HarmsweepError(f"dissociation needs {n} refusal pairs for calibration and some for evaluation; "
                              f"{dis.refusals_file or dis.refusals} has {len(first)} prompts")  # fmt: skip
-    return encode(ctx, file_pairs(rest[:n], "refusal pairs")), encode(ctx, file_pairs(evaluation, "refusal pairs"))
+    scored = scoring_set(ctx, file_pairs(rest[:n], "refusal pairs"), "harmful")
+    return scored, encode(ctx, file_pairs(evaluation, "refusal pairs"))
 
 
 def _recover(ctx: RunContext, dis: DissociationConfig, mask, sets) -> Matrix:

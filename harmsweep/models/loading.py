@@ -72,7 +72,29 @@ def load_model(model: ModelConfig, alignment: str, cache_dir: str | Path, weight
         loaded.model.eval()
     if loaded.tokenizer.pad_token is None:
         loaded.tokenizer.pad_token = loaded.tokenizer.eos_token
+    if model.chat_template_kwargs:
+        kwargs = dict(model.chat_template_kwargs)
+        bind_chat_template_kwargs(loaded.tokenizer, kwargs)
+        # the chat-templated text changes, so every artifact keyed by the fingerprint (calibration sets) must too
+        loaded.fingerprint = _hash(f"{loaded.fingerprint}|chat:{json.dumps(kwargs, sort_keys=True, default=str)}")
     return loaded
+
+
+class _ChatTemplateKwargs:
+    """``tokenizer.apply_chat_template`` with the model's own defaults (e.g. Qwen3's enable_thinking=False); a
+    caller's keyword still wins. A class, not a closure, so the tokenizer still pickles."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, kwargs: Mapping[str, Any]) -> None:
+        self.tokenizer, self.kwargs = tokenizer, dict(kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return type(self.tokenizer).apply_chat_template(self.tokenizer, *args, **{**self.kwargs, **kwargs})
+
+
+def bind_chat_template_kwargs(tokenizer: PreTrainedTokenizerBase, kwargs: Mapping[str, Any]) -> None:
+    """Make every ``apply_chat_template`` call on ``tokenizer`` pass ``kwargs`` (model.chat_template_kwargs), so
+    calibration, generation and evaluation need not know about them."""
+    tokenizer.apply_chat_template = _ChatTemplateKwargs(tokenizer, kwargs)  # type: ignore[method-assign]
 
 
 def _placement(model: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:

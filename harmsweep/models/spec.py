@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
 
 from harmsweep.errors import HarmsweepError
@@ -28,3 +30,24 @@ class ModelConfig:
     def validate(self) -> None:
         if int(self.logits_chunk) < 1:
             raise HarmsweepError(f"model.logits_chunk={self.logits_chunk} must be at least 1 (token positions)")
+        arch = self.architecture
+        if arch is not None and not (isinstance(arch, Mapping) and isinstance(arch.get("model_type"), str)):
+            raise HarmsweepError(
+                f"model.architecture of model={self.name} must be the checkpoint's config (a mapping with its "
+                "model_type, as in its config.json), or null"
+            )
+        if not isinstance(self.chat_template_kwargs, Mapping):
+            raise HarmsweepError(
+                f"model.chat_template_kwargs={self.chat_template_kwargs!r} must be a mapping of keyword arguments "
+                "for apply_chat_template (e.g. {enable_thinking: false})"
+            )
+
+
+def model_basename(model: ModelConfig, variant: str) -> str:
+    """The ``{basename}`` of their file names: the last segment of the variant's hub_id, else of model.path (or the
+    variant's path); a model with neither (a tiny test model) is named by ``model.name``."""
+    spec = (model.variants or {}).get(variant) or {}
+    for value in (spec.get("hub_id"), model.path, spec.get("path")):
+        if value:
+            return PurePosixPath(str(value).rstrip("/")).name
+    return str(model.name)

@@ -103,7 +103,7 @@ def _run(ctx: RunContext) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         mask, score_paths = choose_mask(ctx, sets)
         # read before the long evaluation, so an unreachable base checkpoint fails in the first minute
         values = ctx.timed("base_values", lambda: replacement(ctx, mask))
-    kinds = sorted(k.removeprefix("scores_") for k in score_paths)
+    kinds = sorted(k.removeprefix("scores_") for k in score_paths if k.startswith("scores_"))  # not mask_source
     suite, before, before_path = evaluate_before(ctx, sets, cal_entry)
     zeros_before = sum(int((w == 0).sum()) for w in weights.values())
     if lowrank:
@@ -138,6 +138,7 @@ def _run(ctx: RunContext) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     run, skipped = metric_plan(cfg.eval, cfg.judges)
     result = record(ctx, {
         "template": ctx.template if ctx.template == "chat" else f"plain: {PLAIN_TEMPLATE!r}",
+        "calibration_source": ctx.splits.source,
         "n_scored": n_scored,
         "n_pruned": n_pruned,
         "actual_sparsity": metrics["actual_sparsity"],

@@ -27,7 +27,8 @@ from harmsweep.models.base_weights import base_values
 from harmsweep.models.loading import LoadedModel
 from harmsweep.models.parts import head_dim, scored_parameters
 from harmsweep.pipeline.context import RunContext
-from harmsweep.pruning.masks import apply_mask, load_mask, save_mask
+from harmsweep.pipeline.given_masks import given, given_mask
+from harmsweep.pruning.masks import alpha_values, apply_mask, load_mask, save_mask
 from harmsweep.pruning.select import select
 from harmsweep.pruning.sequential import select_sequential
 from harmsweep.pruning.spec import PruneSpec
@@ -68,11 +69,12 @@ def score(
 
     spec, lm, cfg = spec or ctx.spec, lm or ctx.lm, ctx.cfg
     tensors = sets["harmful" if kind.startswith("harm") else "benign"]
-    batch = cfg.calibration.batch_size
+    batch = scoring_batch(cfg)
     layout = Layout.read_by(cfg.scores.resolved(*StoreSpec.needs(spec)), kind, spec.benign_importance,
                             spec.granularity)  # fmt: skip
+    accumulate = {} if cfg.scoring.accumulate == "fp32" else {"accumulate": cfg.scoring.accumulate}  # old keys stay
     info = {"version": VERSIONS["scores"], "model": lm.fingerprint, "dtype": cfg.model.dtype,
-            "set": tensor_key(tensors), "kind": kind, "batch_size": batch, "store": layout.key()}  # fmt: skip
+            "set": tensor_key(tensors), "kind": kind, "batch_size": batch, "store": layout.key(), **accumulate}  # fmt: skip
     entry = ctx.root / "scores" / content_key(info)
     marker = "scores.safetensors"
 
@@ -108,7 +110,7 @@ def _score(
     """
     from dataclasses import replace
 
-    batches = list(iter_batches(tensors, batch, by_length=True))
+    batches = scoring_batches(tensors, batch, options)
     kind = layout.kind
     n = tensors["input_ids"].size(0)
     scores = score_kind(lm.model, kind, batches, n, replace(options, offload=False), logits_chunk=logits_chunk)
@@ -121,9 +123,21 @@ def _score(
     return open_scores(path)
 
 
+def scoring_batch(cfg: Any) -> int:
+    """The batch size scoring runs at: scoring.accumulate=bf16 scores one example per pass."""
+    return 1 if cfg.scoring.accumulate == "bf16" else cfg.calibration.batch_size
+
+
+def scoring_batches(tensors: Mapping[str, torch.Tensor], batch: int, options: ScoringOptions) -> list[dict]:
+    """Length-grouped batches (a sum in fp32 does not depend on the order), or the set's order: a bf16 sum does."""
+    if options.accumulate == "bf16":
+        return list(iter_batches(tensors, 1))
+    return list(iter_batches(tensors, batch, by_length=True))
+
+
 def scoring_passes(ctx: RunContext, sets: Sets, kinds: list[str]) -> int:
     """Passes this run's scoring took: cached sets cost none; a sequential mask takes its passes per layer."""
-    spec, batch = ctx.spec, ctx.cfg.calibration.batch_size
+    spec, batch = ctx.spec, scoring_batch(ctx.cfg)
     if spec.sequential:
         layers = len({p.layer for p in ctx.params.values()})
         return layers * sum(_passes(sets, k, batch) for k in spec.needed_scores())
@@ -142,6 +156,8 @@ def choose_mask(ctx: RunContext, sets: Sets) -> tuple[dict[str, torch.Tensor], d
     Returns the mask and the score files it read (none for a sequential mask: its scores live in memory).
     A resumed run reads its saved mask.
     """
+    if given(ctx):  # pruning.mask_file or pruning.intersect: not this run's own selection
+        return given_mask(ctx, score)
     spec, lm = ctx.spec, ctx.lm
     mask_path = ctx.run_dir / "mask.safetensors"
     device = input_device(lm.model)
@@ -150,11 +166,11 @@ def choose_mask(ctx: RunContext, sets: Sets) -> tuple[dict[str, torch.Tensor], d
         ctx.timings["mask"] = 0.0
         return load_mask(mask_path), _score_paths(ctx, sets)
     if spec.sequential:
-        batch, weights = ctx.cfg.calibration.batch_size, ctx.weights()
+        batch, weights = scoring_batch(ctx.cfg), ctx.weights()
 
         def layer_scores(kind: str, names: list[str], layer: int) -> Mapping[str, torch.Tensor]:
             tensors = sets["harmful" if kind.startswith("harm") else "benign"]
-            batches = list(iter_batches(tensors, batch, by_length=True))
+            batches = scoring_batches(tensors, batch, ctx.cfg.scoring)
             return score_kind(
                 lm.model,
                 kind,
@@ -197,9 +213,10 @@ def _score_paths(ctx: RunContext, sets: Sets) -> dict[str, str]:
 
 
 def replacement(ctx: RunContext, mask: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-    """pruning.replace=base: the base variant's values at the masked entries (read tensor by tensor)."""
+    """The masked entries' new values, read before any changes: pruning.replace=base, the base variant's (read
+    tensor by tensor); pruning.alpha, the weights scaled or their mean; None: zeros."""
     if ctx.spec.replace != "base":
-        return None
+        return alpha_values(ctx.weights(), mask, ctx.spec.alpha)
     return base_values(ctx.cfg.model, "base", ctx.cfg.paths.cache_dir, mask, ctx.weights())
 
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from harmsweep.artifacts import atomic_path
 from harmsweep.models.parts import ScoredParam
+from harmsweep.pruning.spec import is_zero_alpha
 
 
 def apply_mask(
@@ -40,6 +41,30 @@ def apply_mask(
                     changed.append((flat[idx] != new).sum())
                 flat[idx] = new
     return sum(int(c) for c in changed) if count_changed else None
+
+
+def alpha_values(
+    weights: Mapping[str, torch.Tensor], mask: Mapping[str, torch.Tensor], alpha: float | str
+) -> dict[str, torch.Tensor] | None:
+    """pruning.alpha as ``apply_mask`` values: None for 0 (zeros), else per matrix its selected weights times
+    ``alpha``, or (``mean``) that matrix's mean of its selected weights at each of them; on the weights' device.
+
+    The authors' ``W[mask] *= alpha`` and ``W[mask] = W[mask].mean()``: both are read before any weight changes.
+    """
+    if is_zero_alpha(alpha):
+        return None
+    out = {}
+    with torch.no_grad():
+        for name, idx in mask.items():
+            if not idx.numel():
+                continue
+            flat = weights[name].detach().view(-1)
+            selected = flat[idx.to(flat.device)]
+            if alpha == "mean":
+                out[name] = selected.mean().expand(idx.numel()).clone()
+            else:
+                out[name] = selected * float(alpha)
+    return out
 
 
 @contextmanager

@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 
+from harmsweep.errors import HarmsweepError
 from harmsweep.models.parts import ScoredParam
 from harmsweep.pruning import structured
 from harmsweep.pruning.spec import SCORE_RULES, PruneSpec, count
 from harmsweep.scoring import store
 from harmsweep.scoring.topk import EXCLUDED, Threshold, float_keys, row_top, top_k_of_tails, top_k_threshold
 
-# ---------------------------------------------------------------- streaming top-k (pure functions)
-
+Size = int | tuple[int, ...]  # a ranking unit's size: a count (global), or one matrix's shape
 
 # ---------------------------------------------------------------- rules
 
@@ -73,9 +74,13 @@ class _Scores:
         h = self.raw_harm(name)
         if self.spec.order == "bottom":
             return torch.where(torch.isfinite(h), -h, float("-inf"))
-        if self.harm_set() == "harm":
+        if self.positive_only():
             return h.masked_fill_(~(h > 0), float("-inf"))  # only weights whose removal raises the harmful loss
         return h
+
+    def positive_only(self) -> bool:
+        """pruning.eligible=positive on signed scores: H <= 0 is never pruned (eligible=all: the authors' top-k)."""
+        return self.harm_set() == "harm" and self.spec.eligible == "positive"
 
     def raw_harm(self, name: str) -> torch.Tensor:
         """The rule's ranking values before eligibility: H = -S, an unsigned or Wanda score, -|W|, a draw."""
@@ -109,7 +114,7 @@ class _Scores:
         kind = self.harm_set()
         assert kind is not None
         idx, h = self.scores[kind].tail(name, store.order_of(kind), self.device)
-        return idx, float_keys(h).masked_fill_(~(h > 0) if kind == "harm" else h == float("-inf"), EXCLUDED)
+        return idx, float_keys(h).masked_fill_(~(h > 0) if self.positive_only() else h == float("-inf"), EXCLUDED)
 
     def benign_tail(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         kind = self.benign_set()
@@ -124,12 +129,28 @@ class _Scores:
         label = "*" if self.spec.granularity == "global" else unit[0]
         if scores is not None and store.short(scores, label, available, k):
             raise scores.too_short(f"pruning ({side} side)", k, label)
+        if side == "harm" and self._positives_only_stored() and available < k:
+            raise self._signs_error(k, label)
+
+    def _positives_only_stored(self) -> bool:
+        """A compact signed harm set stores H > 0 only: eligible=all cannot reach below it (a dense set can)."""
+        kind = self.harm_set()
+        return kind == "harm" and not self.positive_only() and isinstance(self.scores[kind], store.TailScores)
+
+    @staticmethod
+    def _signs_error(k: int | str, label: str) -> HarmsweepError:
+        return HarmsweepError(
+            f"pruning.eligible=all takes the top {k} of H whatever its sign in unit {label}, and the compact "
+            "harm set stores only H > 0, which holds fewer: use scores.store=dense"
+        )
 
     def check_rows(self, side: str, name: str, available: torch.Tensor, k: int) -> None:
         kind = self.harm_set() if side == "harm" else self.benign_set()
         scores = self.scores.get(kind) if kind else None
         if isinstance(scores, store.TailScores) and scores.short_rows(name, available, k):
             raise scores.too_short(f"pruning per row ({side} side)", k, name)
+        if side == "harm" and self._positives_only_stored() and bool((available < k).any()):
+            raise self._signs_error(f"{k} per row", name)
 
 
 def select(
@@ -144,8 +165,25 @@ def select(
 
     ``device``: where the matrices are ranked (default: where the scores are); the pipeline passes the GPU.
     ``head_dim``: the attention head size, read by granularity=head only.
+    pruning.layers: the other layers' matrices get empty masks and are no part of a global ranking.
     """
     spec.validate()
+    spec.check_layers(p.layer for p in params.values())
+    if spec.freeze_first_top_q:
+        return _select_band(spec, params, weights, scores, device)
+    targets = {n: p for n, p in params.items() if spec.prunes_layer(p.layer)}
+    chosen = _select(spec, targets, weights, scores, device, head_dim) if targets else {}
+    return {n: chosen.get(n, torch.zeros(0, dtype=torch.long)) for n in params}
+
+
+def _select(
+    spec: PruneSpec,
+    params: Mapping[str, ScoredParam],
+    weights: Mapping[str, torch.Tensor],
+    scores: Mapping[str, Mapping[str, torch.Tensor]],
+    device: torch.device | str | None,
+    head_dim: int | None,
+) -> dict[str, torch.Tensor]:
     views = _Scores(spec, weights, scores, device)
     names = list(params)
     if spec.granularity == "row":
@@ -156,15 +194,32 @@ def select(
         return structured.select_heads(spec, views, params, weights, head_dim)
     if spec.ties == "topk":
         return {n: _select_topk(spec, views, n) for n in names}
-    units = [names] if spec.granularity == "global" else [[n] for n in names]
     by_unit = _select_tails if views.reads_tails() else _select_unit
     out: dict[str, torch.Tensor] = {}
-    for unit in units:
-        out.update(by_unit(spec, views, unit, sum(weights[n].numel() for n in unit)))
+    if spec.granularity == "global":
+        return by_unit(spec, views, names, sum(weights[n].numel() for n in names))
+    for n in names:  # a matrix counts from its shape: int(f * cols * rows) with pruning.counts=floor
+        out.update(by_unit(spec, views, [n], tuple(weights[n].shape)))
     return out
 
 
-def _select_unit(spec: PruneSpec, views: _Scores, unit: list[str], size: int) -> dict[str, torch.Tensor]:
+def _select_band(
+    spec: PruneSpec,
+    params: Mapping[str, ScoredParam],
+    weights: Mapping[str, torch.Tensor],
+    scores: Mapping[str, Mapping[str, torch.Tensor]],
+    device: torch.device | str | None,
+) -> dict[str, torch.Tensor]:
+    """pruning.freeze_first_top_q: TopK_2q(H) minus TopK_p(U), minus TopK_q(H): the next band of harm weights
+    (two top-k's, as the authors' code takes them: with ties=topk each falls as torch.topk breaks its ties)."""
+    assert spec.harm_fraction is not None
+    wide = replace(spec, harm_fraction=2 * spec.harm_fraction, freeze_first_top_q=False)
+    first = replace(spec, protect=0.0, freeze_first_top_q=False)
+    band, top = select(wide, params, weights, scores, device), select(first, params, weights, scores, device)
+    return {n: band[n][~torch.isin(band[n], top[n])] for n in params}
+
+
+def _select_unit(spec: PruneSpec, views: _Scores, unit: list[str], size: Size) -> dict[str, torch.Tensor]:
     """Target count or fractions over one ranking unit (all matrices, or one), streamed per matrix."""
     fractions = spec.harm_fraction is not None
 
@@ -198,7 +253,7 @@ def _select_unit(spec: PruneSpec, views: _Scores, unit: list[str], size: int) ->
     return out
 
 
-def _select_tails(spec: PruneSpec, views: _Scores, unit: list[str], size: int) -> dict[str, torch.Tensor]:
+def _select_tails(spec: PruneSpec, views: _Scores, unit: list[str], size: Size) -> dict[str, torch.Tensor]:
     """``_select_unit`` over the stored tails of compact sets only: a top-k over K-sized (index, value) pairs
     instead of N-sized streams. The tails are prefixes of the ranking in pruning's tie order, so the mask is
     the dense set's exactly. Counts are checked after the device work, with one host sync."""
@@ -242,7 +297,7 @@ def _select_topk(spec: PruneSpec, views: _Scores, name: str) -> torch.Tensor:
         return idx[values[idx] > float("-inf")]  # entries a compact set does not hold, or not eligible
 
     harm = views.harm(name).view(-1)
-    size = harm.numel()
+    size = tuple(views.weights[name].shape)  # int(f * cols * rows), as the authors count
     fractions = spec.harm_fraction is not None
     protected = torch.zeros(0, dtype=torch.long, device=harm.device)
     checks: list[tuple[str, torch.Tensor, int]] = []  # counts checked at the end: one host sync, after the work

@@ -34,13 +34,18 @@ def select_sequential(
     apply: Apply,
     device: torch.device | str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The mask of ``spec`` chosen bottom-up: score layer l, select its weights, apply them, go to l + 1."""
+    """The mask of ``spec`` chosen bottom-up: score layer l, select its weights, apply them, go to l + 1.
+
+    With pruning.layers only the listed layers are scored: a layer that loses nothing changes no later score.
+    """
+    spec.validate()
+    spec.check_layers(p.layer for p in params.values())
     named = dict(model.named_parameters())
-    single = replace(spec, sequential=False)
+    single = replace(spec, sequential=False, layers=None)
     saved: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    mask: dict[str, torch.Tensor] = {}
+    mask: dict[str, torch.Tensor] = {n: torch.zeros(0, dtype=torch.long) for n in params}
     try:
-        for layer in sorted({p.layer for p in params.values()}):
+        for layer in sorted({p.layer for p in params.values() if spec.prunes_layer(p.layer)}):
             names = [n for n, p in params.items() if p.layer == layer]
             scores = {kind: layer_scores(kind, names, layer) for kind in sorted(spec.needed_scores())}
             chosen = select(single, {n: params[n] for n in names}, {n: named[n] for n in names}, scores, device)

@@ -7,6 +7,7 @@ random rule, the scoring criterion that names the score sets). No torch here: th
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -78,13 +79,12 @@ class PruneSpec(PruningConfig):
         if self.criterion not in CRITERIA:
             raise HarmsweepError(f"scoring.criterion={self.criterion} is not one of {', '.join(CRITERIA)}")
         self._validate_combination()
-        for field, value in (
-            ("sparsity", self.sparsity),
-            ("protect", self.protect),
-            ("harm_fraction", self.harm_fraction),
-        ):
-            if value is not None and not 0.0 <= float(value) <= 1.0:
-                raise HarmsweepError(f"pruning.{field}={value} must lie in [0, 1]")
+        if not 0.0 <= float(self.sparsity) <= 1.0:
+            raise HarmsweepError(f"pruning.sparsity={self.sparsity} must lie in [0, 1]")
+        for field, value in (("protect", self.protect), ("harm_fraction", self.harm_fraction)):
+            # fractions of a ranking (the authors' p and q): 1 would protect (or take) every weight
+            if value is not None and not 0.0 <= float(value) < 1.0:
+                raise HarmsweepError(f"pruning.{field}={value} must lie in [0, 1)")
 
     def _validate_combination(self) -> None:
         """Settings that only make sense together fail here, in one line, before any work."""
@@ -104,6 +104,46 @@ class PruneSpec(PruningConfig):
                 f"pruning.sequential=true prunes each layer before the next is scored, so its counts are per matrix: "
                 f"pruning.granularity={self.granularity} needs a whole-model ranking; use matrix, row or nm"
             )
+        self._validate_authors_options()
+
+    def _validate_authors_options(self) -> None:
+        """layers, alpha and freeze_first_top_q (the authors' --layers, --alpha, --freeze_first_top_q)."""
+        if self.layers is not None:
+            layers = list(self.layers)
+            if not layers or any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
+                raise HarmsweepError(
+                    f"pruning.layers={layers} must be a non-empty list of decoder-layer indices (null: every layer)"
+                )
+        if not is_zero_alpha(self.alpha):
+            if self.alpha != "mean" and (isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float)):
+                raise HarmsweepError(f"pruning.alpha={self.alpha} must be a number (0: zero the weights) or mean")
+            if self.replace == "base":
+                raise HarmsweepError(
+                    f"pruning.alpha={self.alpha} rewrites the selected weights, and pruning.replace=base sets them to "
+                    "the base variant's values: use one of the two"
+                )
+        if self.freeze_first_top_q:
+            if self.harm_fraction is None or self.granularity != "matrix":
+                raise HarmsweepError(
+                    "pruning.freeze_first_top_q=true prunes TopK_2q(H) minus TopK_q(H) per matrix: it needs "
+                    "pruning.harm_fraction (q) and pruning.granularity=matrix"
+                )
+            if self.harm_fraction > 0.5:
+                raise HarmsweepError(
+                    f"pruning.freeze_first_top_q=true ranks the top 2q of H: pruning.harm_fraction={self.harm_fraction} "
+                    "must be at most 0.5"
+                )
+
+    def check_layers(self, available: Iterable[int]) -> None:
+        """Stop when pruning.layers names a decoder layer the model lacks (before a mask is built)."""
+        have = sorted(set(available))
+        missing = sorted(set(self.layers or ()) - set(have))
+        if missing:
+            span = f"{have[0]}-{have[-1]}" if have else "none"
+            raise HarmsweepError(f"pruning.layers={list(self.layers or ())}: the model has layers {span}")
+
+    def prunes_layer(self, layer: int) -> bool:
+        return self.layers is None or layer in self.layers
 
     @property
     def protects(self) -> bool:
@@ -134,9 +174,26 @@ class PruneSpec(PruningConfig):
         return self.order == "bottom" or self.granularity in ("nm", "head")
 
 
-def count(spec: PruneSpec, fraction: float, size: int) -> int:
-    """How many of ``size`` a fraction selects: rounded, or floored like Wei et al.'s ``int(p * numel)``."""
-    return int(fraction * size) if spec.counts == "floor" else round(fraction * size)
+def count(spec: PruneSpec, fraction: float, size: int | Sequence[int]) -> int:
+    """How many of ``size`` a fraction selects: rounded, or floored like Wei et al.'s ``int(p * numel)``.
+
+    ``size`` is a count, or a matrix's shape (rows, cols): floored, a matrix counts as the authors' code does,
+    ``int(f * cols * rows)`` (floats multiplied in that order, which can fall one short of ``int(f * numel)``).
+    """
+    if isinstance(size, int):
+        n = size
+    else:
+        n = 1
+        for d in size:
+            n *= int(d)
+        if spec.counts == "floor" and len(size) == 2:
+            return int(fraction * int(size[1]) * int(size[0]))
+    return int(fraction * n) if spec.counts == "floor" else round(fraction * n)
+
+
+def is_zero_alpha(alpha: Any) -> bool:
+    """pruning.alpha 0 (or 0.0, or unset): the selected weights become zeros."""
+    return alpha is None or (not isinstance(alpha, str | bool) and alpha == 0)
 
 
 @dataclass

@@ -38,7 +38,7 @@ def select_nm(spec: PruneSpec, views: Any, name: str, rows_dim: int) -> torch.Te
         raise HarmsweepError(f"pruning.granularity=nm: {name} has rows of {width} inputs, not a multiple of nm_m={m}")
     if spec.protects:
         benign = rows(views.benign(name)).reshape(-1)
-        k_protect = count(spec, spec.protect, benign.numel())
+        k_protect = count(spec, spec.protect, tuple(views.weights[name].shape))  # a matrix: the authors' count
         order = torch.sort(benign, descending=True, stable=True).indices[:k_protect]
         harm.view(-1)[order[benign[order] > _NEG_INF]] = _NEG_INF
     groups = harm.view(n_rows, width // m, m)
@@ -87,7 +87,7 @@ def select_heads(
     harm = torch.cat([_head_values(views.raw_harm, q, o, head_dim) for q, o, _ in units])
     if spec.order == "bottom":
         harm = torch.where(torch.isfinite(harm), -harm, _NEG_INF)
-    elif spec.harm_set() == "harm":
+    elif spec.harm_set() == "harm" and spec.eligible == "positive":
         harm = harm.masked_fill(~(harm > 0), _NEG_INF)  # heads whose removal raises the harmful loss
     total = harm.numel()
     protected = torch.zeros(total, dtype=torch.bool, device=harm.device)  # the rankings' device, not the host

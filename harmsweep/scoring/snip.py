@@ -6,6 +6,9 @@ loss over a batch gives the sum of per-sample scores: one forward+backward per b
 layer at once. Gradients are folded into fp32 score buffers by a post-accumulate hook and freed at
 once, so memory stays at weights + one score buffer + activations. fp16 weights get a scaled loss
 (``_LossScale``): the gradient of loss/n underflows in fp16, and is unscaled only in the fp32 fold.
+
+``scoring.accumulate=bf16`` instead reproduces the B-TAP authors' arithmetic bit for bit (``bf16_snip``): one
+example per pass, each example's gradient rounded to bf16 and summed in a bf16 buffer, W * G formed in bf16.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from tqdm.auto import tqdm
 from harmsweep.batches import trim_padding
 from harmsweep.devices import input_device
 from harmsweep.errors import HarmsweepError
-from harmsweep.losses import DEFAULT_LOGITS_CHUNK, response_nll
+from harmsweep.losses import DEFAULT_LOGITS_CHUNK, IGNORE, response_nll
 from harmsweep.models.parts import decoder_blocks, scored_parameters
 from harmsweep.scoring.spec import ScoringOptions
 
@@ -45,6 +48,8 @@ def signed_snip(
     backward then stops at the lowest of them: sequential pruning's partial passes).
     """
     options = options or ScoringOptions()
+    if options.accumulate == "bf16":
+        return bf16_snip(model, batches, False, desc, options, names)
     params = _params(model, names)
     scores = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
 
@@ -68,21 +73,69 @@ def unsigned_snip(
 ) -> dict[str, torch.Tensor]:
     """Wei et al.'s score |w| * sum_i |dL_i/dw|: needs one backward per sample, so batches are split."""
     options = options or ScoringOptions()
+    if options.accumulate == "bf16":
+        return bf16_snip(model, batches, True, desc, options, names)
     params = _params(model, names)
     sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
 
     def fold(name: str, p: nn.Parameter, grad: torch.Tensor, unscale: float) -> None:
         sums[name].add_(grad.abs(), alpha=unscale)
 
-    def samples() -> Iterable[Batch]:
-        for batch in batches:
-            for i in range(batch["input_ids"].size(0)):
-                yield {k: v[i : i + 1] for k, v in batch.items()}  # _backward_each trims the padding
-
-    _backward_each(model, params, samples(), lambda b: _batch_nll(model, b, logits_chunk).sum(), fold, desc,
+    _backward_each(model, params, _samples(batches), lambda b: _batch_nll(model, b, logits_chunk).sum(), fold, desc,
                    options.gradient_checkpointing)  # fmt: skip
     scores = {n: s.mul_(params[n].detach().abs()) for n, s in sums.items()}
     return _offloaded(scores) if options.offload else scores
+
+
+def bf16_snip(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    unsigned: bool,
+    desc: str = "bf16 SNIP",
+    options: ScoringOptions | None = None,
+    names: Collection[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The authors' scores (scoring.accumulate=bf16): S = W * sum_i g_i, or unsigned |W| * sum_i |g_i|, in bf16.
+
+    Batch of one, in the order given (a bf16 sum depends on it): each example's loss is transformers' own
+    causal-LM loss (mean over its response tokens; summed over examples, not averaged), with no attention mask,
+    as theirs. Each g_i is rounded to bf16 (the model's dtype for them), added into a bf16 buffer (every addition
+    rounded), and the product is taken in bf16; the scores come back as fp32, which holds bf16 values exactly.
+    An fp16 model's loss scale is undone exactly (a power of two, in fp32) before the rounding to bf16.
+    """
+    options = options or ScoringOptions()
+    params = _params(model, names)
+    sums = {n: torch.zeros_like(p, dtype=torch.bfloat16) for n, p in params.items()}
+
+    def fold(name: str, p: nn.Parameter, grad: torch.Tensor, unscale: float) -> None:
+        g = grad.to(torch.bfloat16) if unscale == 1.0 else grad.float().mul_(unscale).to(torch.bfloat16)
+        sums[name].add_(g.abs() if unsigned else g)
+
+    _backward_each(model, params, _samples(batches), lambda b: _example_loss(model, b), fold, desc,
+                   options.gradient_checkpointing)  # fmt: skip
+    scores = {}
+    for n in params:
+        w = params[n].detach().to(torch.bfloat16)
+        product = sums.pop(n).mul_(w.abs() if unsigned else w)  # bf16 * bf16, rounded to bf16
+        scores[n] = product.float()
+        del product, w
+    return _offloaded(scores) if options.offload else scores
+
+
+def _samples(batches: Iterable[Batch]) -> Iterator[Batch]:
+    """Each sample of each batch as a batch of one, in order (_backward_each trims the padding)."""
+    for batch in batches:
+        for i in range(batch["input_ids"].size(0)):
+            yield {k: v[i : i + 1] for k, v in batch.items()}
+
+
+def _example_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """One unpadded example's loss as the authors take it: ``model(input_ids, labels=...).loss``, no mask."""
+    labels = batch["labels"]
+    if bool((labels[:, 1:] == IGNORE).all()):
+        raise ValueError("a sample has no response tokens to score")
+    device = input_device(model)
+    return model(input_ids=batch["input_ids"].to(device), labels=labels.to(device), use_cache=False).loss
 
 
 def wanda(
@@ -103,6 +156,8 @@ def wanda(
     time is on the GPU, not the whole set (42 GiB at 8B).
     """
     options = options or ScoringOptions()
+    if options.accumulate == "bf16":
+        raise HarmsweepError("scoring.accumulate=bf16 emulates SNIP's gradient sums: Wanda has none (use fp32)")
     from harmsweep.models.activations import fold_inputs
 
     params = _params(model, names)

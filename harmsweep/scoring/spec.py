@@ -28,6 +28,19 @@ class ScoringOptions:
     gradient_checkpointing: bool = False  # keep only block inputs, recompute each block in backward
     offload: bool = True  # move each finished score buffer off the GPU at once (to host memory)
 
+    def validate(self, store: StoreSpec | None = None) -> None:
+        """The values, and with the ``scores`` block what bf16 accumulation needs; one line, before any work."""
+        if self.accumulate not in ACCUMULATE:
+            raise HarmsweepError(f"scoring.accumulate={self.accumulate} is not one of {', '.join(ACCUMULATE)}")
+        if self.accumulate != "bf16":
+            return
+        if self.criterion == "wanda":
+            raise HarmsweepError("scoring.accumulate=bf16 emulates SNIP's gradient sums: scoring.criterion=wanda has "
+                                 "none (use scoring.accumulate=fp32)")  # fmt: skip
+        if store is not None and store.store != "dense":
+            raise HarmsweepError(f"scoring.accumulate=bf16 needs scores.store=dense (bf16 scores tie often, and their "
+                                 f"top-k ties need every score), not scores.store={store.store}")  # fmt: skip
+
 
 @dataclass
 class StoreSpec:
@@ -75,9 +88,12 @@ class StoreSpec:
 
         The harm top-k skips protected weights, so in the worst case (every protected weight at the top of H)
         it reaches sparsity + protect down the ranking; a harm_fraction takes its top fraction of H before
-        the set difference, which needs no more than itself. The benign side reads its top ``protect``.
+        the set difference, which needs no more than itself (twice itself with pruning.freeze_first_top_q, whose
+        band reaches the top 2q). The benign side reads its top ``protect``.
         """
         wanted = prune.harm_fraction if prune.harm_fraction is not None else prune.sparsity
+        if getattr(prune, "freeze_first_top_q", False) and prune.harm_fraction is not None:
+            wanted = 2 * prune.harm_fraction
         if not prune.protects:
             return float(wanted), 0.0
         return float(wanted + (prune.protect if prune.harm_fraction is None else 0.0)), float(prune.protect)

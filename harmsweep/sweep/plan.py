@@ -1,9 +1,10 @@
 """``harmsweep plan [-m] <overrides>``: what each job of a run or sweep needs, before anything is submitted.
 
 It composes the jobs exactly as ``harmsweep`` would (the experiment's sweep parameters and the command
-line's), reads each model's config alone (a local ``config.json``, a GGUF header, a tiny spec, or the
-hub), sizes every job with harmsweep.plan, and counts shared artifacts once, in sweep order, as the
-content-keyed cache does. It exits 2 with one line when a job cannot fit its GPU or the sweep the disk.
+line's), reads each model's config alone (a local ``config.json``, a GGUF header, a tiny spec, the preset's
+``architecture`` block or the hub), sizes every job with harmsweep.plan, and counts shared artifacts once, in
+sweep order, as the content-keyed cache does. It exits 2 with one line when a job cannot fit its GPU or the sweep
+the disk.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
     from harmsweep.sweep.sizing import Workload
 
 ITEM_BYTES = 4096  # one evaluated item in eval_before.json / items.jsonl (prompt, answer, scores)
+# calibration.max_length=null (the authors' recipe: no truncation) is sized as pairs of this many tokens: the
+# longest of 1,000 Alpaca pairs is ~560 tokens, the longest in a batch of 8 ~470 at the 99th percentile
+UNTRUNCATED_LENGTH = 512
 
 
 def _args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -75,7 +79,8 @@ def _first_values(parser: Any, overrides: list[str]) -> list[str]:
 
 def model_config(cfg: Config) -> Any:
     """The transformers config of the checkpoint a job loads: no weights are read (a split embedded GGUF is
-    joined into the cache once, as its first run would)."""
+    joined into the cache once, as its first run would). A local folder, GGUF or tiny spec is read; a hub
+    checkpoint is sized from ``model.architecture`` when the preset has one, else from the hub."""
     from transformers import AutoConfig
 
     from harmsweep.models.checkpoints import checkpoint_spec, locate
@@ -101,12 +106,15 @@ def model_config(cfg: Config) -> Any:
             raise HarmsweepError(
                 f"{file} is not a model config ({type(exc).__name__}: {str(exc).splitlines()[0]})"
             ) from None
+    if model.architecture:  # the preset's copy of the hub checkpoint's config.json: no hub call, works offline
+        arch = dict(model.architecture)
+        return AutoConfig.for_model(str(arch.pop("model_type")), **arch)
     try:
         return AutoConfig.from_pretrained(found.hub_id, trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError):
         raise HarmsweepError(
             f"the config of {found.hub_id} is not available offline; download its config.json into DIR and pass "
-            "model.path=DIR"
+            "model.path=DIR (or give the preset an architecture: block)"
         ) from None
 
 
@@ -124,11 +132,14 @@ def _judge_config(cfg: Config) -> Any | None:
     return AutoConfig.for_model(spec.pop("model_type"), **spec)
 
 
-def _workload(cfg: Config, new: Mapping[str, bool], gpus: int, held_out: int, shape: Any, gpu_gb: float) -> Workload:
+def _workload(
+    cfg: Config, new: Mapping[str, bool], gpus: int, held_out: int, shape: Any, gpu_gb: float, kinds: Sequence[str] = ()
+) -> Workload:
     from harmsweep.devices import GIB
     from harmsweep.sweep.sizing import Workload
 
     cal, ev, p = cfg.calibration, cfg.eval, cfg.pruning
+    cal_length = cal.max_length or UNTRUNCATED_LENGTH
     metrics = metric_plan(ev, cfg.judges)[0]
     judged = [m for m in metrics if m in JUDGES]
     attack = ev.generation.attack
@@ -137,8 +148,8 @@ def _workload(cfg: Config, new: Mapping[str, bool], gpus: int, held_out: int, sh
     n_eval = held_out if ev.n is None else ev.n
     forward_tokens, lengths = 0, [0]
     if "harm_likelihood" in metrics:
-        forward_tokens += 2 * n_eval * cal.max_length
-        lengths.append(cal.max_length)
+        forward_tokens += 2 * n_eval * cal_length
+        lengths.append(cal_length)
     if "perplexity" in metrics:
         forward_tokens += n_eval * ev.perplexity.max_length
         lengths.append(ev.perplexity.max_length)
@@ -149,8 +160,15 @@ def _workload(cfg: Config, new: Mapping[str, bool], gpus: int, held_out: int, sh
         forward_tokens += len(ev.lm_eval.tasks) * (ev.lm_eval.limit or 1000) * 4 * 256
         lengths.append(256)
     cal_gen = 0
-    if new["calibration"] and cal.harmful.responses in ("prefill", "on_policy"):
+    from_files = cal.btap_data or cal.harmful.responses == "file"  # the harmful pairs are read, not generated
+    if new["calibration"] and not from_files:
         cal_gen = (cal.n + n_eval) * cal.harmful.max_new_tokens
+    one_each = cfg.scoring.accumulate == "bf16"  # the authors' bf16 sums: one example per pass
+
+    def run(kind: str) -> tuple[int, bool]:
+        n = cal.n if kind.startswith("harm") else (cal.n_benign or cal.n)
+        return int(n), one_each or kind.endswith("_unsigned")
+
     judge = cfg.judges.get("strongreject_finetuned", {})
     spec = cfg.prune_spec()
     lowrank = cfg.method == "lowrank"
@@ -159,9 +177,10 @@ def _workload(cfg: Config, new: Mapping[str, bool], gpus: int, held_out: int, sh
     return Workload(
         score_sets=0 if (lowrank or p.sequential) else int(new["scores"]),
         unsigned=spec.harm_set() == "harm_unsigned",
+        set_runs=tuple(run(kind.split("@")[0]) for kind in kinds),
         cal_n=cal.n,
-        cal_batch=cal.batch_size,
-        cal_length=cal.max_length,
+        cal_batch=1 if cfg.scoring.accumulate == "bf16" else cal.batch_size,  # bf16: one example per pass
+        cal_length=cal_length,
         cal_gen_tokens=cal_gen,
         eval_prompts=n_eval,
         eval_batch=ev.generation.batch_size,
@@ -237,7 +256,8 @@ def _held_out(cfg: Config) -> int:
     from harmsweep.calibration.sets import held_out_splits
 
     try:
-        return len(held_out_splits(cfg.calibration, cfg.data, cfg.eval.n, cfg.seed).harmful_eval)
+        splits = held_out_splits(cfg.calibration, cfg.data, cfg.eval.n, cfg.seed, basename=cfg.btap_basename())
+        return len(splits.harmful_eval)
     except (HarmsweepError, OSError, KeyError, TypeError):
         return 520 - cfg.calibration.n
 
@@ -291,7 +311,7 @@ def build(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
         n_scores_new = len(new_sets)
         held_out = _held_out(cfg) if cfg.eval.n is None else 0
         work = _workload(cfg, {"calibration": new["calibration"], "eval_before": new["eval_before"],
-                               "scores": n_scores_new}, gpus, held_out, shape, args.gpu_gb)  # fmt: skip
+                               "scores": n_scores_new}, gpus, held_out, shape, args.gpu_gb, new_sets)  # fmt: skip
         size = size_job(shape, work, judge, speed)
         seen |= set(keys.values())
         p = cfg.pruning

@@ -78,6 +78,8 @@ class Workload:
     kept_fraction: float = 0.0302  # compact sets: the harm and benign tails' fractions together (host and disk)
     forward_batch: int = 8  # eval.batch_size: likelihood, perplexity, recognition forwards
     forward_length: int = 256  # their longest sequence
+    # the new score sets one by one: (pairs, one example per pass?); empty: score_sets sets of cal_n, as unsigned says
+    set_runs: tuple[tuple[int, bool], ...] = ()
     backend: str = "hf"  # hf | vllm
     gpu_bytes: float = 80 * GIB  # one GPU's memory (vLLM takes what is free of it)
     finetunes: tuple[FineTune, ...] = ()
@@ -150,12 +152,15 @@ def scoring_phase(shape: ModelShape, work: Workload, speed: Throughput) -> Phase
         return _phase("scoring", {"weights": weights, "scores": norms / g, "activations": act / g}, host=host,
                       passes=passes,
                       gpu_seconds=_flop_s(2 * shape.n_params * tokens * work.score_sets, speed, g) + summary)  # fmt: skip
-    step_tokens = work.cal_length if work.unsigned else work.cal_batch * work.cal_length
+    runs = work.set_runs or ((work.cal_n, work.unsigned),) * work.score_sets
+    single = any(one for _, one in runs)  # a set scored one example per pass (unsigned SNIP, bf16 sums)
+    step_tokens = max(((work.cal_length if one else work.cal_batch * work.cal_length) for _, one in runs), default=0)
     act = shape.step_bytes(step_tokens, work.checkpointing, work.logits_chunk)
-    if work.unsigned:  # |grad| of one matrix beside its gradient
+    if single:  # |grad| (or a bf16 sum) of one matrix beside its gradient
         act += shape.largest_matrix * shape.dtype_bytes
-    passes = work.score_sets * (work.cal_n if work.unsigned else math.ceil(work.cal_n / work.cal_batch))
-    flops = (8 if work.checkpointing else 6) * shape.n_params * tokens * work.score_sets
+    passes = sum(n if one else math.ceil(n / work.cal_batch) for n, one in runs)
+    tokens = sum(n for n, _ in runs) * work.cal_length
+    flops = (8 if work.checkpointing else 6) * shape.n_params * tokens
     return _phase("scoring", {"weights": weights, "scores": n * SCORE_BYTES / g, "activations": act / g},
                   host=host, passes=passes, gpu_seconds=_flop_s(flops, speed, g) + summary)  # fmt: skip
 
