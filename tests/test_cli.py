@@ -158,11 +158,21 @@ def test_run_on_shared_data_with_prefilling(tmp_path, shared_data):
         ("scores.keep_benign=0.001", "use scores.keep_benign=auto, raise it, or use scores.store=dense"),
         ("scores.store=sparse", "scores.store=sparse is not one of compact, dense"),
         ("bootstrap.samples=10", "bootstrap needs samples >= 100 and 0.5 < level < 1"),
+        # the authors' p and q are fractions of a ranking: 1 would protect (or take) every weight
+        ("pruning=orgad2026 pruning.harm_fraction=1.0", "pruning.harm_fraction=1.0 must lie in [0, 1)"),
+        ("pruning=orgad2026 pruning.protect=-1e-5", "pruning.protect=-1e-05 must lie in [0, 1)"),
+        ("pruning.layers=[7]", "pruning.layers=[7]: the model has layers 0-1"),
+        ("pruning.alpha=half", "pruning.alpha=half"),
+        ("pruning.eligible=some", "pruning.eligible=some is not one of positive, all"),
+        ("scoring.accumulate=bf16", "scores.store=dense"),
+        ("calibration.format=raw", "calibration.format=raw is not one of template, btap"),
     ],
 )
 def test_bad_overrides_fail_in_one_line_and_leave_no_result(tmp_path, override, expected):
     run_dir = tmp_path / "run"
-    proc = harmsweep("model=tiny_llama", "data.root=/tmp", override, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    proc = harmsweep(
+        "model=tiny_llama", "data.root=/tmp", *override.split(" "), f"hydra.run.dir={run_dir}", cwd=tmp_path
+    )
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("harmsweep: error: ") and expected in lines[0], proc.stderr

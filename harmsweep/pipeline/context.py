@@ -47,12 +47,12 @@ class RunContext:
         start = time.perf_counter()
         lm = load_run_model(cfg)
         load_s = time.perf_counter() - start
+        params = scored_parameters(lm.model)
+        spec.check_layers(p.layer for p in params.values())  # a layer the model lacks: before any data is read
         template = resolve_template(lm.tokenizer, cfg.alignment.template)
         exclude = trained_prompts(lm.source, cfg.paths.cache_dir)  # a derived model's training prompts
         basename = cfg.btap_basename()  # names the files under calibration.btap_data
         splits = held_out_splits(cfg.calibration, cfg.data, cfg.eval.n, cfg.seed, exclude=exclude, basename=basename)
-        params = scored_parameters(lm.model)
-        spec.check_layers(p.layer for p in params.values())  # a layer the model lacks: before any calibration
         ctx = cls(cfg, plain, run_id, run_dir, spec, lm, template, splits, params)
         ctx.timings["load"] = load_s
         return ctx
