@@ -20,6 +20,7 @@ from harmsweep.calibration.sets import Splits, held_out_splits
 from harmsweep.config.schema import Config
 from harmsweep.devices import place_model
 from harmsweep.evaluation.judges.source import JudgeSource
+from harmsweep.masks.files import read_mask_file
 from harmsweep.models.loading import LoadedModel, load_model
 from harmsweep.models.parts import ScoredParam, scored_parameters
 from harmsweep.pruning.spec import PruneSpec
@@ -49,6 +50,9 @@ class RunContext:
         load_s = time.perf_counter() - start
         params = scored_parameters(lm.model)
         spec.check_layers(p.layer for p in params.values())  # a layer the model lacks: before any data is read
+        if spec.mask_file:  # a mask file for another model stops here, not after calibration
+            shapes = {n: tuple(p.shape) for n, p in lm.model.named_parameters() if n in params}
+            read_mask_file(spec.mask_file, params, shapes, spec.layers)
         template = resolve_template(lm.tokenizer, cfg.alignment.template)
         exclude = trained_prompts(lm.source, cfg.paths.cache_dir)  # a derived model's training prompts
         basename = cfg.btap_basename()  # names the files under calibration.btap_data
