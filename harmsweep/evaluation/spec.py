@@ -52,6 +52,9 @@ class EvalConfig:
     lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
 
 
+REFUSAL_LISTS = ("harmsweep", "orgad2026")  # judges.refusal.phrases (evaluation/judges/refusal.py PHRASE_LISTS)
+
+
 def metric_plan(ev: EvalConfig, judges: Mapping[str, Any]) -> tuple[list[str], dict[str, str]]:
     """Metrics that will run, and those skipped with the reason (a judge that is not configured)."""
     unknown = [m for m in ev.metrics if m not in METRICS]
@@ -62,6 +65,9 @@ def metric_plan(ev: EvalConfig, judges: Mapping[str, Any]) -> tuple[list[str], d
         raise HarmsweepError(f"eval.generation.attack={gen.attack} is not one of {', '.join(ATTACKS)}")
     if gen.backend not in BACKENDS:
         raise HarmsweepError(f"eval.generation.backend={gen.backend} is not one of {', '.join(BACKENDS)}")
+    phrases = (judges.get("refusal") or {}).get("phrases", "harmsweep")
+    if phrases not in REFUSAL_LISTS:
+        raise HarmsweepError(f"judges.refusal.phrases={phrases} is not one of {', '.join(REFUSAL_LISTS)}")
     run, skipped = [], {}
     for metric in ev.metrics:
         if metric == "strongreject_finetuned" and not judges[metric].get("path"):

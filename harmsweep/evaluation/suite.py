@@ -98,12 +98,15 @@ class Suite:
                     for p, s in zip(answers, scores, strict=True)
                 ]  # fmt: skip
         if "refusal" in metrics_to_run:
-            from harmsweep.evaluation.judges.refusal import is_compliant, is_refusal
+            from harmsweep.evaluation.judges.refusal import PHRASE_LISTS, is_compliant, is_refusal
 
             plain = self._answers("none", stage)
             ids = [p.source_id for p in plain]
-            refused = [float(is_refusal(p.response)) for p in plain]
-            short = [float(not r and not is_compliant(p.response)) for p, r in zip(plain, refused, strict=True)]
+            phrases = (self.judges.configs.get("refusal") or {}).get("phrases", "harmsweep")  # the judge's list
+            refused = [float(is_refusal(p.response, PHRASE_LISTS[phrases])) for p in plain]
+            short = [
+                float(not r and not is_compliant(p.response, phrases)) for p, r in zip(plain, refused, strict=True)
+            ]
             for name, values in (("refusal_rate", refused), ("short_answer_rate", short)):
                 samples[name] = mean_sample(ids, values)
                 metrics[name] = sum(values) / len(plain)

@@ -33,7 +33,7 @@ def make_judge(cfg: Mapping[str, Any], data_root: str | None = None, online: boo
     """
     name = cfg.get("name")
     if name == "refusal":
-        return RefusalJudge()
+        return RefusalJudge(str(cfg.get("phrases") or "harmsweep"))
     if name == "strongreject_rubric":
         system = judge_template("strongreject_rubric_system", data_root, cfg.get("system_file"), online)
         user = judge_template("strongreject_rubric_user", data_root, cfg.get("template_file"), online)
