@@ -185,7 +185,8 @@ def _answered(cal: CalibrationConfig) -> str:
 
 
 def _dataset(ref: DatasetRef, data: DataConfig) -> list[Record]:
-    return load_records(ref.name, data.root, file=ref.file, categories=ref.categories, download=data.download)
+    return load_records(ref.name, data.root, file=ref.file, categories=ref.categories, download=data.download,
+                        minus_category=ref.minus_category)  # fmt: skip
 
 
 def _file(path: Path | str, authors: bool, align: bool) -> _Source:

@@ -46,6 +46,7 @@ def check_config(cfg: Config, *, data_root: bool = True) -> PruneSpec:
     mode = cal.harmful.responses
     _check_calibration(cfg, data_root)
     for side, ref in (("harmful", data.harmful), ("benign", data.benign)):
+        ref.validate(side)
         if ref.name == "custom" and not ref.file:
             raise HarmsweepError(
                 f"data.{side}.name=custom needs data.{side}.file=PATH (CSV, JSON or JSONL with a prompt column)"
@@ -221,6 +222,11 @@ def _check_experiment(cfg: Config) -> None:
     name = cfg.experiment
     if name in EXPERIMENT_BLOCKS and not getattr(cfg, str(name)):
         raise HarmsweepError(f"experiment={name} needs its {name}: block; use the preset: -m experiment={name}")
+    if name == "cross_harm" and cfg.data.harmful.minus_category:
+        raise HarmsweepError(
+            "experiment=cross_harm calibrates on every category in turn: data.harmful.minus_category filters one "
+            "category of a single run; drop it"
+        )
     derive = cfg.alignment.derive
     for block in (derive, cfg.em, cfg.dissociation):
         if block:

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from harmsweep.calibration.spec import LATER_DEFAULTS as CALIBRATION_LATER_DEFAULTS
+from harmsweep.evaluation.spec import PERPLEXITY_LATER_DEFAULTS as EVAL_PERPLEXITY_LATER
 
 # stage, prepare_scores: a prepare job is its group's first run with another stage (harmsweep/sweep/jobs.py)
 NOT_IN_RUN_ID = (
@@ -34,6 +35,10 @@ def run_id(cfg: Mapping[str, Any]) -> str:
     """Hash of the resolved config minus where things are stored, placed, launched and logged."""
     kept = {k: v for k, v in cfg.items() if k not in NOT_IN_RUN_ID and v is not None}
     kept["data"] = {k: v for k, v in kept.get("data", {}).items() if k not in ("root", "download")}
+    for side in ("harmful", "benign"):  # data.<side>.minus_category came later (nested): null leaves the id as it was
+        ref = kept["data"].get(side)
+        if isinstance(ref, Mapping) and "minus_category" in ref and ref["minus_category"] is None:
+            kept["data"] = {**kept["data"], side: {k: v for k, v in ref.items() if k != "minus_category"}}
     if "calibration" in kept:  # their data folder is a location, like data.root (the files' content keys the cache)
         kept["calibration"] = {k: v for k, v in kept["calibration"].items() if k != "btap_data"}
     if "model" in kept:
@@ -43,6 +48,10 @@ def run_id(cfg: Mapping[str, Any]) -> str:
         if isinstance(target, Mapping):
             target = {k: v for k, v in target.items() if not (k in defaults and v == defaults[k])}
             kept = {**kept, block: target} if block else target
+    ppl = (kept.get("eval") or {}).get("perplexity")
+    if isinstance(ppl, Mapping):
+        ppl = {k: v for k, v in ppl.items() if not (k in EVAL_PERPLEXITY_LATER and v == EVAL_PERPLEXITY_LATER[k])}
+        kept = {**kept, "eval": {**kept["eval"], "perplexity": ppl}}
     if kept.get("method", "prune") == "prune":
         kept.pop("lowrank", None)  # read by method=lowrank only
     else:

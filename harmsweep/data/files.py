@@ -135,7 +135,10 @@ def read_hexphi_folder(directory: Path, name: str = "hexphi") -> datasets.Datase
     This is how gated HEx-PHI is used: the user's own licensed copy, or the hub files fetched into the HF cache.
     """
     if not directory.is_dir():
-        raise data_error(directory, "HEx-PHI expects a folder holding category_1.csv ... category_11.csv")
+        raise data_error(
+            directory,
+            "HEx-PHI expects a folder of category_1.csv ... category_11.csv, or a .jsonl file (instruction, category)",
+        )
     found = {n: directory / f"category_{n}.csv" for n in HEXPHI_CATEGORIES}
     found = {n: path for n, path in found.items() if path.is_file()}
     if not found:
@@ -155,3 +158,28 @@ def read_hexphi_folder(directory: Path, name: str = "hexphi") -> datasets.Datase
         columns["category"] += [HEXPHI_CATEGORIES[number][0]] * len(prompts)
         columns["source_id"] += [f"{name}:{number}:{i}" for i in range(len(prompts))]
     return datasets.Dataset.from_dict(columns)
+
+
+def read_hexphi_jsonl(path: Path, name: str = "hexphi") -> datasets.Dataset:
+    """The B-TAP authors' HEx-PHI.jsonl (one object a line: instruction, category) as prompt/category/source_id.
+
+    Categories stay as written in the file (the loader maps them to harmsweep's slugs); rows and order are kept and
+    source id `hexphi:i` is the i-th object, the index their Harmful-HEx-PHI.jsonl is aligned by.
+    """
+    table = read_file(path, ["instruction", "category"])
+    columns: dict[str, list[str]] = {"prompt": [], "category": [], "source_id": []}
+    for i, row in enumerate(table.select_columns(["instruction", "category"]).to_list()):
+        for key, value in row.items():
+            if not isinstance(value, str):
+                raise data_error(path, f"line {i + 1}: {key} is a {type(value).__name__}, expected text")
+        columns["prompt"].append(row["instruction"])
+        columns["category"].append(row["category"].strip())
+        columns["source_id"].append(f"{name}:{i}")
+    return datasets.Dataset.from_dict(columns)
+
+
+def read_prompt_list(path: Path) -> list[str]:
+    """A plain text file of one prompt a line (the authors' hex-phi_{C}_not_{M}.txt), stripped, blanks skipped."""
+    if not path.is_file():
+        raise data_error(path, "prompt list not found (expected hex-phi_{category}_not_{minus}.txt here)")
+    return [line.strip() for line in read_text(path).splitlines() if line.strip()]

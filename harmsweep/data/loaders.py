@@ -17,7 +17,7 @@ from typing import Any
 import datasets
 
 from harmsweep.data import hub
-from harmsweep.data.files import read_file, read_hexphi_folder, require
+from harmsweep.data.files import read_file, read_hexphi_folder, read_hexphi_jsonl, read_prompt_list, require
 from harmsweep.data.records import Record
 from harmsweep.data.sources import (
     ALPACA_SAFETY_SOURCE,
@@ -29,6 +29,7 @@ from harmsweep.data.sources import (
     data_error,
     where_to_get,
 )
+from harmsweep.data.spec import CHOSEN_FIVE, DatasetRef
 from harmsweep.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ _HEXPHI_ALIASES: dict[str, str] = {
     alias.casefold(): slug
     for number, (slug, title) in HEXPHI_CATEGORIES.items()
     for alias in (str(number), f"category_{number}", slug, title)
-}
+} | {"privacy_violation": "privacy_violation_activity"}  # the B-TAP authors' HEx-PHI.jsonl name
 SAFETY_FILTER_NAMES = ("alpaca_data_safety_only.json", "alpaca_data_safety_only.jsonl")
 CUSTOM_FIELDS = ("prompt", "response", "category", "target", "id")
 CUSTOM_DEFAULT_COLUMNS: dict[str, str] = {"prompt": "prompt", "response": "response", "category": "category"}
@@ -63,9 +64,12 @@ def load_records(
     categories: list[str] | None = None,
     columns: dict[str, str] | None = None,
     download: bool = False,
+    minus_category: str | None = None,
 ) -> list[Record]:
     """Load dataset `name` as Records; see `load_table` for the arguments."""
-    table = load_table(name, root, file=file, categories=categories, columns=columns, download=download)
+    table = load_table(
+        name, root, file=file, categories=categories, columns=columns, download=download, minus_category=minus_category
+    )
     return [Record(**row) for row in table.to_list()]
 
 
@@ -77,13 +81,16 @@ def load_table(
     categories: list[str] | None = None,
     columns: dict[str, str] | None = None,
     download: bool = False,
+    minus_category: str | None = None,
 ) -> datasets.Dataset:
     """Dataset `name` as a canonical Dataset, from `file`, its place under `root` ($HARMSWEEP_DATA), or the hub.
 
     Whitespace-only prompts are dropped and exact duplicates kept once; `categories` keeps only those categories
     (empty means no filter). The hub is used only for a dataset missing locally, and only with `download=True` or in
-    offline mode (then from the HF caches alone).
+    offline mode (then from the HF caches alone). HEx-PHI also reads the B-TAP authors' HEx-PHI.jsonl (every row
+    kept, in file order), takes `chosen_five`, and `minus_category` (see `_minus`).
     """
+    DatasetRef(name=name, categories=categories, minus_category=minus_category).validate()
     if name not in DEFAULT_PATHS:
         raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
     if columns is not None and name != "custom":
@@ -101,8 +108,17 @@ def load_table(
     elif name == "hexphi":
         if not isinstance(found, Path):  # the hub path fetches HEx-PHI's files, never a table
             raise data_error(origin, "HEx-PHI is read from a folder of category_N.csv files")
-        folder = read_hexphi_folder(found)
-        table = _canonical(**{c: list(folder[c]) for c in ("prompt", "category", "source_id")})
+        jsonl = found.is_file() and found.suffix.lower() == ".jsonl"
+        folder = read_hexphi_jsonl(found) if jsonl else read_hexphi_folder(found)
+        written = list(folder["category"])  # the authors' names name their not-list files
+        slugs = [_HEXPHI_ALIASES.get(c.casefold(), c) for c in written]
+        table = _canonical(prompt=list(folder["prompt"]), category=slugs, source_id=list(folder["source_id"]))
+        table = _finalize(table, origin, name, categories, dedupe=not jsonl)
+        if minus_category is None:
+            return table
+        names = dict(zip(slugs, written, strict=True))
+        lists = found if found.is_dir() else found.parent
+        return _minus(table, lists, names, str(table[0]["category"]), minus_category)
     else:
         raw = read_file(found, REQUIRED[name]) if isinstance(found, Path) else found
         require(REQUIRED[name], raw.column_names, origin)
@@ -162,9 +178,9 @@ def _canonical(**columns: list[str | None]) -> datasets.Dataset:
 
 
 def _finalize(
-    table: datasets.Dataset, origin: str | Path, name: str, categories: list[str] | str | None
+    table: datasets.Dataset, origin: str | Path, name: str, categories: list[str] | str | None, dedupe: bool = True
 ) -> datasets.Dataset:
-    """Drop blank prompts and exact duplicates (first kept), then apply the category filter.
+    """Drop blank prompts and exact duplicates (first kept; not with `dedupe=False`), then filter categories.
 
     A duplicate is the same prompt with the same response, so pair datasets (one prompt, several refusals) keep
     every pair; for prompt-only datasets this is plain prompt de-duplication.
@@ -172,7 +188,7 @@ def _finalize(
     prompts, responses, cats = list(table["prompt"]), list(table["response"]), list(table["category"])
     keep, seen = [], set()
     for i, key in enumerate(zip(prompts, responses, strict=True)):
-        if key[0].strip() and key not in seen:
+        if key[0].strip() and (not dedupe or key not in seen):
             seen.add(key)
             keep.append(i)
     if not keep:
@@ -190,6 +206,8 @@ def _finalize(
         by_key = {c.casefold(): c for c in present}
         aliases = _HEXPHI_ALIASES if name == "hexphi" else {}
         chosen: set[str] = set()
+        if name == "hexphi":  # the B-TAP authors' alias for their 5-category subset
+            categories = [c for w in categories for c in (CHOSEN_FIVE if str(w).casefold() == "chosen_five" else [w])]
         for wanted in categories:
             key = str(wanted).strip().casefold()
             key = aliases.get(key, key)
@@ -198,6 +216,22 @@ def _finalize(
             chosen.add(by_key[key])
         keep = [i for i in keep if cats[i] in chosen]
     return table.select(keep)
+
+
+def _minus(table: datasets.Dataset, folder: Path, names: dict[str, str], slug: str, minus: str) -> datasets.Dataset:
+    """Keep the prompts of the one chosen category listed in the authors' `hex-phi_{C}_not_{M}.txt` (C without M).
+
+    Files are named with the category names of HEx-PHI.jsonl; prompts are compared after stripping whitespace.
+    """
+    other = _HEXPHI_ALIASES.get(minus.strip().casefold(), minus.strip())
+    path = folder / f"hex-phi_{names.get(slug, slug)}_not_{names.get(other, other)}.txt"
+    listed = read_prompt_list(path)
+    present = {p.strip() for p in table["prompt"]}
+    missing = next((p for p in listed if p not in present), None)
+    if missing is not None:
+        raise data_error(path, f"listed prompt {missing!r} is not a {slug} prompt of the HEx-PHI data")
+    wanted = set(listed)
+    return table.select([i for i, p in enumerate(table["prompt"]) if p.strip() in wanted])
 
 
 def _ids(name: str, ids: list[str | None]) -> list[str | None]:

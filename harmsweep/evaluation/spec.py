@@ -26,9 +26,28 @@ ATTACKS = ("none", "prefill")
 COUNTS = ("_n_before", "_unscored_before")
 
 
+CORPORA = ("heldout", "wikitext")  # eval.perplexity.corpus
+
+
+# eval.perplexity settings added after runs were made: at these values they key no run id or cached evaluation
+PERPLEXITY_LATER_DEFAULTS = {"corpus": "heldout", "file": None, "chunk": 4096}
+
+
 @dataclass
 class PerplexityConfig:
+    """heldout: held-out benign responses cut at max_length (the default); wikitext: WikiText-2 raw test in
+    non-overlapping ``chunk``-token windows, as the paper's authors measure it (``file``: a local copy)."""
+
     max_length: int = 256
+    corpus: str = "heldout"
+    file: str | None = None  # .txt, or .parquet/.jsonl/.csv with a text column; null: the hub (data.download=true)
+    chunk: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.corpus not in CORPORA:
+            raise HarmsweepError(f"eval.perplexity.corpus={self.corpus} is not one of {', '.join(CORPORA)}")
+        if int(self.chunk) < 2:
+            raise HarmsweepError(f"eval.perplexity.chunk={self.chunk} must be at least 2 (a window predicts chunk-1)")
 
 
 @dataclass

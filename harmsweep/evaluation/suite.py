@@ -2,8 +2,8 @@
 
 Harm is measured on held-out harmful prompts only (never calibration prompts): by likelihood of
 reference responses (judge-free), and by generating answers and judging them (keyword refusal,
-StrongREJECT fine-tuned or rubric judge). Utility by benign perplexity and lm-eval tasks;
-dissociation by recognition accuracy and the refusal rate on plain (un-attacked) harmful prompts.
+StrongREJECT fine-tuned or rubric judge). Utility by benign perplexity (or WikiText-2's: eval.perplexity.corpus)
+and lm-eval tasks; dissociation by recognition accuracy and the refusal rate on plain (un-attacked) harmful prompts.
 A judge listed in ``eval.metrics`` but not configured (no weights path, no endpoint) is skipped
 and the reason recorded, so the CPU default runs everywhere and picks the judge up when it exists.
 
@@ -52,6 +52,7 @@ class Suite:
     seed: int = 0  # seeds sampled generation and lm-eval
     mask: Mapping[str, torch.Tensor] | None = None  # what the model under test has pruned (for vLLM's copy)
     logits_chunk: int = DEFAULT_LOGITS_CHUNK  # model.logits_chunk: positions whose fp32 logits exist at once
+    download: bool = False  # data.download: eval.perplexity.corpus=wikitext without a file may use the hub
     _cache: dict[str, Any] = field(default_factory=dict)  # judges and answers, reused across calls
 
     def run(self, stage: str) -> tuple[dict[str, float | int | None], list[dict[str, Any]]]:
@@ -110,7 +111,16 @@ class Suite:
             for name, values in (("refusal_rate", refused), ("short_answer_rate", short)):
                 samples[name] = mean_sample(ids, values)
                 metrics[name] = sum(values) / len(plain)
-        if "perplexity" in metrics_to_run:
+        if "perplexity" in metrics_to_run and ev.perplexity.corpus == "wikitext":
+            from harmsweep.evaluation.utility import window_nlls
+
+            windows = self._wikitext_windows()
+            kept = list(zip((f"wikitext/{i}" for i in range(len(windows))), window_nlls(model, windows,
+                            logits_chunk=self.logits_chunk), strict=True))  # fmt: skip
+            samples["perplexity"] = Sample(tuple(i for i, _ in kept), tuple(t[0] for _, t in kept), "exp_ratio",
+                                           tuple(float(t[1]) for _, t in kept))  # fmt: skip
+            metrics["perplexity"] = float(samples["perplexity"].estimate())
+        elif "perplexity" in metrics_to_run:
             from harmsweep.evaluation.utility import text_nlls
 
             texts = [(r.source_id, r.response) for r in self.held.benign if r.response]
@@ -149,6 +159,16 @@ class Suite:
     def samples(self, stage: str) -> dict[str, Sample]:
         """Per-item values of the metrics the last ``run(stage)`` measured (lm-eval keeps none)."""
         return dict(self._cache.get(f"samples/{stage}", {}))
+
+    def _wikitext_windows(self) -> list[list[int]]:
+        """eval.perplexity.corpus=wikitext: the corpus read and tokenised once, its windows reused by every stage."""
+        if "wikitext" not in self._cache:
+            from harmsweep.evaluation.utility import corpus_windows, wikitext_rows
+
+            cfg = self.ev.perplexity
+            rows = wikitext_rows(cfg.file, self.download)
+            self._cache["wikitext"] = corpus_windows(self.lm.tokenizer, rows, cfg.chunk)
+        return self._cache["wikitext"]
 
     def judge_versions(self) -> dict[str, str]:
         """Name and version of each judge used, recorded in result.json."""

@@ -20,10 +20,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from harmsweep.batches import padded
 from harmsweep.devices import input_device
-from harmsweep.errors import HarmsweepError
+from harmsweep.errors import DataError, HarmsweepError
 from harmsweep.losses import DEFAULT_LOGITS_CHUNK, IGNORE, nll_sums
 
 DEFAULT_TASKS_DIR = Path(__file__).resolve().parents[2] / "conf" / "lm_eval_tasks"
+WIKITEXT = ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")  # the authors' perplexity corpus: id, config, split
+WIKITEXT_TOKENS = 290_000  # WikiText-2 raw test in Llama-3-style tokens, for planning when the file is not local
+CHARS_PER_TOKEN = 4.4  # WikiText-2 raw test: ~1.29M characters over ~290k tokens (planning only)
 
 
 def perplexity(
@@ -72,6 +75,67 @@ def text_nlls(
                             dtype=torch.float64).tolist()  # fmt: skip
             for j, i in enumerate(chunk):
                 out[i] = (float(sums[j]), len(rows[i]) - 1)
+    return out
+
+
+def wikitext_rows(file: str | Path | None, download: bool) -> list[str]:
+    """The corpus rows: a local .txt such as wiki.test.raw (its lines with their newline, blank ones empty, as the
+    hub builds its rows) or a table's ``text`` column;
+    without a file the hub's WikiText-2 raw test, only with ``data.download=true`` or a filled offline cache."""
+    from harmsweep.data.files import quiet_datasets, read_file, read_text  # imports datasets: only when asked
+
+    if file is not None:
+        path = Path(file).expanduser()
+        if not path.is_file():
+            raise DataError(f"{path}: eval.perplexity.file not found")
+        if path.suffix.lower() == ".txt":
+            return [r if r.strip() else "" for r in read_text(path).splitlines(keepends=True)]  # as the hub's rows
+        return [str(t or "") for t in read_file(path, required=["text"])["text"]]
+    import datasets
+
+    from harmsweep.data.hub import offline
+
+    repo, config, split = WIKITEXT
+    if not (download or offline()):
+        raise DataError(
+            f"{repo} ({config}) is not local: set eval.perplexity.file=PATH (wiki.test.raw) or data.download=true"
+        )
+    try:
+        with quiet_datasets():
+            return list(datasets.load_dataset(repo, config, split=split)["text"])
+    except Exception as exc:  # offline and not cached, HTTP, auth: one line either way
+        reason = (str(exc).splitlines() or [""])[0]
+        raise DataError(
+            f"{repo} ({config}): could not load ({type(exc).__name__}: {reason}); set eval.perplexity.file=PATH"
+        ) from exc
+
+
+def corpus_windows(tokenizer: PreTrainedTokenizerBase, rows: Sequence[str], chunk: int) -> list[list[int]]:
+    """The authors' windows: rows joined by a blank line, tokenised once with special tokens (one BOS, at the very
+    start), cut into non-overlapping ``chunk``-token windows; the remainder is dropped."""
+    if int(chunk) < 2:
+        raise HarmsweepError(f"eval.perplexity.chunk={chunk} must be at least 2 (a window predicts chunk-1 tokens)")
+    ids = tokenizer("\n\n".join(rows), add_special_tokens=True)["input_ids"]
+    n = len(ids) // int(chunk)
+    if n == 0:
+        raise HarmsweepError(
+            f"eval.perplexity.chunk={chunk} is longer than the whole corpus ({len(ids)} tokens): lower it"
+        )
+    return [ids[i * chunk : (i + 1) * chunk] for i in range(n)]
+
+
+def window_nlls(
+    model: PreTrainedModel, windows: Sequence[Sequence[int]], logits_chunk: int = DEFAULT_LOGITS_CHUNK
+) -> list[tuple[float, int]]:
+    """Per window (batch 1, no padding): (summed NLL of every position after the first, chunk-1), summed in fp64;
+    the windows are perplexity's bootstrap items. At most ``logits_chunk`` positions' fp32 logits exist at once."""
+    device = input_device(model)
+    out = []
+    with torch.no_grad():
+        for window in windows:
+            ids = torch.tensor([list(window)])
+            total = nll_sums(model, ids.to(device), None, ids, logits_chunk=logits_chunk, dtype=torch.float64)
+            out.append((float(total[0]), len(window) - 1))
     return out
 
 

@@ -145,6 +145,7 @@ def _run(ctx: RunContext) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         "zero_fraction_before": zeros_before / n_scored,
         "metrics": metrics,
         "skipped_metrics": skipped,
+        **({"perplexity_corpus": cfg.eval.perplexity.corpus} if "perplexity" in run else {}),  # never pool the two
         "judges": {name: suite.judge_versions().get(name) for name in run if name in JUDGES},
         "pruning": {"rule": "lowrank", "sparsity": None, "protect": None, **change["spec"]} if lowrank else change,
         **({"lowrank": change} if lowrank else {}),

@@ -21,6 +21,7 @@ from harmsweep.batches import iter_batches
 from harmsweep.cache import VERSIONS, cached, content_key, replaced, tensor_key, write_key_info
 from harmsweep.calibration.sets import calibrate
 from harmsweep.devices import input_device
+from harmsweep.evaluation.spec import PERPLEXITY_LATER_DEFAULTS, EvalConfig
 from harmsweep.evaluation.suite import HeldOut, Suite
 from harmsweep.intervals import samples_to_json
 from harmsweep.models.base_weights import base_values
@@ -243,9 +244,9 @@ def evaluation_suite(ctx: RunContext, sets: Sets) -> Suite:
     held = HeldOut(
         ctx.splits.harmful_eval, ctx.splits.benign_eval, {k: sets[k] for k in ("eval_harmful", "eval_benign")}
     )
-    return Suite(
-        ctx.cfg.eval, ctx.judges(), ctx.lm, ctx.template, held, ctx.cfg.seed, logits_chunk=ctx.cfg.model.logits_chunk
-    )
+    cfg = ctx.cfg
+    return Suite(cfg.eval, ctx.judges(), ctx.lm, ctx.template, held, cfg.seed, logits_chunk=cfg.model.logits_chunk,
+                 download=cfg.data.download)  # fmt: skip
 
 
 def evaluate(suite: Suite, stage: str, path: Path | None, info: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -258,6 +259,15 @@ def evaluate(suite: Suite, stage: str, path: Path | None, info: Mapping[str, Any
     return out
 
 
+def _eval_key(ev: EvalConfig) -> dict[str, Any]:
+    """The eval block as it keys the cached unpruned evaluation: later settings at their defaults left out, so
+    evaluations cached before them stay found."""
+    key = asdict(ev)
+    key["perplexity"] = {k: v for k, v in key["perplexity"].items()
+                         if not (k in PERPLEXITY_LATER_DEFAULTS and v == PERPLEXITY_LATER_DEFAULTS[k])}  # fmt: skip
+    return key
+
+
 def evaluate_before(ctx: RunContext, sets: Sets, cal_entry: Path) -> tuple[Suite, dict[str, Any], Path]:
     """The unpruned model's evaluation, cached like scores (the same for every rule and sparsity).
 
@@ -265,7 +275,7 @@ def evaluate_before(ctx: RunContext, sets: Sets, cal_entry: Path) -> tuple[Suite
     """
     cfg = ctx.cfg
     run_suite = evaluation_suite(ctx, sets)
-    info = {"version": VERSIONS["eval"], "calibration": cal_entry.name, "eval": asdict(cfg.eval),
+    info = {"version": VERSIONS["eval"], "calibration": cal_entry.name, "eval": _eval_key(cfg.eval),
             "judges": cfg.judges, "seed": cfg.seed}  # fmt: skip
     entry = ctx.root / "eval_before" / content_key(info)
 

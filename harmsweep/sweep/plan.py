@@ -146,11 +146,15 @@ def _workload(
     per_stage = (1 if judged else 0) + (1 if "refusal" in metrics and (attack != "none" or not judged) else 0)
     stages = 1 + int(new["eval_before"])
     n_eval = held_out if ev.n is None else ev.n
-    forward_tokens, lengths = 0, [0]
+    forward_tokens, lengths, window = 0, [0], 0
     if "harm_likelihood" in metrics:
         forward_tokens += 2 * n_eval * cal_length
         lengths.append(cal_length)
-    if "perplexity" in metrics:
+    if "perplexity" in metrics and ev.perplexity.corpus == "wikitext":  # windows of `chunk` tokens, one at a time
+        chunk = ev.perplexity.chunk
+        forward_tokens += _wikitext_windows(ev.perplexity.file, chunk) * chunk
+        window = chunk  # batch 1: its activations are chunk tokens', the other forwards' batch x length
+    elif "perplexity" in metrics:
         forward_tokens += n_eval * ev.perplexity.max_length
         lengths.append(ev.perplexity.max_length)
     if "recognition" in metrics:
@@ -203,12 +207,22 @@ def _workload(
         logits_chunk=cfg.model.logits_chunk,
         dense_scores=cfg.scores.store == "dense",
         kept_fraction=kept.keep + kept.keep_benign,
-        forward_batch=ev.batch_size,
-        forward_length=max(lengths),
+        forward_batch=1 if window > ev.batch_size * max(lengths) else ev.batch_size,
+        forward_length=window if window > ev.batch_size * max(lengths) else max(lengths),
         backend=ev.generation.backend,
         gpu_bytes=gpu_gb * GIB,
         finetunes=_finetunes(cfg, n_eval),
     )
+
+
+def _wikitext_windows(file: str | None, chunk: int) -> int:
+    """WikiText windows of ``chunk`` tokens: from the local file's characters, else WikiText-2 test's ~290k tokens."""
+    from harmsweep.evaluation.utility import CHARS_PER_TOKEN, WIKITEXT_TOKENS, wikitext_rows
+
+    tokens = WIKITEXT_TOKENS
+    if file is not None:
+        tokens = round(sum(len(r) + 2 for r in wikitext_rows(file, download=False)) / CHARS_PER_TOKEN)
+    return max(1, tokens // chunk)
 
 
 def _finetunes(cfg: Config, n_eval: int) -> tuple[Any, ...]:

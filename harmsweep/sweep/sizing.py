@@ -76,8 +76,8 @@ class Workload:
     logits_chunk: int = 2048
     dense_scores: bool = False  # scores.store=dense: every score comes to the host to be saved
     kept_fraction: float = 0.0302  # compact sets: the harm and benign tails' fractions together (host and disk)
-    forward_batch: int = 8  # eval.batch_size: likelihood, perplexity, recognition forwards
-    forward_length: int = 256  # their longest sequence
+    forward_batch: int = 8  # eval.batch_size: likelihood, perplexity, recognition forwards (1: WikiText's windows)
+    forward_length: int = 256  # their longest sequence (eval.perplexity.chunk when a WikiText window is the largest)
     # the new score sets one by one: (pairs, one example per pass?); empty: score_sets sets of cal_n, as unsigned says
     set_runs: tuple[tuple[int, bool], ...] = ()
     backend: str = "hf"  # hf | vllm
