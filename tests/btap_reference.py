@@ -1,6 +1,6 @@
 """An independent reimplementation of the authors' (B-TAP) calibration, scoring and selection, for parity tests.
 
-Written from /work/shared/notes/btap_reference.md (sections 2.3, 2.4, 3 and 4) only, and deliberately naive:
+Written from ../shared/notes/btap_reference.md (sections 2.3, 2.4, 3 and 4) only, and deliberately naive:
 it imports nothing from harmsweep's calibration, scoring or pruning code, so agreement with harmsweep means two
 readings of the spec agree. It follows their arithmetic literally: rows read with ``datasets``, each part tokenised
 alone without special tokens, one example per forward/backward, the loss of ``model(input_ids, labels=labels)``,

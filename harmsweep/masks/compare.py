@@ -44,6 +44,16 @@ class MatrixRow:
     def differs(self) -> bool:
         return not self.a == self.b == self.both
 
+    @property
+    def jaccard(self) -> float:
+        return _jaccard(self.a, self.b, self.both)
+
+
+def _jaccard(a: int, b: int, both: int) -> float:
+    """|A and B| / |A or B|; two empty masks are the same mask (1.0)."""
+    union = a + b - both
+    return both / union if union else 1.0
+
 
 @dataclass(frozen=True)
 class Comparison:
@@ -63,9 +73,7 @@ class Comparison:
 
     @property
     def jaccard(self) -> float:
-        """|A and B| / |A or B|; two empty masks are the same mask (1.0)."""
-        union = self.a + self.b - self.both
-        return self.both / union if union else 1.0
+        return _jaccard(self.a, self.b, self.both)
 
     def per_layer(self) -> dict[int, tuple[int, int, int]]:
         """layer -> (A, B, both)."""
@@ -105,9 +113,7 @@ def write_csv(comparison: Comparison, path: Path) -> None:
         out = csv.writer(f)
         out.writerow(["name", "layer", "module", "a", "b", "both", "only_a", "only_b", "jaccard", "differs"])
         for r in comparison.rows:
-            union = r.a + r.b - r.both
-            jac = r.both / union if union else 1.0
-            out.writerow([r.name, r.layer, r.module, r.a, r.b, r.both, r.a - r.both, r.b - r.both, f"{jac:.6g}",
+            out.writerow([r.name, r.layer, r.module, r.a, r.b, r.both, r.a - r.both, r.b - r.both, f"{r.jaccard:.6g}",
                           int(r.differs)])  # fmt: skip
 
 

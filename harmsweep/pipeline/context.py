@@ -20,7 +20,7 @@ from harmsweep.calibration.sets import Splits, held_out_splits
 from harmsweep.config.schema import Config
 from harmsweep.devices import place_model
 from harmsweep.evaluation.judges.source import JudgeSource
-from harmsweep.masks.files import read_mask_file
+from harmsweep.masks.files import GivenMask, read_mask_file
 from harmsweep.models.loading import LoadedModel, load_model
 from harmsweep.models.parts import ScoredParam, scored_parameters
 from harmsweep.pruning.spec import PruneSpec
@@ -41,6 +41,7 @@ class RunContext:
     params: dict[str, ScoredParam]  # the scored weights and where they sit
     timings: dict[str, float] = field(default_factory=dict)
     computed: dict[str, bool] = field(default_factory=dict)  # shared artifacts this run computed (False: reused)
+    given: GivenMask | None = None  # pruning.mask_file, read and checked against the model when it loaded
 
     @classmethod
     def open(cls, cfg: Config, plain: Mapping[str, Any], run_id: str, run_dir: Path, spec: PruneSpec) -> RunContext:
@@ -50,14 +51,15 @@ class RunContext:
         load_s = time.perf_counter() - start
         params = scored_parameters(lm.model)
         spec.check_layers(p.layer for p in params.values())  # a layer the model lacks: before any data is read
+        given = None
         if spec.mask_file:  # a mask file for another model stops here, not after calibration
             shapes = {n: tuple(p.shape) for n, p in lm.model.named_parameters() if n in params}
-            read_mask_file(spec.mask_file, params, shapes, spec.layers)
+            given = read_mask_file(spec.mask_file, params, shapes, spec.layers)
         template = resolve_template(lm.tokenizer, cfg.alignment.template)
         exclude = trained_prompts(lm.source, cfg.paths.cache_dir)  # a derived model's training prompts
         basename = cfg.btap_basename()  # names the files under calibration.btap_data
         splits = held_out_splits(cfg.calibration, cfg.data, cfg.eval.n, cfg.seed, exclude=exclude, basename=basename)
-        ctx = cls(cfg, plain, run_id, run_dir, spec, lm, template, splits, params)
+        ctx = cls(cfg, plain, run_id, run_dir, spec, lm, template, splits, params, given=given)
         ctx.timings["load"] = load_s
         return ctx
 

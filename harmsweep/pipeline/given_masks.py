@@ -24,7 +24,6 @@ from harmsweep.calibration.spec import CalibrationConfig
 from harmsweep.data.btap import btap_files
 from harmsweep.devices import input_device
 from harmsweep.masks.compare import intersect
-from harmsweep.masks.files import read_mask_file
 from harmsweep.models.parts import head_dim
 from harmsweep.pipeline.context import RunContext
 from harmsweep.pruning.masks import load_mask, save_mask
@@ -61,10 +60,10 @@ def given_mask(ctx: RunContext, score: Score) -> tuple[dict[str, torch.Tensor], 
 
 
 def from_file(ctx: RunContext) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """pruning.mask_file, checked against the model (names, layers, modules, index ranges), then pruning.layers."""
+    """pruning.mask_file as RunContext.open read it (checked against the model, then pruning.layers), and its record."""
     path = str(ctx.spec.mask_file)
-    shapes = {n: tuple(w.shape) for n, w in ctx.weights().items()}
-    found = read_mask_file(path, ctx.params, shapes, ctx.spec.layers)
+    found = ctx.given  # read and checked when the model loaded (RunContext.open)
+    assert found is not None
     n = sum(int(t.numel()) for t in found.mask.values())
     log.info("mask file %s (%s): %d weights, %d after pruning.layers", path, found.format, found.n_in_file, n)
     record = {"mask_file": path, "format": found.format, "n_in_file": found.n_in_file, "n_pruned": n,
