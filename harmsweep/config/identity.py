@@ -11,8 +11,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from harmsweep.attacks.spec import default_attack_block
 from harmsweep.calibration.spec import LATER_DEFAULTS as CALIBRATION_LATER_DEFAULTS
-from harmsweep.evaluation.spec import PERPLEXITY_LATER_DEFAULTS as EVAL_PERPLEXITY_LATER
+from harmsweep.evaluation.spec import judges_key, without_later_defaults
 
 # stage, prepare_scores: a prepare job is its group's first run with another stage (harmsweep/sweep/jobs.py)
 NOT_IN_RUN_ID = (
@@ -24,10 +25,10 @@ PLACEMENT_KEYS = ("device_map", "max_memory", "logits_chunk", "architecture")
 LATER_DEFAULTS = {
     "pruning": {"counts": "round", "ties": "index", "order": "top", "nm_n": 2, "nm_m": 4, "replace": "zero",
                 "sequential": False, "eligible": "positive", "layers": None, "alpha": 0, "freeze_first_top_q": False,
-                "mask_file": None, "intersect": None},
+                "mask_file": None, "intersect": None, "finetune_before": False, "finetune_after": False},
     "calibration": CALIBRATION_LATER_DEFAULTS,
     "model": {"architecture": None, "chat_template_kwargs": {}},
-    "": {"method": "prune"},
+    "": {"method": "prune", "attack": default_attack_block()},
 }  # fmt: skip
 
 
@@ -48,10 +49,10 @@ def run_id(cfg: Mapping[str, Any]) -> str:
         if isinstance(target, Mapping):
             target = {k: v for k, v in target.items() if not (k in defaults and v == defaults[k])}
             kept = {**kept, block: target} if block else target
-    ppl = (kept.get("eval") or {}).get("perplexity")
-    if isinstance(ppl, Mapping):
-        ppl = {k: v for k, v in ppl.items() if not (k in EVAL_PERPLEXITY_LATER and v == EVAL_PERPLEXITY_LATER[k])}
-        kept = {**kept, "eval": {**kept["eval"], "perplexity": ppl}}
+    if isinstance(kept.get("eval"), Mapping):
+        kept = {**kept, "eval": without_later_defaults(kept["eval"])}
+    if isinstance(kept.get("judges"), Mapping):
+        kept = {**kept, "judges": judges_key(kept["judges"])}
     if kept.get("method", "prune") == "prune":
         kept.pop("lowrank", None)  # read by method=lowrank only
     else:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harmsweep.alignment.spec import AlignmentConfig, FinetuneSpec
+from harmsweep.attacks.spec import AttackConfig
 from harmsweep.calibration.spec import CalibrationConfig
 from harmsweep.data.spec import DataConfig
 from harmsweep.evaluation.spec import EvalConfig
@@ -88,6 +89,7 @@ class Config:
     method: str = "prune"  # prune: a mask of weights | lowrank: ActSVD removal of a subspace (lowrank block)
     lowrank: LowRankSpec = field(default_factory=LowRankSpec)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)  # how eval.generation.attack's weight attacks are made
     judges: dict[str, Any] = field(default_factory=dict)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)

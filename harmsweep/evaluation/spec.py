@@ -6,11 +6,19 @@ No torch here: the command line checks an evaluation plan (and the sweep side si
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from harmsweep.attacks.spec import ATTACKS
 from harmsweep.errors import HarmsweepError
-from harmsweep.generation.sampling import BACKENDS, GenerationConfig
+from harmsweep.generation.sampling import (
+    BACKENDS,
+    GENERATION_LATER_DEFAULTS,
+    PREFIXES,
+    PROMPT_FORMATS,
+    SAMPLINGS,
+    GenerationConfig,
+)
 
 METRICS = (
     "harm_likelihood",
@@ -20,9 +28,11 @@ METRICS = (
     "perplexity",
     "recognition",
     "lm_eval",
+    "triviaqa",
+    "alpaca_judge",
+    "financial_advice",
 )
 JUDGES = {"refusal": "asr_keyword", "strongreject_finetuned": "strongreject", "strongreject_rubric": "rubric"}
-ATTACKS = ("none", "prefill")
 COUNTS = ("_n_before", "_unscored_before")
 
 
@@ -56,6 +66,37 @@ class LmEvalConfig:
     limit: int | None = 200
     batch_size: Any = 8  # a number, or auto
     num_fewshot: int | None = 0  # null: each task's standard few-shot setting
+    chat_template: Any = False  # false | true | auto: chat models (a chat template in use) with it, base models without
+    num_fewshot_base: int | None = None  # base models (plain template) take this many shots instead (theirs: 3)
+
+
+@dataclass
+class TriviaQAConfig:
+    """The authors' TriviaQA: dev questions, a seeded draw, sampled answers, correct when an alias is a substring."""
+
+    file: str | None = None  # unfiltered-web-dev.json (Data[].Question, Answer.Aliases); null: the hub (data.download)
+    n: int = 1000
+    seed: int = 42  # their random.Random(42) shuffle
+    max_new_tokens: int | None = None  # null: 100 for chat models, 50 for base models (first line kept)
+
+
+@dataclass
+class AlpacaJudgeConfig:
+    """The authors' Alpaca usefulness: answers to benign instructions rated 1-10 by judges.alpaca_usefulness."""
+
+    file: str | None = None  # CSV/JSON/JSONL of instructions (prompt or instruction column); null: data.benign
+    n: int = 1000
+    max_new_tokens: int = 256
+
+
+@dataclass
+class FinancialAdviceConfig:
+    """Collateral refusals: benign financial-advice prompts, refused = at most 50 words and a refusal phrase."""
+
+    file: str | None = None  # their financial_advice_generated.txt: one prompt per line (or CSV/JSONL prompt)
+    n: int | None = None  # null: every prompt
+    max_new_tokens: int = 256
+    max_words: int = 50
 
 
 @dataclass
@@ -69,6 +110,47 @@ class EvalConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
     lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
+    harmful_file: str | None = None  # fixed evaluation prompts (their advbench_valid.txt, or a _valid.csv): replace
+    # the held-out split of the harmful side; null: held out from data.harmful
+    triviaqa: TriviaQAConfig = field(default_factory=TriviaQAConfig)
+    alpaca: AlpacaJudgeConfig = field(default_factory=AlpacaJudgeConfig)
+    financial: FinancialAdviceConfig = field(default_factory=FinancialAdviceConfig)
+
+
+# eval settings added after runs were made (block -> key -> default; "" the eval block itself): at these values they
+# key no run id or cached evaluation, so finished runs stay found
+EVAL_LATER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "": {"harmful_file": None, "triviaqa": asdict(TriviaQAConfig()), "alpaca": asdict(AlpacaJudgeConfig()),
+         "financial": asdict(FinancialAdviceConfig())},
+    "perplexity": PERPLEXITY_LATER_DEFAULTS,
+    "generation": GENERATION_LATER_DEFAULTS,
+    "lm_eval": {"chat_template": False, "num_fewshot_base": None},
+}  # fmt: skip
+
+
+def without_later_defaults(block: Mapping[str, Any]) -> dict[str, Any]:
+    """The eval block minus settings at their EVAL_LATER_DEFAULTS value (run ids, cached evaluations)."""
+    out = {k: v for k, v in block.items() if not (k in EVAL_LATER_DEFAULTS[""] and v == EVAL_LATER_DEFAULTS[""][k])}
+    for name, defaults in EVAL_LATER_DEFAULTS.items():
+        if name and isinstance(out.get(name), Mapping):
+            out[name] = {k: v for k, v in out[name].items() if not (k in defaults and v == defaults[k])}
+    return out
+
+
+JUDGED_TEXTS = ("joined", "separated")  # judges.<name>.judged_text: prefix + answer, or their "prefix|||answer"
+LATER_JUDGES = ("alpaca_usefulness",)  # judges added after runs were made: unconfigured (no base_url), keyless
+
+
+def judges_key(judges: Mapping[str, Any]) -> dict[str, Any]:
+    """The judges block as it keys run ids and cached evaluations: later settings at their defaults left out."""
+    out: dict[str, Any] = {}
+    for name, cfg in judges.items():
+        if name in LATER_JUDGES and isinstance(cfg, Mapping) and not cfg.get("base_url"):
+            continue
+        if isinstance(cfg, Mapping) and cfg.get("judged_text", "joined") == "joined":
+            cfg = {k: v for k, v in cfg.items() if k != "judged_text"}
+        out[name] = cfg
+    return out
 
 
 REFUSAL_LISTS = ("harmsweep", "orgad2026")  # judges.refusal.phrases (evaluation/judges/refusal.py PHRASE_LISTS)
@@ -82,8 +164,20 @@ def metric_plan(ev: EvalConfig, judges: Mapping[str, Any]) -> tuple[list[str], d
     gen = ev.generation
     if gen.attack not in ATTACKS:
         raise HarmsweepError(f"eval.generation.attack={gen.attack} is not one of {', '.join(ATTACKS)}")
-    if gen.backend not in BACKENDS:
-        raise HarmsweepError(f"eval.generation.backend={gen.backend} is not one of {', '.join(BACKENDS)}")
+    for key, value, choices in (
+        ("backend", gen.backend, BACKENDS),
+        ("prefix", gen.prefix, PREFIXES),
+        ("sampling", gen.sampling, SAMPLINGS),
+        ("prompt_format", gen.prompt_format, PROMPT_FORMATS),
+    ):
+        if value not in choices:
+            raise HarmsweepError(f"eval.generation.{key}={value} is not one of {', '.join(choices)}")
+    if gen.prefix == "file" and not gen.prefix_file:
+        raise HarmsweepError(
+            "eval.generation.prefix=file needs eval.generation.prefix_file=PATH (their _valid.csv or Harmful-HEx-PHI.jsonl)"
+        )
+    if str(ev.lm_eval.chat_template).lower() not in ("true", "false", "auto"):
+        raise HarmsweepError(f"eval.lm_eval.chat_template={ev.lm_eval.chat_template} is not one of true, false, auto")
     phrases = (judges.get("refusal") or {}).get("phrases", "harmsweep")
     if phrases not in REFUSAL_LISTS:
         raise HarmsweepError(f"judges.refusal.phrases={phrases} is not one of {', '.join(REFUSAL_LISTS)}")
@@ -97,6 +191,10 @@ def metric_plan(ev: EvalConfig, judges: Mapping[str, Any]) -> tuple[list[str], d
             skipped[metric] = "no endpoint: set judges.strongreject_rubric.base_url=URL (key from its api_key_env)"
         elif metric == "lm_eval" and not ev.lm_eval.tasks:
             skipped[metric] = "no tasks: set eval.lm_eval.tasks=[...]"
+        elif metric == "alpaca_judge" and not (judges.get("alpaca_usefulness") or {}).get("base_url"):
+            skipped[metric] = "no endpoint: set judges.alpaca_usefulness.base_url=URL (key from its api_key_env)"
+        elif metric == "financial_advice" and not ev.financial.file:
+            skipped[metric] = "no prompts: set eval.financial.file=PATH (their financial_advice_generated.txt)"
         else:
             run.append(metric)
     return run, skipped

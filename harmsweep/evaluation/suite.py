@@ -181,7 +181,7 @@ class Suite:
             gen = self.ev.generation
             self._cache[key] = generate_responses(
                 self.lm.model, self.lm.tokenizer, self.held.harmful, self.template,
-                prefill_tokens=gen.prefill_tokens if attack == "prefill" else 0, sampling=gen.sampling(self.seed),
+                prefill_tokens=gen.prefill_tokens if attack == "prefill" else 0, sampling=gen.decoding(self.seed),
                 batch_size=gen.batch_size, desc=f"answers {stage} ({attack})", backend=gen.backend,
                 engine=EngineInputs(self.lm.source, self.lm.fingerprint, self.mask),
             )  # fmt: skip

@@ -14,6 +14,11 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 BACKENDS = ("hf", "vllm")
+PREFIXES = ("target", "file")  # eval.generation.prefix: the dataset's affirmative target, or a real answer from a file
+SAMPLINGS = ("fixed", "model")  # eval.generation.sampling: this block's settings, or the model's generation config
+PROMPT_FORMATS = ("harmsweep", "btap")  # eval.generation.prompt_format: plain-template prompts (base models)
+# eval.generation settings added after runs were made: at these values they key no run id or cached evaluation
+GENERATION_LATER_DEFAULTS = {"prefix": "target", "prefix_file": None, "sampling": "fixed", "prompt_format": "harmsweep"}
 
 
 @dataclass(frozen=True)
@@ -40,8 +45,14 @@ class Sampling:
 class GenerationConfig:
     """The ``eval.generation`` block: how held-out answers are generated (and attacked)."""
 
-    attack: str = "none"
+    attack: str = "none"  # none | prefill | refusal_ablation(_prefill) | finetune(_prefill) (attacks/spec.py)
     prefill_tokens: int = 8
+    prefix: str = "target"  # target: the dataset's "Sure, here is" | file: a real harmful answer from prefix_file
+    prefix_file: str | None = None  # CSV (clean_prompt/clean_response or prompt/response, matched by prompt) or
+    # JSONL of [user, assistant] pairs (Harmful-HEx-PHI: line i answers line i of data.harmful's HEx-PHI.jsonl)
+    sampling: str = "fixed"  # fixed: do_sample/temperature/top_p here | model: the model's generation config
+    prompt_format: str = "harmsweep"  # plain template (base models): harmsweep "User: ..\nAssistant:\n" |
+    # btap: "Q: {prompt}\nA:" and, prefilled, "{prompt}\n{prefix}" (the authors')
     max_new_tokens: int = 64
     batch_size: int = 16
     do_sample: bool = False
@@ -49,7 +60,7 @@ class GenerationConfig:
     top_p: float = 1.0
     backend: str = "hf"
 
-    def sampling(self, seed: int) -> Sampling:
+    def decoding(self, seed: int) -> Sampling:
         """The decoding settings of this block, seeded by the run."""
         return Sampling(self.max_new_tokens, self.do_sample, self.temperature, self.top_p, seed)
 

@@ -21,7 +21,7 @@ from harmsweep.batches import iter_batches
 from harmsweep.cache import VERSIONS, cached, content_key, replaced, tensor_key, write_key_info
 from harmsweep.calibration.sets import calibrate
 from harmsweep.devices import input_device
-from harmsweep.evaluation.spec import PERPLEXITY_LATER_DEFAULTS, EvalConfig
+from harmsweep.evaluation.spec import EvalConfig, judges_key, without_later_defaults
 from harmsweep.evaluation.suite import HeldOut, Suite
 from harmsweep.intervals import samples_to_json
 from harmsweep.models.base_weights import base_values
@@ -262,10 +262,7 @@ def evaluate(suite: Suite, stage: str, path: Path | None, info: Mapping[str, Any
 def _eval_key(ev: EvalConfig) -> dict[str, Any]:
     """The eval block as it keys the cached unpruned evaluation: later settings at their defaults left out, so
     evaluations cached before them stay found."""
-    key = asdict(ev)
-    key["perplexity"] = {k: v for k, v in key["perplexity"].items()
-                         if not (k in PERPLEXITY_LATER_DEFAULTS and v == PERPLEXITY_LATER_DEFAULTS[k])}  # fmt: skip
-    return key
+    return without_later_defaults(asdict(ev))
 
 
 def evaluate_before(ctx: RunContext, sets: Sets, cal_entry: Path) -> tuple[Suite, dict[str, Any], Path]:
@@ -276,7 +273,7 @@ def evaluate_before(ctx: RunContext, sets: Sets, cal_entry: Path) -> tuple[Suite
     cfg = ctx.cfg
     run_suite = evaluation_suite(ctx, sets)
     info = {"version": VERSIONS["eval"], "calibration": cal_entry.name, "eval": _eval_key(cfg.eval),
-            "judges": cfg.judges, "seed": cfg.seed}  # fmt: skip
+            "judges": judges_key(cfg.judges), "seed": cfg.seed}  # fmt: skip
     entry = ctx.root / "eval_before" / content_key(info)
 
     def make() -> tuple[dict[str, Any], bool]:

@@ -51,6 +51,8 @@ class PruningConfig:
     freeze_first_top_q: bool = False  # prune the next band: TopK_2q(H) minus TopK_q(H) minus the protected
     mask_file: str | None = None  # prune this mask (mask.safetensors, or JSON/safetensors of layer, module, row, col)
     intersect: list[str] | None = None  # harmful calibration files: prune the intersection of their masks
+    finetune_before: bool = False  # fine-tune on harmful pairs (the attack block's recipe), then score and prune
+    finetune_after: bool = False  # prune, fine-tune (the merge overwrites the zeros), then score and prune again
 
 
 @dataclass
