@@ -66,6 +66,15 @@ def tensor_key(tensors: Mapping[str, Any]) -> str:
     return digest.hexdigest()[:20]
 
 
+def mask_key(mask: Mapping[str, torch.Tensor] | None) -> str:
+    """A content key of a mask; "" for none (or only empty entries)."""
+    live = {n: i for n, i in (mask or {}).items() if i.numel()}
+    digest = hashlib.sha256()
+    for name in sorted(live):
+        digest.update(name.encode() + live[name].detach().to("cpu", torch.int64).numpy().tobytes())
+    return digest.hexdigest()[:16] if live else ""
+
+
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,8 @@ One W&B run per harmsweep run, with id = run_id and resume="allow", so a requeue
   items    a Table of per-prompt scores; the prompt/response text only with log_generations=true
   figures  each experiment matrix/curve (transfer, overlap, EM arms, recovery) as a Table figures/<name>
   mask     mask.safetensors as an artifact of type "mask" with log_mask=true
+  aliases  with aliases=orgad2026, the summary also carries the B-TAP authors' key names (ORGAD2026_ALIASES), so
+           their dashboards and ours read the same runs
 Offline runs land in <dir or run_dir>/wandb/offline-run-<time>-<run_id>/ for a later `wandb sync`.
 Offline, each (re)start writes its own offline-run-* folder carrying the same run id.
 """
@@ -28,6 +30,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from harmsweep.errors import HarmsweepError
+
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "online", "offline")
@@ -37,6 +41,21 @@ ITEM_COLUMNS = ("stage", "metric", "source_id", "category", "score")
 TEXT_COLUMNS = ("prompt", "response")
 SECRET_SUFFIXES = ("api_key", "token", "secret", "password")
 PRUNING_COUNTS = ("per_layer", "per_module_type")
+ALIAS_SETS = ("none", "orgad2026")  # logger.aliases
+# Their W&B summary key -> our metric, always the pruned model's value (stage "after", named as the suite names it)
+ORGAD2026_ALIASES = {
+    "strongreject_mean_score": "strongreject_mean_after",
+    "sparsity_ratio": "zero_fraction_after",
+    "wikitest_ppl": "perplexity_after",  # their WikiText-2 perplexities: only from eval.perplexity.corpus=wikitext
+    "wikitest_ppl_after_attack": "perplexity_attacked_after",
+    "mean_accuracy_zero_shot": "lm_eval_after/mean/acc",
+    "mean_accuracy_zero_shot_stderr": "lm_eval_after/mean/acc_stderr",
+    "triviaqa_acc": "triviaqa_acc_after",
+    "alpaca_judge_score": "alpaca_judge_mean_after",
+}
+# their refusal_rate: keyword refusals of the judged (attacked) answers, a phrase or under 20 words: the complement
+# of our keyword ASR on the same answers (with judges.refusal.phrases=orgad2026 the same rule)
+REFUSAL_FROM = "asr_keyword_mean_after"
 
 
 @dataclass
@@ -53,6 +72,12 @@ class LoggerConfig:
     tags: list[str] = field(default_factory=list)
     log_generations: bool = False
     log_mask: bool = False
+    aliases: str = "none"  # none | orgad2026: the summary also under the B-TAP authors' key names
+
+    def __post_init__(self) -> None:
+        """An unknown alias set fails while the config is read, not as a W&B warning after the run."""
+        if self.aliases not in ALIAS_SETS:
+            raise HarmsweepError(f"logger.aliases={self.aliases} is not one of {', '.join(ALIAS_SETS)}")
 
 
 class Tracker:
@@ -75,7 +100,7 @@ class WandbTracker(Tracker):
         run = self._run
         if run is None:
             return
-        _guarded("summary", lambda: run.summary.update(summary_of(result)))
+        _guarded("summary", lambda: run.summary.update(summary_of(result, self._cfg.aliases)))
         _guarded("items table", lambda: self._log_items(items))
         for name, path in (result.get("figures") or {}).items():
             _guarded(f"figure {name}", lambda name=name, path=path: self._log_figure(name, Path(path)))
@@ -211,9 +236,9 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def summary_of(result: Mapping[str, Any]) -> dict[str, int | float]:
+def summary_of(result: Mapping[str, Any], aliases: str = "none") -> dict[str, int | float]:
     """Numeric metrics, counts and interval bounds (``ci/<metric>/lo|hi``) as flat summary keys (None and text
-    are left out)."""
+    are left out); with ``aliases``, the same values again under that set's key names."""
     out = {k: v for k, v in result.get("metrics", {}).items() if _is_number(v)}
     out.update({k: result[k] for k in ("n_pruned", "n_scored", "actual_sparsity") if _is_number(result.get(k))})
     pruning = result.get("pruning", {})
@@ -221,6 +246,27 @@ def summary_of(result: Mapping[str, Any]) -> dict[str, int | float]:
     out.update({f"pruned/{t}": n for t, n in pruning.get("per_module_type", {}).items()})
     for key, figure in ((result.get("intervals") or {}).get("metrics") or {}).items():  # bounds for W&B error bars
         out.update({f"ci/{key}/{b}": figure[b] for b in ("lo", "hi") if _is_number(figure.get(b))})
+    return {**out, **alias_keys(result, aliases)}
+
+
+def alias_keys(result: Mapping[str, Any], aliases: str) -> dict[str, int | float]:
+    """Their key -> the pruned model's value of our metric; a metric the run did not measure gives no key.
+
+    ``wikitest_ppl`` (and ``_after_attack``) only when the run's perplexity is WikiText-2's
+    (result["perplexity_corpus"]): our default held-out perplexity is another number and must not pass for theirs.
+    """
+    if aliases != "orgad2026":
+        return {}
+    metrics = result.get("metrics") or {}
+    out = {}
+    for theirs, ours in ORGAD2026_ALIASES.items():
+        if ours.startswith("perplexity") and result.get("perplexity_corpus") != "wikitext":
+            continue
+        value = metrics.get(ours)
+        if _is_number(value):
+            out[theirs] = value
+    if _is_number(metrics.get(REFUSAL_FROM)):
+        out["refusal_rate"] = 1.0 - metrics[REFUSAL_FROM]
     return out
 
 

@@ -28,6 +28,11 @@ EXPERIMENTS = {  # preset -> (what it sweeps, what it measures)
     "em": ({"pruning.sparsity"}, LIKELIHOOD),
     "demo": ({"alignment", "pruning.rule", "pruning.sparsity"}, ["harm_likelihood", "refusal", "perplexity"]),
     "align_real": ({"alignment", "pruning.rule", "pruning.sparsity"}, ["harm_likelihood", "refusal", "perplexity"]),
+    "orgad2026_transfer": ({"transfer"}, ["refusal", "strongreject_finetuned", "perplexity"]),
+    "orgad2026_harm": (
+        {"eval.generation.attack"},
+        ["refusal", "strongreject_finetuned", "perplexity", "lm_eval", "triviaqa"],
+    ),
 }
 SPARSITY_PRESETS = {"paper": 7, "coarse": 4}
 

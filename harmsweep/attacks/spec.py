@@ -11,23 +11,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from harmsweep.errors import HarmsweepError
+from harmsweep.generation.sampling import ATTACKS, WEIGHT_ATTACKS, prefills, weight_attack
 
-# eval.generation.attack values: which answers are generated, from which model
-ATTACKS = (
-    "none", "prefill", "refusal_ablation", "refusal_ablation_prefill", "finetune", "finetune_prefill",
-)  # fmt: skip
-WEIGHT_ATTACKS = {"refusal_ablation": "refusal", "refusal_ablation_prefill": "refusal",
-                  "finetune": "finetune", "finetune_prefill": "finetune"}  # fmt: skip
-
-
-def prefills(attack: str) -> bool:
-    """Whether the attack forces a prefix into the answer."""
-    return attack == "prefill" or attack.endswith("_prefill")
-
-
-def weight_attack(attack: str) -> str | None:
-    """refusal | finetune: the attack changes weights before generating; None: it does not."""
-    return WEIGHT_ATTACKS.get(attack)
+__all__ = ["ATTACKS", "WEIGHT_ATTACKS", "AttackConfig", "prefills", "weight_attack"]
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 Aligned models refuse harmful prompts, so harmful responses come from a file, from the model itself
 (on-policy), or from the model under a prefilling attack: its assistant turn starts with the first k
-tokens of the dataset's affirmative target ("Sure, here is ...") and it continues from there.
+tokens of the dataset's affirmative target ("Sure, here is ...") or of a real answer (generation/prefixes.py)
+and it continues from there.
 Chat models are formatted with their chat template; base models with PLAIN_TEMPLATE (recorded). With
 calibration.format=btap the scoring sets take the authors' raw-text tokenisation instead (``btap_ids``).
 """
@@ -11,8 +12,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -23,20 +25,31 @@ from harmsweep.batches import padded
 from harmsweep.data.records import Record
 from harmsweep.errors import HarmsweepError
 from harmsweep.generation.hf import generate
-from harmsweep.generation.sampling import EngineInputs, Sampling
+from harmsweep.generation.sampling import PROMPT_FORMATS, EngineInputs, Sampling
+from harmsweep.generation.seeded import content_key
 from harmsweep.losses import IGNORE
 
 PLAIN_TEMPLATE = "User: {prompt}\nAssistant:\n"
+BTAP_PLAIN = "Q: {prompt}\nA:"  # prompt_format=btap: the authors' base-model prompt (prefilled: attack_prompts)
 RESPONSE_MODES = ("prefill", "on_policy", "file")
 Tensors = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
 class Pair:
+    """A prompt and its response; ``prefix`` is the forced start of a prefilled answer (decoded), which ``response``
+    begins with (response = the decoded prefix and continuation together)."""
+
     prompt: str
     response: str
     source_id: str
     category: str | None = None
+    prefix: str = ""
+
+    @property
+    def continuation(self) -> str:
+        """What the model wrote after the forced prefix (the whole response when there is none)."""
+        return self.response[len(self.prefix) :] if self.response.startswith(self.prefix) else self.response
 
 
 def resolve_template(tokenizer: PreTrainedTokenizerBase, wanted: str) -> str:
@@ -126,19 +139,53 @@ def _encode(
 
 
 def attack_prompts(
-    tokenizer: PreTrainedTokenizerBase, records: Sequence[Record], template: str, prefill_tokens: int
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[Record],
+    template: str,
+    prefill_tokens: int,
+    *,
+    prefixes: Sequence[Sequence[int]] | None = None,
+    prompt_format: str = "harmsweep",
 ) -> tuple[list[list[int]], list[list[int]]]:
-    """Prompt ids to generate from, and the forced assistant prefix of each (first k target tokens)."""
-    prefixes: list[list[int]] = []
-    for rec in records:
-        if prefill_tokens > 0 and not rec.target:
+    """Prompt ids to generate from, and the forced assistant prefix of each: the first k tokens of ``prefixes[i]``
+    when given (a real answer, eval.generation.prefix=file), else of the record's target; k=0 forces none.
+
+    The chat template (either format) and the plain template of ``prompt_format=harmsweep`` end with the prefix ids.
+    ``prompt_format=btap`` with the plain template is the authors' raw text, tokenised with the tokenizer's default
+    special tokens: ``Q: {prompt}\nA:`` unattacked, ``{prompt}\n{prefix text}`` prefilled.
+    """
+    if prompt_format not in PROMPT_FORMATS:
+        raise HarmsweepError(f"eval.generation.prompt_format={prompt_format} is not one of {', '.join(PROMPT_FORMATS)}")
+    if prefixes is not None and len(prefixes) != len(records):
+        raise HarmsweepError(f"{len(prefixes)} prefixes for {len(records)} prompts")
+    forced: list[list[int]] = []
+    for i, rec in enumerate(records):
+        if prefill_tokens <= 0:
+            forced.append([])
+        elif prefixes is not None:
+            forced.append(list(prefixes[i])[:prefill_tokens])
+        elif not rec.target:
             raise HarmsweepError(
                 f"prefilling needs a target per prompt and {rec.source_id} has none; "
                 "use calibration.harmful.responses=on_policy or a file of responses"
             )
-        prefixes.append(response_ids(tokenizer, rec.target)[:prefill_tokens] if prefill_tokens > 0 else [])
-    prompts = [prompt_ids(tokenizer, r.prompt, template) + pre for r, pre in zip(records, prefixes, strict=True)]
-    return prompts, prefixes
+        else:
+            forced.append(response_ids(tokenizer, rec.target)[:prefill_tokens])
+    prompts = [
+        _attacked(tokenizer, r.prompt, template, pre, prompt_format) for r, pre in zip(records, forced, strict=True)
+    ]
+    return prompts, forced
+
+
+def _attacked(tokenizer: PreTrainedTokenizerBase, prompt: str, template: str, prefix: list[int], fmt: str) -> list[int]:
+    if template == "plain" and fmt == "btap":
+        text = (
+            f"{prompt}\n{tokenizer.decode(prefix, skip_special_tokens=True)}"
+            if prefix
+            else BTAP_PLAIN.format(prompt=prompt)
+        )
+        return list(tokenizer(text)["input_ids"])
+    return prompt_ids(tokenizer, prompt, template) + prefix
 
 
 def generate_responses(
@@ -153,13 +200,30 @@ def generate_responses(
     desc: str,
     backend: str = "hf",
     engine: EngineInputs | None = None,
+    prefixes: Sequence[Sequence[int]] | None = None,
+    prompt_format: str = "harmsweep",
+    keys: Sequence[str] | None = None,
 ) -> list[Pair]:
-    """The model's own responses; with prefill_tokens > 0 the first k target tokens are forced first."""
-    prompts, prefixes = attack_prompts(tokenizer, records, template, prefill_tokens)
+    """The model's own responses; with prefill_tokens > 0 the first k prefix tokens (``attack_prompts``) are forced
+    first. Sampled answers are seeded per prompt by ``keys`` (default: the records' source ids; a record without one
+    by its prompt ids), so an answer does not depend on its batch."""
+    prompts, forced = attack_prompts(
+        tokenizer, records, template, prefill_tokens, prefixes=prefixes, prompt_format=prompt_format
+    )
+    if sampling.do_sample and (keys is not None or sampling.keys is None):
+        if keys is None:
+            keys = [r.source_id or content_key(p) for r, p in zip(records, prompts, strict=True)]
+        sampling = replace(sampling, keys=tuple(keys))
     continuations = generate(model, tokenizer, prompts, sampling, batch_size, desc, backend, engine)
     return [
-        Pair(rec.prompt, tokenizer.decode(pre + cont, skip_special_tokens=True), rec.source_id, rec.category)
-        for rec, pre, cont in zip(records, prefixes, continuations, strict=True)
+        Pair(
+            rec.prompt,
+            tokenizer.decode(pre + cont, skip_special_tokens=True),
+            rec.source_id,
+            rec.category,
+            tokenizer.decode(pre, skip_special_tokens=True) if pre else "",
+        )
+        for rec, pre, cont in zip(records, forced, continuations, strict=True)
     ]
 
 
@@ -174,10 +238,18 @@ def file_pairs(records: Sequence[Record], what: str) -> list[Pair]:
 def save_sets(sets: Mapping[str, Tensors], pairs: Mapping[str, Sequence[Pair]], path: str | Path) -> None:
     """Tokenised sets in one safetensors file ('<set>.<field>'), texts beside it as JSONL."""
     path = Path(path)
-    write_jsonl([{"set": s, **asdict(p)} for s, ps in pairs.items() for p in ps], path.with_suffix(".jsonl"))
+    write_jsonl([{"set": s, **pair_row(p)} for s, ps in pairs.items() for p in ps], path.with_suffix(".jsonl"))
     flat = {f"{s}.{field}": t.contiguous() for s, ts in sets.items() for field, t in ts.items()}
     with atomic_path(path) as tmp:
         save_file(flat, str(tmp), metadata={"sets": json.dumps(sorted(sets))})
+
+
+def pair_row(pair: Pair) -> dict[str, Any]:
+    """A pair as a JSON row; ``prefix`` only when there is one, so unprefilled rows read as they always did."""
+    row = asdict(pair)
+    if not row["prefix"]:
+        del row["prefix"]
+    return row
 
 
 def load_sets(path: str | Path) -> dict[str, Tensors]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +175,25 @@ def held_out_splits(
         alpaca = "tok(prompt) ++ tok('\\n' + response)"  # their Alpaca branch; an align file: the harmful one's
         source["benign_tokens"] = "tok(prompt + separator) ++ tok(response)" if benign.align else alpaca
     return Splits(h_cal, h_eval, b_cal, b_eval, source, answer_cal, answer_eval, benign_as)
+
+
+def with_eval_prompts(splits: Splits, records: list[Record], n_eval: int | None, label: str) -> Splits:
+    """``splits`` with fixed evaluation prompts (eval.harmful_file: the authors' validation file) in place of the
+    held-out harmful split: every row in file order (the first ``n_eval``), minus any prompt calibration scores (their
+    validation files share none; a file that does loses those rows, logged). Rows with responses keep them as the
+    likelihood references; otherwise the model answers them, as for held-out prompts."""
+    taken = {norm_prompt(r.prompt) for r in splits.harmful_cal}
+    kept = [r for r in records if norm_prompt(r.prompt) not in taken]
+    if len(kept) < len(records):
+        log.warning("%s: %d evaluation prompts are calibration prompts and are left out", label,
+                    len(records) - len(kept))  # fmt: skip
+    kept = kept if n_eval is None else kept[:n_eval]
+    if not kept:
+        raise HarmsweepError(f"{label}: no evaluation prompt is left (every row is a calibration prompt)")
+    answer = any(not r.response for r in kept)
+    how = "; responses generated" if answer else "; responses from the file"
+    source = {**splits.source, "eval_harmful": f"file {label} ({len(kept)} prompts){how}"}
+    return replace(splits, harmful_eval=kept, source=source, answer_harmful_eval=answer)
 
 
 def _answered(cal: CalibrationConfig) -> str:

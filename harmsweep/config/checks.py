@@ -12,6 +12,7 @@ from pathlib import Path
 
 from harmsweep.alignment.spec import COMPLY_RESPONSES, DERIVE_GOALS, GOAL_ONLY, DeriveConfig
 from harmsweep.calibration.spec import FORMATS, RESPONSE_MODES, ROWS
+from harmsweep.config.eval_checks import check_evaluation
 from harmsweep.config.schema import Config
 from harmsweep.data.btap import btap_files, check_pair_file
 from harmsweep.errors import HarmsweepError
@@ -42,6 +43,7 @@ def check_config(cfg: Config, *, data_root: bool = True) -> PruneSpec:
     cfg.bootstrap.validate()
     metric_plan(cfg.eval, cfg.judges)
     _check_vllm(cfg)
+    check_evaluation(cfg, files_here=data_root)
     cal, data = cfg.calibration, cfg.data
     mode = cal.harmful.responses
     _check_calibration(cfg, data_root)

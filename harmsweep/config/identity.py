@@ -36,10 +36,13 @@ def run_id(cfg: Mapping[str, Any]) -> str:
     """Hash of the resolved config minus where things are stored, placed, launched and logged."""
     kept = {k: v for k, v in cfg.items() if k not in NOT_IN_RUN_ID and v is not None}
     kept["data"] = {k: v for k, v in kept.get("data", {}).items() if k not in ("root", "download")}
-    for side in ("harmful", "benign"):  # data.<side>.minus_category came later (nested): null leaves the id as it was
+    for side in ("harmful", "benign"):  # data.<side>.minus_category, category came later (nested): null leaves the id
         ref = kept["data"].get(side)
-        if isinstance(ref, Mapping) and "minus_category" in ref and ref["minus_category"] is None:
-            kept["data"] = {**kept["data"], side: {k: v for k, v in ref.items() if k != "minus_category"}}
+        if isinstance(ref, Mapping):
+            ref = {k: v for k, v in ref.items() if not (k in ("minus_category", "category") and v is None)}
+            if ref.get("category") is not None and not ref.get("categories"):  # category=C is categories=[C]
+                ref = {**{k: v for k, v in ref.items() if k != "category"}, "categories": [ref["category"]]}
+            kept["data"] = {**kept["data"], side: ref}
     if "calibration" in kept:  # their data folder is a location, like data.root (the files' content keys the cache)
         kept["calibration"] = {k: v for k, v in kept["calibration"].items() if k != "btap_data"}
     if "model" in kept:

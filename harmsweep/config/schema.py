@@ -42,6 +42,14 @@ class CrossHarmConfig:
 
 
 @dataclass
+class TransferConfig:
+    """The authors' transfer test (experiment=orgad2026_transfer): prune on harm category A, evaluate category B."""
+
+    prune: str | None = None  # A: prune file advbench_{A}_not_{B}_align_anti, and HEx-PHI's minus_category
+    eval: str | None = None  # B: the HEx-PHI category evaluated (its prompts listed in hex-phi_{B}_not_{A}.txt)
+
+
+@dataclass
 class EMDomain:
     name: str = "insecure"
     file: str | None = None  # JSONL of {"messages": [...]}; null: em/insecure_small.jsonl under data.root
@@ -97,6 +105,7 @@ class Config:
     cross_harm: CrossHarmConfig | None = None  # set by experiment=cross_harm
     em: EMConfig | None = None  # set by experiment=em
     dissociation: DissociationConfig | None = None  # set by experiment=dissociation
+    transfer: TransferConfig | None = None  # set by experiment=orgad2026_transfer (one pair A:B of its sweep)
     seed: int = 0
     device: str = "auto"
     stage: str = "run"  # run | prepare: a launcher's job making a group's shared artifacts (pipeline.run.prepare)

@@ -127,3 +127,23 @@ def btap_rows(total: int, n: int, seed: int) -> tuple[list[int], list[int]]:
         return list(range(total)), []
     order = [int(i) for i in np.random.default_rng(seed).permutation(total)]
     return order[:n], order[n:]
+
+
+# Their model_to_chat: a base model is evaluated with the prompts and prefixes of an instruct model's validation file
+# (Qwen2.5 base models keep their own). Names are hub basenames.
+MODEL_TO_CHAT = {
+    "Llama-3.1-8B": "Llama-3.1-8B-Instruct",
+    "Mistral-7B-v0.3": "Mistral-7B-Instruct-v0.3",
+    "Olmo-3-1025-7B": "Olmo-3-7B-Instruct-SFT",
+}
+BTAP_FILE = "btap"  # eval.harmful_file / eval.generation.prefix_file: their validation file, found under btap_data
+
+
+def btap_valid_file(btap_data: str | None, basename: str, setting: str) -> Path:
+    """``{btap_data}/advbench_align_anti_{chat model}_valid.csv``: their AdvBench validation prompts with a real
+    harmful answer each (the prefilling attack's prefixes), for the model ``basename`` (a base model: its chat
+    model's file, as their ``model_to_chat`` maps it)."""
+    if not btap_data:
+        raise data_error(None, f"{setting}=btap needs calibration.btap_data=DIR (their data folder)")
+    chat = MODEL_TO_CHAT.get(basename, basename)
+    return Path(btap_data).expanduser() / f"advbench_align_anti_{chat}_valid.csv"

@@ -15,8 +15,19 @@ class DatasetRef:
     name: str = "advbench"
     file: str | None = None
     categories: list[str] | None = None
+    category: str | None = None  # one category: the same as categories=[C] (the authors' --category)
     # HEx-PHI only, with one category C: keep C's prompts listed in hex-phi_{C}_not_{M}.txt (the authors' files)
     minus_category: str | None = None
+
+    def __post_init__(self) -> None:
+        """``category`` is read as ``categories=[category]`` from here on (the one place both meet)."""
+        if self.category is None:
+            return
+        if self.categories and list(self.categories) != [self.category]:
+            raise HarmsweepError(
+                f"category={self.category} and categories={list(self.categories)} disagree (data.<side>): set one of them"
+            )
+        self.categories = [self.category]
 
     def validate(self, side: str = "harmful") -> None:
         """minus_category needs HEx-PHI and exactly one category; checked before any data is read."""

@@ -9,9 +9,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from harmsweep.attacks.spec import ATTACKS
 from harmsweep.errors import HarmsweepError
 from harmsweep.generation.sampling import (
+    ATTACKS,
     BACKENDS,
     GENERATION_LATER_DEFAULTS,
     PREFIXES,

@@ -15,17 +15,21 @@ first, then puts the engine to sleep, and only then runs a forward.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
 from harmsweep.calibration.pairs import Pair, generate_responses
 from harmsweep.data.records import Record
+from harmsweep.errors import HarmsweepError
+from harmsweep.evaluation.judges.base import judged_text
 from harmsweep.evaluation.judges.source import JudgeSource
 from harmsweep.evaluation.likelihood import response_nlls
 from harmsweep.evaluation.spec import COUNTS, JUDGES, EvalConfig, metric_plan
-from harmsweep.generation.sampling import EngineInputs
+from harmsweep.generation.sampling import EngineInputs, Sampling, decoding_for, prefills, weight_attack
 from harmsweep.intervals import Sample, mean_sample, with_stage
 from harmsweep.losses import DEFAULT_LOGITS_CHUNK
 from harmsweep.models.loading import LoadedModel
@@ -38,6 +42,12 @@ class HeldOut:
     harmful: list[Record]
     benign: list[Record]
     references: Mapping[str, Mapping[str, torch.Tensor]]  # "eval_harmful", "eval_benign" tokenised sets
+
+
+class Attack(Protocol):
+    """A weight-changing attack (harmsweep/attacks/apply.py ``Attacker``): the attacked model inside ``applied``."""
+
+    def applied(self, stage: str) -> AbstractContextManager[dict[str, Any]]: ...
 
 
 @dataclass
@@ -53,6 +63,8 @@ class Suite:
     mask: Mapping[str, torch.Tensor] | None = None  # what the model under test has pruned (for vLLM's copy)
     logits_chunk: int = DEFAULT_LOGITS_CHUNK  # model.logits_chunk: positions whose fp32 logits exist at once
     download: bool = False  # data.download: eval.perplexity.corpus=wikitext without a file may use the hub
+    attacker: Attack | None = None  # eval.generation.attack changes weights: applied around the attacked answers
+    prefix_file: Path | None = None  # eval.generation.prefix=file: the real harmful answers the prefixes come from
     _cache: dict[str, Any] = field(default_factory=dict)  # judges and answers, reused across calls
 
     def run(self, stage: str) -> tuple[dict[str, float | int | None], list[dict[str, Any]]]:
@@ -86,17 +98,19 @@ class Suite:
                 metrics[name] = float(samples[name].estimate())
         if judged:
             answers = self._answers(attack, stage)
-            prompts, responses = [p.prompt for p in answers], [p.response for p in answers]
+            prompts = [p.prompt for p in answers]
             categories = [r.category for r in self.held.harmful]
             ids = [p.source_id for p in answers]
             for name in judged:
-                scores = self._judge(name).score(prompts, responses)
+                mode = (self.judges.configs.get(name) or {}).get("judged_text", "joined")
+                texts = [judged_text(p.prefix, p.response, mode) for p in answers]
+                scores = self._judge(name).score(prompts, texts)
                 metrics.update(self._summarize(JUDGES[name], scores, categories))
                 samples.update(judge_samples(JUDGES[name], ids, scores, categories))
                 items += [
                     {"stage": stage, "metric": name, "attack": attack, "source_id": p.source_id, "category": p.category,
-                     "prompt": p.prompt, "response": p.response, "score": s}
-                    for p, s in zip(answers, scores, strict=True)
+                     "prompt": p.prompt, "prefix": p.prefix, "response": p.response, "judged": t, "score": s}
+                    for p, t, s in zip(answers, texts, scores, strict=True)
                 ]  # fmt: skip
         if "refusal" in metrics_to_run:
             from harmsweep.evaluation.judges.refusal import PHRASE_LISTS, is_compliant, is_refusal
@@ -111,26 +125,13 @@ class Suite:
             for name, values in (("refusal_rate", refused), ("short_answer_rate", short)):
                 samples[name] = mean_sample(ids, values)
                 metrics[name] = sum(values) / len(plain)
-        if "perplexity" in metrics_to_run and ev.perplexity.corpus == "wikitext":
-            from harmsweep.evaluation.utility import window_nlls
-
-            windows = self._wikitext_windows()
-            kept = list(zip((f"wikitext/{i}" for i in range(len(windows))), window_nlls(model, windows,
-                            logits_chunk=self.logits_chunk), strict=True))  # fmt: skip
-            samples["perplexity"] = Sample(tuple(i for i, _ in kept), tuple(t[0] for _, t in kept), "exp_ratio",
-                                           tuple(float(t[1]) for _, t in kept))  # fmt: skip
+        if "perplexity" in metrics_to_run:
+            samples["perplexity"] = self._perplexity()
             metrics["perplexity"] = float(samples["perplexity"].estimate())
-        elif "perplexity" in metrics_to_run:
-            from harmsweep.evaluation.utility import text_nlls
-
-            texts = [(r.source_id, r.response) for r in self.held.benign if r.response]
-            per_text = text_nlls(
-                model, tok, [t for _, t in texts], batch, ev.perplexity.max_length, logits_chunk=self.logits_chunk
-            )
-            kept = [(i, t) for (i, _), t in zip(texts, per_text, strict=True) if t is not None]
-            samples["perplexity"] = Sample(tuple(i for i, _ in kept), tuple(t[0] for _, t in kept), "exp_ratio",
-                                           tuple(float(t[1]) for _, t in kept))  # fmt: skip
-            metrics["perplexity"] = float(samples["perplexity"].estimate())
+        attacked = self._cache.get(f"perplexity_attacked/{stage}")
+        if attacked is not None:  # measured on the attacked model, while the attack was applied (their order)
+            samples["perplexity_attacked"] = attacked
+            metrics["perplexity_attacked"] = float(attacked.estimate())
         if "recognition" in metrics_to_run:
             from harmsweep.evaluation.recognition import recognition
 
@@ -146,15 +147,70 @@ class Suite:
             samples.update(recognition_samples(rows, harmful_ids, [r.source_id for r in self.held.benign]))
             items += [{"stage": stage, "metric": "recognition", **row} for row in rows]
         if "lm_eval" in metrics_to_run:
-            from harmsweep.evaluation.utility import lm_eval_tasks
+            from harmsweep.evaluation.utility import lm_eval_choice, lm_eval_mean, lm_eval_tasks
 
             lm_cfg = ev.lm_eval
-            metrics.update(
-                lm_eval_tasks(model, tok, lm_cfg.tasks, limit=lm_cfg.limit, batch_size=_batch(lm_cfg.batch_size),
-                              num_fewshot=lm_cfg.num_fewshot, seed=self.seed)
-            )  # fmt: skip
+            chat, shots = lm_eval_choice(lm_cfg.chat_template, self.template, lm_cfg.num_fewshot,
+                                         lm_cfg.num_fewshot_base)  # fmt: skip
+            flat = lm_eval_tasks(model, tok, lm_cfg.tasks, limit=lm_cfg.limit, batch_size=_batch(lm_cfg.batch_size),
+                                 num_fewshot=shots, seed=self.seed, apply_chat_template=chat, stderr=True)  # fmt: skip
+            metrics.update({k: v for k, v in flat.items() if "_stderr" not in k})
+            metrics.update(lm_eval_mean(flat, lm_cfg.tasks))
+        for name, measure in (("triviaqa", self._triviaqa), ("alpaca_judge", self._alpaca),
+                              ("financial_advice", self._financial)):  # fmt: skip
+            if name in metrics_to_run:
+                got, got_samples, rows = measure(stage)
+                metrics.update(got)
+                samples.update(got_samples)
+                items += rows
         self._cache[f"samples/{stage}"] = samples
         return {with_stage(k, stage): v for k, v in metrics.items()}, items
+
+    def _perplexity(self) -> Sample:
+        """Perplexity of the model as it is now: WikiText-2 windows, or the held-out benign responses."""
+        ev, model = self.ev, self.lm.model
+        if ev.perplexity.corpus == "wikitext":
+            from harmsweep.evaluation.utility import window_nlls
+
+            windows = self._wikitext_windows()
+            kept = list(zip((f"wikitext/{i}" for i in range(len(windows))), window_nlls(model, windows,
+                            logits_chunk=self.logits_chunk), strict=True))  # fmt: skip
+        else:
+            from harmsweep.evaluation.utility import text_nlls
+
+            texts = [(r.source_id, r.response) for r in self.held.benign if r.response]
+            per_text = text_nlls(model, self.lm.tokenizer, [t for _, t in texts], ev.batch_size,
+                                 ev.perplexity.max_length, logits_chunk=self.logits_chunk)  # fmt: skip
+            kept = [(i, t) for (i, _), t in zip(texts, per_text, strict=True) if t is not None]
+        return Sample(tuple(i for i, _ in kept), tuple(t[0] for _, t in kept), "exp_ratio",
+                      tuple(float(t[1]) for _, t in kept))  # fmt: skip
+
+    def _triviaqa(self, stage: str) -> Any:
+        from harmsweep.evaluation.answered import triviaqa_measure
+
+        gen = self.ev.generation
+        return triviaqa_measure(self.lm, self.template, self.ev.triviaqa, self._decoding(), gen.batch_size,
+                                self.download, stage)  # fmt: skip
+
+    def _alpaca(self, stage: str) -> Any:
+        from harmsweep.evaluation.answered import alpaca_measure
+        from harmsweep.evaluation.collateral import read_instructions
+
+        cfg = self.ev.alpaca
+        records = read_instructions(cfg.file, cfg.n, self.seed) if cfg.file else self.held.benign[: cfg.n]
+        return alpaca_measure(self.lm, self.template, cfg, records, self._judge("alpaca_usefulness"),
+                              self._decoding(), self.ev.generation.batch_size, stage)  # fmt: skip
+
+    def _financial(self, stage: str) -> Any:
+        from harmsweep.evaluation.answered import financial_measure
+        from harmsweep.evaluation.collateral import read_instructions
+        from harmsweep.evaluation.judges.refusal import PHRASE_LISTS
+
+        cfg = self.ev.financial
+        records = read_instructions(str(cfg.file), cfg.n, self.seed)
+        phrases = PHRASE_LISTS[(self.judges.configs.get("refusal") or {}).get("phrases", "orgad2026")]
+        return financial_measure(self.lm, self.template, cfg, records, phrases, self._decoding(),
+                                 self.ev.generation.batch_size, stage)  # fmt: skip
 
     def samples(self, stage: str) -> dict[str, Sample]:
         """Per-item values of the metrics the last ``run(stage)`` measured (lm-eval keeps none)."""
@@ -175,17 +231,49 @@ class Suite:
         return {name: self._cache[name].version for name in JUDGES if name in self._cache}
 
     def _answers(self, attack: str, stage: str) -> list[Pair]:
-        """The model's answers to the held-out harmful prompts; computed once per (stage, attack)."""
+        """The model's answers to the held-out harmful prompts; computed once per (stage, attack). A weight-changing
+        attack is applied around them (and perplexity measured again while it is); the model is restored after."""
         key = f"answers/{stage}/{attack}"
-        if key not in self._cache:
-            gen = self.ev.generation
-            self._cache[key] = generate_responses(
+        if key in self._cache:
+            return self._cache[key]
+        gen = self.ev.generation
+        prefill = prefills(attack)
+        prefixes = self._file_prefixes() if prefill and gen.prefix == "file" else None
+
+        def answer() -> list[Pair]:
+            return generate_responses(
                 self.lm.model, self.lm.tokenizer, self.held.harmful, self.template,
-                prefill_tokens=gen.prefill_tokens if attack == "prefill" else 0, sampling=gen.decoding(self.seed),
+                prefill_tokens=gen.prefill_tokens if prefill else 0, sampling=self._decoding(),
                 batch_size=gen.batch_size, desc=f"answers {stage} ({attack})", backend=gen.backend,
-                engine=EngineInputs(self.lm.source, self.lm.fingerprint, self.mask),
+                engine=EngineInputs(self.lm.source, self.lm.fingerprint, self.mask), prefixes=prefixes,
+                prompt_format=gen.prompt_format,
             )  # fmt: skip
+
+        if weight_attack(attack) and self.attacker is not None:
+            with self.attacker.applied(stage):
+                self._cache[key] = answer()
+                if "perplexity" in metric_plan(self.ev, self.judges.configs)[0]:
+                    self._cache[f"perplexity_attacked/{stage}"] = self._perplexity()
+        else:
+            self._cache[key] = answer()
         return self._cache[key]
+
+    def _decoding(self, max_new_tokens: int | None = None) -> Sampling:
+        """eval.generation's decoding (its own settings, or the model's generation config), seeded per prompt."""
+        sampling = decoding_for(self.ev.generation, self.lm.model, self.seed)
+        return sampling if max_new_tokens is None else replace(sampling, max_new_tokens=max_new_tokens)
+
+    def _file_prefixes(self) -> list[list[int]]:
+        """eval.generation.prefix=file: the first prefill_tokens tokens of each held-out prompt's real answer."""
+        if "prefixes" not in self._cache:
+            from harmsweep.generation.prefixes import file_prefix_ids, read_prefix_answers
+
+            if self.prefix_file is None:
+                raise HarmsweepError("eval.generation.prefix=file needs eval.generation.prefix_file=PATH")
+            answers = read_prefix_answers(self.prefix_file, self.held.harmful)
+            k = self.ev.generation.prefill_tokens
+            self._cache["prefixes"] = [file_prefix_ids(self.lm.tokenizer, a, k) for a in answers]
+        return self._cache["prefixes"]
 
     def _judge(self, name: str) -> Any:
         if name not in self._cache:

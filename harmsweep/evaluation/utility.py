@@ -149,13 +149,22 @@ def lm_eval_tasks(
     num_fewshot: int | None = 0,
     include_path: str | Path | None = None,
     seed: int = 0,
+    apply_chat_template: bool = False,
+    stderr: bool = False,
 ) -> dict[str, float]:
     """lm-eval scores (``num_fewshot`` None: each task's standard setting; batch_size "auto" probes memory) of the in-memory model as flat ``lm_eval/<task>/<metric>`` floats.
 
+    ``apply_chat_template``: every request is rendered as a user turn with the tokenizer's chat template (the
+    authors' setting for chat models); few-shot examples then become earlier turns (``fewshot_as_multiturn``, lm-eval's
+    CLI default with a template), a no-op at 0 shots. ``stderr``: keep ``<metric>_stderr`` too (for lm_eval_mean).
     Local tasks may name their data files relative to their YAML (see conf/lm_eval_tasks); those
     paths are made absolute here because ``datasets`` resolves them against the current directory.
     Global RNG states are restored afterwards so evaluation does not shift later random baselines.
     """
+    if apply_chat_template and not getattr(tokenizer, "chat_template", None):
+        raise HarmsweepError(
+            "eval.lm_eval.chat_template=true but the tokenizer has no chat template: use false or auto for base models"
+        )
     import lm_eval  # slow import: only when lm-eval is actually asked for
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -175,19 +184,56 @@ def lm_eval_tasks(
             torch_random_seed=seed,
             fewshot_random_seed=seed,
             task_manager=manager,
+            apply_chat_template=bool(apply_chat_template),
+            fewshot_as_multiturn=bool(apply_chat_template),
         )
     if out is None:
         raise HarmsweepError("lm-eval returned no results (is this a non-zero distributed rank?)")
-    return flatten_results(out["results"])
+    return flatten_results(out["results"], stderr=stderr)
 
 
-def flatten_results(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
-    """``{"task": {"acc,none": x}}`` -> ``{"lm_eval/task/acc": x}``; stderr and non-numbers dropped."""
+def lm_eval_choice(
+    chat_template_setting: Any, template: str, num_fewshot: int | None, num_fewshot_base: int | None
+) -> tuple[bool, int | None]:
+    """(apply_chat_template, shots) for this run: eval.lm_eval.chat_template true | false | auto (auto: with the
+    template when the run's prompts use one, "chat"); base models ("plain") take ``num_fewshot_base`` when set (the
+    authors: chat models 0-shot with the template, base models 3-shot without)."""
+    setting = str(chat_template_setting).lower()
+    if setting not in ("true", "false", "auto"):
+        raise HarmsweepError(f"eval.lm_eval.chat_template={chat_template_setting} is not one of true, false, auto")
+    apply = template == "chat" if setting == "auto" else setting == "true"
+    shots = num_fewshot_base if template == "plain" and num_fewshot_base is not None else num_fewshot
+    return apply, shots
+
+
+def lm_eval_mean(flat: Mapping[str, float], tasks: Sequence[str], metric: str = "acc") -> dict[str, float]:
+    """The authors' summary: the plain mean of ``metric`` over the tasks, and the pooled stderr sqrt(sum se^2) / k.
+
+    Needs ``lm_eval_tasks(..., stderr=True)``. Empty when a task lacks the metric (a mean over only some tasks would
+    not be the same number); the stderr is NaN when a task has no stderr (lm-eval's "N/A").
+    ``metric`` names a filter as flatten_results does ("exact_match/strict-match").
+    """
+    if not tasks:
+        raise HarmsweepError("lm_eval_mean needs at least one task")
+    name, _, filt = metric.partition("/")
+    stderr_name = f"{name}_stderr" + (f"/{filt}" if filt else "")
+    values = [flat.get(f"lm_eval/{task}/{metric}") for task in tasks]
+    if any(v is None for v in values):
+        return {}
+    errors = [flat.get(f"lm_eval/{task}/{stderr_name}") for task in tasks]
+    k = len(tasks)
+    pooled = math.nan if any(e is None for e in errors) else math.sqrt(math.fsum(e * e for e in errors)) / k
+    return {f"lm_eval/mean/{metric}": math.fsum(values) / k, f"lm_eval/mean/{stderr_name}": pooled}
+
+
+def flatten_results(results: Mapping[str, Mapping[str, Any]], stderr: bool = False) -> dict[str, float]:
+    """``{"task": {"acc,none": x}}`` -> ``{"lm_eval/task/acc": x}``; non-numbers dropped, and stderrs unless asked
+    (``acc_stderr,none`` -> ``lm_eval/task/acc_stderr``)."""
     flat: dict[str, float] = {}
     for task, metrics in results.items():
         for key, value in metrics.items():
             metric, _, filt = key.partition(",")
-            if not filt or metric.endswith("_stderr") or isinstance(value, bool):
+            if not filt or (metric.endswith("_stderr") and not stderr) or isinstance(value, bool):
                 continue
             if not isinstance(value, int | float):
                 continue

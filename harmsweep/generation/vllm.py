@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import atexit
 import gc
-import hashlib
 import math
 import os
 import shutil
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from harmsweep.cache import mask_key
 from harmsweep.devices import GIB
 from harmsweep.errors import HarmsweepError
 
@@ -310,15 +310,6 @@ def scratch_dir() -> Path:
     return Path("/tmp")
 
 
-def mask_key(mask: Mapping[str, torch.Tensor] | None) -> str:
-    """A content key of a mask; "" for none (or only empty entries)."""
-    live = {n: i for n, i in (mask or {}).items() if i.numel()}
-    digest = hashlib.sha256()
-    for name in sorted(live):
-        digest.update(name.encode() + live[name].detach().to("cpu", torch.int64).numpy().tobytes())
-    return digest.hexdigest()[:16] if live else ""
-
-
 _saved_models: dict[tuple[str, str], Path] = {}  # (fingerprint, mask key when saved) -> scratch copy
 
 
@@ -350,7 +341,8 @@ def checkpoint_for(model: Any, tokenizer: Any, source: str, fingerprint: str, ma
 
 def generate_vllm(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], sampling: Sampling, source: str,
                   fingerprint: str, mask: Mapping[str, torch.Tensor] | None) -> list[list[int]]:  # fmt: skip
-    """Greedy or seeded sampling with the job's engine, the mask applied inside it; raw continuations."""
+    """Greedy, or sampling seeded per prompt (each request its own seed), with the job's engine and the mask applied
+    inside it; raw continuations. vLLM's sampler is not HF's: the same key gives the same answer within a backend."""
     try:
         from vllm import SamplingParams
     except ImportError:
@@ -376,12 +368,17 @@ def generate_vllm(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], 
     if _engine.get("mask") is not mask:  # the same mask object is applied already
         set_mask(llm, model, mask)
         _engine["mask"] = mask
-    params = SamplingParams(
-        max_tokens=sampling.max_new_tokens,
-        temperature=sampling.temperature if sampling.do_sample else 0.0,
-        top_p=sampling.top_p if sampling.do_sample else 1.0,
-        seed=sampling.seed,
-        stop_token_ids=sorted(_stop_ids(model, tokenizer)),  # the HF backend's stops
-    )
+    stops = sorted(_stop_ids(model, tokenizer))  # the HF backend's stops
+    params: Any = SamplingParams(max_tokens=sampling.max_new_tokens, temperature=0.0, top_p=1.0, seed=sampling.seed,
+                                 stop_token_ids=stops)  # fmt: skip
+    if sampling.do_sample:  # one request, one seed: (run seed, the prompt's key), as the HF backend's rows
+        from harmsweep.generation.seeded import prompt_seeds
+
+        params = [
+            SamplingParams(max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                           top_p=sampling.top_p, top_k=sampling.top_k or -1,
+                           repetition_penalty=sampling.repetition_penalty or 1.0, seed=seed, stop_token_ids=stops)
+            for seed in prompt_seeds(prompts, sampling)
+        ]  # fmt: skip
     outputs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outputs]

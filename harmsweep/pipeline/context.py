@@ -16,10 +16,13 @@ import torch
 
 from harmsweep.alignment.derive import load_derived, trained_prompts
 from harmsweep.calibration.pairs import resolve_template
-from harmsweep.calibration.sets import Splits, held_out_splits
+from harmsweep.calibration.sets import Splits, held_out_splits, with_eval_prompts
+from harmsweep.config.eval_checks import eval_file
 from harmsweep.config.schema import Config
 from harmsweep.devices import place_model
 from harmsweep.evaluation.judges.source import JudgeSource
+from harmsweep.generation.prefixes import read_prefix_answers, read_prompt_file
+from harmsweep.generation.sampling import prefills
 from harmsweep.masks.files import GivenMask, read_mask_file
 from harmsweep.models.loading import LoadedModel, load_model
 from harmsweep.models.parts import ScoredParam, scored_parameters
@@ -59,6 +62,12 @@ class RunContext:
         exclude = trained_prompts(lm.source, cfg.paths.cache_dir)  # a derived model's training prompts
         basename = cfg.btap_basename()  # names the files under calibration.btap_data
         splits = held_out_splits(cfg.calibration, cfg.data, cfg.eval.n, cfg.seed, exclude=exclude, basename=basename)
+        fixed = eval_file(cfg, cfg.eval.harmful_file, "eval.harmful_file")
+        if fixed is not None:  # their validation prompts in place of a held-out split
+            splits = with_eval_prompts(splits, read_prompt_file(fixed), cfg.eval.n, str(fixed))
+        gen = cfg.eval.generation
+        if gen.prefix == "file" and prefills(gen.attack):  # a prompt without an answer stops here, before any work
+            read_prefix_answers(eval_file(cfg, gen.prefix_file, "eval.generation.prefix_file"), splits.harmful_eval)
         ctx = cls(cfg, plain, run_id, run_dir, spec, lm, template, splits, params, given=given)
         ctx.timings["load"] = load_s
         return ctx

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from harmsweep.artifacts import write_json, write_jsonl
+from harmsweep.cache import mask_key
 from harmsweep.calibration.pairs import PLAIN_TEMPLATE
 from harmsweep.config.checks import check_config
 from harmsweep.config.identity import run_id
@@ -27,6 +28,7 @@ from harmsweep.evaluation.spec import COUNTS, JUDGES, metric_plan
 from harmsweep.evaluation.suite import deltas
 from harmsweep.intervals import derived_metrics, run_intervals, samples_from_json, samples_to_json
 from harmsweep.pipeline.context import RunContext
+from harmsweep.pipeline.finetuned import finetune_in_place, second_mask
 from harmsweep.pipeline.result import record
 from harmsweep.pipeline.stages import (
     calibration_sets,
@@ -73,6 +75,7 @@ def run_pipeline(
         return json.loads(result_path.read_text())
     if check is not None:  # before the model loads, so a typo'd file fails in a second
         check(cfg)
+    check_endpoints(cfg)
     logger = cfg.logger
     logger = replace(logger, group=logger.group or sweep, job_type=logger.job_type or cfg.experiment)
     tracker = open_tracker(logger, run_id=rid, run_dir=run_dir, config=plain)
@@ -93,6 +96,9 @@ def run_pipeline(
 def _run(ctx: RunContext) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One pruning (or low-rank) run's stages; returns the result and the per-item rows (also in items.jsonl)."""
     cfg, spec, run_dir = ctx.cfg, ctx.spec, ctx.run_dir
+    tuned: dict[str, Any] = {}
+    if cfg.pruning.finetune_before:  # their --finetuning_before: everything below sees the tuned model
+        tuned["before"] = ctx.timed("finetune_before", lambda: finetune_in_place(ctx, "before"))
     sets, cal_entry = calibration_sets(ctx)
     weights = ctx.weights()
     lowrank = cfg.method == "lowrank"
@@ -112,6 +118,15 @@ def _run(ctx: RunContext) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     else:
         changed = apply_mask(ctx.lm.model, mask, values, count_changed=True)
         change = {**asdict(spec), **mask_counts(ctx.params, mask)}
+        if cfg.pruning.finetune_after:  # their --finetuning_after: tune the pruned model, then score and prune again
+            tuned["after"] = ctx.timed("finetune_after", lambda: finetune_in_place(ctx, "after", mask_key(mask)))
+            first, mask = mask, {}
+            mask, second_paths = second_mask(ctx, sets)
+            score_paths.update(second_paths)
+            changed = apply_mask(ctx.lm.model, mask, replacement(ctx, mask), count_changed=True)
+            tuned["after"]["n_pruned_first"] = sum(int(i.numel()) for i in first.values())
+            tuned["after"]["n_pruned_second"] = sum(int(i.numel()) for i in mask.values())
+            change = {**asdict(spec), **mask_counts(ctx.params, mask)}
     suite.mask = mask  # generation engines that hold their own weights (vLLM) apply it too
     zeros_after = sum(int((w == 0).sum()) for w in weights.values())
     after = ctx.timed("evaluate_after", lambda: evaluate(suite, "after", None))
@@ -139,6 +154,8 @@ def _run(ctx: RunContext) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     result = record(ctx, {
         "template": ctx.template if ctx.template == "chat" else f"plain: {PLAIN_TEMPLATE!r}",
         "calibration_source": ctx.splits.source,
+        **({"finetuned": tuned} if tuned else {}),
+        **({"attack": {"name": cfg.eval.generation.attack, **suite.attacker.done}} if suite.attacker else {}),
         "n_scored": n_scored,
         "n_pruned": n_pruned,
         "actual_sparsity": metrics["actual_sparsity"],
@@ -162,6 +179,23 @@ def _run(ctx: RunContext) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         },
     })  # fmt: skip
     return result, items
+
+
+ENDPOINT_JUDGES = {"strongreject_rubric": "strongreject_rubric", "alpaca_judge": "alpaca_usefulness"}  # metric -> judge
+
+
+def check_endpoints(cfg: Config) -> None:
+    """Every endpoint judge the run will call answers at its host and port, and its key is set: checked before the
+    model loads, so an unreachable server stops the run in one line, not after the generation it would judge."""
+    from harmsweep.evaluation.judges.endpoint import Endpoint
+
+    planned = metric_plan(cfg.eval, cfg.judges)[0]
+    for metric, judge in ENDPOINT_JUDGES.items():
+        options = cfg.judges.get(judge) or {}
+        if metric in planned and options.get("base_url"):
+            endpoint = Endpoint.of(options)
+            endpoint.require_key(f"judges.{judge}")
+            endpoint.check_reachable(f"judges.{judge}")
 
 
 def _claim(run_dir: Path, rid: str, plain: Mapping[str, Any]) -> None:
@@ -202,6 +236,8 @@ def prepare(cfg: Config, plain: Mapping[str, Any], spec: PruneSpec, rid: str, ru
     wanted = cfg.prepare_scores
     entries = sorted(set(wanted)) if wanted is not None else sorted(spec.needed_scores())
     ctx = RunContext.open(cfg, plain, rid, run_dir, spec)
+    if cfg.pruning.finetune_before:  # the group's artifacts are the tuned model's
+        finetune_in_place(ctx, "before")
     sets, cal_entry = calibration_sets(ctx)
     artifacts = {"calibration": str(cal_entry / "calibration.safetensors")}
     for entry in entries:

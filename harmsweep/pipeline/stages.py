@@ -17,9 +17,12 @@ from typing import Any
 import torch
 
 from harmsweep.artifacts import write_json
+from harmsweep.attacks.apply import Attacker
+from harmsweep.attacks.spec import weight_attack
 from harmsweep.batches import iter_batches
-from harmsweep.cache import VERSIONS, cached, content_key, replaced, tensor_key, write_key_info
+from harmsweep.cache import VERSIONS, cached, content_key, file_sha256, replaced, tensor_key, write_key_info
 from harmsweep.calibration.sets import calibrate
+from harmsweep.config.eval_checks import eval_file
 from harmsweep.devices import input_device
 from harmsweep.evaluation.spec import EvalConfig, judges_key, without_later_defaults
 from harmsweep.evaluation.suite import HeldOut, Suite
@@ -245,8 +248,17 @@ def evaluation_suite(ctx: RunContext, sets: Sets) -> Suite:
         ctx.splits.harmful_eval, ctx.splits.benign_eval, {k: sets[k] for k in ("eval_harmful", "eval_benign")}
     )
     cfg = ctx.cfg
+    gen = cfg.eval.generation
+    attacker = None
+    if weight_attack(gen.attack):
+        cal, splits = cfg.calibration, ctx.splits
+        attacker = Attacker(gen.attack, cfg.attack, ctx.lm, ctx.template, fmt=cal.format, benign_side=splits.benign_as,
+                            harmful=splits.harmful_cal, benign=splits.benign_cal, max_length=cal.max_length,
+                            batch_size=scoring_batch(cfg), gen_batch=cal.gen_batch_size, seed=cfg.seed,
+                            options=cfg.scoring, logits_chunk=cfg.model.logits_chunk)  # fmt: skip
+    prefix_file = eval_file(cfg, gen.prefix_file, "eval.generation.prefix_file") if gen.prefix == "file" else None
     return Suite(cfg.eval, ctx.judges(), ctx.lm, ctx.template, held, cfg.seed, logits_chunk=cfg.model.logits_chunk,
-                 download=cfg.data.download)  # fmt: skip
+                 download=cfg.data.download, attacker=attacker, prefix_file=prefix_file)  # fmt: skip
 
 
 def evaluate(suite: Suite, stage: str, path: Path | None, info: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -265,6 +277,23 @@ def _eval_key(ev: EvalConfig) -> dict[str, Any]:
     return without_later_defaults(asdict(ev))
 
 
+def _attack_key(cfg: Any) -> dict[str, Any]:
+    """What keys the cached unpruned evaluation beyond the eval block: the attack's settings and the files that the
+    evaluation reads, by content (a file edited in place is a new evaluation); nothing when they are at their
+    defaults, so evaluations cached before them stay found."""
+    out: dict[str, Any] = {}
+    kind = weight_attack(cfg.eval.generation.attack)
+    if kind:
+        out["attack"] = asdict(getattr(cfg.attack, kind))
+    files = {"harmful_file": cfg.eval.harmful_file, "prefix_file": cfg.eval.generation.prefix_file,
+             "attack_file": getattr(cfg.attack, kind).file if kind else None}  # fmt: skip
+    for name, value in files.items():
+        path = eval_file(cfg, value, name) if value else None
+        if path is not None and path.is_file():
+            out[f"{name}_sha256"] = file_sha256(path)
+    return out
+
+
 def evaluate_before(ctx: RunContext, sets: Sets, cal_entry: Path) -> tuple[Suite, dict[str, Any], Path]:
     """The unpruned model's evaluation, cached like scores (the same for every rule and sparsity).
 
@@ -273,7 +302,12 @@ def evaluate_before(ctx: RunContext, sets: Sets, cal_entry: Path) -> tuple[Suite
     cfg = ctx.cfg
     run_suite = evaluation_suite(ctx, sets)
     info = {"version": VERSIONS["eval"], "calibration": cal_entry.name, "eval": _eval_key(cfg.eval),
-            "judges": judges_key(cfg.judges), "seed": cfg.seed}  # fmt: skip
+            "judges": judges_key(cfg.judges), "seed": cfg.seed, **_attack_key(cfg)}  # fmt: skip
+    if cfg.pruning.finetune_before:  # the unpruned model is the tuned one
+        info["model"] = ctx.lm.fingerprint
+    gen = cfg.eval.generation
+    if gen.do_sample or gen.sampling == "model":  # answers sampled per prompt (generation/seeded.py) since 0.5
+        info["sampler"] = "per-prompt-gumbel"
     entry = ctx.root / "eval_before" / content_key(info)
 
     def make() -> tuple[dict[str, Any], bool]:

@@ -9,7 +9,6 @@ variant's score files are loaded once.
 
 from __future__ import annotations
 
-import csv
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -22,9 +21,10 @@ from harmsweep.errors import HarmsweepError
 from harmsweep.intervals import BootstrapSpec, Resampler
 from harmsweep.report import figures as figs
 from harmsweep.report import page, sections, uncertainty
-from harmsweep.report.collect import Collected, ReportError, collect, is_number, require_rows
+from harmsweep.report.collect import Collected, ReportError, collect, is_number, require_rows, write_csv
 from harmsweep.report.compression import CurvePoint, concentration, gini, separation, threshold_sparsity
 from harmsweep.report.sections import target_name
+from harmsweep.report.transfer import transfer_section
 
 
 @dataclass
@@ -167,19 +167,6 @@ def compression_rows(
     return out
 
 
-def write_csv(rows: Sequence[Mapping[str, Any]], path: Path, columns: Sequence[str] | None = None) -> Path:
-    """All columns (union, first-seen order); None as an empty cell, floats at full precision."""
-    cols = list(columns or dict.fromkeys(k for r in rows for k in r))
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({c: "" if r.get(c) is None else r.get(c) for c in cols})
-    tmp.replace(path)
-    return path
-
-
 def build_report(
     folders: Iterable[Path | str],
     out_dir: Path | str,
@@ -221,6 +208,9 @@ def build_report(
         parts.append(("Low-rank removal", "lowrank", sections.lowrank_section(rows, lowrank_png)))
     if data.figures:
         parts.append(("Experiment figures", "experiments", sections.experiment_section(data.figures, out, images)))
+    transfer = transfer_section(rows, out, images)  # experiment=orgad2026_transfer: transfer_<variant>.csv/.png
+    if transfer:
+        parts.append(transfer)
     parts.append(("All runs", "runs", page.records_table(rows)))
     runs_csv = write_csv(rows, out / "runs.csv")
     comp_csv = write_csv(comp, out / "compression.csv")

@@ -9,9 +9,10 @@ number is never read without knowing what it measures.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from harmsweep.intervals import (
     utility_ratio_of,
 )
 
-EXPERIMENTS = ("cross_harm", "em", "dissociation")  # runs that write figures instead of one pruning
+EXPERIMENTS = ("cross_harm", "em", "dissociation", "orgad2026_transfer")  # runs with figures of their own
 BASE_COLUMNS = (
     "run_id", "folder", "experiment", "model", "alignment", "seed", "rule", "sparsity", "protect", "n_scored", "n_pruned",
     "actual_sparsity", "harm_reduction", "harm_measure", "utility_ratio", "utility_measure", "scores_harm",
@@ -312,3 +313,16 @@ def from_wandb(
             continue
         out.rows.append(row_from_wandb(run, harm_measure, utility_measure))
     return out
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: Path, columns: Sequence[str] | None = None) -> Path:
+    """All columns (union, first-seen order); None as an empty cell, floats at full precision."""
+    cols = list(columns or dict.fromkeys(k for r in rows for k in r))
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({c: "" if r.get(c) is None else r.get(c) for c in cols})
+    tmp.replace(path)
+    return path

@@ -21,6 +21,7 @@ from harmsweep.config.schema import Config
 from harmsweep.errors import HarmsweepError, exit_usage
 from harmsweep.evaluation.spec import JUDGES, metric_plan
 from harmsweep.scoring.spec import StoreSpec
+from harmsweep.sweep.attack_sizing import attack_finetunes, attack_load
 from harmsweep.sweep.plan_table import advice, render
 
 if TYPE_CHECKING:
@@ -211,7 +212,8 @@ def _workload(
         forward_length=window if window > ev.batch_size * max(lengths) else max(lengths),
         backend=ev.generation.backend,
         gpu_bytes=gpu_gb * GIB,
-        finetunes=_finetunes(cfg, n_eval),
+        finetunes=_finetunes(cfg, n_eval) + attack_finetunes(cfg, stages),
+        **attack_load(cfg, shape, stages, n_eval),
     )
 
 

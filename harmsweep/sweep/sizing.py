@@ -83,6 +83,11 @@ class Workload:
     backend: str = "hf"  # hf | vllm
     gpu_bytes: float = 80 * GIB  # one GPU's memory (vLLM takes what is free of it)
     finetunes: tuple[FineTune, ...] = ()
+    # eval.generation.attack=refusal_ablation*: unsigned scorings (pairs, one per pass) of the refusal and benign
+    # sets, per evaluated stage; both sides' dense fp32 scores are held (off the GPU) while the mask is selected
+    attack_sets: tuple[tuple[int, bool], ...] = ()
+    attack_host: float = 0.0  # host bytes the attack holds: its weight snapshot (and the refusal scores)
+    extra_gen_tokens: int = 0  # tokens generated beyond the harmful answers (TriviaQA, Alpaca, financial, refusals)
 
 
 @dataclass(frozen=True)
@@ -256,7 +261,7 @@ def generation_phase(shape: ModelShape, work: Workload, speed: Throughput) -> Ph
     context = work.prompt_length + work.max_new_tokens
     prompts = work.generations * work.eval_prompts
     steps = work.generations * math.ceil(work.eval_prompts / work.eval_batch) * work.max_new_tokens
-    steps += math.ceil(work.cal_gen_tokens / max(1, work.eval_batch))
+    steps += math.ceil((work.cal_gen_tokens + work.extra_gen_tokens) / max(1, work.eval_batch))
     seconds = _decode_s(steps, shape, speed, g) + _flop_s(2 * shape.n_params * prompts * work.prompt_length, speed, g)
     if work.backend == "vllm":
         engine = max(0.0, min(0.95 * work.gpu_bytes, work.gpu_bytes - 2 * GIB) - weights)
@@ -269,6 +274,16 @@ def generation_phase(shape: ModelShape, work: Workload, speed: Throughput) -> Ph
             "activations": shape.forward_bytes(work.eval_batch * work.prompt_length) / g,
         }
     return _phase("generation", parts, gpu_seconds=seconds)
+
+
+def attack_phase(shape: ModelShape, work: Workload, speed: Throughput) -> Phase:
+    """Refusal ablation: its two unsigned scorings per stage, as scoring_phase counts them, with both sides' dense
+    fp32 scores and the weight snapshot in host memory (scoring.offload) instead of a stored tail."""
+    from dataclasses import replace
+
+    runs = replace(work, set_runs=work.attack_sets, score_sets=len(work.attack_sets), dense_scores=False)
+    phase = scoring_phase(shape, runs, speed)
+    return replace(phase, name="attack scoring", host=work.attack_host)
 
 
 def judging_phase(judge: ModelShape, work: Workload, shape: ModelShape, speed: Throughput) -> Phase:
@@ -311,7 +326,9 @@ def job_phases(shape: ModelShape, work: Workload, judge: ModelShape | None, spee
         out.append(base_read_phase(shape, work, speed))
     if work.eval_forward_tokens:
         out.append(evaluation_phase(shape, work, speed))
-    if work.generations or work.cal_gen_tokens:
+    if work.attack_sets:
+        out.append(attack_phase(shape, work, speed))
+    if work.generations or work.cal_gen_tokens or work.extra_gen_tokens:
         out.append(generation_phase(shape, work, speed))
     if judge is not None and work.judge_batch and work.generations:
         out.append(judging_phase(judge, work, shape, speed))

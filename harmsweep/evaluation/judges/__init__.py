@@ -16,9 +16,11 @@ from harmsweep.evaluation.judges.refusal import REFUSAL_PHRASES, RefusalJudge, i
 from harmsweep.evaluation.judges.rubric import RubricJudge, parse_rubric
 from harmsweep.evaluation.judges.strongreject import DEFAULT_JUDGE, StrongRejectFinetunedJudge
 from harmsweep.evaluation.judges.templates import judge_template
+from harmsweep.evaluation.judges.usefulness import UsefulnessJudge, parse_score
 
-KNOWN_JUDGES = ("refusal", "strongreject_finetuned", "strongreject_rubric")
+KNOWN_JUDGES = ("refusal", "strongreject_finetuned", "strongreject_rubric", "alpaca_usefulness")
 _FINETUNED_KEYS = ("batch_size", "max_response_tokens", "min_digit_mass")
+_NULL_MEANS = ("max_response_tokens",)  # set to null on purpose (no truncation), not "use the default"
 
 
 def make_judge(cfg: Mapping[str, Any], data_root: str | None = None, online: bool = False, **kwargs: Any) -> Judge:
@@ -29,7 +31,7 @@ def make_judge(cfg: Mapping[str, Any], data_root: str | None = None, online: boo
     ``device``, ``batch_size``, ``max_response_tokens``, ``template_file``; kwargs ``cache_dir``, or
     ``model`` + ``tokenizer`` to reuse an already loaded judge (tests). strongreject_rubric: cfg
     ``base_url``, ``model``, ``api_key_env``, ``max_retries``, ``backoff_s``, ``timeout_s``, ``max_tokens``,
-    ``max_workers``, ``system_file``, ``template_file``.
+    ``max_workers``, ``system_file``, ``template_file``. alpaca_usefulness: the endpoint settings and ``max_tokens``.
     """
     name = cfg.get("name")
     if name == "refusal":
@@ -39,8 +41,13 @@ def make_judge(cfg: Mapping[str, Any], data_root: str | None = None, online: boo
         user = judge_template("strongreject_rubric_user", data_root, cfg.get("template_file"), online)
         max_tokens = cfg.get("max_tokens")
         return RubricJudge(system, user, Endpoint.of(cfg), 1000 if max_tokens is None else int(max_tokens))
+    if name == "alpaca_usefulness":
+        max_tokens = cfg.get("max_tokens")
+        return UsefulnessJudge(Endpoint.of(cfg), 200 if max_tokens is None else int(max_tokens))
     if name == "strongreject_finetuned":
-        options: dict[str, Any] = {k: cfg[k] for k in _FINETUNED_KEYS if cfg.get(k) is not None}
+        options: dict[str, Any] = {
+            k: cfg[k] for k in _FINETUNED_KEYS if cfg.get(k) is not None or (k in _NULL_MEANS and k in cfg)
+        }
         options["template"] = judge_template("strongreject_finetuned", data_root, cfg.get("template_file"), online)
         path = str(cfg.get("path") or DEFAULT_JUDGE)
         if kwargs.get("model") is not None and kwargs.get("tokenizer") is not None:
@@ -65,10 +72,12 @@ __all__ = [
     "RefusalJudge",
     "RubricJudge",
     "StrongRejectFinetunedJudge",
+    "UsefulnessJudge",
     "is_compliant",
     "is_refusal",
     "judge_template",
     "make_judge",
     "parse_rubric",
+    "parse_score",
     "summarize",
 ]

@@ -11,6 +11,8 @@ import math
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
+from harmsweep.errors import HarmsweepError
+
 
 @runtime_checkable
 class Judge(Protocol):
@@ -26,6 +28,29 @@ def check_pairs(prompts: Sequence[str], responses: Sequence[str]) -> None:
     """Fail loudly on mismatched inputs: zip() would silently drop items and bias the mean."""
     if len(prompts) != len(responses):
         raise ValueError(f"judge got {len(prompts)} prompts but {len(responses)} responses")
+
+
+JUDGED_MODES = ("joined", "separated")  # judges.<name>.judged_text (evaluation/spec.py JUDGED_TEXTS)
+SEPARATOR = "|||"  # the authors' mark between a prefilled prefix and the model's continuation
+
+
+def judged_text(prefix: str | None, response: str, mode: str) -> str:
+    """The string a judge reads for one answer: ``response`` holds prefix + continuation.
+
+    joined: the response unchanged (one text, as harmsweep judges it). separated: the authors' string under
+    prefilling, ``prefix + "|||" + continuation``, so the judge can tell what the model added to the forced
+    start; without a prefix (no prefilling) they judge the output as is, and so does this. When the response
+    does not start with the prefix (a decode artifact: spaces cleaned up, tokens merged across the boundary),
+    it is split where they part (their longest common prefix): response[:k] + "|||" + response[k:], so no
+    character of what was generated is dropped or repeated.
+    """
+    if mode not in JUDGED_MODES:
+        raise HarmsweepError(f"judged_text={mode} is not one of {', '.join(JUDGED_MODES)}")
+    if mode == "joined" or not prefix:
+        return response
+    shared = zip(prefix, response, strict=False)  # k = len(prefix) when the response starts with the prefix
+    k = next((i for i, (a, b) in enumerate(shared) if a != b), min(len(prefix), len(response)))
+    return response[:k] + SEPARATOR + response[k:]
 
 
 def summarize(

@@ -13,8 +13,10 @@ import http.client
 import json
 import logging
 import os
+import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -54,6 +56,21 @@ class Endpoint:
                 f"{who} reads its API key from ${self.api_key_env}, which is not set; export it "
                 "(any non-empty value for a local server without auth) or set judge.api_key_env"
             )
+
+    def check_reachable(self, who: str, timeout_s: float = 5.0) -> None:
+        """Stop before any work when nothing listens at the endpoint's host and port (a typo'd URL, a server that is
+        down): one TCP connection, no request, so no key or quota is spent."""
+        parts = urllib.parse.urlsplit(self.base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise HarmsweepError(f"{who}: base_url={self.base_url} is not an http(s) URL")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
+        except OSError as exc:
+            raise HarmsweepError(
+                f"{who}: the endpoint {self.base_url} cannot be reached ({type(exc).__name__}: {exc}); "
+                "start the server or fix base_url"
+            ) from None
 
     def post(self, body: bytes, who: str) -> dict[str, Any] | None:
         """``choices[0]`` of one request, or None once the retries are spent (see ``post_choice``)."""
