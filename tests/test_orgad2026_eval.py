@@ -9,10 +9,11 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import tiny
+from test_cli import harmsweep
+from test_plan import _plan_job, llama8b  # noqa: F401 (a fixture)
 
 from harmsweep.calibration.pairs import Pair
-from tests.conftest import tiny
-from tests.test_cli import harmsweep
 
 ADVBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "advbench" / "harmful_behaviors.csv"
 
@@ -155,3 +156,57 @@ def test_a_category_that_does_not_exist_stops_in_one_line(tmp_path):
                      "data.harmful.category=no_such_category", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "no_such_category" in proc.stderr
+
+
+def test_plan_sizes_the_attacks(llama8b, tmp_path, monkeypatch):  # noqa: F811
+    base = ("model=llama3_8b", f"model.path={llama8b}", "eval.metrics=[refusal]")
+    job = _plan_job(tmp_path, monkeypatch, *base, "eval.generation.attack=refusal_ablation_prefill",
+                    "attack.refusal.n=16", "attack.refusal.file=/their/advbench_align.csv")  # fmt: skip
+    attack = next(p for p in job["phases"] if p["name"] == "attack scoring")
+    stages = attack["passes"] // (2 * 16)  # one unsigned pass per pair, both sides, per evaluated stage
+    assert stages in (1, 2) and attack["passes"] == 2 * 16 * stages
+    n = job["n_scored"]  # both sides' fp32 scores, and the snapshot of the zeroed weights (int64 index + bf16 value)
+    assert attack["host"] == pytest.approx(2 * n * 4 + 2 * 0.01 * n * (8 + 2))
+    tuned = _plan_job(tmp_path, monkeypatch, *base, "eval.generation.attack=finetune", "attack.finetune.n=20",
+                      "attack.finetune.file=/their/red_teaming_prompts.csv")  # fmt: skip
+    phase = next(p for p in tuned["phases"] if p["name"] == "finetune harmful")
+    assert phase["passes"] == 4 * 5 * stages  # ceil(20 / 5) steps a epoch, 5 epochs, once per stage
+    assert phase["parts"]["optimizer"] > 0
+
+
+def test_new_settings_at_their_defaults_keep_run_ids():
+    from dataclasses import asdict
+
+    from harmsweep.attacks.spec import AttackConfig
+    from harmsweep.config.identity import run_id
+    from harmsweep.evaluation.spec import AlpacaJudgeConfig, FinancialAdviceConfig, TriviaQAConfig
+
+    old = {
+        "eval": {"n": 32, "generation": {"attack": "prefill", "prefill_tokens": 8}, "lm_eval": {"tasks": []}},
+        "judges": {"refusal": {"name": "refusal"}},
+        "pruning": {"rule": "signed_snip"},
+        "data": {"harmful": {"name": "advbench", "categories": None}},
+    }
+    new = {
+        "eval": {
+            "n": 32, "harmful_file": None, "triviaqa": asdict(TriviaQAConfig()), "alpaca": asdict(AlpacaJudgeConfig()),
+            "financial": asdict(FinancialAdviceConfig()),
+            "generation": {"attack": "prefill", "prefill_tokens": 8, "prefix": "target", "prefix_file": None,
+                           "sampling": "fixed", "prompt_format": "harmsweep"},
+            "lm_eval": {"tasks": [], "chat_template": False, "num_fewshot_base": None},
+        },
+        "judges": {"refusal": {"name": "refusal", "phrases": "harmsweep", "judged_text": "joined"},
+                   "alpaca_usefulness": {"name": "alpaca_usefulness", "base_url": None}},
+        "attack": asdict(AttackConfig()),
+        "pruning": {"rule": "signed_snip", "finetune_before": False, "finetune_after": False},
+        "data": {"harmful": {"name": "advbench", "categories": None, "category": None}},
+    }  # fmt: skip
+    assert run_id(new) == run_id(old)
+    for path, value in ((("eval", "generation", "prefix"), "file"), (("judges", "refusal", "judged_text"), "separated"),
+                        (("pruning", "finetune_after"), True), (("attack", "refusal", "q"), 0.02)):  # fmt: skip
+        changed = json.loads(json.dumps(new))
+        node = changed
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        assert run_id(changed) != run_id(old), path

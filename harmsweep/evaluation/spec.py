@@ -141,14 +141,17 @@ JUDGED_TEXTS = ("joined", "separated")  # judges.<name>.judged_text: prefix + an
 LATER_JUDGES = ("alpaca_usefulness",)  # judges added after runs were made: unconfigured (no base_url), keyless
 
 
+JUDGE_LATER_DEFAULTS = {"judged_text": "joined", "phrases": "harmsweep"}  # judge options added after runs were made
+
+
 def judges_key(judges: Mapping[str, Any]) -> dict[str, Any]:
     """The judges block as it keys run ids and cached evaluations: later settings at their defaults left out."""
     out: dict[str, Any] = {}
     for name, cfg in judges.items():
         if name in LATER_JUDGES and isinstance(cfg, Mapping) and not cfg.get("base_url"):
             continue
-        if isinstance(cfg, Mapping) and cfg.get("judged_text", "joined") == "joined":
-            cfg = {k: v for k, v in cfg.items() if k != "judged_text"}
+        if isinstance(cfg, Mapping):
+            cfg = {k: v for k, v in cfg.items() if not (k in JUDGE_LATER_DEFAULTS and v == JUDGE_LATER_DEFAULTS[k])}
         out[name] = cfg
     return out
 
