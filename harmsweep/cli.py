@@ -24,12 +24,19 @@ SUMMARY = (
     ("StrongREJECT", "strongreject_mean"),
     ("rubric score", "rubric_mean"),
     ("perplexity", "perplexity"),
+    ("ppl attacked", "perplexity_attacked"),
     ("recognition", "recognition_accuracy"),
+    ("lm-eval mean", "lm_eval/mean/acc"),
+    ("TriviaQA", "triviaqa_acc"),
+    ("Alpaca judge", "alpaca_judge_mean"),
+    ("financial ref", "financial_refusal_rate"),
 )
 
 
 def summary(result: dict[str, Any]) -> str:
     """A few lines: what was pruned, and each headline metric before -> after."""
+    from harmsweep.intervals import with_stage
+
     m = result["metrics"]
     if result.get("figures") is not None:  # an experiment: its headline numbers and where its figures are
         lines = [
@@ -58,8 +65,10 @@ def summary(result: dict[str, Any]) -> str:
         lo, hi = (ci.get(key) or {}).get("lo"), (ci.get(key) or {}).get("hi")
         return f" {level} CI [{lo:+.{digits}f}, {hi:+.{digits}f}]" if lo is not None and hi is not None else ""
 
+    if result.get("attack"):
+        lines.append(f"  answers under attack {result['attack']['name']} (applied to the model before and after pruning)")
     for label, key in SUMMARY:
-        before, after = m.get(f"{key}_before"), m.get(f"{key}_after")
+        before, after = m.get(with_stage(key, "before")), m.get(with_stage(key, "after"))
         if isinstance(before, int | float) and isinstance(after, int | float):
             lines.append(f"  {label:<13}{before:8.3f} -> {after:8.3f} ({after - before:+.3f}){bounds(f'delta_{key}')}")
     if m.get("selectivity") is not None:
