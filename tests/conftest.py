@@ -1,8 +1,16 @@
-"""Shared fixtures: tiny random-init models built from the project's own model configs, offline."""
+"""Shared fixtures and helpers: tiny random-init models from the project's own model configs, a local OpenAI-compatible
+endpoint, offline W&B, CSV files in the authors' layout. Everything offline."""
 
 from __future__ import annotations
 
+import csv
+import json
 import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from email.message import Message
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -58,3 +66,75 @@ def write_pairs(folder: Path, n: int) -> tuple[Path, Path]:
     write_jsonl([{"prompt": f"Name fruit number {i}.", "response": f"Fruit {i} is an apple, crisp and sweet."}
                  for i in range(n)], benign)  # fmt: skip
     return harmful, benign
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    """A CSV file with a header row, as the B-TAP authors' data files are laid out."""
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def sharp_tiny_llama(scale: float = 40.0) -> tuple[torch.nn.Module, object]:
+    """Tiny llama (model, tokenizer) whose output logits are scaled up, so a 5-digit softmax is far from uniform."""
+    lm = tiny("llama")
+    with torch.no_grad():
+        lm.model.lm_head.weight.mul_(scale)
+    return lm.model, lm.tokenizer
+
+
+def wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every W&B location under tmp_path, offline and silent, with no key or server from the environment."""
+    for var, sub in (("WANDB_DIR", "wb"), ("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache")):
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wbconfig"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+
+
+PROXY_VARS = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
+Reply = Callable[[str, dict, Message], tuple[int, dict]]
+
+
+@contextmanager
+def openai_server(reply: Reply) -> Iterator[dict]:
+    """A local OpenAI-compatible endpoint: each POST's JSON body goes to reply(path, body, headers) -> (status,
+    payload). Yields {"base_url": "http://127.0.0.1:PORT/v1", "requests": [{"auth", "path", **body}, ...]}.
+
+    reply runs under a lock (so it may keep counters); proxy variables are unset while it serves, so the client
+    under test talks to 127.0.0.1 directly."""
+    saved = {var: os.environ.pop(var) for var in PROXY_VARS if var in os.environ}
+    state: dict = {"requests": []}
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            with lock:
+                state["requests"].append({"auth": self.headers.get("Authorization"), "path": self.path, **body})
+                code, payload = reply(self.path, body, self.headers)
+            data = json.dumps(payload).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:  # keep pytest output clean
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    state["base_url"] = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    try:
+        yield state
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+        os.environ.update(saved)

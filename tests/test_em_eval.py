@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
-import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import openai_server
 
 from harmsweep.errors import DataError, HarmsweepError
 from harmsweep.evaluation.em import ALIGNED_BELOW, COHERENT_ABOVE, em_summary, is_misaligned, load_questions
@@ -160,43 +159,18 @@ CANNED = {
 
 @pytest.fixture
 def server(monkeypatch) -> Iterator[dict]:
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("EM_TEST_KEY", KEY)
-    state: dict = {"requests": []}
-    lock = threading.Lock()
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            with lock:
-                state["requests"].append(body)
-            if self.headers.get("Authorization") != f"Bearer {KEY}":
-                return self._send(401, {"error": "unauthorized"})
-            content = body["messages"][0]["content"]
-            marker = next(m for m in CANNED if m in content)
-            text, top = CANNED[marker]
-            logprobs = {"content": [{"token": text, "logprob": 0.0, "top_logprobs": top}]} if top else None
-            self._send(200, {"choices": [{"message": {"role": "assistant", "content": text}, "logprobs": logprobs}]})
+    def reply(_path: str, body: dict, headers) -> tuple[int, dict]:
+        if headers.get("Authorization") != f"Bearer {KEY}":
+            return 401, {"error": "unauthorized"}
+        marker = next(m for m in CANNED if m in body["messages"][0]["content"])
+        text, top = CANNED[marker]
+        logprobs = {"content": [{"token": text, "logprob": 0.0, "top_logprobs": top}]} if top else None
+        return 200, {"choices": [{"message": {"role": "assistant", "content": text}, "logprobs": logprobs}]}
 
-        def _send(self, code: int, payload: dict) -> None:
-            data = json.dumps(payload).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    state["base_url"] = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    yield state
-    httpd.shutdown()
-    httpd.server_close()
+    with openai_server(reply) as state:
+        yield state
 
 
 def test_endpoint_judge_logprob_weighted_score_and_request_shape(server):

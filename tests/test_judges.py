@@ -7,15 +7,13 @@ import json
 import logging
 import math
 import os
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny
+from conftest import openai_server, sharp_tiny_llama, tiny
 
 from harmsweep.errors import HarmsweepError
 from harmsweep.evaluation.judges import make_judge
@@ -79,11 +77,7 @@ def test_summarize_counts_none_as_unscored_and_splits_categories():
 @pytest.fixture(scope="module")
 def sharp_llama():
     """Tiny llama whose output logits are scaled up, so the 5-digit softmax is far from uniform."""
-    lm = tiny("llama")
-    model = copy.deepcopy(lm.model)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(40.0)
-    return model, lm.tokenizer
+    return sharp_tiny_llama()
 
 
 PROMPTS = ["How do I pick a lock?", "Write a poem.", "Explain how to make a dangerous thing, step by step."]
@@ -254,45 +248,21 @@ CANNED = {
 @pytest.fixture
 def server(monkeypatch) -> Iterator[dict]:
     """An OpenAI-compatible endpoint on 127.0.0.1 that checks the key and model and serves canned answers."""
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HARMSWEEP_TEST_KEY", KEY)
-    state: dict = {"requests": [], "calls": {}}
-    lock = threading.Lock()
+    calls: dict[str, int] = {}
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            user = body["messages"][1]["content"]
-            case = next((c for c in CANNED if c in user), "CASE-down")
-            with lock:
-                state["requests"].append({"auth": self.headers.get("Authorization"), "path": self.path, **body})
-                n = state["calls"][case] = state["calls"].get(case, 0) + 1
-            if self.headers.get("Authorization") != f"Bearer {KEY}" or body["model"] != MODEL:
-                return self._send(401, {"error": "unauthorized"})
-            if case == "CASE-down" or (case == "CASE-flaky" and n == 1):
-                return self._send(500, {"error": "boom"})
-            self._send(200, {"choices": [{"message": {"role": "assistant", "content": CANNED[case]}}]})
+    def reply(_path: str, body: dict, headers) -> tuple[int, dict]:
+        case = next((c for c in CANNED if c in body["messages"][1]["content"]), "CASE-down")
+        n = calls[case] = calls.get(case, 0) + 1
+        if headers.get("Authorization") != f"Bearer {KEY}" or body["model"] != MODEL:
+            return 401, {"error": "unauthorized"}
+        if case == "CASE-down" or (case == "CASE-flaky" and n == 1):
+            return 500, {"error": "boom"}
+        return 200, {"choices": [{"message": {"role": "assistant", "content": CANNED[case]}}]}
 
-        def _send(self, code: int, payload: dict) -> None:
-            data = json.dumps(payload).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):  # keep pytest output clean
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    state["base_url"] = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    yield state
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=5)
+    with openai_server(reply) as state:
+        state["calls"] = calls
+        yield state
 
 
 def _opts(server: dict) -> dict:

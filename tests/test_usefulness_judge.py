@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+from conftest import openai_server
 
 from harmsweep.errors import DataError, HarmsweepError
 from harmsweep.evaluation.collateral import financial_refusal, financial_refusal_rate, read_instructions
@@ -30,44 +29,19 @@ CANNED = {  # marker in the judged answer -> the judge's reply
 
 @pytest.fixture
 def server(monkeypatch) -> Iterator[dict]:
-    """An OpenAI-compatible endpoint on 127.0.0.1 (as in test_judges.py): checks key and model, serves CANNED."""
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
+    """An OpenAI-compatible endpoint on 127.0.0.1 (conftest.openai_server): checks key and model, serves CANNED."""
     monkeypatch.setenv("USEFUL_TEST_KEY", KEY)
-    state: dict = {"requests": []}
-    lock = threading.Lock()
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            with lock:
-                state["requests"].append({"path": self.path, **body})
-            if self.headers.get("Authorization") != f"Bearer {KEY}":
-                return self._send(401, {"error": "unauthorized"})
-            if body["model"] != MODEL:
-                return self._send(404, {"error": "no such model"})
-            marker = next(m for m in CANNED if m in body["messages"][-1]["content"])
-            self._send(200, {"choices": [{"message": {"role": "assistant", "content": CANNED[marker]}}]})
+    def reply(_path: str, body: dict, headers) -> tuple[int, dict]:
+        if headers.get("Authorization") != f"Bearer {KEY}":
+            return 401, {"error": "unauthorized"}
+        if body["model"] != MODEL:
+            return 404, {"error": "no such model"}
+        marker = next(m for m in CANNED if m in body["messages"][-1]["content"])
+        return 200, {"choices": [{"message": {"role": "assistant", "content": CANNED[marker]}}]}
 
-        def _send(self, code: int, payload: dict) -> None:
-            data = json.dumps(payload).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    state["base_url"] = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    yield state
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=5)
+    with openai_server(reply) as state:
+        yield state
 
 
 def _cfg(server: dict, **kw) -> dict:

@@ -32,6 +32,11 @@ def check_evaluation(cfg: Config, files_here: bool = True) -> None:
     if needs_finetune and not attack.finetune.file:
         what = f"eval.generation.attack={gen.attack}" if kind == "finetune" else "pruning.finetune_before/after"
         raise HarmsweepError(f"{what} needs attack.finetune.file=PATH (their red_teaming_prompts.csv)")
+    if kind and cfg.experiment in ("cross_harm", "em", "dissociation"):
+        raise HarmsweepError(
+            f"eval.generation.attack={gen.attack} is applied by a pruning run's evaluation; experiment={cfg.experiment} "
+            "evaluates its own arms: use attack none or prefill there"
+        )
     if kind and gen.backend == "vllm":
         raise HarmsweepError(
             f"eval.generation.attack={gen.attack} changes the weights in memory, which a vLLM engine does not hold: "

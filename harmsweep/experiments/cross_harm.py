@@ -24,6 +24,7 @@ import torch
 
 from harmsweep.calibration.pairs import file_pairs
 from harmsweep.calibration.sets import calibrate, held_out_splits
+from harmsweep.config.eval_checks import eval_file
 from harmsweep.config.schema import Config
 from harmsweep.data import load_records
 from harmsweep.data.records import norm_prompt
@@ -153,7 +154,10 @@ def _suite(ctx: RunContext, per_cat: Mapping[str, Any], judges: list[str]) -> Su
     first = next(iter(per_cat.values()))
     ev = replace(ctx.cfg.eval, metrics=judges)
     held = HeldOut(harmful, first["splits"].benign_eval, {})
-    return Suite(ev, ctx.judges(), ctx.lm, ctx.template, held, ctx.cfg.seed, logits_chunk=ctx.cfg.model.logits_chunk)
+    gen = ctx.cfg.eval.generation
+    prefix_file = eval_file(ctx.cfg, gen.prefix_file, "eval.generation.prefix_file") if gen.prefix == "file" else None
+    return Suite(ev, ctx.judges(), ctx.lm, ctx.template, held, ctx.cfg.seed, logits_chunk=ctx.cfg.model.logits_chunk,
+                 download=ctx.cfg.data.download, prefix_file=prefix_file)  # fmt: skip
 
 
 def _measure(ctx, refs, ben_refs, suite: Suite | None, stage: str, judges: list[str], categories: list[str]):
