@@ -138,3 +138,14 @@ def openai_server(reply: Reply) -> Iterator[dict]:
         httpd.server_close()
         thread.join(timeout=5)
         os.environ.update(saved)
+
+
+@pytest.fixture
+def dead_base_url(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A base_url on 127.0.0.1 where nothing listens (connection refused), with proxy variables unset."""
+    for var in PROXY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    dead = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    port = dead.server_address[1]
+    dead.server_close()
+    return f"http://127.0.0.1:{port}/v1"

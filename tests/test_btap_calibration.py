@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, tiny
+from conftest import write_csv as _write_csv
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from test_cli import harmsweep
@@ -100,14 +100,6 @@ def test_rows_match_numpy_and_datasets_shuffle(seed):
         assert used + rest == np.random.default_rng(seed).permutation(total).tolist()
     for n in (57, 412):
         assert btap_rows(total, n, seed) == (list(range(total)), [])  # every row, in file order
-
-
-def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
 
 
 def _harmful_rows(k: int) -> list[list[str]]:

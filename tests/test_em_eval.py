@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -214,15 +213,9 @@ def test_endpoint_judge_auth_errors_never_show_the_key(server, monkeypatch):
         make_em_judge({"name": "gpt4o"})
 
 
-def test_endpoint_judge_gives_up_on_a_dead_server_with_none(monkeypatch, caplog):
+def test_endpoint_judge_gives_up_on_a_dead_server_with_none(dead_base_url, monkeypatch, caplog):
     monkeypatch.setenv("EM_TEST_KEY", KEY)
-    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    dead = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
-    port = dead.server_address[1]
-    dead.server_close()  # nothing listens on this port now: connection refused
-    judge = EndpointEMJudge(Endpoint(base_url=f"http://127.0.0.1:{port}/v1", api_key_env="EM_TEST_KEY", max_retries=1,
-                                     backoff_s=0))  # fmt: skip
+    judge = EndpointEMJudge(Endpoint(base_url=dead_base_url, api_key_env="EM_TEST_KEY", max_retries=1, backoff_s=0))
     aligned, coherent = judge.score(["q"], ["a"], [GOOD_PROMPTS])
     assert (aligned, coherent) == ([None], [None]) and judge.n_failed == 2
     assert judge.last_aligned_labels == ["failed"] and "giving up" in caplog.text

@@ -10,20 +10,13 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny
+from conftest import write_csv as _csv
 from test_cli import harmsweep
 from test_plan import _plan_job, llama8b  # noqa: F401 (a fixture)
 
 from harmsweep.calibration.pairs import Pair
 
 ADVBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "advbench" / "harmful_behaviors.csv"
-
-
-def _csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
-    with path.open("w", newline="") as handle:
-        out = csv.writer(handle)
-        out.writerow(header)
-        out.writerows(rows)
-    return path
 
 
 def their_folder(tmp_path: Path) -> Path:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny
+from conftest import sharp_tiny_llama
 
 from harmsweep.errors import HarmsweepError
 from harmsweep.evaluation.judges import make_judge
@@ -30,11 +29,7 @@ def judge_lm():
     """Tiny llama with sharpened logits and a byte tokenizer that puts its BOS (<|im_start|>) first, as gemma's."""
     from tokenizers import processors
 
-    lm = tiny("llama")
-    model = copy.deepcopy(lm.model)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(40.0)
-    tok = copy.deepcopy(lm.tokenizer)
+    model, tok = sharp_tiny_llama()
     bos = tok.bos_token
     tok._tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.bos_token_id)]

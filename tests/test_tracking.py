@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import wandb_offline
 
 from harmsweep import tracking
 from harmsweep.tracking import LoggerConfig, Tracker, open_tracker
@@ -30,13 +31,7 @@ FAKE_KEY = "0123456789abcdef" * 2 + "fedcba98"  # 40 characters, like a W&B key
 
 @pytest.fixture(autouse=True)
 def wb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for var, sub in (("WANDB_DIR", "wb"), ("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache")):
-        monkeypatch.setenv(var, str(tmp_path / sub))
-    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wbconfig"))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    wandb_offline(tmp_path, monkeypatch)
 
 
 def logger_cfg(**overrides: Any) -> LoggerConfig:

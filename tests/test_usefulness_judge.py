@@ -96,15 +96,9 @@ def test_a_wrong_model_or_key_is_one_line_and_never_shows_the_key(server, monkey
     assert "\n" not in str(err.value)
 
 
-def test_an_unreachable_endpoint_leaves_items_unscored_as_the_rubric_judge_does(monkeypatch, caplog):
+def test_an_unreachable_endpoint_leaves_items_unscored_as_the_rubric_judge_does(dead_base_url, monkeypatch, caplog):
     monkeypatch.setenv("USEFUL_TEST_KEY", KEY)
-    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    dead = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
-    port = dead.server_address[1]
-    dead.server_close()  # nothing listens there now: connection refused
-    endpoint = Endpoint(base_url=f"http://127.0.0.1:{port}/v1", api_key_env="USEFUL_TEST_KEY", max_retries=1,
-                        backoff_s=0)  # fmt: skip
+    endpoint = Endpoint(base_url=dead_base_url, api_key_env="USEFUL_TEST_KEY", max_retries=1, backoff_s=0)
     judge = UsefulnessJudge(endpoint)
     with caplog.at_level(logging.WARNING):
         assert judge.score(["a", "b"], ["x", "y"]) == [None, None]

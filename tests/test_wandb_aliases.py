@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import wandb_offline
 
 from harmsweep.config.schema import to_config
 from harmsweep.errors import HarmsweepError
@@ -76,13 +77,7 @@ def test_unknown_alias_set_fails_when_the_config_is_read() -> None:
 
 @pytest.fixture
 def wb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for var, sub in (("WANDB_DIR", "wb"), ("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache")):
-        monkeypatch.setenv(var, str(tmp_path / sub))
-    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wbconfig"))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    wandb_offline(tmp_path, monkeypatch)
 
 
 def logged_summary(run_dir: Path, aliases: str) -> dict[str, Any]:
