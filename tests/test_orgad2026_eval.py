@@ -124,6 +124,8 @@ def test_finetune_after_prunes_a_second_mask_of_the_tuned_model(tmp_path, folder
         (["eval.generation.attack=finetune"], "needs attack.finetune.file=PATH"),
         (["eval.generation.attack=refusal_ablation", "eval.generation.backend=vllm"], "use eval.generation.backend=hf"),
         (["eval.generation.prefill_tokens=0"], "must be at least 1 to prefill"),
+        (["judges.strongreject_finetuned.judged_text=apart"], "judged_text=apart is not one of joined, separated"),
+        (["experiment=cross_harm", "eval.generation.attack=refusal_ablation"], "evaluates its own arms"),
         (["eval.harmful_file={folder}/nope.txt"], "nope.txt: not found (the file eval.harmful_file names)"),
         (["eval.metrics=[alpaca_judge]", "judges.alpaca_usefulness.base_url=http://127.0.0.1:9/v1"], "cannot be reached"),
         (["pruning.finetune_before=true", "pruning.finetune_after=true", "attack.finetune.file={folder}/corpus.txt"],
@@ -135,7 +137,7 @@ def test_bad_input_stops_in_one_line_before_any_work(tmp_path, folder, overrides
     missing = _csv(tmp_path / "missing.csv", rows[0], rows[1:-1])
     args = [o.format(missing=missing, folder=folder) for o in overrides]
     proc = harmsweep("experiment=orgad2026_harm", "model=tiny_llama", f"calibration.btap_data={folder}",
-                     "eval.metrics=[refusal]", f"paths.artifacts={tmp_path / 'artifacts'}",
+                     "calibration.n=12", "eval.metrics=[refusal]", f"paths.artifacts={tmp_path / 'artifacts'}",
                      f"hydra.run.dir={tmp_path / 'run'}", *args, cwd=tmp_path, env={"OPENAI_API_KEY": "x"})  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

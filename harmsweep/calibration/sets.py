@@ -127,13 +127,15 @@ def held_out_splits(
     seed: int,
     exclude: Collection[str] = frozenset(),
     basename: str | None = None,
+    fixed_eval: bool = False,
 ) -> Splits:
     """Calibration/evaluation splits of the harmful and benign data that share no prompt.
 
     ``n_eval`` (eval.n): held-out prompts per side, None for the whole held-out set. ``exclude``: normalised
     prompts to drop first (those a derived model was fine-tuned on; files in the authors' layout keep every row
     and lose them from the held-out side only). ``basename``: the model's name in the authors' file names
-    (calibration.btap_data). Rows: calibration.rows=split, a seeded split; rows=btap, the authors' choice
+    (calibration.btap_data). ``fixed_eval``: the harmful evaluation prompts come from a file (eval.harmful_file,
+    ``with_eval_prompts``), so with rows=btap none are held out here. Rows: calibration.rows=split, a seeded split; rows=btap, the authors' choice
     (``btap_rows``), evaluated on the rest of the permutation, or, when a file is used whole, on data.harmful
     (data.benign) minus the calibration prompts.
     """
@@ -146,7 +148,11 @@ def held_out_splits(
         raise HarmsweepError("calibration.btap_data names files by the model's basename, and none was given")
     harmful, benign = _harmful_source(cal, data, files), _benign_source(cal, data, files)
     if cal.rows == "btap":
-        h_cal, h_eval, h_from, h_own = _btap_split(harmful, cal.n, n_eval, seed, exclude, data, "harmful")
+        if fixed_eval:  # their validation file replaces the held-out side: data.harmful is never read for it
+            h_cal = _btap_split(harmful, cal.n, 0, seed, exclude, data, "harmful", fixed=True)[0]
+            h_eval, h_from, h_own = [], "eval.harmful_file", True
+        else:
+            h_cal, h_eval, h_from, h_own = _btap_split(harmful, cal.n, n_eval, seed, exclude, data, "harmful")
         b_cal, b_eval, b_from, _ = _btap_split(benign, n_benign, n_eval, seed, exclude, data, "benign")
     else:
         h_cal, h_eval = split_disjoint(_without(harmful.records, exclude), cal.n, n_eval, seed)
@@ -237,13 +243,22 @@ def _without(records: list[Record], exclude: Collection[str]) -> list[Record]:
 
 
 def _btap_split(
-    source: _Source, n: int, n_eval: int | None, seed: int, exclude: Collection[str], data: DataConfig, side: str
+    source: _Source,
+    n: int,
+    n_eval: int | None,
+    seed: int,
+    exclude: Collection[str],
+    data: DataConfig,
+    side: str,
+    fixed: bool = False,
 ) -> tuple[list[Record], list[Record], str, bool]:
     """The authors' rows of one side, its held-out records (up to n_eval), where those come from, and whether they
     are rows of the source itself (so they carry the source's responses)."""
     records = source.records if source.layout else _without(source.records, exclude)
     used, rest = btap_rows(len(records), n, seed)
     cal = [records[i] for i in used]
+    if fixed:  # the held-out side comes from elsewhere (eval.harmful_file)
+        return cal, [], "", True
     if rest:
         candidates, origin, own = [records[i] for i in rest], f"rest of the permutation of {source.label}", True
     else:

@@ -56,6 +56,7 @@ def check_config(cfg: Config, *, data_root: bool = True) -> PruneSpec:
     _check_experiment(cfg)
     # held-out harmful prompts come from the rows calibration leaves, else from data.harmful under the root
     harmful_from_root = mode != "file" and not data.harmful.file and not (data_root and _rows_left(cfg))
+    harmful_from_root = harmful_from_root and not (cfg.eval.harmful_file and (cal.btap_data or mode == "file"))
     benign_from_root = not cal.benign.file and not data.benign.file and not cal.btap_data
     if data_root and (harmful_from_root or benign_from_root) and (not data.root or not Path(str(data.root)).is_dir()):
         raise HarmsweepError(

@@ -181,6 +181,10 @@ def metric_plan(ev: EvalConfig, judges: Mapping[str, Any]) -> tuple[list[str], d
         )
     if str(ev.lm_eval.chat_template).lower() not in ("true", "false", "auto"):
         raise HarmsweepError(f"eval.lm_eval.chat_template={ev.lm_eval.chat_template} is not one of true, false, auto")
+    for name, options in judges.items():
+        mode = (options or {}).get("judged_text", "joined") if isinstance(options, Mapping) else "joined"
+        if mode not in JUDGED_TEXTS:
+            raise HarmsweepError(f"judges.{name}.judged_text={mode} is not one of {', '.join(JUDGED_TEXTS)}")
     phrases = (judges.get("refusal") or {}).get("phrases", "harmsweep")
     if phrases not in REFUSAL_LISTS:
         raise HarmsweepError(f"judges.refusal.phrases={phrases} is not one of {', '.join(REFUSAL_LISTS)}")

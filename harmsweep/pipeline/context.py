@@ -61,7 +61,8 @@ class RunContext:
         template = resolve_template(lm.tokenizer, cfg.alignment.template)
         exclude = trained_prompts(lm.source, cfg.paths.cache_dir)  # a derived model's training prompts
         basename = cfg.btap_basename()  # names the files under calibration.btap_data
-        splits = held_out_splits(cfg.calibration, cfg.data, cfg.eval.n, cfg.seed, exclude=exclude, basename=basename)
+        splits = held_out_splits(cfg.calibration, cfg.data, cfg.eval.n, cfg.seed, exclude=exclude, basename=basename,
+                                 fixed_eval=bool(cfg.eval.harmful_file))  # fmt: skip
         fixed = eval_file(cfg, cfg.eval.harmful_file, "eval.harmful_file")
         if fixed is not None:  # their validation prompts in place of a held-out split
             splits = with_eval_prompts(splits, read_prompt_file(fixed), cfg.eval.n, str(fixed))
