@@ -81,6 +81,8 @@ def test_prefixes_are_ten_tokens_of_the_files_answers_and_the_judge_sees_them_ap
         continuation = Pair(item["prompt"], item["response"], "x", prefix=item["prefix"]).continuation
         assert item["judged"] == item["prefix"] + "|||" + continuation
     assert result["calibration_source"]["eval_harmful"].startswith("file ")
+    rows = Path(result["artifacts"]["calibration"]).with_suffix(".jsonl").read_text().splitlines()
+    assert {json.loads(r)["set"] for r in rows} == {"harmful", "benign"}  # no metric reads references: none made
     assert result["perplexity_corpus"] == "wikitext"
 
 

@@ -51,11 +51,13 @@ def calibrate(
     *,
     dtype: str,
     benign_references: str,
+    references: bool = True,
 ) -> tuple[dict[str, dict[str, torch.Tensor]], Path, bool]:
     """The calibration and reference sets of ``splits`` (cached by content): sets, cache entry, computed?
 
     ``dtype`` (the model's) keys the cache; ``benign_references`` (eval.benign_references) says whether the
-    held-out benign references are the model's own answers or the dataset's.
+    held-out benign references are the model's own answers or the dataset's; ``references=False``: none are made
+    (no metric reads them: the held-out reference sets are empty, and no held-out prompt is answered here).
     """
     cal_info = {
         "version": VERSIONS["calibration"],
@@ -71,12 +73,22 @@ def calibrate(
         ),
         "calibration": cache_settings(cal),
         "benign_references": benign_references,
+        **({} if references else {"references": False}),
     }
     entry = root / "calibration" / content_key(cal_info)
     sets, computed = cached(
         entry,
         lambda e: _calibrate(
-            cal, benign_references, dtype, lm, template, splits, e / "calibration.safetensors", cal_info, root
+            cal,
+            benign_references,
+            dtype,
+            lm,
+            template,
+            splits,
+            e / "calibration.safetensors",
+            cal_info,
+            root,
+            references,
         ),
         lambda e: load_sets(e / "calibration.safetensors"),
         "calibration.safetensors",
@@ -290,10 +302,14 @@ def _calibrate(
     path: Path,
     info: Mapping[str, Any],
     root: Path,
+    references: bool = True,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Harmful and benign pairs for scoring, plus the held-out reference responses for harm likelihood."""
     harm = cal.harmful
     harm_cal, harm_eval, ben_eval = splits.harmful_cal, splits.harmful_eval, splits.benign_eval
+    if not references:
+        harm_eval, ben_eval = [], []
+        splits = replace(splits, answer_harmful_eval=False)
     greedy = Sampling(max_new_tokens=harm.max_new_tokens)
 
     def answers(records: list[Record], prefill_tokens: int, desc: str) -> list[Pair]:
@@ -318,7 +334,7 @@ def _calibrate(
     else:
         cal_pairs = file_pairs(harm_cal, "calibration harmful data")
     eval_pairs = generated if splits.answer_harmful_eval else file_pairs(harm_eval, "evaluation harmful data")
-    if benign_references == "model":
+    if benign_references == "model" and ben_eval:
         ben_eval_pairs = _references(
             cal, dtype, lm, template, ben_eval, root, lambda: answers(ben_eval, 0, "benign references")
         )
@@ -335,11 +351,19 @@ def _calibrate(
         name: encode_btap(tok, ps, splits.benign_as if name == "benign" else name, cal.separator, max_len)
         if cal.format == "btap" and name in ("harmful", "benign")
         else encode_pairs(tok, ps, template, max_len)
+        if ps
+        else _empty()
         for name, ps in pairs.items()
     }
     write_key_info(path.parent, info)
     save_sets(sets, pairs, path)
     return sets
+
+
+def _empty() -> dict[str, torch.Tensor]:
+    """A set with no rows (references=False): the same tensors, zero sequences."""
+    none = torch.zeros((0, 0), dtype=torch.long)
+    return {"input_ids": none, "attention_mask": none.clone(), "labels": none.clone()}
 
 
 def _references(

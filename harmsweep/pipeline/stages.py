@@ -24,7 +24,7 @@ from harmsweep.cache import VERSIONS, cached, content_key, file_sha256, replaced
 from harmsweep.calibration.sets import calibrate
 from harmsweep.config.eval_checks import eval_file
 from harmsweep.devices import input_device
-from harmsweep.evaluation.spec import EvalConfig, judges_key, without_later_defaults
+from harmsweep.evaluation.spec import EvalConfig, judges_key, metric_plan, without_later_defaults
 from harmsweep.evaluation.suite import HeldOut, Suite
 from harmsweep.intervals import samples_to_json
 from harmsweep.models.base_weights import base_values
@@ -51,10 +51,16 @@ def calibration_sets(ctx: RunContext) -> tuple[dict[str, dict[str, torch.Tensor]
 
     def make() -> tuple[dict[str, dict[str, torch.Tensor]], Path, bool]:
         return calibrate(cfg.calibration, ctx.lm, ctx.template, ctx.splits, ctx.root, dtype=cfg.model.dtype,
-                         benign_references=cfg.eval.benign_references)  # fmt: skip
+                         benign_references=cfg.eval.benign_references, references=_references_read(cfg))  # fmt: skip
 
     sets, entry, ctx.computed["calibration"] = ctx.timed("calibrate", make)
     return sets, entry
+
+
+def _references_read(cfg: Any) -> bool:
+    """Whether anything reads the held-out reference responses: harm likelihood, and the experiments' own measures."""
+    return "harm_likelihood" in metric_plan(cfg.eval, cfg.judges)[0] or cfg.experiment in ("cross_harm", "em",
+                                                                                           "dissociation")  # fmt: skip
 
 
 def score(
