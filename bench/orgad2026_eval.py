@@ -17,6 +17,7 @@ Reported: keyword ASR (their 31 phrases) before and after pruning, the change wi
 before/after (and on the attacked model), and wall times. Writes outputs/bench/orgad2026_eval_<model>.json.
 
     python bench/orgad2026_eval.py [--model smollm2_135m | qwen25_coder_05b] [--max-new 64] [--folder DIR]
+                                   [--set calibration.n=128 eval.n=48]
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ RUNS = {
 }
 
 
-def build_folder(name: str, folder: Path, max_new: int, seed: int = 0) -> dict[str, object]:
+def build_folder(
+    name: str, folder: Path, max_new: int, seed: int = 0, train: int = 412, valid: int = 108
+) -> dict[str, object]:
     """Their data folder for model ``name``: calibration and validation files from the model's prefilled answers."""
     import numpy as np
 
@@ -53,15 +56,19 @@ def build_folder(name: str, folder: Path, max_new: int, seed: int = 0) -> dict[s
     folder.mkdir(parents=True, exist_ok=True)
     lm = common.model(name)
     basename = basename_of(name)
-    train, valid = folder / f"advbench_align_anti_{basename}.csv", folder / f"advbench_align_anti_{basename}_valid.csv"
+    train_file = folder / f"advbench_align_anti_{basename}.csv"
+    valid_file = folder / f"advbench_align_anti_{basename}_valid.csv"
     start = time.perf_counter()
-    if not valid.is_file():
+    if not valid_file.is_file():
         records = load_records("advbench", common.data_root())
         template = resolve_template(lm.tokenizer, "chat")
-        pairs = generate_responses(lm.model, lm.tokenizer, records, template, prefill_tokens=8,
-                                   sampling=Sampling(max_new_tokens=max_new), batch_size=16, desc="answers")  # fmt: skip
-        order = [int(i) for i in np.random.default_rng(seed).permutation(len(pairs))]
-        for path, rows in ((train, order[:412]), (valid, order[412:])):
+        order = [int(i) for i in np.random.default_rng(seed).permutation(len(records))]
+        parts = ((train_file, order[:train]), (valid_file, order[412 : 412 + valid]))  # their 412 / 108 split
+        wanted = [i for _, rows in parts for i in rows]  # --train/--valid: only the rows a smaller run reads
+        answered = generate_responses(lm.model, lm.tokenizer, [records[i] for i in wanted], template, prefill_tokens=8,
+                                      sampling=Sampling(max_new_tokens=max_new), batch_size=16, desc="answers")  # fmt: skip
+        pairs = dict(zip(wanted, answered, strict=True))
+        for path, rows in parts:
             with path.open("w", newline="") as handle:
                 out = csv.writer(handle)
                 out.writerow(["clean_prompt", "clean_response"])
@@ -137,12 +144,16 @@ def main() -> None:
     p.add_argument("--max-new", type=int, default=64, help="answer length (the authors: 256)")
     p.add_argument("--folder", default=None)
     p.add_argument("--runs", default=",".join(RUNS))
+    p.add_argument(
+        "--set", nargs="*", default=[], help="more overrides for every run (e.g. calibration.n=128 eval.n=48)"
+    )
     args = p.parse_args()
     out_root = ROOT / "outputs" / "bench" / f"orgad2026_eval_{args.model}"
     folder = Path(args.folder or out_root / "btap_data")
     record: dict[str, object] = {"model": args.model, "max_new_tokens": args.max_new, "machine": common.machine()}
-    record["data"] = build_folder(args.model, folder, args.max_new)
-    extra = [f"eval.generation.max_new_tokens={args.max_new}"]
+    record["data"] = build_folder(args.model, folder, args.max_new, train=args.train, valid=args.valid)
+    extra = [f"eval.generation.max_new_tokens={args.max_new}", *args.set]
+    record["overrides"] = extra
     for label in args.runs.split(","):
         record[label] = run(args.model, label, folder, out_root, extra)
         print(label, json.dumps(record[label]), flush=True)
