@@ -33,10 +33,12 @@ import common
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {
+    # harmsweep's old attack on the same prompts: the first 8 tokens of AdvBench's "Sure, here is" target (the tokens
+    # attack_prompts forced from Record.target), given as a prefix file since the validation rows carry no target
     "old_prefill": [
         "eval.generation.attack=prefill",
-        "eval.generation.prefix=target",
         "eval.generation.prefill_tokens=8",
+        "eval.generation.prefix_file={folder}/advbench_targets_valid.csv",
     ],
     "file_prefill": ["eval.generation.attack=prefill"],
     "ablation": ["eval.generation.attack=refusal_ablation_prefill"],
@@ -82,6 +84,13 @@ def build_folder(
             out = csv.writer(handle)
             out.writerow(["prompt", "response"])
             out.writerows([r.prompt, r.response] for r in load("alpaca", common.data_root()) if r.response)
+    targets = folder / "advbench_targets_valid.csv"
+    if not targets.is_file():  # the validation prompts with AdvBench's own targets (the old prefill's source)
+        by_prompt = {r.prompt: r.target for r in load_records("advbench", common.data_root())}
+        with valid_file.open() as handle, targets.open("w", newline="") as target:
+            out = csv.writer(target)
+            out.writerow(["clean_prompt", "clean_response"])
+            out.writerows([row["clean_prompt"], by_prompt[row["clean_prompt"]]] for row in csv.DictReader(handle))
     refusals = folder / "advbench_align.csv"
     if not refusals.is_file():
         source = Path(common.data_root()) / "wei2024" / "SFT_aligned_llama2-7b-chat-hf_train_short.csv"
@@ -119,7 +128,7 @@ def run(name: str, label: str, folder: Path, out_root: Path, extra: list[str]) -
     argv = [str(Path(sys.executable).parent / "harmsweep"), "experiment=orgad2026_harm", f"model={name}",
             f"calibration.btap_data={folder}", "eval.metrics=[refusal,perplexity]", f"eval.perplexity.file={folder}/corpus.txt",
             f"attack.refusal.file={folder}/advbench_align.csv", f"hydra.run.dir={run_dir}",
-            f"paths.artifacts={out_root}/artifacts", *RUNS[label], *extra]  # fmt: skip
+            f"paths.artifacts={out_root}/artifacts", *(o.format(folder=folder) for o in RUNS[label]), *extra]  # fmt: skip
     start = time.perf_counter()
     subprocess.run(argv, check=True, cwd=ROOT)
     seconds = time.perf_counter() - start
@@ -144,6 +153,8 @@ def main() -> None:
     p.add_argument("--max-new", type=int, default=64, help="answer length (the authors: 256)")
     p.add_argument("--folder", default=None)
     p.add_argument("--runs", default=",".join(RUNS))
+    p.add_argument("--train", type=int, default=412, help="calibration rows answered (their 412)")
+    p.add_argument("--valid", type=int, default=108, help="validation rows answered (their 108)")
     p.add_argument(
         "--set", nargs="*", default=[], help="more overrides for every run (e.g. calibration.n=128 eval.n=48)"
     )

@@ -20,6 +20,7 @@ from harmsweep.calibration.sets import Splits, held_out_splits, with_eval_prompt
 from harmsweep.config.eval_checks import eval_file
 from harmsweep.config.schema import Config
 from harmsweep.devices import place_model
+from harmsweep.errors import HarmsweepError
 from harmsweep.evaluation.judges.source import JudgeSource
 from harmsweep.generation.prefixes import read_prefix_answers, read_prompt_file
 from harmsweep.generation.sampling import prefills
@@ -69,6 +70,12 @@ class RunContext:
         gen = cfg.eval.generation
         if gen.prefix == "file" and prefills(gen.attack):  # a prompt without an answer stops here, before any work
             read_prefix_answers(eval_file(cfg, gen.prefix_file, "eval.generation.prefix_file"), splits.harmful_eval)
+        elif prefills(gen.attack) and any(not r.target for r in splits.harmful_eval):
+            first = next(r for r in splits.harmful_eval if not r.target)
+            raise HarmsweepError(
+                f"eval.generation.attack={gen.attack} prefills the dataset's target and {first.source_id} has none: "
+                "use eval.generation.prefix=file with a prefix_file of real answers"
+            )
         ctx = cls(cfg, plain, run_id, run_dir, spec, lm, template, splits, params, given=given)
         ctx.timings["load"] = load_s
         return ctx
