@@ -68,6 +68,7 @@ def folder(tmp_path_factory) -> Path:
     return their_folder(tmp_path_factory.mktemp("their"))
 
 
+@pytest.mark.slow
 def test_prefixes_are_ten_tokens_of_the_files_answers_and_the_judge_sees_them_apart(tmp_path, folder):
     result, items = run(tmp_path, folder, "file", "judges.refusal.judged_text=separated")
     valid = list(csv.DictReader((folder / "advbench_align_anti_tiny_llama_valid.csv").open()))
@@ -86,6 +87,7 @@ def test_prefixes_are_ten_tokens_of_the_files_answers_and_the_judge_sees_them_ap
     assert result["perplexity_corpus"] == "wikitext"
 
 
+@pytest.mark.slow
 def test_refusal_ablation_changes_the_attacked_answers_only_and_is_undone(tmp_path, folder):
     plain, _ = run(tmp_path, folder, "prefill")
     attacked, items = run(tmp_path, folder, "ablation", "eval.generation.attack=refusal_ablation_prefill",
@@ -103,6 +105,7 @@ def test_refusal_ablation_changes_the_attacked_answers_only_and_is_undone(tmp_pa
     assert {i["attack"] for i in items if i["metric"] == "refusal"} == {"refusal_ablation_prefill"}
 
 
+@pytest.mark.slow
 def test_finetune_after_prunes_a_second_mask_of_the_tuned_model(tmp_path, folder):
     tune = [f"attack.finetune.file={folder / 'red_teaming_prompts.csv'}", "attack.finetune.epochs=1",
             "attack.finetune.rank=4", "attack.finetune.batch_size=3"]  # fmt: skip
