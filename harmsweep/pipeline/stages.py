@@ -283,7 +283,7 @@ def _eval_key(ev: EvalConfig) -> dict[str, Any]:
     return without_later_defaults(asdict(ev))
 
 
-def _attack_key(cfg: Any) -> dict[str, Any]:
+def _inputs_key(cfg: Any) -> dict[str, Any]:
     """What keys the cached unpruned evaluation beyond the eval block: the attack's settings and the files that the
     evaluation reads, by content (a file edited in place is a new evaluation); nothing when they are at their
     defaults, so evaluations cached before them stay found."""
@@ -291,8 +291,10 @@ def _attack_key(cfg: Any) -> dict[str, Any]:
     kind = weight_attack(cfg.eval.generation.attack)
     if kind:
         out["attack"] = asdict(getattr(cfg.attack, kind))
-    files = {"harmful_file": cfg.eval.harmful_file, "prefix_file": cfg.eval.generation.prefix_file,
-             "attack_file": getattr(cfg.attack, kind).file if kind else None}  # fmt: skip
+    ev = cfg.eval
+    files = {"harmful_file": ev.harmful_file, "prefix_file": ev.generation.prefix_file,
+             "attack_file": getattr(cfg.attack, kind).file if kind else None, "perplexity_file": ev.perplexity.file,
+             "triviaqa_file": ev.triviaqa.file, "alpaca_file": ev.alpaca.file, "financial_file": ev.financial.file}  # fmt: skip
     for name, value in files.items():
         path = eval_file(cfg, value, name) if value else None
         if path is not None and path.is_file():
@@ -308,7 +310,7 @@ def evaluate_before(ctx: RunContext, sets: Sets, cal_entry: Path) -> tuple[Suite
     cfg = ctx.cfg
     run_suite = evaluation_suite(ctx, sets)
     info = {"version": VERSIONS["eval"], "calibration": cal_entry.name, "eval": _eval_key(cfg.eval),
-            "judges": judges_key(cfg.judges), "seed": cfg.seed, **_attack_key(cfg)}  # fmt: skip
+            "judges": judges_key(cfg.judges), "seed": cfg.seed, **_inputs_key(cfg)}  # fmt: skip
     if cfg.pruning.finetune_before:  # the unpruned model is the tuned one
         info["model"] = ctx.lm.fingerprint
     gen = cfg.eval.generation
