@@ -6,8 +6,8 @@ AdvBench prompts under harmsweep's 8-token "Sure, here is" prefill (greedy, --ma
 are also mostly the model's own harmful answers), split by a seeded permutation into 412 calibration rows
 (advbench_align_anti_{model}.csv) and 108 validation rows (..._valid.csv); Alpaca pairs as their benign file; Wei et
 al.'s Llama-2 refusals as advbench_align (the refusal side of the attack). WikiText-2 is not here either: perplexity
-uses their protocol (one BOS, 4,096-token windows) on a stand-in corpus, the 805 AlpacaEval reference answers joined
-with blank lines. Three runs, each on the same 108 validation prompts:
+uses their protocol (one BOS, 4,096-token windows) on a stand-in corpus, the first 200 AlpacaEval reference answers
+joined with blank lines. Three runs, each on the same 108 validation prompts:
 
   old_prefill:    eval.generation.attack=prefill prefix=target prefill_tokens=8   (harmsweep's previous attack)
   file_prefill:   eval.generation.attack=prefill prefix=file   prefill_tokens=10  (the authors')
@@ -32,16 +32,17 @@ from pathlib import Path
 import common
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = {
+RUNS = {  # the prefill runs only need keyword ASR; the ablation run measures perplexity too
     # harmsweep's old attack on the same prompts: the first 8 tokens of AdvBench's "Sure, here is" target (the tokens
     # attack_prompts forced from Record.target), given as a prefix file since the validation rows carry no target
     "old_prefill": [
         "eval.generation.attack=prefill",
         "eval.generation.prefill_tokens=8",
         "eval.generation.prefix_file={folder}/advbench_targets_valid.csv",
+        "eval.metrics=[refusal]",
     ],
-    "file_prefill": ["eval.generation.attack=prefill"],
-    "ablation": ["eval.generation.attack=refusal_ablation_prefill"],
+    "file_prefill": ["eval.generation.attack=prefill", "eval.metrics=[refusal]"],
+    "ablation": ["eval.generation.attack=refusal_ablation_prefill", "attack.refusal.n={refusals}"],
 }
 
 
@@ -105,7 +106,7 @@ def build_folder(
         lines = [
             json.loads(x) for x in (Path(common.data_root()) / "alpaca" / "alpaca_eval.jsonl").read_text().splitlines()
         ]
-        corpus.write_text("\n\n".join(str(x.get("output") or "") for x in lines if x.get("output")))
+        corpus.write_text("\n\n".join(str(x.get("output") or "") for x in lines[:200] if x.get("output")))
     return {"folder": str(folder), "answers_seconds": round(made, 1), "basename": basename}
 
 
@@ -122,13 +123,13 @@ def basename_of(name: str) -> str:
     return to_config(plain).btap_basename()
 
 
-def run(name: str, label: str, folder: Path, out_root: Path, extra: list[str]) -> dict[str, object]:
+def run(name: str, label: str, folder: Path, out_root: Path, extra: list[str], refusals: int) -> dict[str, object]:
     """One harmsweep run of experiment=orgad2026_harm on the folder; its metrics and wall time."""
     run_dir = out_root / label
     argv = [str(Path(sys.executable).parent / "harmsweep"), "experiment=orgad2026_harm", f"model={name}",
             f"calibration.btap_data={folder}", "eval.metrics=[refusal,perplexity]", f"eval.perplexity.file={folder}/corpus.txt",
             f"attack.refusal.file={folder}/advbench_align.csv", f"hydra.run.dir={run_dir}",
-            f"paths.artifacts={out_root}/artifacts", *(o.format(folder=folder) for o in RUNS[label]), *extra]  # fmt: skip
+            f"paths.artifacts={out_root}/artifacts", *(o.format(folder=folder, refusals=refusals) for o in RUNS[label]), *extra]  # fmt: skip
     start = time.perf_counter()
     subprocess.run(argv, check=True, cwd=ROOT)
     seconds = time.perf_counter() - start
@@ -150,7 +151,8 @@ def run(name: str, label: str, folder: Path, out_root: Path, extra: list[str]) -
 
 def main() -> None:
     p = common.parser(__doc__, "orgad2026_eval")
-    p.add_argument("--max-new", type=int, default=64, help="answer length (the authors: 256)")
+    p.add_argument("--max-new", type=int, default=48, help="answer length (the authors: 256)")
+    p.add_argument("--refusals", type=int, default=16, help="refusal pairs of the ablation (the authors: 128)")
     p.add_argument("--folder", default=None)
     p.add_argument("--runs", default=",".join(RUNS))
     p.add_argument("--train", type=int, default=412, help="calibration rows answered (their 412)")
@@ -166,7 +168,7 @@ def main() -> None:
     extra = [f"eval.generation.max_new_tokens={args.max_new}", *args.set]
     record["overrides"] = extra
     for label in args.runs.split(","):
-        record[label] = run(args.model, label, folder, out_root, extra)
+        record[label] = run(args.model, label, folder, out_root, extra, args.refusals)
         print(label, json.dumps(record[label]), flush=True)
     common.write(str(out_root.with_suffix(".json")), record)
 
