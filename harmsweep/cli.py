@@ -66,7 +66,9 @@ def summary(result: dict[str, Any]) -> str:
         return f" {level} CI [{lo:+.{digits}f}, {hi:+.{digits}f}]" if lo is not None and hi is not None else ""
 
     if result.get("attack"):
-        lines.append(f"  answers under attack {result['attack']['name']} (applied to the model before and after pruning)")
+        lines.append(
+            f"  answers under attack {result['attack']['name']} (applied to the model before and after pruning)"
+        )
     for label, key in SUMMARY:
         before, after = m.get(with_stage(key, "before")), m.get(with_stage(key, "after"))
         if isinstance(before, int | float) and isinstance(after, int | float):
