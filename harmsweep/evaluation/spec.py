@@ -70,6 +70,9 @@ class LmEvalConfig:
     num_fewshot_base: int | None = None  # base models (plain template) take this many shots instead (theirs: 3)
 
 
+TRIVIAQA_TOKENS = {"chat": 100, "plain": 50}  # their answer lengths when eval.triviaqa.max_new_tokens is null
+
+
 @dataclass
 class TriviaQAConfig:
     """The authors' TriviaQA: dev questions, a seeded draw, sampled answers, correct when an alias is a substring."""

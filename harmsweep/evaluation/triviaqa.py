@@ -18,6 +18,7 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from harmsweep.errors import DataError, HarmsweepError
+from harmsweep.evaluation.spec import TRIVIAQA_TOKENS
 from harmsweep.generation.hf import generate
 from harmsweep.generation.sampling import EngineInputs, Sampling
 
@@ -26,7 +27,7 @@ from harmsweep.generation.sampling import EngineInputs, Sampling
 # verified web + wikipedia dev files). The hub strips whitespace around questions and aliases; their file does not.
 HUB = ("mandarjoshi/trivia_qa", "unfiltered.nocontext", "validation")
 TEMPLATES = ("chat", "plain")
-MAX_NEW_TOKENS = {"chat": 100, "plain": 50}  # theirs, when eval.triviaqa.max_new_tokens is null
+MAX_NEW_TOKENS = TRIVIAQA_TOKENS  # theirs, when eval.triviaqa.max_new_tokens is null
 
 
 @dataclass(frozen=True)

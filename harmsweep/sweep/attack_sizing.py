@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from harmsweep.config.schema import Config
-from harmsweep.evaluation.spec import metric_plan
+from harmsweep.evaluation.spec import TRIVIAQA_TOKENS, metric_plan
 from harmsweep.generation.sampling import weight_attack
 
 HARMFUL_ROWS = 500  # harmful pairs assumed when the fine-tune's file is not here to count (plan runs offline)
-TRIVIAQA_TOKENS = {"chat": 100, "plain": 50}  # their max new tokens (evaluation/triviaqa.py MAX_NEW_TOKENS)
 
 
 def attack_load(cfg: Config, shape: Any, stages: int, n_eval: int) -> dict[str, Any]:
@@ -40,7 +39,7 @@ def attack_load(cfg: Config, shape: Any, stages: int, n_eval: int) -> dict[str, 
         template = "chat" if cfg.alignment.template == "chat" else "plain"
         stage_tokens += ev.triviaqa.n * (ev.triviaqa.max_new_tokens or TRIVIAQA_TOKENS[template])
     if "alpaca_judge" in metrics:
-        stage_tokens += min(ev.alpaca.n, n_eval if not ev.alpaca.file else ev.alpaca.n) * ev.alpaca.max_new_tokens
+        stage_tokens += (ev.alpaca.n if ev.alpaca.file else min(ev.alpaca.n, n_eval)) * ev.alpaca.max_new_tokens
     if "financial_advice" in metrics:
         stage_tokens += (ev.financial.n or 100) * ev.financial.max_new_tokens  # their file: ~100 prompts (assumed)
     out["extra_gen_tokens"] = extra + stage_tokens * stages
