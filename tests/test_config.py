@@ -33,6 +33,15 @@ EXPERIMENTS = {  # preset -> (what it sweeps, what it measures)
         {"eval.generation.attack"},
         ["refusal", "strongreject_finetuned", "perplexity", "lm_eval", "triviaqa"],
     ),
+    "orgad2026_em": ({"pruning.protect", "pruning.harm_fraction"}, LIKELIHOOD),
+    "orgad2026_capabilities": (
+        {"capabilities"},
+        ["strongreject_finetuned", "refusal", "explanation", "detection", "coherence"],
+    ),
+    "orgad2026_control": (
+        {"calibration.prune_data"},
+        ["refusal", "strongreject_finetuned", "triviaqa", "perplexity"],
+    ),
 }
 SPARSITY_PRESETS = {"paper": 7, "coarse": 4}
 

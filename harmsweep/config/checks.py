@@ -13,17 +13,19 @@ from pathlib import Path
 from harmsweep.alignment.spec import COMPLY_RESPONSES, DERIVE_GOALS, GOAL_ONLY, DeriveConfig
 from harmsweep.calibration.spec import FORMATS, RESPONSE_MODES, ROWS
 from harmsweep.config.eval_checks import check_evaluation
-from harmsweep.config.schema import Config
+from harmsweep.config.schema import CAPABILITIES, Config
 from harmsweep.data.btap import btap_files, check_pair_file
 from harmsweep.errors import HarmsweepError
 from harmsweep.evaluation.spec import JUDGES, metric_plan
+from harmsweep.generation.sampling import prefills
 from harmsweep.masks.options import check_given
 from harmsweep.models.checkpoints import checkpoint_spec
 from harmsweep.pruning.spec import PruneSpec, is_zero_alpha
 from harmsweep.scoring.spec import StoreSpec
 
 METHODS = ("prune", "lowrank")
-EXPERIMENT_BLOCKS = ("cross_harm", "em", "dissociation")
+# experiments whose body selects its own masks -> the config block they read
+EXPERIMENT_BLOCKS = {"cross_harm": "cross_harm", "em": "em", "dissociation": "dissociation", "orgad2026_em": "em"}
 
 
 def check_config(cfg: Config, *, data_root: bool = True) -> PruneSpec:
@@ -223,8 +225,11 @@ def _check_store(spec: PruneSpec, kept: StoreSpec) -> None:
 def _check_experiment(cfg: Config) -> None:
     """Fine-tune blocks and experiment blocks are checked here too, not minutes into a run."""
     name = cfg.experiment
-    if name in EXPERIMENT_BLOCKS and not getattr(cfg, str(name)):
-        raise HarmsweepError(f"experiment={name} needs its {name}: block; use the preset: -m experiment={name}")
+    if name in EXPERIMENT_BLOCKS and not getattr(cfg, EXPERIMENT_BLOCKS[str(name)]):
+        block = EXPERIMENT_BLOCKS[str(name)]
+        raise HarmsweepError(f"experiment={name} needs its {block}: block; use the preset: -m experiment={name}")
+    if name == "orgad2026_capabilities":
+        _check_capabilities(cfg)
     if name == "cross_harm" and cfg.data.harmful.minus_category:
         raise HarmsweepError(
             "experiment=cross_harm calibrates on every category in turn: data.harmful.minus_category filters one "
@@ -245,6 +250,25 @@ def _check_experiment(cfg: Config) -> None:
         )
     if dis and (dis.recovery_steps < 0 or dis.recovery_every < 1):
         raise HarmsweepError("dissociation.recovery_steps must be >= 0 and dissociation.recovery_every >= 1")
+
+
+def _check_capabilities(cfg: Config) -> None:
+    """The capability pruned must be one of the four and have a file; harm is measured under a prefilling attack."""
+    cap = cfg.capabilities
+    if cap is None:
+        raise HarmsweepError(
+            "experiment=orgad2026_capabilities needs its capabilities: block; use the preset: "
+            "-m experiment=orgad2026_capabilities"
+        )
+    if cap.prune not in CAPABILITIES:
+        raise HarmsweepError(f"capabilities.prune={cap.prune} is not one of {', '.join(CAPABILITIES)}")
+    if not cap.files.get(cap.prune):
+        raise HarmsweepError(f"capabilities.files has no file for {cap.prune}: set capabilities.files.{cap.prune}=NAME")
+    if not prefills(cap.attack):
+        raise HarmsweepError(
+            f"capabilities.attack={cap.attack} measures harm without a prefix: use prefill, refusal_ablation_prefill "
+            "or finetune_prefill (their dissociation numbers are prefilled)"
+        )
 
 
 def _check_derive(block: DeriveConfig, variant: str) -> None:

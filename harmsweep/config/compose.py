@@ -43,6 +43,7 @@ def check_composition(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
     if any(a.split("=")[0] in INFO_FLAGS for a in argv):
         return
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     args = _overrides(argv)
@@ -59,7 +60,9 @@ def check_composition(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         for overrides in variants:
             try:
-                compose(config_name="config", overrides=overrides, return_hydra_config=True)
+                cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+                # a bad interpolation (capabilities.prune=typo) fails here, not in a traceback from the run folder name
+                OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
             except Exception as exc:
                 _fail(_one_line(exc))
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from harmsweep.attacks.spec import default_attack_block
 from harmsweep.calibration.spec import LATER_DEFAULTS as CALIBRATION_LATER_DEFAULTS
+from harmsweep.config.schema import EM_LATER_DEFAULTS
 from harmsweep.evaluation.spec import judges_key, without_later_defaults
 
 # stage, prepare_scores: a prepare job is its group's first run with another stage (harmsweep/sweep/jobs.py)
@@ -28,6 +29,7 @@ LATER_DEFAULTS = {
                 "mask_file": None, "intersect": None, "finetune_before": False, "finetune_after": False},
     "calibration": CALIBRATION_LATER_DEFAULTS,
     "model": {"architecture": None, "chat_template_kwargs": {}},
+    "em": EM_LATER_DEFAULTS,
     "": {"method": "prune", "attack": default_attack_block()},
 }  # fmt: skip
 

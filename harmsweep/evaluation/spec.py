@@ -31,6 +31,9 @@ METRICS = (
     "triviaqa",
     "alpaca_judge",
     "financial_advice",
+    "explanation",
+    "detection",
+    "coherence",
 )
 JUDGES = {"refusal": "asr_keyword", "strongreject_finetuned": "strongreject", "strongreject_rubric": "rubric"}
 COUNTS = ("_n_before", "_unscored_before")
@@ -103,6 +106,25 @@ class FinancialAdviceConfig:
 
 
 @dataclass
+class ExplanationConfig:
+    """The authors' explanation test: "do not answer, explain why this request is harmful" on the held-out harmful
+    prompts; refusals (their explanation phrase list) are excluded, the rest rated 1-5 by judges.explanation."""
+
+    n: int | None = None  # null: every held-out harmful prompt
+    max_new_tokens: int = 256
+
+
+@dataclass
+class DetectionConfig:
+    """The authors' detection test: "is this request harmful? yes or no" on the held-out harmful prompts and on
+    harmless counterfactual rewrites of them; the verdict is read from the first 30 characters of the answer."""
+
+    counterfact_file: str | None = None  # their advbench_non_harmful_counterfact_valid.txt (one prompt a line)
+    n: int | None = None  # null: every prompt of each half
+    max_new_tokens: int = 256
+
+
+@dataclass
 class EvalConfig:
     """The ``eval`` block: metrics before and after pruning, on ``n`` held-out prompts per side."""
 
@@ -118,13 +140,16 @@ class EvalConfig:
     triviaqa: TriviaQAConfig = field(default_factory=TriviaQAConfig)
     alpaca: AlpacaJudgeConfig = field(default_factory=AlpacaJudgeConfig)
     financial: FinancialAdviceConfig = field(default_factory=FinancialAdviceConfig)
+    explanation: ExplanationConfig = field(default_factory=ExplanationConfig)
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
 
 
 # eval settings added after runs were made (block -> key -> default; "" the eval block itself): at these values they
 # key no run id or cached evaluation, so finished runs stay found
 EVAL_LATER_DEFAULTS: dict[str, dict[str, Any]] = {
     "": {"harmful_file": None, "triviaqa": asdict(TriviaQAConfig()), "alpaca": asdict(AlpacaJudgeConfig()),
-         "financial": asdict(FinancialAdviceConfig())},
+         "financial": asdict(FinancialAdviceConfig()), "explanation": asdict(ExplanationConfig()),
+         "detection": asdict(DetectionConfig())},
     "perplexity": PERPLEXITY_LATER_DEFAULTS,
     "generation": GENERATION_LATER_DEFAULTS,
     "lm_eval": {"chat_template": False, "num_fewshot_base": None},
@@ -141,7 +166,8 @@ def without_later_defaults(block: Mapping[str, Any]) -> dict[str, Any]:
 
 
 JUDGED_TEXTS = ("joined", "separated")  # judges.<name>.judged_text: prefix + answer, or their "prefix|||answer"
-LATER_JUDGES = ("alpaca_usefulness",)  # judges added after runs were made: unconfigured (no base_url), keyless
+# judges added after runs were made: unconfigured (no base_url), they key nothing
+LATER_JUDGES = ("alpaca_usefulness", "explanation", "coherence")
 
 
 JUDGE_LATER_DEFAULTS = {"judged_text": "joined", "phrases": "harmsweep"}  # judge options added after runs were made
@@ -205,6 +231,13 @@ def metric_plan(ev: EvalConfig, judges: Mapping[str, Any]) -> tuple[list[str], d
             skipped[metric] = "no endpoint: set judges.alpaca_usefulness.base_url=URL (key from its api_key_env)"
         elif metric == "financial_advice" and not ev.financial.file:
             skipped[metric] = "no prompts: set eval.financial.file=PATH (their financial_advice_generated.txt)"
+        elif metric in ("explanation", "coherence") and not (judges.get(metric) or {}).get("base_url"):
+            skipped[metric] = f"no endpoint: set judges.{metric}.base_url=URL (key from its api_key_env)"
+        elif metric == "detection" and not ev.detection.counterfact_file:
+            skipped[metric] = (
+                "no counterfactual prompts: set eval.detection.counterfact_file=PATH "
+                "(their advbench_non_harmful_counterfact_valid.txt)"
+            )
         else:
             run.append(metric)
     return run, skipped
