@@ -148,8 +148,8 @@ def main() -> None:
         try:
             plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
             experiment = runner(plain.get("experiment"))
-            body, check = experiment if experiment else (None, None)
-            result = run_pipeline(plain, run_dir, sweep=sweep, body=body, check=check)
+            body, check, shared = experiment if experiment else (None, None, None)
+            result = run_pipeline(plain, run_dir, sweep=sweep, body=body, check=check, shared=shared)
         except (HarmsweepError, OmegaConfBaseException) as exc:
             message = str(exc).splitlines()[0]
             _mark_failed(run_dir, message)

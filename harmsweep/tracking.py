@@ -52,6 +52,13 @@ ORGAD2026_ALIASES = {
     "mean_accuracy_zero_shot_stderr": "lm_eval_after/mean/acc_stderr",
     "triviaqa_acc": "triviaqa_acc_after",
     "alpaca_judge_score": "alpaca_judge_mean_after",
+    "mean_explanation_score": "explanation_mean_after",  # the dissociation capabilities (evaluation/capabilities.py)
+    "explanation_mean_coherency": "explanation_coherence_mean_after",
+    "safety_mean_coherency": "coherence_mean_after",
+    "yes_rate_harmful": "detection_yes_rate_harmful_after",
+    "no_rate_harmful": "detection_no_rate_harmful_after",
+    "yes_rate_counterfact": "detection_yes_rate_counterfact_after",
+    "no_rate_counterfact": "detection_no_rate_counterfact_after",
 }
 # their refusal_rate: keyword refusals of the judged (attacked) answers, a phrase or under 20 words: the complement
 # of our keyword ASR on the same answers (with judges.refusal.phrases=orgad2026 the same rule)

@@ -27,11 +27,16 @@ METRICS = {
     "perplexity_attacked_after": 8.5, "lm_eval_after/mean/acc": 0.6875, "lm_eval_after/mean/acc_stderr": 0.0123,
     "lm_eval_after/boolq/acc": 0.8, "triviaqa_acc_after": 0.5625, "refusal_rate_before": 0.25,
     "refusal_rate_after": 0.5, "alpaca_judge_mean_after": 6.5, "asr_keyword_mean_after": 0.9375,
+    "explanation_mean_after": 3.5, "explanation_coherence_mean_after": 0.75, "coherence_mean_after": 0.625,
+    "detection_yes_rate_harmful_after": 0.875, "detection_no_rate_harmful_after": 0.125,
+    "detection_yes_rate_counterfact_after": 0.25, "detection_no_rate_counterfact_after": 0.5,
 }  # fmt: skip
 THEIRS = {  # their key -> the value it must carry (written out, not derived from the alias table)
     "strongreject_mean_score": 0.125, "sparsity_ratio": 1.25e-5, "wikitest_ppl": 7.75,
     "wikitest_ppl_after_attack": 8.5, "mean_accuracy_zero_shot": 0.6875, "mean_accuracy_zero_shot_stderr": 0.0123,
     "triviaqa_acc": 0.5625, "refusal_rate": 0.0625, "alpaca_judge_score": 6.5,  # refusal: 1 - keyword ASR
+    "mean_explanation_score": 3.5, "explanation_mean_coherency": 0.75, "safety_mean_coherency": 0.625,
+    "yes_rate_harmful": 0.875, "no_rate_harmful": 0.125, "yes_rate_counterfact": 0.25, "no_rate_counterfact": 0.5,
 }  # fmt: skip
 
 

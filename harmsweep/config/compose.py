@@ -43,8 +43,8 @@ def check_composition(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
     if any(a.split("=")[0] in INFO_FLAGS for a in argv):
         return
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
 
     args = _overrides(argv)
     try:

@@ -80,7 +80,10 @@ class Suite:
         attack = ev.generation.attack
         judged = [m for m in metrics_to_run if m in JUDGES]
         if ev.generation.backend == "vllm":  # every answer while the engine is awake, then it sleeps
-            for wanted, kind in ((judged, attack), ("refusal" in metrics_to_run, "none")):
+            for wanted, kind in (
+                (judged or "coherence" in metrics_to_run, attack),
+                ("refusal" in metrics_to_run, "none"),
+            ):
                 if wanted:
                     self._answers(kind, stage)
             from harmsweep.generation.vllm import sleep_engine
@@ -157,7 +160,8 @@ class Suite:
             metrics.update({k: v for k, v in flat.items() if "_stderr" not in k})
             metrics.update(lm_eval_mean(flat, lm_cfg.tasks))
         for name, measure in (("triviaqa", self._triviaqa), ("alpaca_judge", self._alpaca),
-                              ("financial_advice", self._financial)):  # fmt: skip
+                              ("financial_advice", self._financial), ("explanation", self._explanation),
+                              ("detection", self._detection), ("coherence", self._coherence)):  # fmt: skip
             if name in metrics_to_run:
                 got, got_samples, rows = measure(stage)
                 metrics.update(got)
@@ -212,6 +216,34 @@ class Suite:
         return financial_measure(self.lm, self.template, cfg, records, phrases, self._decoding(),
                                  self.ev.generation.batch_size, stage)  # fmt: skip
 
+    def _explanation(self, stage: str) -> Any:
+        from harmsweep.evaluation.capabilities import explanation_measure
+
+        coherence = self._judge("coherence") if (self.judges.configs.get("coherence") or {}).get("base_url") else None
+        gen = self.ev.generation
+        return explanation_measure(self.lm, self.template, self.ev.explanation, self.held.harmful,
+                                   self._judge("explanation"), coherence, self._decoding(), gen.batch_size, stage,
+                                   gen.prompt_format)  # fmt: skip
+
+    def _detection(self, stage: str) -> Any:
+        from harmsweep.evaluation.capabilities import detection_measure
+        from harmsweep.evaluation.collateral import read_instructions
+
+        cfg, gen = self.ev.detection, self.ev.generation
+        counterfact = read_instructions(str(cfg.counterfact_file))  # file order; the measure keeps the first n
+        return detection_measure(self.lm, self.template, cfg, self.held.harmful, counterfact, self._decoding(),
+                                 gen.batch_size, stage, gen.prompt_format)  # fmt: skip
+
+    def _coherence(self, stage: str) -> Any:
+        """Coherence of the answers the harm judges read (the attacked ones), as judges.coherence.judged_text says."""
+        from harmsweep.evaluation.capabilities import coherence_measure
+
+        attack = self.ev.generation.attack
+        answers = self._answers(attack, stage)
+        mode = (self.judges.configs.get("coherence") or {}).get("judged_text", "joined")
+        texts = [judged_text(p.prefix, p.response, mode) for p in answers]
+        return coherence_measure(answers, texts, self._judge("coherence"), stage, attack)
+
     def samples(self, stage: str) -> dict[str, Sample]:
         """Per-item values of the metrics the last ``run(stage)`` measured (lm-eval keeps none)."""
         return dict(self._cache.get(f"samples/{stage}", {}))
@@ -228,7 +260,7 @@ class Suite:
 
     def judge_versions(self) -> dict[str, str]:
         """Name and version of each judge used, recorded in result.json."""
-        return {name: self._cache[name].version for name in JUDGES if name in self._cache}
+        return {name: self._cache[name].version for name in self.judges.configs if name in self._cache}
 
     def _answers(self, attack: str, stage: str) -> list[Pair]:
         """The model's answers to the held-out harmful prompts; computed once per (stage, attack). A weight-changing

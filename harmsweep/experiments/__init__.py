@@ -19,15 +19,21 @@ RUNNERS = {
     "cross_harm": "harmsweep.experiments.cross_harm",
     "em": "harmsweep.experiments.em",
     "dissociation": "harmsweep.experiments.dissociation",
+    "orgad2026_em": "harmsweep.experiments.orgad2026_em",
 }
+# experiments whose runs share stages a prepare job makes once for a group (their module's ``prepare``): the
+# launcher groups them like plain runs (sweep.jobs.group_key) instead of running each alone
+SHARED = ("orgad2026_em",)
 
 
 class Experiment(NamedTuple):
-    """An experiment's body: ``run(ctx) -> (result, items)`` in place of one pruning run's stages, and an
-    optional ``check(cfg)`` of its own inputs (files), run before the model loads."""
+    """An experiment's body: ``run(ctx) -> (result, items)`` in place of one pruning run's stages, an optional
+    ``check(cfg)`` of its own inputs (files), run before the model loads, and an optional ``prepare(ctx, score kinds)
+    -> artifacts``: the stages a group of its runs shares, made once by a prepare job."""
 
     run: Callable[[Any], tuple[dict[str, Any], list[dict[str, Any]]]]
     check: Callable[[Any], None] | None = None
+    prepare: Callable[[Any, Any], dict[str, str]] | None = None
 
 
 def runner(name: str | None) -> Experiment | None:
@@ -35,7 +41,7 @@ def runner(name: str | None) -> Experiment | None:
     if name not in RUNNERS:
         return None
     module = importlib.import_module(RUNNERS[str(name)])
-    return Experiment(module.run, getattr(module, "check", None))
+    return Experiment(module.run, getattr(module, "check", None), getattr(module, "prepare", None))
 
 
 def save_figures(figures: Mapping[str, Matrix], run_dir: Path) -> dict[str, str]:

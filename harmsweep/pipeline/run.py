@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from harmsweep.tracking import open_tracker
 
 log = logging.getLogger(__name__)
 Body = Callable[[RunContext], tuple[dict[str, Any], list[dict[str, Any]]]]  # a run's stages -> result, items
+Shared = Callable[[RunContext, Sequence[str]], dict[str, str]]  # a group's shared stages (score kinds) -> artifacts
 
 
 def run_pipeline(
@@ -54,17 +55,21 @@ def run_pipeline(
     sweep: str | None = None,
     body: Body | None = None,
     check: Callable[[Config], None] | None = None,
+    shared: Shared | None = None,
 ) -> dict[str, Any]:
     """Run (or finish, or return the finished) run of ``plain`` in ``run_dir``, logging it when configured.
 
     ``body``: an experiment's stages in place of one pruning run's, and ``check`` its own input checks (the
-    command line picks both, so this package never imports the experiments built on it).
+    command line picks both, so this package never imports the experiments built on it); ``shared`` its stages that
+    a prepare job (``stage=prepare``) makes once for a group of runs.
     """
     cfg = to_config(plain)
     spec = check_config(cfg)
     rid = run_id(plain)
     if cfg.stage == "prepare":  # a launcher's job making its group's shared artifacts: no pruning, no W&B run
-        return prepare(cfg, plain, spec, rid, run_dir)
+        if check is not None:
+            check(cfg)
+        return prepare(cfg, plain, spec, rid, run_dir, shared)
     if cfg.stage != "run":
         raise HarmsweepError(f"stage={cfg.stage} is not one of run, prepare")
     _claim(run_dir, rid, plain)
@@ -163,7 +168,8 @@ def _run(ctx: RunContext) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         "metrics": metrics,
         "skipped_metrics": skipped,
         **({"perplexity_corpus": cfg.eval.perplexity.corpus} if "perplexity" in run else {}),  # never pool the two
-        "judges": {name: suite.judge_versions().get(name) for name in run if name in JUDGES},
+        "judges": {**{name: suite.judge_versions().get(name) for name in run if name in JUDGES},
+                   **suite.judge_versions()},
         "pruning": {"rule": "lowrank", "sparsity": None, "protect": None, **change["spec"]} if lowrank else change,
         **({"lowrank": change} if lowrank else {}),
         "intervals": {"settings": cfg.bootstrap.describe(), "metrics": intervals, "without": _without(metrics, intervals)},
@@ -181,7 +187,12 @@ def _run(ctx: RunContext) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return result, items
 
 
-ENDPOINT_JUDGES = {"strongreject_rubric": "strongreject_rubric", "alpaca_judge": "alpaca_usefulness"}  # metric -> judge
+ENDPOINT_JUDGES = {  # metric -> the endpoint judges it calls
+    "strongreject_rubric": ("strongreject_rubric",),
+    "alpaca_judge": ("alpaca_usefulness",),
+    "explanation": ("explanation", "coherence"),  # explanation answers get a coherence score when it is configured
+    "coherence": ("coherence",),
+}
 
 
 def check_endpoints(cfg: Config) -> None:
@@ -190,9 +201,10 @@ def check_endpoints(cfg: Config) -> None:
     from harmsweep.evaluation.judges.endpoint import Endpoint
 
     planned = metric_plan(cfg.eval, cfg.judges)[0]
-    for metric, judge in ENDPOINT_JUDGES.items():
+    called = {judge for metric, judges in ENDPOINT_JUDGES.items() if metric in planned for judge in judges}
+    for judge in sorted(called):
         options = cfg.judges.get(judge) or {}
-        if metric in planned and options.get("base_url"):
+        if options.get("base_url"):
             endpoint = Endpoint.of(options)
             endpoint.require_key(f"judges.{judge}")
             endpoint.check_reachable(f"judges.{judge}")
@@ -222,13 +234,16 @@ def _without(metrics: Mapping[str, Any], intervals: Mapping[str, Any]) -> list[s
     )  # fmt: skip
 
 
-def prepare(cfg: Config, plain: Mapping[str, Any], spec: PruneSpec, rid: str, run_dir: Path) -> dict[str, Any]:
+def prepare(
+    cfg: Config, plain: Mapping[str, Any], spec: PruneSpec, rid: str, run_dir: Path, shared: Shared | None = None
+) -> dict[str, Any]:
     """``stage=prepare``: a group's shared artifacts, made once before its runs start (harmsweep/sweep/launcher.py).
 
     Calibration, every score set in ``prepare_scores`` (``kind`` or ``kind@granularity@benign_importance``:
     compact score sets are keyed by the ranking and unit their readers use; null: what ``spec`` needs) and
     the unpruned evaluation, into the shared artifact cache; nothing is pruned. ``run_dir/prepare.json``,
-    written last, lists what was made, so a relaunch needs no second prepare job.
+    written last, lists what was made, so a relaunch needs no second prepare job. ``shared``: an experiment's own
+    shared stages in place of these (experiment=orgad2026_em: the EM model, its answers, its evaluation, the scores).
     """
     torch.manual_seed(cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -236,24 +251,9 @@ def prepare(cfg: Config, plain: Mapping[str, Any], spec: PruneSpec, rid: str, ru
     wanted = cfg.prepare_scores
     entries = sorted(set(wanted)) if wanted is not None else sorted(spec.needed_scores())
     ctx = RunContext.open(cfg, plain, rid, run_dir, spec)
-    if cfg.pruning.finetune_before:  # the group's artifacts are the tuned model's
-        finetune_in_place(ctx, "before")
-    sets, cal_entry = calibration_sets(ctx)
-    artifacts = {"calibration": str(cal_entry / "calibration.safetensors")}
-    for entry in entries:
-        kind, *layout = entry.split("@")
-        variant = spec
-        if layout:  # the ranking and unit of the run that reads it; nothing else of the spec keys a score set
-            importance = layout[1] if len(layout) > 1 else spec.benign_importance
-            variant = replace(spec, granularity=layout[0], benign_importance=importance)
-        _, path, ctx.computed[f"scores_{entry}"] = ctx.timed(
-            f"score_{entry}", lambda k=kind, v=variant: score(ctx, sets, k, v)
-        )
-        artifacts[f"scores_{entry}"] = str(path)
-    _, _, before_path = evaluate_before(ctx, sets, cal_entry)
-    artifacts["eval_before"] = str(before_path)
+    artifacts = (shared or _shared_artifacts)(ctx, entries)
     for name, made in ctx.computed.items():
-        log.info("%s %s: %s", "computed" if made else "reusing", name, artifacts[name])
+        log.info("%s %s: %s", "computed" if made else "reusing", name, artifacts.get(name, "(artifact cache)"))
     timings = ctx.timings
     result = {
         "run_id": rid,
@@ -270,6 +270,28 @@ def prepare(cfg: Config, plain: Mapping[str, Any], spec: PruneSpec, rid: str, ru
     }
     write_json(result, run_dir / "prepare.json")
     return result
+
+
+def _shared_artifacts(ctx: RunContext, entries: Sequence[str]) -> dict[str, str]:
+    """A pruning run's shared artifacts: calibration, the score sets ``entries`` and the unpruned evaluation."""
+    spec = ctx.spec
+    if ctx.cfg.pruning.finetune_before:  # the group's artifacts are the tuned model's
+        finetune_in_place(ctx, "before")
+    sets, cal_entry = calibration_sets(ctx)
+    artifacts = {"calibration": str(cal_entry / "calibration.safetensors")}
+    for entry in entries:
+        kind, *layout = entry.split("@")
+        variant = spec
+        if layout:  # the ranking and unit of the run that reads it; nothing else of the spec keys a score set
+            importance = layout[1] if len(layout) > 1 else spec.benign_importance
+            variant = replace(spec, granularity=layout[0], benign_importance=importance)
+        _, path, ctx.computed[f"scores_{entry}"] = ctx.timed(
+            f"score_{entry}", lambda k=kind, v=variant: score(ctx, sets, k, v)
+        )
+        artifacts[f"scores_{entry}"] = str(path)
+    _, _, before_path = evaluate_before(ctx, sets, cal_entry)
+    artifacts["eval_before"] = str(before_path)
+    return artifacts
 
 
 def _log_reused(result: Mapping[str, Any]) -> None:

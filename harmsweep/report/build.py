@@ -21,8 +21,11 @@ from harmsweep.errors import HarmsweepError
 from harmsweep.intervals import BootstrapSpec, Resampler
 from harmsweep.report import figures as figs
 from harmsweep.report import page, sections, uncertainty
+from harmsweep.report.capabilities import capabilities_section
 from harmsweep.report.collect import Collected, ReportError, collect, is_number, require_rows, write_csv
 from harmsweep.report.compression import CurvePoint, concentration, gini, separation, threshold_sparsity
+from harmsweep.report.control import control_section
+from harmsweep.report.em_grid import em_grid_section
 from harmsweep.report.sections import target_name
 from harmsweep.report.transfer import transfer_section
 
@@ -208,9 +211,10 @@ def build_report(
         parts.append(("Low-rank removal", "lowrank", sections.lowrank_section(rows, lowrank_png)))
     if data.figures:
         parts.append(("Experiment figures", "experiments", sections.experiment_section(data.figures, out, images)))
-    transfer = transfer_section(rows, out, images)  # experiment=orgad2026_transfer: transfer_<variant>.csv/.png
-    if transfer:
-        parts.append(transfer)
+    for own in (transfer_section, capabilities_section, em_grid_section, control_section):  # orgad2026_* sweeps
+        found = own(rows, out, images)  # writes <name>_<variant>.csv/.png; None when no run of its experiment
+        if found:
+            parts.append(found)
     parts.append(("All runs", "runs", page.records_table(rows)))
     runs_csv = write_csv(rows, out / "runs.csv")
     comp_csv = write_csv(comp, out / "compression.csv")

@@ -27,7 +27,10 @@ from harmsweep.intervals import (
     utility_ratio_of,
 )
 
-EXPERIMENTS = ("cross_harm", "em", "dissociation", "orgad2026_transfer")  # runs with figures of their own
+EXPERIMENTS = (  # runs with figures of their own: never on the compression curves
+    "cross_harm", "em", "dissociation", "orgad2026_transfer", "orgad2026_capabilities", "orgad2026_em",
+    "orgad2026_control",
+)  # fmt: skip
 BASE_COLUMNS = (
     "run_id", "folder", "experiment", "model", "alignment", "seed", "rule", "sparsity", "protect", "n_scored", "n_pruned",
     "actual_sparsity", "harm_reduction", "harm_measure", "utility_ratio", "utility_measure", "scores_harm",

@@ -293,3 +293,42 @@ def plot_heatmap(figure: Figure, matrix: Mapping[str, Any], path: Path) -> Path:
     ax.set_ylabel("pruned set from")
     ax.set_title(heatmap_title(figure, matrix), fontsize=10)
     return _save(fig, path)
+
+
+def annotated_grid(
+    colour: Sequence[Sequence[float | None]],
+    texts: Sequence[Sequence[str]],
+    rows: Sequence[str],
+    cols: Sequence[str],
+    path: Path,
+    *,
+    title: str,
+    labels: tuple[str, str, str],
+    cmap: str = "RdBu_r",
+    limits: tuple[float, float] = (-1.0, 1.0),
+) -> Path:
+    """A grid coloured by ``colour`` (None blank) with each cell's own text; ``labels``: x axis, y axis, colour bar.
+
+    The orgad2026 sections share it: the capability matrix (diverging, centred on 0) and the EM p x q grid (rates).
+    """
+    values = np.array([[math.nan if v is None else float(v) for v in row] for row in colour], dtype=float)
+    fig = MplFigure(figsize=(max(5.0, 1.6 * len(cols) + 2.5), max(3.2, 0.9 * len(rows) + 1.8)), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=limits[0], vmax=limits[1], aspect="auto")
+    fig.colorbar(image, ax=ax, shrink=0.8, label=labels[2])
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            if math.isfinite(values[i, j]):
+                r, g, b, _ = image.cmap(image.norm(values[i, j]))
+                ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+            else:
+                ink = "grey"
+            ax.text(j, i, texts[i][j] or "n/a", ha="center", va="center", fontsize=7, color=ink)
+    ax.set_xticks(
+        range(len(cols)), cols, rotation=30 if len(cols) > 3 else 0, ha="right" if len(cols) > 3 else "center"
+    )
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    ax.set_title(title, fontsize=10)
+    return _save(fig, path)

@@ -77,15 +77,17 @@ def compose_job(config: Any, config_loader: Any, overrides: Sequence[str], index
 
 
 def group_key(cfg: Mapping[str, Any] | None) -> str | None:
-    """What a run's shared artifacts depend on, hashed; None: the run computes alone (submitted as before).
+    """What a run's shared artifacts depend on, hashed; None: the run computes alone (submitted as before): an
+    experiment with its own body shares nothing unless it names its shared stages (experiments.SHARED).
 
     The config without ``pruning`` and without what the run id ignores (config.run_id), plus the artifact
     folder (runs with different caches share nothing), the score store settings (``scores``: not in the run
     id, but in the score sets' keys) and the cache versions.
     """
-    from harmsweep.experiments import RUNNERS
+    from harmsweep.experiments import RUNNERS, SHARED
 
-    if cfg is None or cfg.get("experiment") in RUNNERS or (cfg.get("stage") or "run") != "run":
+    alone = cfg is not None and cfg.get("experiment") in RUNNERS and cfg.get("experiment") not in SHARED
+    if cfg is None or alone or (cfg.get("stage") or "run") != "run":
         return None
     artifacts = (cfg.get("paths") or {}).get("artifacts")
     if not artifacts:  # paths.artifacts=null: every run keeps its own artifacts, nothing to share

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ from harmsweep.errors import HarmsweepError, exit_usage
 from harmsweep.evaluation.spec import JUDGES, metric_plan
 from harmsweep.scoring.spec import StoreSpec
 from harmsweep.sweep.attack_sizing import attack_finetunes, attack_load
+from harmsweep.sweep.experiment_sizing import experiment_finetunes, experiment_stages, phase_totals, size_staged
 from harmsweep.sweep.plan_table import advice, render
 
 if TYPE_CHECKING:
@@ -141,12 +143,14 @@ def _workload(
 
     cal, ev, p = cfg.calibration, cfg.eval, cfg.pruning
     cal_length = cal.max_length or UNTRUNCATED_LENGTH
-    metrics = metric_plan(ev, cfg.judges)[0]
+    em_run = cfg.experiment == "orgad2026_em" and cfg.em is not None  # its stages measure (experiment_sizing)
+    metrics = [] if em_run else metric_plan(ev, cfg.judges)[0]
     judged = [m for m in metrics if m in JUDGES]
     attack = ev.generation.attack
     per_stage = (1 if judged else 0) + (1 if "refusal" in metrics and (attack != "none" or not judged) else 0)
     stages = 1 + int(new["eval_before"])
-    n_eval = held_out if ev.n is None else ev.n
+    n_eval = 0 if em_run else held_out if ev.n is None else ev.n
+    n_harm = min(cal.n, cfg.em.held_out) if em_run and cfg.em else cal.n  # stage 3: the EM model's answers
     forward_tokens, lengths, window = 0, [0], 0
     if "harm_likelihood" in metrics:
         forward_tokens += 2 * n_eval * cal_length
@@ -165,13 +169,13 @@ def _workload(
         forward_tokens += len(ev.lm_eval.tasks) * (ev.lm_eval.limit or 1000) * 4 * 256
         lengths.append(256)
     cal_gen = 0
-    from_files = cal.btap_data or cal.harmful.responses == "file"  # the harmful pairs are read, not generated
+    from_files = cal.btap_data or cal.harmful.responses == "file" or em_run  # harmful pairs read (EM: answers)
     if new["calibration"] and not from_files:
         cal_gen = (cal.n + n_eval) * cal.harmful.max_new_tokens
     one_each = cfg.scoring.accumulate == "bf16"  # the authors' bf16 sums: one example per pass
 
     def run(kind: str) -> tuple[int, bool]:
-        n = cal.n if kind.startswith("harm") else (cal.n_benign or cal.n)
+        n = n_harm if kind.startswith("harm") else (cal.n_benign or cal.n)
         return int(n), one_each or kind.endswith("_unsigned")
 
     judge = cfg.judges.get("strongreject_finetuned", {})
@@ -183,7 +187,7 @@ def _workload(
         score_sets=0 if (lowrank or p.sequential) else int(new["scores"]),
         unsigned=spec.harm_set() == "harm_unsigned",
         set_runs=tuple(run(kind.split("@")[0]) for kind in kinds),
-        cal_n=cal.n,
+        cal_n=n_harm,
         cal_batch=1 if cfg.scoring.accumulate == "bf16" else cal.batch_size,  # bf16: one example per pass
         cal_length=cal_length,
         cal_gen_tokens=cal_gen,
@@ -212,7 +216,7 @@ def _workload(
         forward_length=window if window > ev.batch_size * max(lengths) else max(lengths),
         backend=ev.generation.backend,
         gpu_bytes=gpu_gb * GIB,
-        finetunes=_finetunes(cfg, n_eval) + attack_finetunes(cfg, stages),
+        finetunes=experiment_finetunes(cfg) + attack_finetunes(cfg, stages),
         **attack_load(cfg, shape, stages, n_eval),
     )
 
@@ -227,28 +231,6 @@ def _wikitext_windows(file: str | None, chunk: int) -> int:
     return max(1, tokens // chunk)
 
 
-def _finetunes(cfg: Config, n_eval: int) -> tuple[Any, ...]:
-    """The fine-tunes a job runs: deriving its variant (once, then cached), EM's arms, dissociation's recovery."""
-    from harmsweep.sweep.sizing import FineTune
-
-    out = []
-    derive = cfg.alignment.derive
-    if derive is not None:
-        t = derive.finetune
-        out.append(FineTune("derive", t.method, t.rank, t.batch_size, t.max_length,
-                            t.steps(derive.n_harmful + derive.n_benign)))  # fmt: skip
-    if cfg.em is not None:
-        t = cfg.em.finetune
-        arms = len(cfg.em.arms) * len(cfg.em.domains)  # every arm fine-tunes (the parent is not an arm)
-        steps = t.steps(cfg.em.n_train or 6000)  # insecure.jsonl has 6000 pairs
-        out.append(FineTune("em", t.method, t.rank, t.batch_size, t.max_length, steps * arms))
-    if cfg.dissociation is not None and cfg.dissociation.recovery_steps:
-        t = cfg.dissociation.finetune
-        out.append(FineTune("recovery", t.method, t.rank, t.batch_size, t.max_length,
-                            cfg.dissociation.recovery_steps))  # fmt: skip
-    return tuple(out)
-
-
 def _keys(cfg: Mapping[str, Any], typed: Config) -> dict[str, str]:
     """What the shared artifacts of a job are keyed by (the parts of the plain config that feed their keys)."""
     from harmsweep.scoring.store import Layout
@@ -256,7 +238,8 @@ def _keys(cfg: Mapping[str, Any], typed: Config) -> dict[str, str]:
 
     model = {k: v for k, v in cfg["model"].items() if k not in ("device_map", "max_memory")}
     base = json.dumps([model, cfg["alignment"], cfg["data"].get("harmful"), cfg["data"].get("benign"),
-                       cfg["calibration"], cfg["seed"]], sort_keys=True, default=str)  # fmt: skip
+                       cfg["calibration"], cfg["seed"], cfg.get("em") if cfg.get("experiment") == "orgad2026_em"
+                       else None], sort_keys=True, default=str)  # fmt: skip
     p = typed.pruning
     needed = {entry.split("@")[0] for entry in needed_scores(typed)}
     layout = {kind: Layout.read_by(typed.scores, kind, p.benign_importance, p.granularity).key() for kind in needed}
@@ -294,12 +277,13 @@ def build(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
     from harmsweep.devices import GIB
     from harmsweep.models.memory import model_shape
     from harmsweep.scoring.store import stored_bytes
-    from harmsweep.sweep.sizing import Throughput, size_job
+    from harmsweep.sweep.sizing import Throughput
 
     args, overrides = _args(argv)
     speed = Throughput(tflops=args.tflops, bandwidth_gbs=args.bandwidth_gbs)
     shapes: dict[str, Any] = {}
     seen: set[str] = set()
+    made: dict[str, int] = {}  # experiment stages made once per sweep (the EM model): key -> the job that makes it
     rows, problems = [], []
     disk: dict[str, float] = {"calibration": 0.0, "scores": 0.0, "masks": 0.0, "evaluations": 0.0}
     artifacts_dir = None
@@ -328,7 +312,9 @@ def build(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
         held_out = _held_out(cfg) if cfg.eval.n is None else 0
         work = _workload(cfg, {"calibration": new["calibration"], "eval_before": new["eval_before"],
                                "scores": n_scores_new}, gpus, held_out, shape, args.gpu_gb, new_sets)  # fmt: skip
-        size = size_job(shape, work, judge, speed)
+        stages = experiment_stages(cfg, plain, made, len(rows), work.eval_prompts, 1 + int(new["eval_before"]))
+        size = size_staged(shape, work, judge, speed, stages)
+        stage_items = sum(s.prompts for s in stages if s.made_by is None)  # answers kept in items.jsonl
         seen |= set(keys.values())
         p = cfg.pruning
         k = round((p.harm_fraction if p.harm_fraction is not None else p.sparsity) * shape.n_scored)
@@ -340,12 +326,13 @@ def build(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
                 stored_bytes(cfg.scores.resolved(*StoreSpec.needs(spec)), kind, shape.n_scored) for kind in new_sets
             ),
             "masks": k * 8,
-            "evaluations": work.eval_prompts * ITEM_BYTES * (1 + int(new["eval_before"])),
+            "evaluations": (work.eval_prompts * (1 + int(new["eval_before"])) + stage_items) * ITEM_BYTES,
         }
         for name, value in job_disk.items():
             disk[name] += value
         artifacts_dir = artifacts_dir or cfg.paths.artifacts
-        row = {"job": len(rows), "overrides": job, "gpus": gpus, **size.as_dict(), "disk": job_disk}
+        row = {"job": len(rows), "overrides": job, "gpus": gpus, **size.as_dict(), "disk": job_disk,
+               "stages": [asdict(s) for s in stages]}  # fmt: skip
         rows.append(row)
         if size.peak > args.gpu_gb * GIB * 1.0:
             problems.append(
@@ -369,6 +356,7 @@ def build(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
             "read": sum(r["disk_read"] for r in rows),
         },
         "gpu_hours": sum(r["gpu_hours"] for r in rows),
+        "phases": phase_totals(rows),
         "assumptions": {"gpu_gb": args.gpu_gb, **speed.__dict__, "prompt_tokens": 128},
         "problems": problems,
     }

@@ -42,7 +42,8 @@ class FineTune:
     rank: int
     batch: int
     length: int
-    steps: int
+    steps: int  # optimizer steps
+    accum: int = 1  # micro-batches of ``batch`` per optimizer step (grad_accum): time and passes count each
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,8 @@ class Phase:
     disk_read: float = 0.0
     passes: int = 0  # forward(+backward) passes
     gpu_seconds: float = 0.0  # the GPUs compute
-    host_seconds: float = 0.0  # the GPUs wait for the host (loading, summarising, base reads)
+    host_seconds: float = 0.0  # the GPUs wait for the host (loading, summarising, base reads, endpoints)
+    note: str = ""  # what the plan assumed, or that another job makes it (experiment_sizing)
 
 
 @dataclass(frozen=True)
@@ -305,9 +307,10 @@ def finetune_phase(shape: ModelShape, work: Workload, tune: FineTune, speed: Thr
         state = per_block * shape.n_layers * 4 * 4  # weight, gradient, two moments
     tokens = tune.batch * tune.length
     act = shape.step_bytes(tokens, work.checkpointing, work.logits_chunk)
-    flops = (6 if tune.method == "full" else 4) * shape.n_params * tokens * tune.steps
+    passes = tune.steps * max(1, tune.accum)
+    flops = (6 if tune.method == "full" else 4) * shape.n_params * tokens * passes
     return _phase(f"finetune {tune.name}", {"weights": shape.weight_bytes / g, "optimizer": state / g,
-                  "activations": act / g}, passes=tune.steps, gpu_seconds=_flop_s(flops, speed, g))  # fmt: skip
+                  "activations": act / g}, passes=passes, gpu_seconds=_flop_s(flops, speed, g))  # fmt: skip
 
 
 def job_phases(shape: ModelShape, work: Workload, judge: ModelShape | None, speed: Throughput) -> list[Phase]:
@@ -336,14 +339,16 @@ def job_phases(shape: ModelShape, work: Workload, judge: ModelShape | None, spee
     return out
 
 
-def size_job(shape: ModelShape, work: Workload, judge: ModelShape | None, speed: Throughput) -> JobSize:
-    """Per-phase GPU peak, host RAM, disk and time of one job; its peak, passes, tokens and GPU-hours."""
+def size_job(
+    shape: ModelShape, work: Workload, judge: ModelShape | None, speed: Throughput, phases: list[Phase] | None = None
+) -> JobSize:
+    """Per-phase GPU peak, host RAM, disk and time of one job; its peak, passes, tokens and GPU-hours.
+    ``phases``: job_phases' with an experiment's stages added (experiment_sizing.size_staged)."""
     g = max(1, work.gpus)
-    phases = job_phases(shape, work, judge, speed)
+    phases = job_phases(shape, work, judge, speed) if phases is None else phases
     top = max(phases, key=lambda p: p.gpu)
     work_phase = next((p for p in phases if p.name in ("scoring", "sequential", "lowrank")), None)
     parts = work_phase.parts if work_phase else {}
-    gen = next((p for p in phases if p.name == "generation"), None)
     jud = next((p for p in phases if p.name == "judging"), None)
     seconds = sum(p.gpu_seconds + p.host_seconds for p in phases)
     return JobSize(
@@ -351,12 +356,14 @@ def size_job(shape: ModelShape, work: Workload, judge: ModelShape | None, speed:
         weights=shape.weight_bytes / g,
         score_buffer=parts.get("scores", 0.0) if work_phase and work_phase.name == "scoring" else 0.0,
         activations=parts.get("activations", 0.0),
-        kv_cache=gen.parts.get("kv", 0.0) if gen else 0.0,
+        kv_cache=max((p.parts.get("kv", 0.0) for p in phases), default=0.0),
         judge=jud.parts.get("judge", 0.0) if jud else 0.0,
         peak=top.gpu,
         phase=top.name,
         passes=work_phase.passes if work_phase else 0,
-        generated_tokens=work.generations * work.eval_prompts * work.max_new_tokens + work.cal_gen_tokens,
+        generated_tokens=work.generations * work.eval_prompts * work.max_new_tokens
+        + work.cal_gen_tokens
+        + work.extra_gen_tokens,
         gpu_hours=seconds * g / 3600,
         host_ram=max(p.host for p in phases),
         disk_read=sum(p.disk_read for p in phases),

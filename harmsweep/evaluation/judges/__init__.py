@@ -12,13 +12,21 @@ from typing import Any
 from harmsweep.errors import HarmsweepError
 from harmsweep.evaluation.judges.base import Judge, summarize
 from harmsweep.evaluation.judges.endpoint import Endpoint
+from harmsweep.evaluation.judges.explanation import CoherenceJudge, ExplanationJudge
 from harmsweep.evaluation.judges.refusal import REFUSAL_PHRASES, RefusalJudge, is_compliant, is_refusal
 from harmsweep.evaluation.judges.rubric import RubricJudge, parse_rubric
 from harmsweep.evaluation.judges.strongreject import DEFAULT_JUDGE, StrongRejectFinetunedJudge
 from harmsweep.evaluation.judges.templates import judge_template
 from harmsweep.evaluation.judges.usefulness import UsefulnessJudge, parse_score
 
-KNOWN_JUDGES = ("refusal", "strongreject_finetuned", "strongreject_rubric", "alpaca_usefulness")
+KNOWN_JUDGES = (
+    "refusal",
+    "strongreject_finetuned",
+    "strongreject_rubric",
+    "alpaca_usefulness",
+    "explanation",
+    "coherence",
+)
 _FINETUNED_KEYS = ("batch_size", "max_response_tokens", "min_digit_mass")
 _NULL_MEANS = ("max_response_tokens",)  # set to null on purpose (no truncation), not "use the default"
 
@@ -32,6 +40,7 @@ def make_judge(cfg: Mapping[str, Any], data_root: str | None = None, online: boo
     ``model`` + ``tokenizer`` to reuse an already loaded judge (tests). strongreject_rubric: cfg
     ``base_url``, ``model``, ``api_key_env``, ``max_retries``, ``backoff_s``, ``timeout_s``, ``max_tokens``,
     ``max_workers``, ``system_file``, ``template_file``. alpaca_usefulness: the endpoint settings and ``max_tokens``.
+    explanation, coherence: the endpoint settings, ``temperature`` and ``max_tokens`` (their 0.3 and 200 when unset).
     """
     name = cfg.get("name")
     if name == "refusal":
@@ -44,6 +53,11 @@ def make_judge(cfg: Mapping[str, Any], data_root: str | None = None, online: boo
     if name == "alpaca_usefulness":
         max_tokens = cfg.get("max_tokens")
         return UsefulnessJudge(Endpoint.of(cfg), 200 if max_tokens is None else int(max_tokens))
+    if name in ("explanation", "coherence"):
+        judge = ExplanationJudge if name == "explanation" else CoherenceJudge
+        temperature, max_tokens = cfg.get("temperature"), cfg.get("max_tokens")
+        return judge(Endpoint.of(cfg), 0.3 if temperature is None else float(temperature),
+                     200 if max_tokens is None else int(max_tokens))  # fmt: skip
     if name == "strongreject_finetuned":
         options: dict[str, Any] = {
             k: cfg[k] for k in _FINETUNED_KEYS if cfg.get(k) is not None or (k in _NULL_MEANS and k in cfg)
@@ -68,6 +82,8 @@ __all__ = [
     "DEFAULT_JUDGE",
     "KNOWN_JUDGES",
     "REFUSAL_PHRASES",
+    "CoherenceJudge",
+    "ExplanationJudge",
     "Judge",
     "RefusalJudge",
     "RubricJudge",
