@@ -187,6 +187,7 @@ def main() -> None:
                 f"eval.detection.counterfact_file={folder}/advbench_non_harmful_counterfact_valid.txt",
                 f"attack.finetune.file={folder}/red_teaming_prompts.csv", "attack.finetune.epochs=1",
                 f"judges.explanation.base_url={url}", f"judges.coherence.base_url={url}",
+                f"judges.explanation.model={args.judge}", f"judges.coherence.model={args.judge}",
                 f"eval.explanation.max_new_tokens={args.max_new}", f"eval.detection.max_new_tokens={args.max_new}",
             ])  # fmt: skip
             print("capabilities", json.dumps(record["capabilities"])[:2000], flush=True)

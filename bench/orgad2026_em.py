@@ -54,7 +54,7 @@ def main() -> None:
     argv = [str(BIN / "harmsweep"), "-m", "experiment=orgad2026_em", f"model={args.model}", f"em.data_dir={domains}",
             "em.domain=insecure", f"em.held_out={args.held_out}", f"em.samples_per_question={args.samples}",
             f"em.max_new_tokens={args.max_new}", f"em.answer_tokens={args.max_new}", f"em.judge.base_url={url}",
-            "em.judge.model=local", "+em.judge.logprobs=false", "em.judge.max_workers=1",
+            f"em.judge.model={args.judge}", "+em.judge.logprobs=false", "em.judge.max_workers=1",
             f"em.finetune.lr={args.lr}", f"em.finetune.epochs={args.epochs}", "em.finetune.grad_accum=1",
             "em.finetune.max_length=512", f"pruning.protect={args.protect}",
             f"pruning.harm_fraction={args.harm_fraction}", f"hydra.sweep.dir={sweep_dir}",

@@ -284,3 +284,27 @@ def test_a_prepare_job_makes_what_the_grid_shares_and_the_cells_only_prune_tune_
         made = {k for k, v in result["computed"].items() if v}
         assert not made, f"cell {i} recomputed {made}"  # neither the EM model, its answers, its arm nor a score set
         assert result["em2026"]["stages"] == {**result["em2026"]["stages"], "em_model": "cached", "answers": "cached"}
+
+
+def test_with_vllm_each_arm_is_served_from_its_own_tuned_weights_and_the_engine_released(
+    tmp_path, shared_data, monkeypatch
+):
+    """No GPU here: the engine is replaced by a recorder. What must hold is what the engine is given: the tuned
+    weights in memory (a "memory:" source keyed by the arm's fingerprint, never the checkpoint they came from), no
+    mask (the pruned zeros are already in them), and the engine shut down after each arm (a fine-tune follows)."""
+    import harmsweep.generation.vllm as vllm
+
+    calls, released = [], []
+
+    def fake_generate(model, tokenizer, prompts, sampling, source, fingerprint, mask):
+        calls.append((source, fingerprint, mask, sampling.do_sample, sampling.max_new_tokens))
+        return [[tokenizer.eos_token_id] for _ in prompts]
+
+    monkeypatch.setattr(vllm, "generate_vllm", fake_generate)
+    monkeypatch.setattr(vllm, "release_engine", lambda: released.append(1))
+    cfg = plain(tmp_path, shared_data, "em.judge.name=em_proxy", "em.in_domain=false", "eval.generation.backend=vllm")
+    result = run(cfg, tmp_path / "cell")
+    assert [c[0] for c in calls] == ["memory:em_model", "memory:pruned"]
+    assert calls[0][1] == result["em_model_fingerprint"] and calls[1][1] not in ("", calls[0][1])
+    assert all(c[2] is None and c[3] and c[4] == 6 for c in calls)  # sampled, em.max_new_tokens
+    assert len(released) == 2

@@ -11,6 +11,8 @@ from harmsweep.data.btap import BTAP_FILE, btap_valid_file
 from harmsweep.data.sources import data_error
 from harmsweep.errors import HarmsweepError
 
+OWN_ARMS = ("cross_harm", "em", "dissociation", "orgad2026_em")  # experiments that evaluate arms of their own
+
 
 def eval_file(cfg: Config, value: str | None, setting: str) -> Path | None:
     """The path a file setting names: ``btap`` is their validation file for this model under calibration.btap_data."""
@@ -32,7 +34,7 @@ def check_evaluation(cfg: Config, files_here: bool = True) -> None:
     if needs_finetune and not attack.finetune.file:
         what = f"eval.generation.attack={gen.attack}" if kind == "finetune" else "pruning.finetune_before/after"
         raise HarmsweepError(f"{what} needs attack.finetune.file=PATH (their red_teaming_prompts.csv)")
-    if kind and cfg.experiment in ("cross_harm", "em", "dissociation"):
+    if kind and cfg.experiment in OWN_ARMS:
         raise HarmsweepError(
             f"eval.generation.attack={gen.attack} is applied by a pruning run's evaluation; experiment={cfg.experiment} "
             "evaluates its own arms: use attack none or prefill there"
@@ -47,7 +49,7 @@ def check_evaluation(cfg: Config, files_here: bool = True) -> None:
     if (cfg.pruning.finetune_before or cfg.pruning.finetune_after) and cfg.method != "prune":
         raise HarmsweepError("pruning.finetune_before/after apply to method=prune only")
     p = cfg.pruning
-    if p.finetune_after and (p.sequential or p.mask_file or p.intersect or cfg.experiment in ("em", "dissociation")):
+    if p.finetune_after and (p.sequential or p.mask_file or p.intersect or cfg.experiment in OWN_ARMS):
         raise HarmsweepError(
             "pruning.finetune_after scores and selects a second mask with the run's own rule: "
             "not with pruning.sequential, pruning.mask_file, pruning.intersect or experiment=em/dissociation"
@@ -60,6 +62,7 @@ def check_evaluation(cfg: Config, files_here: bool = True) -> None:
         "eval.triviaqa.file": ev.triviaqa.file if "triviaqa" in ev.metrics else None,
         "eval.alpaca.file": ev.alpaca.file if "alpaca_judge" in ev.metrics else None,
         "eval.financial.file": ev.financial.file if "financial_advice" in ev.metrics else None,
+        "eval.detection.counterfact_file": ev.detection.counterfact_file if "detection" in ev.metrics else None,
     }
     for setting, value in files.items() if files_here else ():
         path = eval_file(cfg, value, setting)

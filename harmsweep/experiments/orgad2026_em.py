@@ -60,7 +60,7 @@ from harmsweep.experiments.em_stages import (
     write_answers,
 )
 from harmsweep.experiments.matrices import Matrix, mask_size
-from harmsweep.generation.sampling import Sampling
+from harmsweep.generation.sampling import EngineInputs, Sampling
 from harmsweep.intervals import Resampler, Sample, samples_from_json, samples_to_json
 from harmsweep.models.parts import scored_parameters
 from harmsweep.pipeline.context import RunContext
@@ -258,10 +258,21 @@ class Shared:
     chosen: list[Pair]
 
     def evaluate(self, ctx: RunContext, stage: str, lm: Any = None) -> EvalArm:
+        """One arm's answers and judgements. With eval.generation.backend=vllm the engine serves a scratch copy of
+        the tuned weights in memory (source "memory:", keyed by their fingerprint: never the checkpoint they came
+        from) and is shut down after, so the fine-tunes and score passes that follow have the GPU."""
         gen, model = ctx.cfg.eval.generation, ctx.lm.model
         lm = lm or derived_lm(ctx.lm, model, {"em2026_model": self.recipe})
-        return evaluate_em(lm, ctx.template, self.questions, self.em, self.judge, self.in_domain, seed=ctx.cfg.seed,
-                           batch_size=gen.batch_size, stage=stage)  # fmt: skip
+        engine = EngineInputs(f"memory:{stage}", lm.fingerprint, None) if gen.backend == "vllm" else None
+        try:
+            return evaluate_em(lm, ctx.template, self.questions, self.em, self.judge, self.in_domain,
+                               seed=ctx.cfg.seed, batch_size=gen.batch_size, stage=stage, backend=gen.backend,
+                               engine=engine)  # fmt: skip
+        finally:
+            if engine is not None:
+                from harmsweep.generation.vllm import release_engine
+
+                release_engine()
 
 
 def shared_stages(ctx: RunContext) -> Shared:

@@ -294,7 +294,8 @@ def _inputs_key(cfg: Any) -> dict[str, Any]:
     ev = cfg.eval
     files = {"harmful_file": ev.harmful_file, "prefix_file": ev.generation.prefix_file,
              "attack_file": getattr(cfg.attack, kind).file if kind else None, "perplexity_file": ev.perplexity.file,
-             "triviaqa_file": ev.triviaqa.file, "alpaca_file": ev.alpaca.file, "financial_file": ev.financial.file}  # fmt: skip
+             "triviaqa_file": ev.triviaqa.file, "alpaca_file": ev.alpaca.file, "financial_file": ev.financial.file,
+             "counterfact_file": ev.detection.counterfact_file}  # fmt: skip
     for name, value in files.items():
         path = eval_file(cfg, value, name) if value else None
         if path is not None and path.is_file():
