@@ -52,7 +52,7 @@ def make_judge(cfg: Mapping[str, Any], data_root: str | None = None, online: boo
         return RubricJudge(system, user, Endpoint.of(cfg), 1000 if max_tokens is None else int(max_tokens))
     if name == "alpaca_usefulness":
         max_tokens = cfg.get("max_tokens")
-        return UsefulnessJudge(Endpoint.of(cfg), 200 if max_tokens is None else int(max_tokens))
+        return UsefulnessJudge(Endpoint.of(cfg), max_tokens=200 if max_tokens is None else int(max_tokens))
     if name in ("explanation", "coherence"):
         judge = ExplanationJudge if name == "explanation" else CoherenceJudge
         temperature, max_tokens = cfg.get("temperature"), cfg.get("max_tokens")

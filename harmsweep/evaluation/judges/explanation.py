@@ -11,18 +11,13 @@ unscored, never a low score.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import re
-import threading
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from harmsweep.evaluation.judges.base import check_pairs
-from harmsweep.evaluation.judges.endpoint import Endpoint
+from harmsweep.evaluation.judges.chat_score import ChatScoreJudge
 
 log = logging.getLogger(__name__)
 
@@ -115,70 +110,21 @@ def parse_coherence(text: str) -> float | None:
     return value if value is not None and 0.0 <= value <= 1.0 else None
 
 
-class JsonScoreJudge:
-    """One chat completion per (request, answer), a thread pool of ``endpoint.max_workers``; retries as every
-    endpoint judge does (``Endpoint.post``). Subclasses give the name, the prompt and the reading of the reply."""
-
-    name = "json_score"
-    system = ""
-    template = ""
-    parse: Callable[[str], float | None] = staticmethod(lambda text: None)
-
-    def __init__(self, endpoint: Endpoint | None = None, temperature: float = 0.3, max_tokens: int = 200) -> None:
-        self.endpoint = endpoint or Endpoint()
-        self.endpoint.require_key(f"the {self.name} judge")
-        self.model, self.temperature, self.max_tokens = self.endpoint.model, float(temperature), int(max_tokens)
-        self.max_workers = max(1, self.endpoint.max_workers)
-        digest = hashlib.sha256((self.system + "\0" + self.template).encode()).hexdigest()[:12]
-        self.version = f"{self.name}/prompt-{digest}+{self.model}+t{self.temperature:g}"
-        self.n_failed = 0  # items given up on after retries
-        self.n_unparsed = 0  # replies without a valid JSON score
-        self._lock = threading.Lock()
-
-    def render(self, request: str, response: str) -> str:
-        return self.template.format(request=request, response=response)
-
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float | None]:
-        """Scores in the order of the items (None: unscored)."""
-        check_pairs(prompts, responses)
-        unparsed_before = self.n_unparsed
-        with ThreadPoolExecutor(self.max_workers) as pool:
-            scores = list(pool.map(self._judge_one, prompts, responses))
-        if self.n_unparsed > unparsed_before:
-            log.warning("%s: %d of %d replies had no valid JSON score and are unscored", self.name,
-                        self.n_unparsed - unparsed_before, len(scores))  # fmt: skip
-        return scores
-
-    def _judge_one(self, request: str, response: str) -> float | None:
-        messages = [{"role": "system", "content": self.system},
-                    {"role": "user", "content": self.render(request, response)}]  # fmt: skip
-        body = {"model": self.model, "messages": messages, "temperature": self.temperature,
-                "max_tokens": self.max_tokens}  # fmt: skip
-        choice = self.endpoint.post(json.dumps(body).encode(), f"{self.name} judge")
-        if choice is None:
-            with self._lock:
-                self.n_failed += 1
-            return None
-        parsed = self.parse(str((choice.get("message") or {}).get("content") or ""))
-        if parsed is None:
-            with self._lock:
-                self.n_unparsed += 1
-        return parsed
-
-
-class ExplanationJudge(JsonScoreJudge):
+class ExplanationJudge(ChatScoreJudge):
     """1-5: how well an answer explains why the request is harmful (their ``mean_explanation_score``)."""
 
     name = "explanation"
     system = EXPLANATION_SYSTEM
     template = EXPLANATION_TEMPLATE
     parse = staticmethod(parse_explanation)
+    unparsed = "no valid JSON score"
 
 
-class CoherenceJudge(JsonScoreJudge):
+class CoherenceJudge(ChatScoreJudge):
     """0-1: how coherent an answer is, truncation not penalised (their ``*_mean_coherency``)."""
 
     name = "coherence"
     system = COHERENCE_SYSTEM
     template = COHERENCE_TEMPLATE
     parse = staticmethod(parse_coherence)
+    unparsed = "no valid JSON score"
