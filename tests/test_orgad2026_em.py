@@ -174,8 +174,10 @@ def test_grid_cells_share_the_em_model_and_answers_and_hold_zeros_decides(tmp_pa
     assert len(server["requests"]) == n_requests + 3 * asked  # cell 2 judges only its pruned arm
 
     e1, e2 = first["em2026"], second["em2026"]
-    assert set(e1) == {"domain", "p", "q", "hold_zeros", "judge", "in_domain_judge", "prune_source", "prune_rows",
-                       "n_pruned", "nonzero_after_finetune", "arms", "per_question", "delta", "stages"}  # fmt: skip
+    assert set(e1) == {"domain", "p", "q", "hold_zeros", "backend", "judge", "in_domain_judge", "prune_source",
+                       "prune_rows", "n_pruned", "nonzero_after_finetune", "arms", "per_question", "delta",
+                       "stages"}  # fmt: skip
+    assert e1["backend"] == "hf"  # the preset's auto, on a machine without vLLM or a GPU
     assert (e1["domain"], e1["p"], e1["q"], e1["hold_zeros"]) == ("toy", 0.01, 0.02, False)
     assert (e2["p"], e2["q"], e2["hold_zeros"]) == (0.02, 0.03, True)
     assert e1["judge"].startswith("em_endpoint/") and e1["in_domain_judge"].startswith("em_in_domain/")
@@ -308,3 +310,26 @@ def test_with_vllm_each_arm_is_served_from_its_own_tuned_weights_and_the_engine_
     assert calls[0][1] == result["em_model_fingerprint"] and calls[1][1] not in ("", calls[0][1])
     assert all(c[2] is None and c[3] and c[4] == 6 for c in calls)  # sampled, em.max_new_tokens
     assert len(released) == 2
+
+
+def test_backend_auto_is_vllm_only_where_it_is_installed_on_a_gpu(monkeypatch):
+    import importlib.util
+
+    import torch
+
+    from harmsweep.generation.sampling import resolve_backend
+
+    assert (resolve_backend("hf"), resolve_backend("vllm")) == ("hf", "vllm")
+    real = importlib.util.find_spec
+    for installed, gpu, want in ((False, False, "hf"), (True, False, "hf"), (False, True, "hf"), (True, True, "vllm")):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a, i=installed: object() if n == "vllm" and i
+                            else (None if n == "vllm" else real(n, *a)))  # fmt: skip
+        monkeypatch.setattr(torch.cuda, "is_available", lambda g=gpu: g)
+        assert resolve_backend("auto") == want
+
+
+def test_backend_auto_elsewhere_is_refused_in_one_line(tmp_path):
+    from test_cli import harmsweep as cli
+
+    proc = cli("plan", "model=tiny_llama", "eval.generation.backend=auto", cwd=tmp_path)
+    assert proc.returncode == 2 and "read by experiment=orgad2026_em only" in proc.stderr

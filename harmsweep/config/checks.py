@@ -164,6 +164,11 @@ def _check_method(cfg: Config, spec: PruneSpec) -> None:
 def _check_vllm(cfg: Config) -> None:
     """A vLLM engine loads the checkpoint and takes the run's mask: what it cannot serve stops here, not as
     silently wrong answers (a low-rank change) or a failed engine start (an adapter) after scoring."""
+    if cfg.eval.generation.backend == "auto" and cfg.experiment != "orgad2026_em":
+        raise HarmsweepError(
+            "eval.generation.backend=auto (vLLM where installed on a GPU, else hf) is read by experiment=orgad2026_em "
+            "only: use hf or vllm"
+        )
     if cfg.eval.generation.backend == "vllm" and cfg.em is not None and cfg.experiment != "orgad2026_em":
         raise HarmsweepError(
             "experiment=em answers with fine-tuned weights held in memory, which a vLLM engine (the checkpoint, "

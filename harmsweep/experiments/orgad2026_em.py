@@ -60,7 +60,7 @@ from harmsweep.experiments.em_stages import (
     write_answers,
 )
 from harmsweep.experiments.matrices import Matrix, mask_size
-from harmsweep.generation.sampling import EngineInputs, Sampling
+from harmsweep.generation.sampling import EngineInputs, Sampling, resolve_backend
 from harmsweep.intervals import Resampler, Sample, samples_from_json, samples_to_json
 from harmsweep.models.parts import scored_parameters
 from harmsweep.pipeline.context import RunContext
@@ -263,10 +263,11 @@ class Shared:
         from) and is shut down after, so the fine-tunes and score passes that follow have the GPU."""
         gen, model = ctx.cfg.eval.generation, ctx.lm.model
         lm = lm or derived_lm(ctx.lm, model, {"em2026_model": self.recipe})
-        engine = EngineInputs(f"memory:{stage}", lm.fingerprint, None) if gen.backend == "vllm" else None
+        backend = resolve_backend(gen.backend)
+        engine = EngineInputs(f"memory:{stage}", lm.fingerprint, None) if backend == "vllm" else None
         try:
             return evaluate_em(lm, ctx.template, self.questions, self.em, self.judge, self.in_domain,
-                               seed=ctx.cfg.seed, batch_size=gen.batch_size, stage=stage, backend=gen.backend,
+                               seed=ctx.cfg.seed, batch_size=gen.batch_size, stage=stage, backend=backend,
                                engine=engine)  # fmt: skip
         finally:
             if engine is not None:
@@ -367,7 +368,8 @@ def run(ctx: RunContext) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     extra = {
         "em2026": {
             "domain": split.domain, "p": cfg.pruning.protect, "q": cfg.pruning.harm_fraction,
-            "hold_zeros": bool(em.hold_zeros), "judge": judge.version, "in_domain_judge": judges["in_domain"],
+            "hold_zeros": bool(em.hold_zeros), "backend": resolve_backend(cfg.eval.generation.backend),
+            "judge": judge.version, "in_domain_judge": judges["in_domain"],
             "prune_source": "file" if em.prune_file else "selfgen", "prune_rows": len(rows), "n_pruned": n_pruned,
             "nonzero_after_finetune": nonzero, "arms": overall, "per_question": per_question, "delta": delta,
             "stages": {"em_model": "computed" if maker.made else "cached", "answers": state.answers_stage,

@@ -15,7 +15,20 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-BACKENDS = ("hf", "vllm")
+BACKENDS = ("hf", "vllm", "auto")  # auto: vLLM where it is installed and a GPU is visible, else hf (orgad2026_em only)
+
+
+def resolve_backend(backend: str) -> str:
+    """``auto`` made concrete on the machine the job runs on; hf and vllm stay as they are."""
+    if backend != "auto":
+        return backend
+    import importlib.util
+
+    import torch
+
+    return "vllm" if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available() else "hf"
+
+
 # eval.generation.attack values: which answers are generated, from which model
 ATTACKS = (
     "none", "prefill", "refusal_ablation", "refusal_ablation_prefill", "finetune", "finetune_prefill",
