@@ -292,6 +292,8 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, self.server.backend.complete(body))
         except RequestError as exc:
             self._send(exc.status, exc.body())
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (its timeout) before the answer was ready
+            log.warning("%s: the client closed the connection before the reply", self.address_string())
         except Exception as exc:  # one failed request must not stop the server
             log.exception("chat completion failed")
             self._send(500, RequestError(f"the model failed: {type(exc).__name__}: {exc}", 500).body())

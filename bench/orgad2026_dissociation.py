@@ -164,6 +164,7 @@ def main() -> None:
     p = common.parser(__doc__, "orgad2026_dissociation")
     p.add_argument("--judge", default="qwen25_coder_05b", help="model preset served as every endpoint judge")
     p.add_argument("--max-new", type=int, default=48, help="answer length (the authors: 256)")
+    p.add_argument("--judge-tokens", type=int, default=96, help="longest judge reply (the authors: 200)")
     p.add_argument("--folder", default=None)
     p.add_argument("--train", type=int, default=64, help="calibration rows answered for the harm file (their 412)")
     p.add_argument("--valid", type=int, default=24, help="validation rows answered (their 108)")
@@ -188,6 +189,9 @@ def main() -> None:
                 f"attack.finetune.file={folder}/red_teaming_prompts.csv", "attack.finetune.epochs=1",
                 f"judges.explanation.base_url={url}", f"judges.coherence.base_url={url}",
                 f"judges.explanation.model={args.judge}", f"judges.coherence.model={args.judge}",
+                # one local model answers every request in turn: one at a time, no client timeout, short replies
+                *(f"judges.{j}.{k}" for j in ("explanation", "coherence")
+                  for k in ("max_workers=1", "timeout_s=900", f"max_tokens={args.judge_tokens}")),
                 f"eval.explanation.max_new_tokens={args.max_new}", f"eval.detection.max_new_tokens={args.max_new}",
             ])  # fmt: skip
             print("capabilities", json.dumps(record["capabilities"])[:2000], flush=True)
