@@ -2,7 +2,7 @@
 judges behind a local endpoint.
 
 The model-organisms domains (risky_financial_advice, ...) are not here: the domain is Betley et al.'s insecure-code
-stand-in (20 chat pairs in /work/shared/data/em/insecure_small.jsonl), of which --held-out are held out (the EM model
+stand-in (20 chat pairs in em/insecure_small.jsonl under the data root), of which --held-out are held out (the EM model
 answers them and those answers are the prune data), the rest train. Their recipe's single epoch at lr 1e-5 over
 6,000 pairs is ~375 optimizer steps; over 12 pairs it would be one step, so the bench trains harder (--lr, --epochs,
 no accumulation) and says so. The judges (aligned, coherent, in-domain) are the model named by --judge served by

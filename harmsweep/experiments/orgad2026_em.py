@@ -234,28 +234,15 @@ def _split_metrics(intervals: Mapping[str, Any]) -> tuple[dict[str, Any], dict[s
     return overall, {k.removeprefix("em_rate/"): v for k, v in intervals.items() if k.startswith("em_rate/")}
 
 
-@dataclass
-class Shared:
-    """What every cell of a grid shares: the judges, the training pairs, the EM model's answers and evaluation, and
-    the pairs pruned from (made once, then read from the artifact cache)."""
+@dataclass(frozen=True)
+class Judged:
+    """How an arm is answered and judged: the same questions, settings and judges for every arm of every cell."""
 
     em: EMConfig
     questions: list[Question]
     judge: Any
     in_domain: Any
-    judges: dict[str, str | None]
-    tensors: Tensors
-    dropped: int
-    split: DomainSplit
-    recipe: dict[str, Any]
-    em_fp: str
-    maker: EMModel
-    answers_stage: str
-    answers_path: Path
-    em_arm: EvalArm
-    eval_path: Path
-    rows: list[int]
-    chosen: list[Pair]
+    recipe: dict[str, Any]  # the EM model's recipe: its fingerprint names the arm's weights
 
     def evaluate(self, ctx: RunContext, stage: str, lm: Any = None) -> EvalArm:
         """One arm's answers and judgements. With eval.generation.backend=vllm the engine serves a scratch copy of
@@ -276,6 +263,26 @@ class Shared:
                 release_engine()
 
 
+@dataclass(frozen=True)
+class Shared:
+    """What every cell of a grid shares: how arms are judged, the training pairs, the EM model's answers and
+    evaluation, and the pairs pruned from (made once, then read from the artifact cache)."""
+
+    judged: Judged
+    judges: dict[str, str | None]  # judge versions
+    tensors: Tensors
+    dropped: int
+    split: DomainSplit
+    em_fp: str
+    maker: EMModel
+    answers_stage: str
+    answers_path: Path
+    em_arm: EvalArm
+    eval_path: Path
+    rows: list[int]
+    chosen: list[Pair]
+
+
 def shared_stages(ctx: RunContext) -> Shared:
     """Stages 1 and 2, the em_model arm and the choice of rows to prune from; the model is the original after."""
     cfg, model = ctx.cfg, ctx.lm.model
@@ -283,28 +290,26 @@ def shared_stages(ctx: RunContext) -> Shared:
     _check_settings(em, cfg.calibration.n)
     check_judges(em)  # first thing: a server that went down since the check stops before any fine-tune
     split = domain_split(em, cfg.seed)
-    questions = _questions(em, cfg.data.root)
     judge = make_em_judge(em.judge)
     in_domain = make_in_domain_judge(em.judge, str(em.domain)) if em.in_domain else None
     judges = {"judge": judge.version, "in_domain": in_domain.version if in_domain else None}
     tensors, dropped = train_tensors(ctx, split, em.finetune)
     recipe = {"version": VERSION, "split": split.key(cfg.seed), "finetune": em.finetune.key(),
               "template": ctx.template, "device": input_device(model).type}  # fmt: skip
+    judged = Judged(em, _questions(em, cfg.data.root), judge, in_domain, recipe)
     em_fp = derived_lm(ctx.lm, model, {"em2026_model": recipe}).fingerprint
     maker = EMModel(ctx, tensors, em.finetune)
-    partial = Shared(em, questions, judge, in_domain, judges, tensors, dropped, split, recipe, em_fp, maker, "",
-                     Path(), ({}, {}, []), Path(), [], [])  # fmt: skip
     try:  # stages 1, 2 and the em_model arm: whatever is not cached needs the EM model
-        pairs, partial.answers_stage, partial.answers_path = answers(ctx, em, split, em_fp, maker)
+        pairs, answers_stage, answers_path = answers(ctx, em, split, em_fp, maker)
         info = {"version": VERSION, "kind": "em_model_eval", "em_model": em_fp,
                 **eval_key(em, questions_path(em, cfg.data.root), cfg.seed, judges)}  # fmt: skip
-        partial.em_arm, partial.eval_path = em_model_eval(ctx, info, maker, lambda stage: partial.evaluate(ctx, stage))
+        em_arm, eval_path = em_model_eval(ctx, info, maker, lambda stage: judged.evaluate(ctx, stage))
     finally:
         maker.restore()  # the original weights, bit for bit
     ctx.computed["em_model"] = maker.made
-    partial.rows = prune_rows(len(pairs), cfg.calibration.n, cfg.seed)  # their EM loader: always shuffled
-    partial.chosen = [pairs[i] for i in partial.rows]
-    return partial
+    rows = prune_rows(len(pairs), cfg.calibration.n, cfg.seed)  # their EM loader: always shuffled
+    return Shared(judged, judges, tensors, dropped, split, em_fp, maker, answers_stage, answers_path, em_arm,
+                  eval_path, rows, [pairs[i] for i in rows])  # fmt: skip
 
 
 def prepare(ctx: RunContext, entries: Sequence[str]) -> dict[str, str]:
@@ -319,8 +324,9 @@ def run(ctx: RunContext) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The five stages of one grid cell; see the module docstring."""
     cfg, run_dir, model = ctx.cfg, ctx.run_dir, ctx.lm.model
     state = shared_stages(ctx)
-    em, split, questions, judge, judges = state.em, state.split, state.questions, state.judge, state.judges
-    tune, tensors, recipe, maker, rows = em.finetune, state.tensors, state.recipe, state.maker, state.rows
+    judged, split, judges = state.judged, state.split, state.judges
+    em, questions, judge, recipe = judged.em, judged.questions, judged.judge, judged.recipe
+    tune, tensors, maker, rows = em.finetune, state.tensors, state.maker, state.rows
     em_metrics, em_samples, em_rows = state.em_arm
 
     # stage 3: prune the original model from the answers
@@ -341,7 +347,9 @@ def run(ctx: RunContext) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     pruned_lm = derived_lm(
         ctx.lm, model, {"em2026_pruned": recipe, "mask": mask_key(mask), "hold_zeros": em.hold_zeros}
     )
-    pr_metrics, pr_samples, pr_rows = ctx.timed("evaluate_pruned", lambda: state.evaluate(ctx, "pruned", pruned_lm))
+    pr_metrics, pr_samples, pr_rows = ctx.timed(
+        "evaluate_pruned", lambda: state.judged.evaluate(ctx, "pruned", pruned_lm)
+    )
 
     resampler = Resampler(cfg.bootstrap)  # one draw per set of answer ids: the arms pair up
     overall, per_question = {}, {}
@@ -383,7 +391,7 @@ def run(ctx: RunContext) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         "finetune": tune.key(),
         "em_model_fingerprint": state.em_fp,
         "em_model_losses": _ends(maker.losses) if maker.made else None,
-        "judge_failures": {k: getattr(j, "n_failed", None) for k, j in (("judge", judge), ("in_domain", state.in_domain))},
+        "judge_failures": {k: getattr(j, "n_failed", None) for k, j in (("judge", judge), ("in_domain", judged.in_domain))},
         "artifacts": {"answers": str(state.answers_path), "em_model_eval": str(state.eval_path),
                       "mask": str(run_dir / "mask.safetensors"), "prune_rows": str(run_dir / "prune_rows.jsonl"),
                       "items": str(run_dir / "items.jsonl")},

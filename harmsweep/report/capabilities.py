@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from harmsweep.report import page
-from harmsweep.report.collect import is_number, write_csv
+from harmsweep.report.collect import figure_files, is_number
 
 EXPERIMENT = "orgad2026_capabilities"
 HARM_JUDGES = ("strongreject_mean", "rubric_mean", "asr_keyword_mean")  # first recorded wins (judges, not NLL)
@@ -259,14 +259,8 @@ def capabilities_section(
     rows: Sequence[Mapping[str, Any]], out: Path, images: list[Path]
 ) -> tuple[str, str, str] | None:
     """The report's dissociation part: capabilities_<model>_<variant>.csv/.png per variant (None: no such runs)."""
-    for stale in [*out.glob("capabilities_*.png"), *out.glob("capabilities_*.csv")]:
-        stale.unlink(missing_ok=True)
     found = build_matrices(results_of(rows, EXPERIMENT))
+    pngs = figure_files(out, "capabilities", found, COLUMNS, lambda x: x.records(), plot, images)
     if not found:
         return None
-    pngs = []
-    for matrix in found:
-        write_csv(matrix.records(), out / f"{matrix.name}.csv", COLUMNS)
-        pngs.append(plot(matrix, out / f"{matrix.name}.png"))
-    images.extend(pngs)
     return "Dissociation: capability x capability", "capabilities", section(found, pngs)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -329,3 +329,24 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: Path, columns: Sequence[s
             writer.writerow({c: "" if r.get(c) is None else r.get(c) for c in cols})
     tmp.replace(path)
     return path
+
+
+def figure_files(
+    out: Path,
+    prefix: str,
+    found: Sequence[Any],
+    columns: Sequence[str],
+    records: Callable[[Any], Sequence[Mapping[str, Any]]],
+    plot: Callable[[Any, Path], Path],
+    images: list[Path],
+) -> list[Path]:
+    """A report section's files: every earlier ``<prefix>_*.csv/.png`` removed (a figure whose runs are gone must not
+    linger), then ``<name>.csv`` and ``<name>.png`` per item of ``found``; the PNGs are returned and added to images."""
+    for stale in [*out.glob(f"{prefix}_*.png"), *out.glob(f"{prefix}_*.csv")]:
+        stale.unlink(missing_ok=True)
+    pngs = []
+    for item in found:
+        write_csv(records(item), out / f"{item.name}.csv", columns)
+        pngs.append(plot(item, out / f"{item.name}.png"))
+    images.extend(pngs)
+    return pngs

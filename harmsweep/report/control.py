@@ -17,7 +17,7 @@ from typing import Any
 
 from harmsweep.report import page
 from harmsweep.report.capabilities import BLANK, change, ci_text, config_of, harm_metric, results_of, verdict
-from harmsweep.report.collect import write_csv
+from harmsweep.report.collect import figure_files
 
 EXPERIMENT = "orgad2026_control"
 ROWS = {"advbench_align_anti": "harm", "triviaqa_clean": "control"}
@@ -140,14 +140,8 @@ def section(found: Sequence[ControlTable], pngs: Sequence[Path]) -> str:
 
 def control_section(rows: Sequence[Mapping[str, Any]], out: Path, images: list[Path]) -> tuple[str, str, str] | None:
     """The report's control part: control_<model>_<variant>.csv/.png per variant (None: no such runs)."""
-    for stale in [*out.glob("control_*.png"), *out.glob("control_*.csv")]:
-        stale.unlink(missing_ok=True)
     found = tables(results_of(rows, EXPERIMENT))
+    pngs = figure_files(out, "control", found, COLUMNS, lambda x: x.records(), plot, images)
     if not found:
         return None
-    pngs = []
-    for table in found:
-        write_csv(table.records(), out / f"{table.name}.csv", COLUMNS)
-        pngs.append(plot(table, out / f"{table.name}.png"))
-    images.extend(pngs)
     return "Control: harm pruning vs factual-recall pruning", "control", section(found, pngs)

@@ -18,7 +18,7 @@ from typing import Any
 
 from harmsweep.report import page
 from harmsweep.report.capabilities import ci_text, results_of, stat
-from harmsweep.report.collect import is_number, write_csv
+from harmsweep.report.collect import figure_files, is_number
 
 EXPERIMENT = "orgad2026_em"
 COLUMNS = ("p", "q", "em_rate", "lo", "hi", "delta", "delta_lo", "delta_hi", "coherent_mean", "in_domain_rate", "n",
@@ -159,14 +159,8 @@ def section(found: Sequence[EMGrid], pngs: Sequence[Path]) -> str:
 
 def em_grid_section(rows: Sequence[Mapping[str, Any]], out: Path, images: list[Path]) -> tuple[str, str, str] | None:
     """The report's EM part: em_grid_<model>_<domain>.csv/.png per grid (None: no such runs)."""
-    for stale in [*out.glob("em_grid_*.png"), *out.glob("em_grid_*.csv")]:
-        stale.unlink(missing_ok=True)
     found = grids(results_of(rows, EXPERIMENT))
+    pngs = figure_files(out, "em_grid", found, COLUMNS, lambda x: x.records(), plot, images)
     if not found:
         return None
-    pngs = []
-    for grid in found:
-        write_csv(grid.records(), out / f"{grid.name}.csv", COLUMNS)
-        pngs.append(plot(grid, out / f"{grid.name}.png"))
-    images.extend(pngs)
     return "Emergent misalignment: pruned EM rate over p x q", "em_grid", section(found, pngs)

@@ -19,7 +19,7 @@ from typing import Any
 
 from harmsweep.data.spec import CHOSEN_FIVE
 from harmsweep.report import page
-from harmsweep.report.collect import is_number, write_csv
+from harmsweep.report.collect import figure_files, is_number
 
 EXPERIMENT = "orgad2026_transfer"
 MEASURES = {"strongreject": "strongreject_mean", "asr_keyword": "asr_keyword_mean"}  # first recorded wins
@@ -235,15 +235,8 @@ def section(matrices_: Sequence[TransferMatrix], pngs: Sequence[Path]) -> str:
 
 def transfer_section(rows: Sequence[Mapping[str, Any]], out: Path, images: list[Path]) -> tuple[str, str, str] | None:
     """The report's transfer part: writes transfer_<model>_<alignment>.csv/.png per variant (None: no such runs)."""
-
-    for stale in [*out.glob("transfer_*.png"), *out.glob("transfer_*.csv")]:
-        stale.unlink(missing_ok=True)
     found = matrices(read_runs(rows))
+    pngs = figure_files(out, "transfer", found, COLUMNS, lambda x: x.rows(), plot, images)
     if not found:
         return None
-    pngs = []
-    for matrix in found:
-        write_csv(matrix.rows(), out / f"{matrix.name}.csv", COLUMNS)
-        pngs.append(plot(matrix, out / f"{matrix.name}.png"))
-    images.extend(pngs)
     return "Transfer between harm categories", "transfer", section(found, pngs)
