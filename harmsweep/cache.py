@@ -25,7 +25,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -215,7 +215,7 @@ def file_sha256(path: Path) -> str:
 
 def _quarantine(entry: Path, problem: str) -> Path:
     """Move a damaged entry aside (one atomic rename, under the entry's lock) and say so in one line."""
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     dest = entry.with_name(f"{entry.name}.corrupt-{stamp}")
     n = 1
     while dest.exists():  # the same entry damaged twice in one second
