@@ -25,6 +25,10 @@ ARCHS = ("llama", "qwen2", "gemma3", "gpt2")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One thread per process, here and in every command a test starts: tiny models only pay for threads' start-up,
+# and a suite sharing two cores with its own subprocesses oversubscribes them (a tiny run: 16 s vs 37 s, busy).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def tiny_spec(arch: str) -> dict:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
+import prewarmed
 import pytest
 from conftest import write_pairs
 from safetensors.torch import load_file
@@ -19,15 +19,9 @@ METRICS = {"nll_harmful_before", "nll_harmful_after", "nll_benign_before", "nll_
 
 
 def harmsweep(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m harmsweep.cli *args`` (in a fork of the pre-warmed process: tests/prewarmed.py)."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HARMSWEEP_CACHE": str(cwd / "cache"), **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "harmsweep.cli", *args],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return prewarmed.run("harmsweep.cli", args, cwd=cwd, env=full_env, timeout=300)
 
 
 @pytest.fixture

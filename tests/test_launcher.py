@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import prewarmed
 import pytest
 from conftest import write_pairs
 from hydra import initialize_config_dir
@@ -461,13 +461,13 @@ def test_local_jobs_sweep_prepares_once_and_a_relaunch_starts_nothing(tmp_path):
     harmful, benign = write_pairs(tmp_path / "data", 12)
     sweep = tmp_path / "sweep"
     args = [
-        sys.executable, "-m", "harmsweep.cli", "-m", "hydra/launcher=local_jobs", f"hydra.sweep.dir={sweep}",
+        "-m", "hydra/launcher=local_jobs", f"hydra.sweep.dir={sweep}",
         "model=tiny_llama", "calibration=file", f"calibration.harmful.file={harmful}",
         f"calibration.benign.file={benign}", "data.root=null", "eval=likelihood", "eval.benign_references=dataset",
         "calibration.n=6", "eval.n=4", "scores.keep=0.2", "pruning=signed_snip,random", "pruning.sparsity=0.01,0.02",
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HARMSWEEP_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = prewarmed.run("harmsweep.cli", args, cwd=tmp_path, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     done = [json.loads(p.read_text()) for p in sweep.glob("*/result.json")]
     assert len(done) == 4
@@ -482,7 +482,7 @@ def test_local_jobs_sweep_prepares_once_and_a_relaunch_starts_nothing(tmp_path):
 
     assert jobs_started() == 5  # one prepare job + four runs
 
-    again = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    again = prewarmed.run("harmsweep.cli", args, cwd=tmp_path, env=env, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "4 of 4 runs are done already" in again.stdout + again.stderr
     assert jobs_started() == 5  # no new job
@@ -502,8 +502,7 @@ def test_the_prepare_stage_makes_what_its_runs_then_reuse(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HARMSWEEP_CACHE": str(tmp_path / "cache")}
 
     def harmsweep(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "harmsweep.cli", *common, *args], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        return prewarmed.run("harmsweep.cli", [*common, *args], cwd=tmp_path, env=env)
 
     prep = harmsweep("stage=prepare", "prepare_scores=[harm@global@abs_signed,benign@global@abs_signed]",
                      f"hydra.run.dir={tmp_path / 'prepare'}")  # fmt: skip

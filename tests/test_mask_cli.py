@@ -8,9 +8,9 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
+import prewarmed
 import pytest
 import torch
 from conftest import tiny, tiny_spec
@@ -29,8 +29,7 @@ V1 = "model.layers.1.self_attn.v_proj.weight"
 
 
 def harmsweep(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harmsweep.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})  # fmt: skip
+    return prewarmed.run("harmsweep.cli", args, cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
+import prewarmed
 import pytest
 import torch
 from conftest import ARCHS, ROOT, tiny_spec
@@ -137,11 +136,11 @@ def test_embedded_gguf_converts_once_and_reloads_from_cache(smol_cache):
 @pytest.mark.slow
 def test_demo_sized_run_on_the_embedded_model(tmp_path, smol_cache, shared_data):
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "harmsweep.cli", f"data.root={shared_data}", "calibration.n=4", "eval.n=4",
+    proc = prewarmed.run(
+        "harmsweep.cli", [f"data.root={shared_data}", "calibration.n=4", "eval.n=4",
          "calibration.batch_size=4", "calibration.harmful.max_new_tokens=12", "pruning.sparsity=1e-5",
          f"hydra.run.dir={run_dir}"],
-        cwd=ROOT, env={**os.environ, "HARMSWEEP_CACHE": str(smol_cache)}, capture_output=True, text=True, timeout=900,
+        cwd=ROOT, env={**os.environ, "HARMSWEEP_CACHE": str(smol_cache)}, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((run_dir / "result.json").read_text())

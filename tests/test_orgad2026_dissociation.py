@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+import prewarmed
 import pytest
 from conftest import openai_server
 from conftest import write_csv as _csv
@@ -65,11 +66,7 @@ def sweep(tmp_path: Path, folder: Path, experiment: str, *overrides: str) -> Pat
 
 
 def harmsweep_report(sweep_dir: Path, cwd: Path):
-    import subprocess
-    import sys
-
-    return subprocess.run([str(Path(sys.executable).parent / "harmsweep-report"), str(sweep_dir)], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    return prewarmed.run("harmsweep.report.cli", [str(sweep_dir)], cwd=cwd, timeout=600)
 
 
 def results(sweep_dir: Path) -> list[dict]:

@@ -6,9 +6,9 @@ import copy
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
+import prewarmed
 import pytest
 import torch
 from conftest import ROOT
@@ -26,12 +26,11 @@ LLAMA31_8B = {
                      "original_max_position_embeddings": 8192, "rope_type": "llama3"},
     "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16",
 }  # fmt: skip
-HARMSWEEP = [sys.executable, "-c", "from harmsweep.cli import main; main()"]
 
 
 def plan(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HARMSWEEP_CACHE": str(tmp_path / "cache")}
-    return subprocess.run([*HARMSWEEP, "plan", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    return prewarmed.run("harmsweep.cli", ["plan", *args], cwd=ROOT, env=env)
 
 
 @pytest.fixture(scope="module")

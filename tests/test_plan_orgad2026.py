@@ -7,13 +7,12 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
+import prewarmed
 import pytest
 from conftest import ROOT
 
-HARMSWEEP = [sys.executable, "-c", "from harmsweep.cli import main; main()"]
 EM = "experiment=orgad2026_em"
 ONCE = ("EM fine-tune (EM model)", "EM answers", "EM model evaluation", "EM model judge calls")
 EVERY_JOB = ("EM fine-tune (pruned)", "EM evaluation", "EM judge calls")
@@ -123,8 +122,8 @@ def grid(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict]:
     tmp = tmp_path_factory.mktemp("grid")
     data = _domain(tmp / "em", 37)
     env = {**os.environ, "HARMSWEEP_CACHE": str(tmp / "cache")}
-    out = subprocess.run([*HARMSWEEP, "plan", "-m", EM, "model=tiny_llama", f"em.data_dir={data}", *SMALL, "--json",
-                          str(tmp / "plan.json")], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)  # fmt: skip
+    out = prewarmed.run("harmsweep.cli", ["plan", "-m", EM, "model=tiny_llama", f"em.data_dir={data}", *SMALL,
+                                          "--json", str(tmp / "plan.json")], cwd=ROOT, env=env)  # fmt: skip
     return out, json.loads((tmp / "plan.json").read_text()) if out.returncode == 0 else {}
 
 
@@ -166,8 +165,8 @@ def test_the_command_line_prints_the_stages_and_the_sweep_by_phase(grid):
 
 def test_a_config_error_exits_2_in_one_line(tmp_path):
     env = {**os.environ, "HARMSWEEP_CACHE": str(tmp_path / "cache")}
-    out = subprocess.run([*HARMSWEEP, "plan", "-m", EM, "model=tiny_llama", "em.finetune.batch_sise=2"],
-                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)  # fmt: skip
+    out = prewarmed.run("harmsweep.cli", ["plan", "-m", EM, "model=tiny_llama", "em.finetune.batch_sise=2"], cwd=ROOT,
+                        env=env)  # fmt: skip
     assert out.returncode == 2
     assert len(out.stderr.strip().splitlines()) == 1 and "batch_sise" in out.stderr
 

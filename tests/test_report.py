@@ -15,12 +15,12 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 import zlib
 from pathlib import Path
 
 import numpy as np
+import prewarmed
 import pytest
 from conftest import write_pairs
 
@@ -42,8 +42,7 @@ def wandb_env(root: Path) -> dict[str, str]:
 
 def report_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_BASE_URL")}
-    return subprocess.run([sys.executable, "-m", "harmsweep.report.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300, env={**full, **(env or {})})  # fmt: skip
+    return prewarmed.run("harmsweep.report.cli", args, cwd=cwd, env={**full, **(env or {})})
 
 
 @pytest.fixture(scope="module")
