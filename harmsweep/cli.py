@@ -3,17 +3,22 @@
 Hydra stays here: it composes conf/, this module turns the result into a plain dict, picks the experiment body, runs the
 pipeline in the Hydra run folder and prints a short summary. User errors (HarmsweepError, an
 unknown config group option) print one line and exit with status 2; nothing is left behind that
-looks like a finished run.
+looks like a finished run. Torch and transformers (seconds to import) are imported only when a run computes:
+``--help``, ``--cfg``, a bad override and a relaunched finished run (``finished``: its result.json) never import them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from harmsweep.config.compose import CONF_DIR, check_composition, check_group_overrides
+
+log = logging.getLogger("harmsweep.cli")  # also when run as __main__
 
 SUMMARY = (
     ("harmful NLL", "nll_harmful"),
@@ -104,7 +109,95 @@ def _run_id_resolver(*, _root_: Any) -> str:
     return run_id(OmegaConf.to_container(OmegaConf.create(tree), resolve=True))
 
 
+def finished(plain: Mapping[str, Any], run_dir: Path) -> dict[str, Any] | None:
+    """The stored result when ``run_dir`` holds this config's finished run, else None (the pipeline takes it).
+
+    Read before the pipeline is imported (torch and transformers: seconds per start, per run of a relaunched local
+    sweep). Only the case the pipeline would answer from result.json alone: the folder is this run's (run.json) and
+    result.json, written last, exists. A folder holding another run, a half-done run or a prepare job falls
+    through to run_pipeline, which refuses, finishes or runs it.
+    """
+    from harmsweep.config.identity import run_id
+
+    result_path, identity = run_dir / "result.json", run_dir / "run.json"
+    if (plain.get("stage") or "run") != "run" or not (result_path.is_file() and identity.is_file()):
+        return None
+    try:
+        stored = json.loads(identity.read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    rid = run_id(plain)
+    if stored != rid:
+        return None
+    (run_dir / "FAILED").unlink(missing_ok=True)  # as the pipeline does: a relaunch clears an earlier failure
+    log.info("run %s is already done: %s", rid, result_path)
+    return json.loads(result_path.read_text())
+
+
+def _run(plain: dict[str, Any], run_dir: Path, sweep: str | None) -> dict[str, Any]:
+    """The pipeline (or the experiment's body) on ``plain``: the only place the command line imports torch."""
+    from harmsweep.experiments import runner
+    from harmsweep.pipeline.run import run_pipeline
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    experiment = runner(plain.get("experiment"))
+    body, check, shared = experiment if experiment else (None, None, None)
+    return run_pipeline(plain, run_dir, sweep=sweep, body=body, check=check, shared=shared)
+
+
+def _compose_faster() -> None:
+    """Two of Hydra's repeated costs, cut without changing what it composes (a relaunched done sweep is mostly these).
+
+    1. Hydra deep-copies its config repository for every composition and every config group ``--help`` lists
+       (about 60), and the copy takes the process-wide ConfigStore with it (every schema: 30 ms a copy, 3 s of
+       ``--help``). The copies share it: ConfigStore.load hands out copies, and fresh sources read the singleton.
+    2. The sweeper composes every job of a batch to validate it, drops the configs, and the launcher composes each
+       job again. The launcher takes the validated config instead (each once, at most VALIDATED_KEPT a batch);
+       any other composition (a job's own process, a later launch) is done as before.
+    """
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.core.config_store import ConfigStore
+    from hydra.plugins.sweeper import Sweeper
+
+    if "__deepcopy__" not in vars(ConfigStore):
+        ConfigStore.__deepcopy__ = _itself  # type: ignore[attr-defined]
+    if getattr(Sweeper.validate_batch_is_legal, "composes_once", False):
+        return
+    validated: dict[tuple[int, tuple[str, ...]], Any] = {}
+    load = ConfigLoaderImpl.load_sweep_config
+
+    def validate_batch_is_legal(self: Sweeper, batch: Sequence[Sequence[str]]) -> None:
+        context = getattr(self, "hydra_context", None)
+        loader = context.config_loader if context is not None else self.config_loader  # type: ignore[attr-defined]
+        validated.clear()
+        for i, overrides in enumerate(batch):
+            cfg = loader.load_sweep_config(master_config=self.config, sweep_overrides=list(overrides))
+            if i < VALIDATED_KEPT:
+                validated[(id(self.config), tuple(overrides))] = cfg
+
+    def load_sweep_config(self: ConfigLoaderImpl, master_config: Any, sweep_overrides: list[str]) -> Any:
+        cfg = validated.pop((id(master_config), tuple(sweep_overrides)), None)
+        return cfg if cfg is not None else load(self, master_config, sweep_overrides)
+
+    validate_batch_is_legal.composes_once = True  # type: ignore[attr-defined]
+    Sweeper.validate_batch_is_legal = validate_batch_is_legal  # type: ignore[method-assign]
+    ConfigLoaderImpl.load_sweep_config = load_sweep_config  # type: ignore[method-assign]
+
+
+VALIDATED_KEPT = 64  # validated job configs kept for the launcher (each a full composed config)
+
+
+def _itself(obj: Any, memo: dict[int, Any]) -> Any:
+    return obj
+
+
 def main() -> None:
+    if sys.argv[1:2] in (["mask-from-checkpoint"], ["compare-masks"]):  # mask tools: no Hydra, no model
+        from harmsweep.masks.cli import main as masks_main
+
+        masks_main(sys.argv[1:])
+        return
+    _compose_faster()
     if sys.argv[1:2] == ["plan"]:  # harmsweep plan [-m] <overrides>: a dry run that sizes every job
         from omegaconf import OmegaConf
 
@@ -115,11 +208,6 @@ def main() -> None:
         OmegaConf.register_new_resolver("harmsweep_run_id", _run_id_resolver, replace=True)
         register()
         plan_main(sys.argv[2:])
-        return
-    if sys.argv[1:2] in (["mask-from-checkpoint"], ["compare-masks"]):  # mask tools: no Hydra, no model
-        from harmsweep.masks.cli import main as masks_main
-
-        masks_main(sys.argv[1:])
         return
     check_group_overrides(sys.argv[1:])
     import hydra
@@ -138,18 +226,15 @@ def main() -> None:
         from omegaconf.errors import OmegaConfBaseException
 
         from harmsweep.errors import HarmsweepError, exit_usage
-        from harmsweep.experiments import runner
-        from harmsweep.pipeline.run import run_pipeline
 
-        logging.getLogger("transformers").setLevel(logging.ERROR)
         hydra_cfg = HydraConfig.get()
         run_dir = Path(hydra_cfg.runtime.output_dir)
         sweep = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
         try:
             plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-            experiment = runner(plain.get("experiment"))
-            body, check, shared = experiment if experiment else (None, None, None)
-            result = run_pipeline(plain, run_dir, sweep=sweep, body=body, check=check, shared=shared)
+            result = finished(plain, run_dir)
+            if result is None:
+                result = _run(plain, run_dir, sweep)
         except (HarmsweepError, OmegaConfBaseException) as exc:
             message = str(exc).splitlines()[0]
             _mark_failed(run_dir, message)
