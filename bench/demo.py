@@ -5,10 +5,11 @@ The demo's two commands (the Makefile's `demo` recipe without its venv step):
 Warm (default): DIR = outputs/demo and the usual HARMSWEEP_CACHE. A first run primes them (it is
 cold if the demo never ran; its time is reported, not counted as warm), then --reps warm runs are
 timed; goal < 1 min. Every result.json must be left untouched by a warm run (checked).
-Cold (--cold, not part of `make bench`: ~13 min on 2 cores): a fresh HARMSWEEP_CACHE in a temporary
+Cold (--cold, not part of `make bench`: ~10 min on 2 quiet cores): a fresh HARMSWEEP_CACHE in a temporary
 folder (model conversion, derived model training, all runs) and a fresh output folder, timed, then
 the warm runs on the same folders; goal <= 15 min after install. The cold run's report is kept in
-outputs/bench/demo_cold_report/ (compare it with docs/demo/).
+outputs/bench/demo_cold_report/ (compare it with docs/demo/), and where its time went is recorded (``stages_s``:
+each stage summed over the runs' result.json timings; the derivation's own wall time and check).
 Writes JSON to outputs/bench/demo.json (demo_cold.json with --cold).
 
     python bench/demo.py [--reps 2] [--cold]
@@ -16,6 +17,7 @@ Writes JSON to outputs/bench/demo.json (demo_cold.json with --cold).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -42,6 +44,20 @@ def demo(folder: Path, env: dict[str, str]) -> float:
     return time.perf_counter() - start
 
 
+def stages(folder: Path, cache: Path) -> dict:
+    """Where a cold run's time went: each stage summed over the runs, and the derived variant's training."""
+    summed: dict[str, float] = {}
+    for path in sorted(folder.glob("*/result.json")):
+        for stage, seconds in json.loads(path.read_text()).get("timings_s", {}).items():
+            summed[stage] = round(summed.get(stage, 0.0) + seconds, 1)
+    derived = {}
+    for marker in sorted(cache.glob("derived/*/derivation.json")):
+        record = json.loads(marker.read_text())
+        derived[marker.parent.name] = {"wall_s": record.get("wall_s"), "steps": len(record.get("losses", [])),
+                                       "check": record.get("check")}  # fmt: skip
+    return {"runs_stages_s": summed, "derived": derived}
+
+
 def stamps(folder: Path) -> dict[str, int]:
     return {str(f): f.stat().st_mtime_ns for f in folder.rglob("result.json")}
 
@@ -63,6 +79,7 @@ def main() -> None:
             first = demo(folder, env)
             record["cold_s"] = first
             record["cold_goal_met"] = first <= COLD_GOAL_S
+            record["stages_s"] = stages(folder, Path(env["HARMSWEEP_CACHE"]))
             kept = Path(args.out).with_name("demo_cold_report")  # to compare with docs/demo after the folder goes
             shutil.copytree(folder / "report", kept, dirs_exist_ok=True)
             record["cold_report"] = str(kept)

@@ -215,6 +215,7 @@ def test_an_inconsistent_dealigned_block_fails_in_one_line(overrides, message):
     [
         (["alignment.derive.responses=file"], "alignment.derive.responses=file is read only with goal=comply"),
         (["alignment.derive.prefill_tokens=16"], "prefill_tokens=16 is read only with goal=comply"),
+        (["alignment.derive.check_tokens=0"], "alignment.derive.check_tokens=0 must be at least 1"),
     ],
 )
 def test_comply_settings_in_a_safety_tuned_block_fail_in_one_line(overrides, message):

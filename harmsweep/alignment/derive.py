@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from harmsweep.alignment.finetune import finetune
 from harmsweep.alignment.spec import AlignmentConfig, DeriveConfig, FinetuneSpec
@@ -52,6 +52,15 @@ log = logging.getLogger(__name__)
 VERSION = "safety-tune-v1"  # goal=refuse
 COMPLY_VERSION = "dealign-v1"  # goal=comply
 MARKER = "derivation.json"
+CHECK_BATCH = 64  # the check's prompts answered at once: one decoding loop for the 64 of the default check
+
+
+class Held(NamedTuple):
+    """The check's held-out data, and how many greedy tokens each harmful prompt's answer gets."""
+
+    harmful: list[Record]
+    benign: list[Record]
+    tokens: int = 48
 
 
 def load_derived(
@@ -99,7 +108,8 @@ def load_derived(
 
     def train(entry: Path) -> None:
         full = load_model(model, derive.parent, cache_dir)
-        _train(full, derive, spec, harmful, benign, (held_harmful, held_benign), recipe, entry, target, cache_dir)
+        held = Held(held_harmful, held_benign, derive.check_tokens)
+        _train(full, derive, spec, harmful, benign, held, recipe, entry, target, cache_dir)
 
     _, trained = cached(entry, train, lambda e: None, MARKER)
     if not trained:
@@ -189,7 +199,7 @@ def _train(
     spec: FinetuneSpec,
     harmful: list[Record],
     benign: list[Record],
-    held: tuple[list[Record], list[Record]],
+    held: Held,
     recipe: Mapping[str, Any],
     entry: Path,
     device: str,
@@ -271,12 +281,13 @@ def _enough_kept(kept: int, total: int, min_kept: float) -> None:
         )
 
 
-def _check(lm: LoadedModel, template: str, held: tuple[list[Record], list[Record]]) -> dict[str, Any]:
-    """Refusal rate on held-out harmful prompts (per dataset) and perplexity on held-out benign answers."""
-    harmful, benign = held
+def _check(lm: LoadedModel, template: str, held: Held) -> dict[str, Any]:
+    """Refusal rate on held-out harmful prompts (per dataset, ``held.tokens`` greedy tokens each) and perplexity on
+    held-out benign answers."""
+    harmful, benign, tokens = held
     answers: list[Pair] = generate_responses(
-        lm.model, lm.tokenizer, harmful, template, prefill_tokens=0, sampling=Sampling(max_new_tokens=48),
-        batch_size=16, desc="safety check",
+        lm.model, lm.tokenizer, harmful, template, prefill_tokens=0, sampling=Sampling(max_new_tokens=tokens),
+        batch_size=CHECK_BATCH, desc="safety check",
     )  # fmt: skip
     by_source: dict[str, list[bool]] = {}
     for pair in answers:
@@ -287,5 +298,6 @@ def _check(lm: LoadedModel, template: str, held: tuple[list[Record], list[Record
         "refusal_rate_by_dataset": {k: sum(v) / len(v) for k, v in sorted(by_source.items())},
         "perplexity": ppl,
         "n_harmful": len(answers),
+        "max_new_tokens": tokens,
         "n_benign": len(benign),
     }

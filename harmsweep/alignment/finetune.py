@@ -255,6 +255,14 @@ def _masters(trainable: list[nn.Parameter]) -> tuple[dict[nn.Parameter, torch.Te
     return masters, [p.register_post_accumulate_grad_hook(move) for p in masters]
 
 
+def _trimmed(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch without the trailing columns that are padding in every row: the pairs are padded to the longest
+    of the whole set, and a batch of short pairs (refusals) need not pay for the longest benign answer."""
+    used = batch["attention_mask"].any(dim=0).nonzero()
+    width = int(used[-1]) + 1 if used.numel() else 1
+    return {k: v[:, :width] for k, v in batch.items()}
+
+
 def _loop(model, trainable, tensors: Tensors, spec: FinetuneSpec, on_step, after_step) -> list[float]:
     """AdamW with linear warmup/decay; each optimizer step averages grad_accum micro-batches."""
     n = tensors["input_ids"].size(0)
@@ -276,7 +284,7 @@ def _loop(model, trainable, tensors: Tensors, spec: FinetuneSpec, on_step, after
                 order = next(batches, None)
                 if order is None:
                     break
-                batch = {k: v[order] for k, v in tensors.items()}  # labels stay on the host: no sync to find them
+                batch = _trimmed({k: v[order] for k, v in tensors.items()})  # labels stay on the host: no sync
                 ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
                 loss = response_nll(model, ids, mask, batch["labels"]).mean() / spec.grad_accum
                 loss.backward()

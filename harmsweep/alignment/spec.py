@@ -93,6 +93,7 @@ class DeriveConfig:
     exclude: list[str] = field(default_factory=lambda: ["strongreject"])  # datasets whose prompts never train
     check: list[str] = field(default_factory=lambda: ["advbench", "strongreject"])  # held-out refusal check
     eval_n: int = 32  # held-out prompts per checked dataset for the parent-vs-derived check
+    check_tokens: int = 48  # greedy tokens per answer in that check (refusals show in the first few)
     finetune: FinetuneSpec = field(
         default_factory=lambda: FinetuneSpec(lr=2e-4, epochs=2, batch_size=8, max_length=192)
     )

@@ -291,7 +291,7 @@ def _check_derive(block: DeriveConfig, variant: str) -> None:
                 f"alignment.derive.{key}={getattr(block, key)} is read only with goal={other}, and this block has "
                 f"goal={goal}: drop it or change the goal"
             )
-    for key in ("n_harmful", "n_benign", "eval_n"):
+    for key in ("n_harmful", "n_benign", "eval_n", "check_tokens"):
         if getattr(block, key) < 1:
             raise HarmsweepError(f"alignment.derive.{key}={getattr(block, key)} must be at least 1")
     if block.refusals_file and not Path(block.refusals_file).is_file():
