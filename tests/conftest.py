@@ -153,3 +153,16 @@ def dead_base_url(monkeypatch: pytest.MonkeyPatch) -> str:
     port = dead.server_address[1]
     dead.server_close()
     return f"http://127.0.0.1:{port}/v1"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """How the suite's harmsweep commands ran (tests/prewarmed.py): a fresh interpreter costs seconds each."""
+    import prewarmed
+
+    counts = prewarmed.COUNTS
+    if counts["forked"] or counts["fresh"]:
+        because = f" (because of {', '.join(sorted(prewarmed.FRESH_BECAUSE))})" if prewarmed.FRESH_BECAUSE else ""
+        terminalreporter.write_line(
+            f"harmsweep commands: {counts['forked']} forked from the pre-warmed process, {counts['fresh']} in a "
+            f"fresh interpreter{because}"
+        )

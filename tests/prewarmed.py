@@ -44,8 +44,10 @@ PRELOAD = (
     "hydra_plugins.hydra_submitit_launcher.submitit_launcher",
 )
 # environment read while those modules import: a command that changes any of it needs a fresh interpreter
-IMPORT_TIME_ENV = ("HF_", "HUGGINGFACE", "TRANSFORMERS", "TORCH", "PYTORCH", "OMP_", "MKL_", "CUDA", "PYTHON",
-                   "TOKENIZERS")  # fmt: skip
+# (not TOKENIZERS_PARALLELISM: read when a tokenizer runs, and set by transformers' own generate in the test process)
+IMPORT_TIME_ENV = ("HF_", "HUGGINGFACE", "TRANSFORMERS", "TORCH", "PYTORCH", "OMP_", "MKL_", "CUDA", "PYTHON")
+COUNTS = {"forked": 0, "fresh": 0}  # commands run each way (the suite's summary line prints them)
+FRESH_BECAUSE: set[str] = set()  # the variables that sent commands to a fresh interpreter
 
 
 def _import_time_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -110,7 +112,8 @@ def serve(path: str) -> None:
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ)
     print("ready", flush=True)
-    while True:
+    parent = os.getppid()
+    while os.getppid() == parent:  # the test session is gone (even killed): so is the server
         for _key, _ in selector.select(timeout=0.05):
             conn, _ = listener.accept()
             data = b""
@@ -195,8 +198,12 @@ def run(
     if os.environ.get("HARMSWEEP_PREWARMED", "1") == "0":
         return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     server = _get_server()
-    if _import_time_env(env) != _import_time_env(server.env):
+    mine, theirs = _import_time_env(env), _import_time_env(server.env)
+    if mine != theirs:
+        COUNTS["fresh"] += 1
+        FRESH_BECAUSE.update(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
         return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    COUNTS["forked"] += 1
     with tempfile.TemporaryDirectory(prefix="harmsweep-cmd-") as folder:
         out, err = os.path.join(folder, "out"), os.path.join(folder, "err")
         request = {"module": module, "args": list(map(str, args)), "cwd": str(cwd), "env": env,

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -61,6 +62,7 @@ def _bench(name: str, *args: str, tmp_path: Path) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow  # a fresh process per selection, four of them
 def test_compact_selection_bench_compares_equal_masks(tmp_path):
     """bench/compact_select.py: the compact path's speed-up is only claimed for the dense path's exact mask."""
     record = _bench("compact_select", "--sizes", "2e5", "--reps", "1", tmp_path=tmp_path)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
 SECTIONS = "ABCDEF"
 # SKIP reasons a CPU machine legitimately gives; any other SKIP hides a check that should have run
@@ -20,6 +22,7 @@ def smoke(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict
     return done, json.loads(out.read_text())
 
 
+@pytest.mark.slow  # every section end to end in its own processes: about a minute on 2 cores
 def test_every_section_passes_or_skips_for_a_cpu_reason(tmp_path):
     done, record = smoke(tmp_path)
     sections = record["sections"]

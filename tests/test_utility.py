@@ -12,7 +12,7 @@ from conftest import ARCHS, ROOT, tiny
 
 from harmsweep.errors import HarmsweepError
 from harmsweep.evaluation.recognition import answer_token_ids, recognition, yes_no_logits
-from harmsweep.evaluation.utility import flatten_results, lm_eval_tasks, perplexity, text_nlls
+from harmsweep.evaluation.utility import _task_manager, flatten_results, lm_eval_tasks, perplexity, text_nlls
 
 TEXTS = ["Hello world.", "A", "The quick brown fox jumps over the lazy dog, twice.", "Short one", "x" * 80]
 TASK = "harmsweep_tiny_qa"
@@ -86,8 +86,28 @@ def test_lm_eval_local_task_matches_rescoring(tmp_path: Path, monkeypatch: pytes
         acc, acc_norm = _rescore(lm.model, lm.tokenizer, limit=5)
         assert got[f"lm_eval/{TASK}/acc"] == pytest.approx(acc)
         assert got[f"lm_eval/{TASK}/acc_norm"] == pytest.approx(acc_norm)
-    with pytest.raises(HarmsweepError, match="unknown lm-eval task"):
+
+
+@pytest.mark.slow  # indexes lm-eval's ~15,000 tasks (10-30 s) to say what is close
+def test_an_unknown_lm_eval_task_is_one_line_with_suggestions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    lm = tiny("llama")
+    with pytest.raises(HarmsweepError, match=f"unknown lm-eval task 'harmsweep_tiny_qaa'; did you mean {TASK}"):
         lm_eval_tasks(lm.model, lm.tokenizer, ["harmsweep_tiny_qaa"], limit=1, batch_size=1)
+
+
+def test_lm_eval_indexes_its_own_tasks_only_when_a_task_is_not_local() -> None:
+    """The local folder's index alone serves local tasks; lm-eval's full index (seconds) only for the others."""
+    made: list[bool] = []
+
+    class Manager:
+        def __init__(self, include_path: str, include_defaults: bool = True) -> None:
+            made.append(include_defaults)
+            self.task_index = {TASK: None, **({"hellaswag": None} if include_defaults else {})}
+
+    assert _task_manager(Manager, [TASK], "conf").task_index == {TASK: None} and made == [False]
+    made.clear()
+    assert "hellaswag" in _task_manager(Manager, [TASK, "hellaswag"], "conf").task_index and made == [False, True]
 
 
 def _tiny_seed(spec: dict, seed: int):

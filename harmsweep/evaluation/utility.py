@@ -169,7 +169,7 @@ def lm_eval_tasks(
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=str(include_path or DEFAULT_TASKS_DIR))
+    manager = _task_manager(TaskManager, tasks, str(include_path or DEFAULT_TASKS_DIR))
     specs = [_task_spec(manager, name) for name in tasks]
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     with _restored_rng():
@@ -240,6 +240,15 @@ def flatten_results(results: Mapping[str, Mapping[str, Any]], stderr: bool = Fal
             name = metric if filt == "none" else f"{metric}/{filt}"
             flat[f"lm_eval/{task}/{name}"] = float(value)
     return flat
+
+
+def _task_manager(task_manager: Any, tasks: Sequence[str], include_path: str) -> Any:
+    """lm-eval's task index: of the local folder alone when it holds every task asked for (0.01 s), else with lm-eval's
+    own ~15,000 tasks (indexing them takes 10-30 s, every run)."""
+    local = task_manager(include_path=include_path, include_defaults=False)
+    if all(name in local.task_index for name in tasks):
+        return local
+    return task_manager(include_path=include_path)
 
 
 def _task_spec(manager: Any, name: str) -> str | dict[str, Any]:
