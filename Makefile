@@ -58,11 +58,17 @@ align-real: model-qwen
 	$(BIN)/harmsweep -m experiment=align_real $(ARGS)
 	$(BIN)/harmsweep-report outputs/sweeps/align_real/qwen25_coder_05b
 
+# One pytest worker per core, at most 4 (pytest-xdist): each holds its own tiny models and pre-warmed command server
+# (tests/prewarmed.py, ~1 GB). A test file stays on one worker: its module-scoped fixtures (a finished sweep, a
+# calibrated run) are computed once, and the SLURM tests share one local cluster. TEST_WORKERS=0: serial.
+TEST_WORKERS ?= auto
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile
+
 test: venv
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(PYTEST) $(ARGS)
 
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not slow and not slurm" $(ARGS)
+	$(PYTEST) -m "not slow and not slurm" $(ARGS)
 
 # ruff, then the import-layer contract (pyproject.toml [tool.importlinter]): a new upward import or cycle fails here
 lint: venv lint-py310

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -25,6 +26,9 @@ ARCHS = ("llama", "qwen2", "gemma3", "gpt2")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# lm-eval sets this on import (a download setting); set first, the session's environment stays one and the same, and
+# every harmsweep command a test runs can fork from the pre-warmed process (tests/prewarmed.py) instead of starting anew
+os.environ.setdefault("HF_XET_HIGH_PERFORMANCE", "1")
 # One thread per process, here and in every command a test starts: tiny models only pay for threads' start-up,
 # and a suite sharing two cores with its own subprocesses oversubscribes them (a tiny run: 16 s vs 37 s, busy).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -153,6 +157,27 @@ def dead_base_url(monkeypatch: pytest.MonkeyPatch) -> str:
     port = dead.server_address[1]
     dead.server_close()
     return f"http://127.0.0.1:{port}/v1"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """pytest-xdist, in the controller: add a finished worker's command counts to this process's."""
+    import prewarmed
+
+    counts = getattr(node, "workeroutput", {}).get("prewarmed")
+    if counts:
+        for way in prewarmed.COUNTS:
+            prewarmed.COUNTS[way] += counts[way]
+        prewarmed.FRESH_BECAUSE.update(counts["because"])
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """In a pytest-xdist worker: hand this worker's command counts to the controller (pytest_testnodedown)."""
+    import prewarmed
+
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None:
+        output["prewarmed"] = {**prewarmed.COUNTS, "because": sorted(prewarmed.FRESH_BECAUSE)}
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -8,7 +8,8 @@ environment, working folder, stdout/stderr, exit status (negative for a signal, 
 
 A command whose environment differs in what those imports read (HF_*, TRANSFORMERS_*, TORCH*, ...) runs as a
 real subprocess instead, so nothing a test sets is silently ignored. ``HARMSWEEP_PREWARMED=0`` turns the server
-off (every command a real subprocess). Commands that a test must signal while they run use subprocess directly.
+off (every command a real subprocess). ``start()`` gives a running command (to poll, signal or kill), ``run()`` a
+finished one.
 
     python tests/prewarmed.py SOCKET   # the server; tests use run()
 """
@@ -184,6 +185,80 @@ def _get_server() -> _Server:
         return _server
 
 
+class Forked:
+    """A command running in a fork of the server, with what tests use of subprocess.Popen: pid, poll, wait, kill."""
+
+    def __init__(self, argv: list[str], server: _Server, request: dict) -> None:
+        self.args, self.returncode, self._buffer = argv, None, b""
+        self._conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._conn.connect(server.socket)
+        self._conn.sendall(json.dumps(request).encode() + b"\n")
+        self.pid = int(self._line(None) or 0)
+
+    def _line(self, timeout: float | None) -> str | None:
+        """The server's next line; None when none came within ``timeout`` seconds (0: do not wait)."""
+        self._conn.settimeout(timeout)
+        while b"\n" not in self._buffer:
+            try:
+                chunk = self._conn.recv(64)
+            except (TimeoutError, BlockingIOError):
+                return None
+            if not chunk:
+                raise RuntimeError(f"the pre-warmed server lost command {self.args}")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.decode()
+
+    def _finished(self, line: str | None) -> int | None:
+        if line is not None:
+            self.returncode = int(line)
+            self._conn.close()
+        return self.returncode
+
+    def poll(self) -> int | None:
+        return self.returncode if self.returncode is not None else self._finished(self._line(0))
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None and self._finished(self._line(timeout)) is None:
+            raise subprocess.TimeoutExpired(self.args, timeout or 0)
+        return int(self.returncode)  # type: ignore[arg-type]
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def start(
+    module: str,
+    args: Sequence[str],
+    *,
+    cwd: Path | str,
+    env: Mapping[str, str] | None = None,
+    stdout: str = os.devnull,
+    stderr: str = os.devnull,
+) -> Forked | subprocess.Popen:
+    """``python -m module *args`` started, its output written to the files ``stdout`` and ``stderr``: a fork of the
+    server, or a real subprocess where the environment differs in what the server imported (or the server is off)."""
+    env = dict(os.environ if env is None else env)
+    argv = [sys.executable, "-m", module, *map(str, args)]
+    server = _get_server() if os.environ.get("HARMSWEEP_PREWARMED", "1") != "0" else None
+    mine, theirs = _import_time_env(env), _import_time_env(server.env if server else env)
+    if server is None or mine != theirs:
+        COUNTS["fresh"] += 1
+        if server is None:
+            FRESH_BECAUSE.add("HARMSWEEP_PREWARMED=0")
+        FRESH_BECAUSE.update(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+        with open(stdout, "w") as out, open(stderr, "w") as err:
+            return subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+    COUNTS["forked"] += 1
+    request = {"module": module, "args": list(map(str, args)), "cwd": str(cwd), "env": env,
+               "stdout": stdout, "stderr": stderr}  # fmt: skip
+    return Forked(argv, server, request)
+
+
 def run(
     module: str,
     args: Sequence[str],
@@ -193,37 +268,17 @@ def run(
     timeout: float = 300,
 ) -> subprocess.CompletedProcess:
     """``python -m module *args`` with text stdout/stderr captured, as subprocess.run would give it."""
-    env = dict(os.environ if env is None else env)
-    argv = [sys.executable, "-m", module, *map(str, args)]
-    if os.environ.get("HARMSWEEP_PREWARMED", "1") == "0":
-        return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    server = _get_server()
-    mine, theirs = _import_time_env(env), _import_time_env(server.env)
-    if mine != theirs:
-        COUNTS["fresh"] += 1
-        FRESH_BECAUSE.update(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
-        return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    COUNTS["forked"] += 1
     with tempfile.TemporaryDirectory(prefix="harmsweep-cmd-") as folder:
         out, err = os.path.join(folder, "out"), os.path.join(folder, "err")
-        request = {"module": module, "args": list(map(str, args)), "cwd": str(cwd), "env": env,
-                   "stdout": out, "stderr": err}  # fmt: skip
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.connect(server.socket)
-            conn.sendall(json.dumps(request).encode() + b"\n")
-            conn.settimeout(timeout)
-            reader = conn.makefile("r")
-            pid = int(reader.readline())
-            try:
-                status = reader.readline()
-            except TimeoutError:
-                os.kill(pid, signal.SIGKILL)
-                raise subprocess.TimeoutExpired(argv, timeout) from None
-            if not status:
-                raise RuntimeError(f"the pre-warmed server lost command {argv} (pid {pid})")
+        proc = start(module, args, cwd=cwd, env=env, stdout=out, stderr=err)
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
         stdout = Path(out).read_text(errors="replace") if os.path.exists(out) else ""
         stderr = Path(err).read_text(errors="replace") if os.path.exists(err) else ""
-    return subprocess.CompletedProcess(argv, int(status), stdout, stderr)
+    return subprocess.CompletedProcess(proc.args, code, stdout, stderr)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,10 @@ import json
 import multiprocessing as mp
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+import prewarmed
 import pytest
 from test_cli import file_run_args, harmsweep, pair_files  # noqa: F401  (fixture)
 
@@ -35,7 +34,7 @@ def _worker(entry: str, log: str, value: str, out: mp.Queue) -> None:
 
 
 def test_four_concurrent_processes_compute_one_key_once(tmp_path):
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("fork")  # processes of their own, without importing torch anew
     queue = ctx.Queue()
     log = tmp_path / "computations.log"
     procs = [ctx.Process(target=_worker, args=(str(tmp_path / "k"), str(log), f"v{i}", queue)) for i in range(4)]
@@ -58,7 +57,7 @@ def _crashing_writer(entry: str) -> None:
 
 
 def test_a_killed_writer_leaves_nothing_taken_as_valid(tmp_path):
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("fork")  # processes of their own, without importing torch anew
     entry = tmp_path / "k"
 
     p = ctx.Process(target=_crash_in_cached, args=(str(entry),))
@@ -122,8 +121,7 @@ def test_kill_9_then_rerun_gives_the_same_result_without_recomputing(tmp_path, p
 
     args = [*file_run_args(crash_dir, harmful, benign), *BIGGER, "paths.artifacts=null"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HARMSWEEP_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.Popen([sys.executable, "-m", "harmsweep.cli", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = prewarmed.start("harmsweep.cli", args, cwd=tmp_path, env=env)
     marker = {
         "calibration": "artifacts/calibration/*/calibration.safetensors",
         "eval_before": "artifacts/eval_before/*/eval_before.json",

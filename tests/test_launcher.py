@@ -142,7 +142,12 @@ def test_every_slurm_profile_and_local_jobs_use_the_harmsweep_launcher(hydra_ctx
     assert slurm.params["additional_parameters"] == {"requeue": True}
 
 
-def test_the_executor_gets_the_profile_settings(hydra_ctx, tmp_path):
+def test_the_executor_gets_the_profile_settings(hydra_ctx, tmp_path, monkeypatch):
+    srun = tmp_path / "bin" / "srun"  # submitit looks for srun on PATH before it takes parameters; nothing is submitted
+    srun.parent.mkdir()
+    srun.write_text("#!/bin/sh\nexit 1\n")
+    srun.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{srun.parent}{os.pathsep}{os.environ['PATH']}")
     launcher = make_launcher(hydra_ctx, tmp_path / "s", "hydra.launcher.mem_gb=5")
     executor = launcher._executor()
     p = executor._executor.parameters
