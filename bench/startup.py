@@ -5,7 +5,9 @@
 Times, each against ``python -c pass`` (the added start-up is the median minus that of ``pass``):
 ``harmsweep --help``, ``harmsweep --cfg job``, a typo'd override (exit status 2), importing the launcher plugin (as
 Hydra does on every start), and a relaunch of a finished ``--runs`` sweep (4 sparsities x ``--runs``/4 rules, tiny
-Llama, file calibration) on the default launcher, whose every job finds its result.json. The sweep is run to the end
+Llama, file calibration) on the default launcher, whose every job finds its result.json: answered from the sweep's
+manifest (harmsweep/sweep/manifest.py), and without it (``no manifest``: every job composed, as after an edited config
+file). The sweep is run to the end
 once first, in ``--sweep-dir`` (kept, and reused when it is finished already) or a temporary folder. ``--against
 DIR`` times another checkout of harmsweep the same way (its folder goes first on PYTHONPATH), alternating with this
 one. Each path also runs once under a stub that lists which of torch, transformers and datasets it imported: none of
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -56,8 +59,16 @@ def entries(folder: Path, runs: int) -> dict[str, tuple[list[str], int]]:
         "harmsweep --cfg job": ([*cli, "--cfg", "job"], 0),
         "typo'd override (exit 2)": ([*cli, "pruning.sparsty=1"], 2),
         "import the launcher plugin": (["-c", "import hydra_plugins.harmsweep_launcher.harmsweep_launcher"], 0),
+        f"relaunch a done {runs}-run sweep, no manifest": ([*cli, *sweep_args(folder, runs)], 0),
         f"relaunch a done {runs}-run sweep": ([*cli, *sweep_args(folder, runs)], 0),
     }
+
+
+def forget_manifest(name: str, folder: Path) -> None:
+    """Before a ``no manifest`` path: the sweep's manifests removed, so the relaunch composes and checks every job (as
+    after an edit to a config file); that relaunch writes them again, for the path after it."""
+    if name.endswith("no manifest"):
+        shutil.rmtree(folder / "out" / ".harmsweep", ignore_errors=True)
 
 
 def _env(tree: Path | None, folder: Path) -> dict[str, str]:
@@ -119,6 +130,8 @@ def main() -> None:
     for _ in range(args.reps):
         for name, (argv, status) in paths.items():
             for label, tree in trees.items():  # alternated, so load on the machine hits both alike
+                if label == "this":  # (the other checkout neither reads nor writes one)
+                    forget_manifest(name, folder)
                 times[name][label].append(seconds(argv, status, tree, folder))
     runs_after = sorted(p.name for p in (folder / "out").iterdir() if (p / "result.json").is_file())
     if runs_after != runs_before:
@@ -127,9 +140,13 @@ def main() -> None:
     base = {label: common.spread(times["python -c pass"][label])["median"] for label in trees}
     rows = []
     for name, (argv, _) in paths.items():
-        entry = {label: {**common.spread(times[name][label]), "added": common.spread(times[name][label])["median"]
-                         - base[label], "heavy_imports": heavy(argv, tree, folder)}
-                 for label, tree in trees.items()}  # fmt: skip
+        entry = {}
+        for label, tree in trees.items():
+            if label == "this":
+                forget_manifest(name, folder)
+            median = common.spread(times[name][label])["median"]
+            entry[label] = {**common.spread(times[name][label]), "added": median - base[label],
+                            "heavy_imports": heavy(argv, tree, folder)}  # fmt: skip
         record["results"][name] = entry
         row = [name, entry["this"]["median"], entry["this"]["added"]]
         if args.against:

@@ -16,7 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from harmsweep.config.compose import CONF_DIR, check_composition, check_group_overrides
+from harmsweep.config.compose import CONF_DIR, check_composition, check_group_overrides, sweep_dir
+from harmsweep.sweep import manifest
 
 log = logging.getLogger("harmsweep.cli")  # also when run as __main__
 
@@ -170,6 +171,7 @@ def _compose_faster() -> None:
         context = getattr(self, "hydra_context", None)
         loader = context.config_loader if context is not None else self.config_loader  # type: ignore[attr-defined]
         validated.clear()
+        SWEEP["jobs"] += len(batch)
         for i, overrides in enumerate(batch):
             cfg = loader.load_sweep_config(master_config=self.config, sweep_overrides=list(overrides))
             if i < VALIDATED_KEPT:
@@ -185,6 +187,40 @@ def _compose_faster() -> None:
 
 
 VALIDATED_KEPT = 64  # validated job configs kept for the launcher (each a full composed config)
+SWEEP: dict[str, Any] = {"jobs": 0, "done": []}  # this multirun's job count, and its runs finished in this process
+
+
+def _manifest_key(argv: Sequence[str]) -> str | None:
+    """The key of a multirun's manifest (harmsweep/sweep/manifest.py); None where the command line is not one that
+    the config tree and its overrides alone decide (another config folder or search path, --cfg, --help, ...)."""
+    if not {"-m", "--multirun"} & set(argv) or any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
+        return None
+    overrides = [a for a in argv if not a.startswith("-")]
+    if any(o.lstrip("+~").startswith("hydra.searchpath") for o in overrides):
+        return None
+    return manifest.key(overrides, CONF_DIR)
+
+
+def _finished_sweep(argv: Sequence[str]) -> bool:
+    """A relaunch of a multirun whose every run is done and unchanged: print each run as a relaunch would, then stop."""
+    digest = _manifest_key(argv)
+    folder = sweep_dir([a for a in argv if not a.startswith("-")]) if digest else None
+    runs = manifest.finished_runs(folder, digest) if folder and digest else None
+    if runs is None:
+        return False
+    print(f"sweep {folder}: all {len(runs)} runs are done and unchanged ({manifest.path(folder, digest).name})")
+    for run_dir, result in runs:
+        print(summary(result))
+        print(f"  results in {run_dir}")
+    return True
+
+
+def _record_finished_sweep(argv: Sequence[str]) -> None:
+    """After a multirun whose every job ran and finished in this process: its manifest, for the next relaunch."""
+    done, digest = SWEEP["done"], _manifest_key(argv)
+    folders = {run_dir.parent for run_dir, _ in done}
+    if digest and done and len(done) == SWEEP["jobs"] and len(folders) == 1:
+        manifest.write(folders.pop(), digest, done)
 
 
 def _itself(obj: Any, memo: dict[int, Any]) -> Any:
@@ -217,6 +253,8 @@ def main() -> None:
 
     OmegaConf.register_new_resolver("harmsweep_run_id", _run_id_resolver, replace=True)
     register()
+    if _finished_sweep(sys.argv[1:]):
+        return
     check_composition(sys.argv[1:])
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -246,8 +284,11 @@ def main() -> None:
             raise
         print(summary(result))
         print(f"  results in {run_dir}")
+        if sweep is not None:
+            SWEEP["done"].append((run_dir, result["run_id"]))
 
     app()
+    _record_finished_sweep(sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -67,6 +67,25 @@ def check_composition(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
                 _fail(_one_line(exc))
 
 
+def sweep_dir(overrides: list[str], conf_dir: Path = CONF_DIR) -> Path | None:
+    """The folder a multirun of these overrides writes to (hydra.sweep.dir, resolved), composed once without the
+    swept values; None where it is not fixed (a ``${now:}`` name: every launch is a new sweep) or cannot be told.
+    Needs the schema registered (main does)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        fixed = [a for o, a in zip(parsed, overrides, strict=True) if not o.is_sweep_override()]
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=fixed, return_hydra_config=True)
+        if "${now:" in str(cfg.hydra.sweep._get_node("dir")._value()):
+            return None
+        return Path(str(cfg.hydra.sweep.dir))
+    except Exception:  # the usual path composes it again and says what is wrong
+        return None
+
+
 VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                "--config-dir", "-cd", "--experimental-rerun")  # fmt: skip
 
