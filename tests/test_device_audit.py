@@ -103,9 +103,8 @@ def test_every_selection_path_mixes_no_devices(monkeypatch, spec):
     chosen = sum(t.numel() for t in result.values())
     if spec.granularity == "head":
         assert chosen % (2 * HEAD_DIM * 16) == 0  # whole heads: query rows and output columns
-    elif spec.granularity == "nm" and not spec.protects and spec.rule != "signed_snip":
-        # every weight eligible (H = -S > 0 excluded only for the signed rules): 2 of every 4 exactly
-        assert chosen == N // 2 or spec.rule == "no_set_difference"
+    elif spec.granularity == "nm":  # 2 of every 4 exactly, whatever the rule, eligibility and protection
+        assert chosen == N // 2
 
 
 def _expected_count(spec: PruneSpec, n: int) -> int:

@@ -10,6 +10,7 @@ under grouped-query attention, so they are left alone.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -22,11 +23,15 @@ if TYPE_CHECKING:
     from harmsweep.models.parts import ScoredParam
 
 _NEG_INF = float("-inf")
+log = logging.getLogger(__name__)
 
 
 def select_nm(spec: PruneSpec, views: Any, name: str, rows_dim: int) -> torch.Tensor:
-    """In every group of ``nm_m`` consecutive inputs of an output row, the ``nm_n`` highest-ranked eligible
-    weights that are not protected (top ``protect`` of the matrix by benign importance). Ties by position."""
+    """Exactly ``nm_n`` of every group of ``nm_m`` consecutive inputs of an output row: the pattern a sparse kernel
+    (2:4 on GPUs) can use. The ranking chooses which, never how many: in each group the eligible weights go first
+    (by rank, ties by position), then the ineligible ones (H <= 0 under signed SNIP, by position), then the
+    protected ones (top ``protect`` of the matrix by benign importance, least important first). So a protected
+    weight is pruned only in a group with fewer than ``nm_n`` unprotected weights; how many were is logged."""
 
     def rows(t: torch.Tensor) -> torch.Tensor:
         return t.transpose(0, 1) if rows_dim == 1 else t
@@ -36,15 +41,23 @@ def select_nm(spec: PruneSpec, views: Any, name: str, rows_dim: int) -> torch.Te
     n, m = spec.nm_n, spec.nm_m
     if width % m:
         raise HarmsweepError(f"pruning.granularity=nm: {name} has rows of {width} inputs, not a multiple of nm_m={m}")
+    tier = (harm == _NEG_INF).to(torch.int8)  # 0 eligible, 1 not eligible, 2 protected
     if spec.protects:
         benign = rows(views.benign(name)).reshape(-1)
         k_protect = count(spec, spec.protect, tuple(views.weights[name].shape))  # a matrix: the authors' count
         order = torch.sort(benign, descending=True, stable=True).indices[:k_protect]
-        harm.view(-1)[order[benign[order] > _NEG_INF]] = _NEG_INF
-    groups = harm.view(n_rows, width // m, m)
-    idx = torch.sort(groups, dim=2, descending=True, stable=True).indices[..., :n]
+        order = order[benign[order] > _NEG_INF]
+        tier.view(-1)[order] = 2
+        harm.view(-1)[order] = -benign[order].to(harm.dtype)  # among the protected: the least important first
+    groups, tiers = harm.view(n_rows, width // m, m), tier.view(n_rows, width // m, m)
+    by_rank = torch.sort(groups, dim=2, descending=True, stable=True).indices
+    by_tier = torch.sort(torch.gather(tiers, 2, by_rank), dim=2, stable=True).indices  # stable: rank within a tier
+    idx = torch.gather(by_rank, 2, by_tier)[..., :n]
     mask = torch.zeros_like(groups, dtype=torch.bool)
-    mask.scatter_(2, idx, torch.gather(groups, 2, idx) > _NEG_INF)
+    mask.scatter_(2, idx, True)
+    forced = int((torch.gather(tiers, 2, idx) == 2).sum())
+    if forced:
+        log.info("%s: %d protected weights pruned, in groups of %d holding fewer than %d others", name, forced, m, n)
     return torch.nonzero(rows(mask.view(n_rows, width)).reshape(-1)).view(-1).cpu()
 
 
