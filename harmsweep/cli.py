@@ -18,6 +18,7 @@ from typing import Any
 
 from harmsweep.config.compose import CONF_DIR, check_composition, check_group_overrides, sweep_dir
 from harmsweep.sweep import manifest
+from harmsweep.sweep.outcome import RAN, outcome_lines
 
 log = logging.getLogger("harmsweep.cli")  # also when run as __main__
 
@@ -172,6 +173,7 @@ def _compose_faster() -> None:
         loader = context.config_loader if context is not None else self.config_loader  # type: ignore[attr-defined]
         validated.clear()
         SWEEP["jobs"] += len(batch)
+        _record_returns(self)
         for i, overrides in enumerate(batch):
             cfg = loader.load_sweep_config(master_config=self.config, sweep_overrides=list(overrides))
             if i < VALIDATED_KEPT:
@@ -187,7 +189,24 @@ def _compose_faster() -> None:
 
 
 VALIDATED_KEPT = 64  # validated job configs kept for the launcher (each a full composed config)
-SWEEP: dict[str, Any] = {"jobs": 0, "done": []}  # this multirun's job count, and its runs finished in this process
+SWEEP: dict[str, Any] = {"jobs": 0, "done": [], "returns": []}  # this multirun: its job count, its runs finished
+# in this process, and every JobReturn its launcher gave (for the lines that end it)
+
+
+def _record_returns(sweeper: Any) -> None:
+    """The sweeper's launcher, wrapped once so that every JobReturn it gives lands in SWEEP["returns"]."""
+    launcher = getattr(sweeper, "launcher", None)
+    if launcher is None or getattr(launcher.launch, "records", False):
+        return
+    launch = launcher.launch
+
+    def recording(job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Any:
+        results = launch(job_overrides, initial_job_idx)
+        SWEEP["returns"].extend(results)
+        return results
+
+    recording.records = True  # type: ignore[attr-defined]
+    launcher.launch = recording
 
 
 def _manifest_key(argv: Sequence[str]) -> str | None:
@@ -208,10 +227,11 @@ def _finished_sweep(argv: Sequence[str]) -> bool:
     runs = manifest.finished_runs(folder, digest) if folder and digest else None
     if runs is None:
         return False
-    print(f"sweep {folder}: all {len(runs)} runs are done and unchanged ({manifest.path(folder, digest).name})")
     for run_dir, result in runs:
         print(summary(result))
         print(f"  results in {run_dir}")
+    print(f"sweep {folder}: all {len(runs)} runs are done and unchanged ({manifest.path(folder, digest).name})")
+    print(f"  compare them: harmsweep-report {folder}")
     return True
 
 
@@ -258,7 +278,7 @@ def main() -> None:
     check_composition(sys.argv[1:])
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-    def app(cfg: DictConfig) -> None:
+    def app(cfg: DictConfig) -> str:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
         from omegaconf.errors import OmegaConfBaseException
@@ -270,9 +290,9 @@ def main() -> None:
         sweep = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
         try:
             plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-            result = finished(plain, run_dir)
+            result, state = finished(plain, run_dir), "done"
             if result is None:
-                result = _run(plain, run_dir, sweep)
+                result, state = _run(plain, run_dir, sweep), RAN
         except (HarmsweepError, OmegaConfBaseException) as exc:
             message = str(exc).splitlines()[0]
             _mark_failed(run_dir, message)
@@ -286,8 +306,14 @@ def main() -> None:
         print(f"  results in {run_dir}")
         if sweep is not None:
             SWEEP["done"].append((run_dir, result["run_id"]))
+        return state
 
-    app()
+    try:
+        app()
+    finally:  # also when a job failed and Hydra exits non-zero: what ran, what failed, where
+        lines = outcome_lines(SWEEP["returns"])
+        if lines:
+            print("\n".join(lines), flush=True)
     _record_finished_sweep(sys.argv[1:])
 
 

@@ -277,6 +277,8 @@ def test_a_failing_job_leaves_failed_and_the_sweep_exits_non_zero(tmp_path, pair
     (failed,) = sweep.glob("*/FAILED")
     assert "broken.jsonl" in json.loads(failed.read_text())["error"] and not (failed.parent / "result.json").exists()
     assert len(list(sweep.glob("*/result.json"))) == 1  # the good job finished
+    assert f"sweep {sweep}: 2 runs: 1 ran, 0 were done already, 1 failed" in proc.stdout
+    assert f"  failed: {failed.parent} (its FAILED file says why)" in proc.stdout
 
     # Fix the input in place (same config, same run id): the retry succeeds and clears the marker.
     broken.write_text(harmful.read_text())

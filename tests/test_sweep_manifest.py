@@ -41,6 +41,14 @@ def _results(folder: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in sorted((folder / "sweep").glob("*/result.json"))}
 
 
+def test_a_sweep_ends_with_what_ran_and_the_report_command(finished_sweep):
+    folder, _, first = finished_sweep
+    assert first.splitlines()[-2:] == [
+        f"sweep {folder / 'sweep'}: 4 runs: 4 ran, 0 were done already, 0 failed",
+        f"  compare them: harmsweep-report {folder / 'sweep'}",
+    ]
+
+
 def test_a_finished_sweep_writes_its_manifest(finished_sweep):
     folder, _, _ = finished_sweep
     written = list((folder / "sweep" / manifest.FOLDER).glob("finished-*.json"))
@@ -60,8 +68,11 @@ def test_its_relaunch_prints_every_run_without_composing_or_importing_torch(fini
     assert proc.returncode == 0, proc.stderr
     assert heavy == []
     lines = summary_lines(proc.stdout)
-    assert lines[0] == f"sweep {folder / 'sweep'}: all 4 runs are done and unchanged ({_manifest(folder).name})"
-    assert sorted(lines[1:]) == sorted(summary_lines(first))  # each run's summary, as the first launch printed it
+    assert lines[-2:] == [
+        f"sweep {folder / 'sweep'}: all 4 runs are done and unchanged ({_manifest(folder).name})",
+        f"  compare them: harmsweep-report {folder / 'sweep'}",
+    ]
+    assert sorted(lines[:-2]) == sorted(summary_lines(first)[:-2])  # each run's summary, as the first launch said
     assert _results(folder) == before
     assert {p: p.stat().st_mtime_ns for p in hydra_files} == hydra_files  # not even Hydra's job files rewritten
 
@@ -78,6 +89,7 @@ def test_a_changed_or_missing_run_takes_the_usual_path(finished_sweep):
     proc = harmsweep(*args, cwd=folder)
     assert proc.returncode == 0 and "Launching 4 jobs locally" in proc.stdout + proc.stderr
     assert "runs are done and unchanged" not in proc.stdout
+    assert f"sweep {folder / 'sweep'}: 4 runs: 0 ran, 4 were done already, 0 failed" in proc.stdout
     proc = harmsweep(*args, cwd=folder)  # that launch wrote the manifest anew
     assert proc.returncode == 0 and "all 4 runs are done and unchanged" in proc.stdout
 
