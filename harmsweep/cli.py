@@ -52,7 +52,8 @@ def summary(result: dict[str, Any]) -> str:
         lines += [f"  {k:<40}{v:10.4f}" for k, v in m.items() if isinstance(v, int | float) and not isinstance(v, bool)]
         lines += [f"  figure {name}: {path}" for name, path in result["figures"].items()]
         return "\n".join(lines)
-    lines = [f"run {result['run_id']}: {result['model']} ({result['alignment']}), rule {result['pruning']['rule']}"]
+    rule = result["pruning"]["rule"] if result.get("lowrank") else rule_text(result["pruning"])
+    lines = [f"run {result['run_id']}: {result['model']} ({result['alignment']}), rule {rule}"]
     if result.get("lowrank"):
         low = result["lowrank"]
         lines.append(
@@ -65,6 +66,8 @@ def summary(result: dict[str, Any]) -> str:
             f"  {verb} {result['n_pruned']:,} of {result['n_scored']:,} scored weights "
             f"(actual sparsity {result['actual_sparsity']:.3g})"
         )
+        if not result["n_pruned"]:
+            lines.append("  NOTHING WAS PRUNED: no weight was eligible (the figures below are the unpruned model's)")
     ci = (result.get("intervals") or {}).get("metrics") or {}
     level = f"{(result.get('intervals') or {}).get('settings', {}).get('level', 0.95):.0%}"
 
@@ -72,6 +75,7 @@ def summary(result: dict[str, Any]) -> str:
         lo, hi = (ci.get(key) or {}).get("lo"), (ci.get(key) or {}).get("hi")
         return f" {level} CI [{lo:+.{digits}f}, {hi:+.{digits}f}]" if lo is not None and hi is not None else ""
 
+    lines += _relative_lines(ci, level)
     if result.get("attack"):
         lines.append(
             f"  answers under attack {result['attack']['name']} (applied to the model before and after pruning)"
@@ -89,6 +93,50 @@ def summary(result: dict[str, Any]) -> str:
         lines.append(f"  intervals: paired bootstrap over {n} held-out harmful prompts (result.json intervals)")
     lines += [f"  skipped {name}: {why}" for name, why in result.get("skipped_metrics", {}).items()]
     return "\n".join(lines)
+
+
+def rule_text(pruning: Mapping[str, Any]) -> str:
+    """The rule in full: its name, the scores it ranks, the protected benign share, the unit, and every other
+    selection option that is not the default (as result.json's pruning block holds them)."""
+    from dataclasses import fields
+
+    from harmsweep.pruning.spec import PruningConfig
+
+    default = PruningConfig()
+    unit = pruning.get("granularity", "global")
+    unit = f"{pruning.get('nm_n')}:{pruning.get('nm_m')} per row" if unit == "nm" else unit
+    parts = [f"scores {pruning.get('criterion', 'snip')}", unit]
+    if pruning["rule"] in ("signed_snip", "unsigned_snip"):  # the set-difference rules (PruneSpec.protects)
+        parts.insert(1, f"minus the top {pruning.get('protect')} by {pruning.get('benign_importance')} benign score")
+    shown = {"rule", "sparsity", "protect", "benign_importance", "granularity", "nm_n", "nm_m"}
+    parts += [f"{f.name}={pruning[f.name]}" for f in fields(PruningConfig)
+              if f.name not in shown and f.name in pruning and pruning[f.name] != getattr(default, f.name)]  # fmt: skip
+    return f"{pruning['rule']} ({', '.join(parts)})"
+
+
+def _relative_lines(ci: Mapping[str, Any], level: str) -> list[str]:
+    """Harm reduction and utility ratio, the sign in words: the first measure the run has a finite value for."""
+    from harmsweep.intervals import HARM_MEASURES, UTILITY_MEASURES
+
+    lines = []
+    for key, measures in (("harm_reduction", HARM_MEASURES), ("utility_ratio", UTILITY_MEASURES)):
+        for measure in measures:
+            entry = ci.get(f"{key}/{measure}") or {}
+            value, lo, hi = entry.get("value"), entry.get("lo"), entry.get("hi")
+            if not isinstance(value, int | float) or value != value or abs(value) == float("inf"):
+                continue
+            ok = isinstance(lo, int | float) and isinstance(hi, int | float)
+            if key == "utility_ratio":
+                band = f" {level} CI [{lo:.2f}, {hi:.2f}]" if ok else ""
+                lines.append(f"  utility ratio {value:.2f}{band} ({measure}, after vs before; 1 = unchanged)")
+            elif value >= 0:
+                band = f" {level} CI [{lo:.2f}, {hi:.2f}]" if ok else ""
+                lines.append(f"  harm reduced by {value:.2f}{band} ({measure}; 1 = all removed)")
+            else:
+                band = f" {level} CI [{-hi:.2f}, {-lo:.2f}]" if ok else ""
+                lines.append(f"  harm INCREASED by {-value:.2f}{band} ({measure})")
+            break
+    return lines
 
 
 def _mark_failed(run_dir: Path, message: str) -> None:
