@@ -11,132 +11,48 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from harmsweep.config.compose import CONF_DIR, check_composition, check_group_overrides, sweep_dir
+from harmsweep.report.console import summary
 from harmsweep.sweep import manifest
 from harmsweep.sweep.outcome import RAN, outcome_lines
 
 log = logging.getLogger("harmsweep.cli")  # also when run as __main__
 
-SUMMARY = (
-    ("harmful NLL", "nll_harmful"),
-    ("benign NLL", "nll_benign"),
-    ("keyword ASR", "asr_keyword_mean"),
-    ("refusal rate", "refusal_rate"),
-    ("short answers", "short_answer_rate"),
-    ("StrongREJECT", "strongreject_mean"),
-    ("rubric score", "rubric_mean"),
-    ("perplexity", "perplexity"),
-    ("ppl attacked", "perplexity_attacked"),
-    ("recognition", "recognition_accuracy"),
-    ("lm-eval mean", "lm_eval/mean/acc"),
-    ("TriviaQA", "triviaqa_acc"),
-    ("Alpaca judge", "alpaca_judge_mean"),
-    ("financial ref", "financial_refusal_rate"),
-)
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (scancel, a node's shutdown), handled like Ctrl-C: a mark in the run folder and one line."""
+
+    signum = signal.SIGTERM
 
 
-def summary(result: dict[str, Any]) -> str:
-    """A few lines: what was pruned, and each headline metric before -> after."""
-    from harmsweep.intervals import with_stage
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
 
-    m = result["metrics"]
-    if result.get("figures") is not None:  # an experiment: its headline numbers and where its figures are
-        lines = [
-            f"run {result['run_id']}: experiment {result['experiment']} on {result['model']} ({result['alignment']})"
-        ]
-        lines += [f"  {k:<40}{v:10.4f}" for k, v in m.items() if isinstance(v, int | float) and not isinstance(v, bool)]
-        lines += [f"  figure {name}: {path}" for name, path in result["figures"].items()]
-        return "\n".join(lines)
-    rule = result["pruning"]["rule"] if result.get("lowrank") else rule_text(result["pruning"])
-    lines = [f"run {result['run_id']}: {result['model']} ({result['alignment']}), rule {rule}"]
-    if result.get("lowrank"):
-        low = result["lowrank"]
-        lines.append(
-            f"  removed a rank-{low['spec']['rank_harmful']} harmful subspace (utility rank {low['spec']['rank_utility']}) "
-            f"from {len(low['per_matrix'])} matrices (mean |dW|/|W| {low['summary']['relative_norm_mean']:.3g})"
+
+def _interrupted(run_dir: Path | None, signum: int) -> None:
+    """One line naming the stage reached and how to resume, ``INTERRUPTED`` (stage, signal, time) in the run
+    folder, exit 128 + the signal (130 for SIGINT, 143 for SIGTERM). Finished stages stay: a relaunch resumes."""
+    import time
+
+    stage = sys.modules["harmsweep.pipeline.context"].STAGE[0] if "harmsweep.pipeline.context" in sys.modules else None
+    name = signal.Signals(signum).name
+    if run_dir is not None and run_dir.is_dir():
+        from harmsweep.artifacts import write_json
+
+        write_json(
+            {"stage": stage, "signal": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, run_dir / "INTERRUPTED"
         )
-    else:
-        verb = "reverted to base" if result["pruning"].get("replace") == "base" else "pruned"
-        lines.append(
-            f"  {verb} {result['n_pruned']:,} of {result['n_scored']:,} scored weights "
-            f"(actual sparsity {result['actual_sparsity']:.3g})"
-        )
-        if not result["n_pruned"]:
-            lines.append("  NOTHING WAS PRUNED: no weight was eligible (the figures below are the unpruned model's)")
-    ci = (result.get("intervals") or {}).get("metrics") or {}
-    level = f"{(result.get('intervals') or {}).get('settings', {}).get('level', 0.95):.0%}"
-
-    def bounds(key: str, digits: int = 3) -> str:
-        lo, hi = (ci.get(key) or {}).get("lo"), (ci.get(key) or {}).get("hi")
-        return f" {level} CI [{lo:+.{digits}f}, {hi:+.{digits}f}]" if lo is not None and hi is not None else ""
-
-    lines += _relative_lines(ci, level)
-    if result.get("attack"):
-        lines.append(
-            f"  answers under attack {result['attack']['name']} (applied to the model before and after pruning)"
-        )
-    for label, key in SUMMARY:
-        before, after = m.get(with_stage(key, "before")), m.get(with_stage(key, "after"))
-        if isinstance(before, int | float) and isinstance(after, int | float):
-            lines.append(f"  {label:<13}{before:8.3f} -> {after:8.3f} ({after - before:+.3f}){bounds(f'delta_{key}')}")
-    if m.get("selectivity") is not None:
-        lines.append(
-            f"  selectivity  {m['selectivity']:8.2f}  (harmful NLL rise / benign NLL rise){bounds('selectivity', 2)}"
-        )
-    n = (ci.get("nll_harmful_after") or ci.get("refusal_rate_after") or {}).get("n")
-    if ci and n:
-        lines.append(f"  intervals: paired bootstrap over {n} held-out harmful prompts (result.json intervals)")
-    lines += [f"  skipped {name}: {why}" for name, why in result.get("skipped_metrics", {}).items()]
-    return "\n".join(lines)
-
-
-def rule_text(pruning: Mapping[str, Any]) -> str:
-    """The rule in full: its name, the scores it ranks, the protected benign share, the unit, and every other
-    selection option that is not the default (as result.json's pruning block holds them)."""
-    from dataclasses import fields
-
-    from harmsweep.pruning.spec import PruningConfig
-
-    default = PruningConfig()
-    unit = pruning.get("granularity", "global")
-    unit = f"{pruning.get('nm_n')}:{pruning.get('nm_m')} per row" if unit == "nm" else unit
-    parts = [f"scores {pruning.get('criterion', 'snip')}", unit]
-    if pruning["rule"] in ("signed_snip", "unsigned_snip"):  # the set-difference rules (PruneSpec.protects)
-        parts.insert(1, f"minus the top {pruning.get('protect')} by {pruning.get('benign_importance')} benign score")
-    shown = {"rule", "sparsity", "protect", "benign_importance", "granularity", "nm_n", "nm_m"}
-    parts += [f"{f.name}={pruning[f.name]}" for f in fields(PruningConfig)
-              if f.name not in shown and f.name in pruning and pruning[f.name] != getattr(default, f.name)]  # fmt: skip
-    return f"{pruning['rule']} ({', '.join(parts)})"
-
-
-def _relative_lines(ci: Mapping[str, Any], level: str) -> list[str]:
-    """Harm reduction and utility ratio, the sign in words: the first measure the run has a finite value for."""
-    from harmsweep.intervals import HARM_MEASURES, UTILITY_MEASURES
-
-    lines = []
-    for key, measures in (("harm_reduction", HARM_MEASURES), ("utility_ratio", UTILITY_MEASURES)):
-        for measure in measures:
-            entry = ci.get(f"{key}/{measure}") or {}
-            value, lo, hi = entry.get("value"), entry.get("lo"), entry.get("hi")
-            if not isinstance(value, int | float) or value != value or abs(value) == float("inf"):
-                continue
-            ok = isinstance(lo, int | float) and isinstance(hi, int | float)
-            if key == "utility_ratio":
-                band = f" {level} CI [{lo:.2f}, {hi:.2f}]" if ok else ""
-                lines.append(f"  utility ratio {value:.2f}{band} ({measure}, after vs before; 1 = unchanged)")
-            elif value >= 0:
-                band = f" {level} CI [{lo:.2f}, {hi:.2f}]" if ok else ""
-                lines.append(f"  harm reduced by {value:.2f}{band} ({measure}; 1 = all removed)")
-            else:
-                band = f" {level} CI [{-hi:.2f}, {-lo:.2f}]" if ok else ""
-                lines.append(f"  harm INCREASED by {-value:.2f}{band} ({measure})")
-            break
-    return lines
+    where = f" during {stage}" if stage else ""
+    folder = f" ({run_dir})" if run_dir is not None else ""
+    print(f"harmsweep: interrupted by {name}{where}{folder}; finished stages are kept: run the same command again "
+          "to resume", file=sys.stderr, flush=True)  # fmt: skip
+    sys.exit(128 + signum)
 
 
 def _mark_failed(run_dir: Path, message: str) -> None:
@@ -296,6 +212,15 @@ def _itself(obj: Any, memo: dict[int, Any]) -> Any:
 
 
 def main() -> None:
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # not under submitit, whose own handlers requeue a job
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        _main()
+    except KeyboardInterrupt as exc:  # outside a run (composing, between a sweep's jobs): the same one line
+        _interrupted(None, getattr(exc, "signum", signal.SIGINT))
+
+
+def _main() -> None:
     if sys.argv[1:2] in (["mask-from-checkpoint"], ["compare-masks"]):  # mask tools: no Hydra, no model
         from harmsweep.masks.cli import main as masks_main
 
@@ -341,12 +266,15 @@ def main() -> None:
             result, state = finished(plain, run_dir), "done"
             if result is None:
                 result, state = _run(plain, run_dir, sweep), RAN
+            (run_dir / "INTERRUPTED").unlink(missing_ok=True)  # resumed to the end (or found done)
         except (HarmsweepError, OmegaConfBaseException) as exc:
             message = str(exc).splitlines()[0]
             _mark_failed(run_dir, message)
             if sweep is not None:
                 raise  # the sweep (local or SLURM) must end non-zero and name the failing job
             exit_usage(message)
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (_on_sigterm)
+            _interrupted(run_dir, getattr(exc, "signum", signal.SIGINT))
         except BaseException as exc:
             _mark_failed(run_dir, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             raise

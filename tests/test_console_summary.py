@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from harmsweep.cli import rule_text, summary
 from harmsweep.pruning.spec import PruningConfig
+from harmsweep.report.console import rule_text, summary
 
 
 def _pruning(**changes) -> dict:

@@ -32,6 +32,9 @@ from harmsweep.pruning.spec import PruneSpec
 T = TypeVar("T")
 
 
+STAGE = ["load"]  # the stage running now in this process: what a Ctrl-C or SIGTERM message names (cli.py)
+
+
 @dataclass
 class RunContext:
     cfg: Config
@@ -86,7 +89,8 @@ class RunContext:
         return Path(self.cfg.paths.artifacts) if self.cfg.paths.artifacts else self.run_dir / "artifacts"
 
     def timed(self, name: str, fn: Callable[[], T]) -> T:
-        """fn(), its seconds added to ``timings[name]``."""
+        """fn(), its seconds added to ``timings[name]``; the stage an interruption names meanwhile (STAGE)."""
+        STAGE[0] = name
         start = time.perf_counter()
         out = fn()
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
