@@ -17,7 +17,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from harmsweep.config.compose import CONF_DIR, check_composition, check_group_overrides, sweep_dir
+from harmsweep.config.compose import (
+    CONF_DIR,
+    check_composition,
+    check_group_overrides,
+    check_run_folder,
+    sweep_dir,
+)
 from harmsweep.report.console import summary
 from harmsweep.sweep import manifest
 from harmsweep.sweep.outcome import RAN, outcome_lines
@@ -53,6 +59,22 @@ def _interrupted(run_dir: Path | None, signum: int) -> None:
     print(f"harmsweep: interrupted by {name}{where}{folder}; finished stages are kept: run the same command again "
           "to resume", file=sys.stderr, flush=True)  # fmt: skip
     sys.exit(128 + signum)
+
+
+LAUNCH: dict[str, Path | None] = {"made": None}  # the run folder this single-run launch is about to create
+LAUNCH_FILES = {".hydra", "run.json", "FAILED", "INTERRUPTED"}  # what a launch writes before any work (and *.log)
+
+
+def _unmake(run_dir: Path) -> bool:
+    """Remove the run folder this launch created when it holds nothing but the launch's own files (no stage ran)."""
+    import shutil
+
+    if LAUNCH["made"] is None or LAUNCH["made"].resolve() != run_dir.resolve() or not run_dir.is_dir():
+        return False
+    if any(p.name not in LAUNCH_FILES and p.suffix != ".log" for p in run_dir.iterdir()):
+        return False
+    shutil.rmtree(run_dir)
+    return True
 
 
 def _mark_failed(run_dir: Path, message: str) -> None:
@@ -248,7 +270,11 @@ def _main() -> None:
     register()
     if _finished_sweep(sys.argv[1:]):
         return
-    check_composition(sys.argv[1:])
+    composed = check_composition(sys.argv[1:])
+    multirun = bool({"-m", "--multirun"} & set(sys.argv[1:]))
+    if composed is not None and not multirun and "--cfg" not in sys.argv and "-c" not in sys.argv:
+        folder = check_run_folder(composed)  # before Hydra writes its .hydra/ files into it
+        LAUNCH["made"] = folder if folder is not None and not folder.exists() else None
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def app(cfg: DictConfig) -> str:
@@ -269,6 +295,8 @@ def _main() -> None:
             (run_dir / "INTERRUPTED").unlink(missing_ok=True)  # resumed to the end (or found done)
         except (HarmsweepError, OmegaConfBaseException) as exc:
             message = str(exc).splitlines()[0]
+            if sweep is None and _unmake(run_dir):  # refused before any work: the folder this launch made goes
+                exit_usage(message)
             _mark_failed(run_dir, message)
             if sweep is not None:
                 raise  # the sweep (local or SLURM) must end non-zero and name the failing job

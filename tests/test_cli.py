@@ -170,7 +170,7 @@ def test_bad_overrides_fail_in_one_line_and_leave_no_result(tmp_path, override, 
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("harmsweep: error: ") and expected in lines[0], proc.stderr
-    assert not (run_dir / "result.json").exists()
+    assert not run_dir.exists()  # refused before any work: no folder left (none made, or the one made removed)
 
 
 def test_given_files_are_used_or_refused_in_one_line(tmp_path, pair_files):

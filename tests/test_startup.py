@@ -97,8 +97,11 @@ def test_a_folder_holding_another_run_is_still_refused(finished_run):
     run_dir = folder / "run"
     result = (run_dir / "result.json").read_bytes()
     stored = json.loads((run_dir / "run.json").read_text())["run_id"]
+    files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run_dir.rglob("*")) if p.is_file()}
     other = [a if not a.startswith("pruning.sparsity=") else "pruning.sparsity=0.03" for a in args]
     proc, _ = harmsweep(*other, cwd=folder)
     assert proc.returncode == 2
     assert f"holds run {stored}, not this config's run" in proc.stderr
     assert (run_dir / "result.json").read_bytes() == result
+    after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    assert after == files  # refused before Hydra wrote its .hydra/ files: every file as it was, no FAILED added

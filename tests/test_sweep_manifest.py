@@ -114,3 +114,19 @@ def test_a_sweep_named_by_the_clock_has_no_fixed_folder():
     assert sweep_dir(["model=tiny_llama", "hydra.sweep.dir=/x/y", "pruning.sparsity=0.1,0.2"]) == Path("/x/y")
     assert sweep_dir(["experiment=demo"]) == Path("outputs/demo")
     assert sweep_dir(["model=no_such_model", "hydra.sweep.dir=/x/y"]) is None  # the usual path says what is wrong
+
+
+def test_a_single_run_never_writes_into_a_sweeps_folder(finished_sweep):
+    folder, args, _ = finished_sweep
+    sweep = folder / "sweep"
+    single = [a for a in args if a != "-m" and not a.startswith(("hydra.sweep", "pruning.sparsity", "pruning.rule"))]
+    before = sorted(p.relative_to(sweep) for p in sweep.rglob("*"))
+    proc = harmsweep(*single, f"hydra.run.dir={sweep}", cwd=folder)
+    assert proc.returncode == 2 and "is a sweep's folder (multirun.yaml)" in proc.stderr
+    proc = harmsweep(*single, f"hydra.run.dir={sweep / 'mine'}", cwd=folder)
+    assert proc.returncode == 2 and f"lies in the sweep {sweep}, whose run folders are named by run id" in proc.stderr
+    assert sorted(p.relative_to(sweep) for p in sweep.rglob("*")) == before  # nothing written into the sweep
+    run = json.loads(next(iter(_results(folder))).read_text())  # one of its runs, relaunched by hand into its folder
+    own = [*single, f"pruning.sparsity={run['pruning']['sparsity']}", f"pruning.rule={run['pruning']['rule']}"]
+    proc = harmsweep(*own, f"hydra.run.dir={sweep / run['run_id']}", cwd=folder)
+    assert proc.returncode == 0 and f"run {run['run_id']}" in proc.stdout

@@ -8,6 +8,7 @@ the command line and the sweep side import this module on every start.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from harmsweep.errors import exit_usage as _fail
 
@@ -33,7 +34,7 @@ def check_group_overrides(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
 INFO_FLAGS = ("--help", "-h", "--hydra-help", "--version", "--info", "-i", "--shell-completion", "-sc")
 
 
-def check_composition(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
+def check_composition(argv: list[str], conf_dir: Path = CONF_DIR) -> Any:
     """Compose every value of every override once, so a typo'd key or a wrong type fails in one line.
 
     Needs the run-id resolver and the schema registered (main does both).
@@ -41,7 +42,7 @@ def check_composition(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
     multirun, only when the job with the bad value starts.
     """
     if any(a.split("=")[0] in INFO_FLAGS for a in argv):
-        return
+        return None
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
@@ -57,6 +58,7 @@ def check_composition(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
         [*base[:i], f"{o.get_key_element()}={value}", *base[i + 1 :]]
         for i, o in enumerate(parsed) if o.is_sweep_override() for value in list(o.sweep_string_iterator())[1:]
     ]  # fmt: skip
+    composed = []
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         for overrides in variants:
             try:
@@ -65,6 +67,41 @@ def check_composition(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
                 OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
             except Exception as exc:
                 _fail(_one_line(exc))
+            composed.append(cfg)
+    return composed[0]
+
+
+def check_run_folder(cfg: Any) -> Path | None:
+    """The folder a single run of ``cfg`` writes (hydra.run.dir), checked before Hydra writes anything into it:
+    refused in one line when it holds another run, is a sweep's folder, or lies in a sweep it does not belong to
+    (a sweep names its run folders by run id). None where the folder cannot be told yet."""
+    from omegaconf import OmegaConf
+
+    from harmsweep.config.identity import run_id
+
+    try:
+        run_dir = Path(str(cfg.hydra.run.dir))
+        rid = run_id(OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True))
+    except Exception:
+        return None
+    identity = run_dir / "run.json"
+    if identity.is_file():
+        import json
+
+        try:
+            stored = json.loads(identity.read_text()).get("run_id")
+        except (OSError, ValueError, AttributeError):
+            stored = "?"
+        if stored != rid:
+            _fail(f"{run_dir} holds run {stored}, not this config's run {rid}: use another hydra.run.dir or remove it")
+    if (run_dir / "multirun.yaml").is_file():  # Hydra writes it into every sweep folder
+        _fail(f"hydra.run.dir={run_dir} is a sweep's folder (multirun.yaml): a single run needs a folder of its own")
+    if (run_dir.parent / "multirun.yaml").is_file() and run_dir.name != rid:
+        _fail(
+            f"hydra.run.dir={run_dir} lies in the sweep {run_dir.parent}, whose run folders are named by run id "
+            f"({rid} for this config): use {run_dir.parent / rid} or a folder outside the sweep"
+        )
+    return run_dir
 
 
 def sweep_dir(overrides: list[str], conf_dir: Path = CONF_DIR) -> Path | None:
