@@ -4,7 +4,9 @@ W&B is a side channel: a missing package, a bad key or a dead network must never
 pruning run. So every wandb call goes through `_guarded`, which turns any exception into one warning
 line, and `name: none` (the default) gives a tracker that does nothing and imports nothing.
 
-One W&B run per harmsweep run, with id = run_id and resume="allow", so a requeued job continues it:
+One W&B run per harmsweep run folder: named by the run id, with id = run id + a digest of the folder
+(wandb_id) and resume="allow", so a requeued job continues its own W&B run, and the same config launched in
+another folder (another sweep) gets a run of its own instead of mixing into the first one's dashboard:
   config   the resolved plain config (values under keys ending in api_key/token/secret/password redacted)
   summary  every numeric metric, n_pruned, n_scored, actual_sparsity, and the pruned counts as flat keys
            `pruned/layer_<i>` and `pruned/<module_type>`: summary keys (not a Table) become columns of
@@ -14,7 +16,8 @@ One W&B run per harmsweep run, with id = run_id and resume="allow", so a requeue
   mask     mask.safetensors as an artifact of type "mask" with log_mask=true
   aliases  with aliases=orgad2026, the summary also carries the B-TAP authors' key names (ORGAD2026_ALIASES), so
            their dashboards and ours read the same runs
-Offline runs land in <dir or run_dir>/wandb/offline-run-<time>-<run_id>/ for a later `wandb sync`.
+Offline runs land in <logger.dir, else $WANDB_DIR, else run_dir>/wandb/offline-run-<time>-<id>/ for a later
+`wandb sync`; where the run went (its URL, or that folder and the sync command) is printed once when it starts.
 Offline, each (re)start writes its own offline-run-* folder carrying the same run id.
 """
 
@@ -133,7 +136,7 @@ class WandbTracker(Tracker):
             return
         spec = {k: v for k, v in result.get("pruning", {}).items() if k not in PRUNING_COUNTS}
         meta = {**spec, "n_pruned": result.get("n_pruned"), "n_scored": result.get("n_scored")}
-        art = self._wandb.Artifact(f"mask-{self._run.id}", type="mask", metadata=meta)
+        art = self._wandb.Artifact(f"mask-{self._run.name}", type="mask", metadata=meta)
         art.add_file(str(mask_path), name=Path(mask_path).name)
         self._run.log_artifact(art)
 
@@ -163,12 +166,13 @@ def _start(cfg: LoggerConfig, run_id: str, run_dir: Path, config: Mapping[str, A
     import wandb  # only here: `name: none` must work without the package
 
     plain = plain_config(config)
-    wb_dir = Path(cfg.dir or run_dir)  # default: offline files sit with the run's own artifacts
+    # default: offline files sit with the run's own artifacts
+    wb_dir = Path(cfg.dir or os.environ.get("WANDB_DIR") or run_dir)
     wb_dir.mkdir(parents=True, exist_ok=True)
     run = wandb.init(
         project=cfg.project or "harmsweep",
         entity=cfg.entity,
-        id=run_id,
+        id=wandb_id(run_id, run_dir),
         name=run_id,
         resume="allow",  # a requeued job continues the run instead of making a duplicate
         reinit="finish_previous",  # the default returns an unfinished earlier run of this process
@@ -181,7 +185,24 @@ def _start(cfg: LoggerConfig, run_id: str, run_dir: Path, config: Mapping[str, A
         allow_val_change=True,  # a resumed run may differ in keys outside the run id (paths, logger)
         settings=wandb.Settings(silent=True, console="off"),  # no banners; do not copy stdout into W&B
     )
+    print(where(run), flush=True)
     return WandbTracker(run, wandb, cfg)
+
+
+def wandb_id(run_id: str, run_dir: Path) -> str:
+    """The W&B id of the run in ``run_dir``: stable across requeues of that folder, another for another folder."""
+    import hashlib
+
+    return f"{run_id}-{hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:8]}"
+
+
+def where(run: Any) -> str:
+    """One line: the run's URL, or its offline folder and the command that uploads it."""
+    url = getattr(run, "url", None)
+    if url:
+        return f"W&B: {url}"
+    folder = getattr(getattr(run, "settings", None), "sync_dir", None) or getattr(run, "dir", "?")
+    return f"W&B: offline run in {folder}; upload it with: wandb sync {folder}"
 
 
 def resolve_mode(mode: str) -> str:

@@ -94,9 +94,11 @@ def sharp_tiny_llama(scale: float = 40.0) -> tuple[torch.nn.Module, object]:
 
 
 def wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every W&B location under tmp_path, offline and silent, with no key or server from the environment."""
-    for var, sub in (("WANDB_DIR", "wb"), ("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache")):
+    """Every W&B location under tmp_path, offline and silent, with no key or server from the environment. Runs go
+    where harmsweep puts them (the run folder, logger.dir or a WANDB_DIR a test sets: none is set here)."""
+    for var, sub in (("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache")):
         monkeypatch.setenv(var, str(tmp_path / sub))
+    monkeypatch.delenv("WANDB_DIR", raising=False)
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wbconfig"))
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

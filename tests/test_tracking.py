@@ -136,7 +136,8 @@ def logged(tmp_path: Path, cfg: LoggerConfig, failed: bool = False) -> tuple[dic
 def test_logs_result_offline(tmp_path: Path) -> None:
     cfg = logger_cfg(group="sweepA", job_type="exp1", tags=["ci"])
     back, run = logged(tmp_path, cfg)
-    assert back["run_id"] == RID and back["state"] == "finished" and back["exit_code"] == 0
+    assert back["run_id"] == tracking.wandb_id(RID, run.parents[1]) and back["state"] == "finished"
+    assert back["exit_code"] == 0
     assert back["project"] == "harmsweep"
     (run_rec,) = back["records"]["run"]
     assert run_rec["run_group"] == "sweepA" and run_rec["job_type"] == "exp1"
@@ -175,7 +176,7 @@ def test_generations_and_mask_and_failed_exit(tmp_path: Path) -> None:
     assert table["columns"] == ["stage", "metric", "source_id", "category", "score", "prompt", "response"]
     assert table["data"][0][5:] == ["harmful prompt 0", "answer 0"] and len(table["data"]) == len(ITEMS)
     (mask,) = [a for a in back["records"]["artifact"] if a["type"] == "mask"]
-    assert mask["name"] == f"mask-{RID}" and mask["run_id"] == RID
+    assert mask["name"] == f"mask-{RID}" and mask["run_id"] == tracking.wandb_id(RID, run.parents[1])
     assert [f["path"] for f in mask["manifest"]["contents"]] == ["mask.safetensors"]
     assert json.loads(mask["metadata"])["rule"] == "signed_snip"
 
@@ -192,7 +193,7 @@ def test_requeue_resumes_same_id(tmp_path: Path) -> None:
     runs = offline_runs(run_dir)
     assert len(runs) == 2
     backs = [inspect(r) for r in runs]
-    assert {b["run_id"] for b in backs} == {RID}
+    assert {b["run_id"] for b in backs} == {tracking.wandb_id(RID, tmp_path / "runs" / RID)}
     assert [b["summary"]["nll_harmful_after"] for b in backs] == [1.0, 2.0]
     assert all(b["records"]["run"][0]["resume"] for b in backs)  # resume="allow" is recorded for sync
 
@@ -315,7 +316,8 @@ def test_a_harmsweep_multirun_logs_one_wandb_run_per_run_grouped_by_sweep(tmp_pa
         result = json.loads((run_dir / "result.json").read_text())
         (run,) = offline_runs(run_dir)
         back = inspect(run)
-        assert back["run_id"] == result["run_id"] == run_dir.name
+        assert back["run_id"] == tracking.wandb_id(result["run_id"], run_dir) and result["run_id"] == run_dir.name
+        assert f"W&B: offline run in {run}; upload it with: wandb sync {run}" in proc.stdout
         assert back["records"]["run"][0]["run_group"] == "sweep-42"
         assert "${" not in json.dumps(back["config"]) and back["config"]["pruning"]["rule"] == result["pruning"]["rule"]
         assert back["summary"]["nll_harmful_after"] == result["metrics"]["nll_harmful_after"]
@@ -342,3 +344,25 @@ def test_experiment_figures_are_logged_as_tables(tmp_path: Path) -> None:
     table = read_table(run, back["summary"], "figures/transfer_nll")
     assert table["columns"] == ["row", "violence", "hate"]
     assert table["data"] == [["violence", 0.5, 0.25], ["control: random", 0.0, None]]
+
+
+def test_the_wandb_id_is_stable_per_folder_and_unique_across_folders(tmp_path: Path) -> None:
+    """The same config in two sweep folders: two W&B runs (one dashboard each); a requeue of one folder: the same."""
+    first, second = tmp_path / "sweep-a" / RID, tmp_path / "sweep-b" / RID
+    assert tracking.wandb_id(RID, first) == tracking.wandb_id(RID, tmp_path / "sweep-a" / ".." / "sweep-a" / RID)
+    assert tracking.wandb_id(RID, first) != tracking.wandb_id(RID, second)
+    assert tracking.wandb_id(RID, first).startswith(f"{RID}-")
+
+
+def test_wandb_dir_is_honoured_and_the_run_says_where_it_went(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "elsewhere"))
+    run_dir = tmp_path / "runs" / RID
+    tracker = open_tracker(logger_cfg(), run_id=RID, run_dir=run_dir, config=run_config(tmp_path))
+    tracker.finish()
+    (run,) = sorted((tmp_path / "elsewhere" / "wandb").glob("offline-run-*"))
+    assert not offline_runs(run_dir)
+    assert (
+        capsys.readouterr().out.splitlines().count(f"W&B: offline run in {run}; upload it with: wandb sync {run}") == 1
+    )

@@ -264,7 +264,7 @@ def row_from_wandb(run: Any, harm_measure: str | None = None, utility_measure: s
     config = dict(run.config)
     pruning = config.get("pruning") or {}
     ident = {
-        "run_id": run.id,
+        "run_id": run.name or run.id,  # tracking.py names each W&B run by its run id (its W&B id adds the folder's)
         "folder": f"wandb:{'/'.join(run.path)}" if isinstance(run.path, list | tuple) else f"wandb:{run.path}",
         "experiment": config.get("experiment"),
         "model": (config.get("model") or {}).get("name"),
