@@ -255,7 +255,7 @@ def _main() -> None:
         from harmsweep.config.schema import register
         from harmsweep.sweep.plan import main as plan_main
 
-        check_group_overrides(sys.argv[2:])
+        check_group_overrides([a for a in sys.argv[2:] if not a.startswith("-")])  # plan has flags of its own
         OmegaConf.register_new_resolver("harmsweep_run_id", _run_id_resolver, replace=True)
         register()
         plan_main(sys.argv[2:])

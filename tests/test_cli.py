@@ -160,6 +160,8 @@ def test_run_on_shared_data_with_prefilling(tmp_path, shared_data):
         ("pruning.eligible=some", "pruning.eligible=some is not one of positive, all"),
         ("scoring.accumulate=bf16", "scores.store=dense"),
         ("calibration.format=raw", "calibration.format=raw is not one of template, btap"),
+        ("--hlep", "unknown option --hlep (harmsweep --help lists"),
+        ("pruning.sparsity=1e-4,", "cannot read the override 'pruning.sparsity=1e-4,'"),
     ],
 )
 def test_bad_overrides_fail_in_one_line_and_leave_no_result(tmp_path, override, expected):

@@ -22,6 +22,8 @@ def check_group_overrides(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
     """
     groups = {p.name for p in conf_dir.iterdir() if p.is_dir()}
     for arg in argv:
+        if arg.startswith("-") and arg.split("=")[0] not in HYDRA_FLAGS:
+            _fail(f"unknown option {arg} (harmsweep --help lists the commands, options and config groups)")
         key, sep, value = arg.lstrip("+~").partition("=")
         if not sep or key not in groups:
             continue
@@ -31,6 +33,9 @@ def check_group_overrides(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
                 _fail(f"unknown {key} '{option}' (available: {', '.join(options)})")
 
 
+HYDRA_FLAGS = ("--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--resolve", "--package", "-p", "--run",
+               "-r", "--multirun", "-m", "--shell-completion", "-sc", "--config-path", "-cp", "--config-name", "-cn",
+               "--config-dir", "-cd", "--experimental-rerun", "--info", "-i")  # fmt: skip
 INFO_FLAGS = ("--help", "-h", "--hydra-help", "--version", "--info", "-i", "--shell-completion", "-sc")
 
 
@@ -48,10 +53,12 @@ def check_composition(argv: list[str], conf_dir: Path = CONF_DIR) -> Any:
     from omegaconf import OmegaConf
 
     args = _overrides(argv)
+    parser = OverridesParser.create()
     try:
-        parsed = OverridesParser.create().parse_overrides(args)
+        parsed = parser.parse_overrides(args)
     except Exception as exc:
-        _fail(_one_line(exc))
+        bad = next((a for a in args if not _parses(parser, a)), None)
+        _fail(f"cannot read the override '{bad}': {_one_line(exc)}" if bad else _one_line(exc))
     base = [f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" if o.is_sweep_override() else a
             for o, a in zip(parsed, args, strict=True)]  # fmt: skip
     variants = [base] + [
@@ -138,6 +145,14 @@ def _overrides(argv: list[str]) -> list[str]:
         else:
             out.append(arg)
     return out
+
+
+def _parses(parser: Any, override: str) -> bool:
+    try:
+        parser.parse_overrides([override])
+    except Exception:
+        return False
+    return True
 
 
 def _one_line(exc: BaseException) -> str:
