@@ -74,12 +74,23 @@ def test_loss_ignores_prompt_positions_and_padding():
     assert torch.equal(other["labels"][0][other["labels"][0] != -100], enc["labels"][0][enc["labels"][0] != -100])
 
 
-def test_long_responses_are_cut_and_empty_room_is_an_error():
+def test_long_responses_are_cut_and_prompts_with_no_room_lose_their_start(caplog):
     lm = tiny()
     enc = encode_pairs(lm.tokenizer, PAIRS[:1], "chat", max_length=60)
     assert enc["input_ids"].shape[1] == 60
-    with pytest.raises(HarmsweepError, match="max_length"):
-        encode_pairs(lm.tokenizer, PAIRS[:1], "chat", max_length=10)
+    prompt = prompt_ids(lm.tokenizer, PAIRS[0].prompt, "chat")
+    response = lm.tokenizer(PAIRS[0].response, add_special_tokens=False)["input_ids"]
+    limit = len(prompt_ids(lm.tokenizer, "Hi", "chat")) + 4  # "Hi" fits with 4 response tokens; PAIRS[0] does not
+    assert len(prompt) >= limit and len(response) >= limit // 2
+    with caplog.at_level("WARNING", logger="harmsweep.calibration.pairs"):
+        short = encode_pairs(lm.tokenizer, [*PAIRS[:1], Pair("Hi", "Yes, gladly.", "fits")], "chat", limit)
+    keep = limit - limit // 2  # the prompt's end, and half the room for the response
+    assert short["input_ids"][0].tolist() == prompt[-keep:] + response[: limit // 2]
+    assert short["labels"][0].tolist() == [-100] * keep + response[: limit // 2]
+    assert f"1 of 2 pairs: the prompt fills calibration.max_length={limit}, so it loses its start" in caplog.text
+    assert f"(e.g. {PAIRS[0].source_id})" in caplog.text
+    with pytest.raises(HarmsweepError, match="response is empty"):
+        encode_pairs(lm.tokenizer, [Pair("Hi", "", "empty")], "chat", limit)
 
 
 def test_prefilling_puts_the_first_k_target_tokens_in_the_assistant_turn():

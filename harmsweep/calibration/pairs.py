@@ -11,6 +11,7 @@ calibration.format=btap the scoring sets take the authors' raw-text tokenisation
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -28,6 +29,8 @@ from harmsweep.generation.hf import generate
 from harmsweep.generation.sampling import PROMPT_FORMATS, EngineInputs, Sampling
 from harmsweep.generation.seeded import content_key
 from harmsweep.losses import IGNORE
+
+log = logging.getLogger(__name__)
 
 PLAIN_TEMPLATE = "User: {prompt}\nAssistant:\n"
 BTAP_PLAIN = "Q: {prompt}\nA:"  # prompt_format=btap: the authors' base-model prompt (prefilled: attack_prompts)
@@ -118,19 +121,26 @@ def _encode(
     pairs: Sequence[Pair],
     max_length: int | None,
 ) -> Tensors:
-    """Right-padded tensors of (prompt ids, response ids) rows, responses cut to ``max_length`` when it is set."""
-    rows = []
+    """Right-padded tensors of (prompt ids, response ids) rows, cut to ``max_length`` when it is set: the response
+    at its end. A prompt that leaves no room at all loses its start instead, down to what leaves
+    ``min(len(response), max_length // 2)`` response tokens (the end of a prompt, next to the answer, matters
+    most); such pairs are counted in one warning. Pairs that fit are encoded as they always were."""
+    rows, cut = [], []
     for pair, (p, r) in zip(pairs, ids, strict=True):
-        if max_length is not None:
-            r = r[: max(0, max_length - len(p))]
         if not r:
-            if max_length is None:
-                raise HarmsweepError(f"pair {pair.source_id} has no response tokens (its response is empty)")
-            raise HarmsweepError(
-                f"pair {pair.source_id} has no response tokens within calibration.max_length={max_length}"
-                f" (prompt takes {len(p)} tokens); raise calibration.max_length"
-            )
+            raise HarmsweepError(f"pair {pair.source_id} has no response tokens (its response is empty)")
+        if max_length is not None:
+            if len(p) >= max_length:
+                keep = max_length - min(len(r), max(1, max_length // 2))
+                p = p[len(p) - keep :] if keep > 0 else []
+                cut.append(str(pair.source_id))
+            r = r[: max_length - len(p)]
         rows.append((p, r))
+    if cut:
+        log.warning(
+            "%d of %d pairs: the prompt fills calibration.max_length=%d, so it loses its start to leave room for the "
+            "response (e.g. %s)", len(cut), len(rows), max_length, ", ".join(cut[:3]),
+        )  # fmt: skip
     input_ids, attention = padded([p + r for p, r in rows], tokenizer.pad_token_id)
     labels = torch.full_like(input_ids, IGNORE)
     for i, (p, r) in enumerate(rows):
