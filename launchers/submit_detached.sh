@@ -6,8 +6,9 @@
 #   launchers/submit_detached.sh --name sp-grid hydra/launcher=slurm_gpu hydra.launcher.partition=gpu \
 #       pruning.sparsity=1e-6,1e-5,1e-4 pruning=signed_snip,random
 #
-# Runs from the repository root. The sweep goes to outputs/sweeps/NAME (NAME defaults to the date and time) unless
-# the overrides set hydra.sweep.dir; the driver's log and pid file are written beside it:
+# Runs from the folder it is called in, like harmsweep itself (relative paths in overrides mean the same). The sweep
+# goes to outputs/sweeps/NAME there (NAME defaults to the date and time) unless the overrides set hydra.sweep.dir;
+# the driver's log and pid file are written beside it:
 #   outputs/sweeps/NAME.driver.log   outputs/sweeps/NAME.driver.pid
 # Without a hydra/launcher=... override the sweep runs with the default (local) launcher, in the driver itself.
 # Follow:  tail -f outputs/sweeps/NAME.driver.log
@@ -32,8 +33,8 @@ done
 [[ -z $name || $name =~ ^[A-Za-z0-9._-]+$ ]] || { echo "submit_detached: --name may hold only letters, digits, . _ -" >&2; exit 2; }
 name=${name:-$(date +%Y-%m-%d_%H-%M-%S)}
 
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$root"
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)  # the checkout: its .venv, when there is one
+here=$PWD
 
 if [[ -x $root/.venv/bin/harmsweep ]]; then cmd=("$root/.venv/bin/harmsweep")
 elif command -v harmsweep >/dev/null; then cmd=(harmsweep)
@@ -47,7 +48,7 @@ if [[ -z $sweep_dir ]]; then
   overrides+=("hydra.sweep.dir=$sweep_dir")
 fi
 sweep_dir=${sweep_dir%/}
-[[ $sweep_dir == /* ]] || sweep_dir=$root/$sweep_dir
+[[ $sweep_dir == /* ]] || sweep_dir=$here/$sweep_dir
 mkdir -p "$(dirname "$sweep_dir")"
 log=$sweep_dir.driver.log
 pidfile=$sweep_dir.driver.pid
@@ -58,7 +59,7 @@ if [[ -s $pidfile ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
 fi
 
 {
-  echo "# $(date -Is) $(hostname) cwd=$root"
+  echo "# $(date -Is) $(hostname) cwd=$here"
   printf '# '; printf '%q ' "${cmd[@]}" -m "${overrides[@]}"; echo
 } >"$log"
 rm -f "$sweep_dir.driver.rc"
@@ -71,7 +72,14 @@ echo "$pid" >"$pidfile"
 
 sleep 3   # a bad override fails within a second or two: say so here rather than in a log nobody reads
 if ! kill -0 "$pid" 2>/dev/null; then
-  echo "submit_detached: the driver exited at once (status $(cat "$sweep_dir.driver.rc" 2>/dev/null || echo '?')):" >&2
+  for _ in 1 2 3 4 5; do [[ -s $sweep_dir.driver.rc ]] && break; sleep 0.2; done
+  rc=$(cat "$sweep_dir.driver.rc" 2>/dev/null || echo '?')
+  if [[ $rc == 0 ]]; then   # e.g. a relaunch whose every run was done: it answers from the sweep's manifest
+    echo "sweep driver finished already (status 0); the end of its log ($log):"
+    tail -n 3 "$log"
+    exit 0
+  fi
+  echo "submit_detached: the driver exited at once (status $rc):" >&2
   tail -n 20 "$log" >&2
   exit 1
 fi

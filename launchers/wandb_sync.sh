@@ -5,7 +5,7 @@
 #   launchers/wandb_sync.sh outputs/sweeps/2026-11-23_10-00-00
 #   launchers/wandb_sync.sh outputs -- --project harmsweep --entity my-team
 #
-# FOLDER (default: outputs) is searched recursively for offline-run-* folders; all of them go to one `wandb sync`
+# FOLDER (default: outputs, in the folder it is called in) is searched recursively for offline-run-* folders; all of them go to one `wandb sync`
 # call, so the pieces of a run that was resumed after a requeue (same run id, several offline-run-* folders) are
 # uploaded in order. Runs already uploaded are skipped by wandb (it marks them *.synced).
 # --dry-run lists what would be uploaded. The API key comes from WANDB_API_KEY or ~/.netrc (`wandb login`).
@@ -26,7 +26,7 @@ while (($#)); do
     *) folders+=("$1"); shift ;;
   esac
 done
-((${#folders[@]})) || folders=("$root/outputs")
+((${#folders[@]})) || folders=("$PWD/outputs")
 
 if [[ -x $root/.venv/bin/wandb ]]; then wandb=$root/.venv/bin/wandb
 elif command -v wandb >/dev/null; then wandb=$(command -v wandb)
