@@ -321,3 +321,16 @@ def test_plan_sizes_vllm_base_reads_and_finetunes(llama8b, tmp_path, monkeypatch
     assert tunes["full"]["parts"]["optimizer"] == 8_030_261_248 * (2 + 2 * 4)  # bf16 gradient, two fp32 moments
     per_block = 16 * (2 * 4096 * 2 + 2 * (1024 + 4096) + 3 * (14336 + 4096))  # rank 16 adapters, every linear
     assert tunes["lora"]["parts"]["optimizer"] == 32 * per_block * 16  # fp32 weight, gradient, two moments
+
+
+def test_a_sweep_reads_each_checkpoint_config_once(tmp_path, monkeypatch):
+    """8 jobs over 2 variants: 2 reads of a config (a GGUF's takes seconds), not 8; the plan is the same either way."""
+    from harmsweep.sweep import plan as plan_module
+
+    reads: list[str] = []
+    real = plan_module.model_config
+    monkeypatch.setattr(plan_module, "model_config", lambda cfg: reads.append(cfg.alignment.name) or real(cfg))
+    _plan_job(tmp_path, monkeypatch, "-m", "model=tiny_llama", "pruning.sparsity=1e-3,1e-2",
+              "pruning=signed_snip,random", "alignment=aligned,base")  # fmt: skip
+    assert sorted(reads) == ["aligned", "base"]
+    assert len(json.loads((tmp_path / "plan.json").read_text())["jobs"]) == 8

@@ -282,6 +282,7 @@ def build(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
     args, overrides = _args(argv)
     speed = Throughput(tflops=args.tflops, bandwidth_gbs=args.bandwidth_gbs)
     shapes: dict[str, Any] = {}
+    configs: dict[str, Any] = {}  # one read of each checkpoint's config (a GGUF's takes seconds), not one per job
     seen: set[str] = set()
     made: dict[str, int] = {}  # experiment stages made once per sweep (the EM model): key -> the job that makes it
     rows, problems = [], []
@@ -293,7 +294,10 @@ def build(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
             cfg, data_root=False
         )  # what a run would refuse, plan refuses too: one line, before any sizing
         gpus = args.gpus or (int(launcher.get("gpus_per_node") or 1) if "gpus_per_node" in launcher else 1)
-        config = model_config(cfg)
+        read = json.dumps([cfg.model, cfg.alignment.name, cfg.alignment.derive, cfg.paths.cache_dir], default=repr)
+        if read not in configs:
+            configs[read] = model_config(cfg)
+        config = configs[read]
         key = json.dumps(config.to_dict(), sort_keys=True, default=str) + cfg.model.dtype
         if key not in shapes:
             shapes[key] = model_shape(config, cfg.model.dtype)
