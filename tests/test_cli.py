@@ -44,7 +44,8 @@ def test_run_from_files_writes_a_complete_result(tmp_path, pair_files):
     result = json.loads((run_dir / "result.json").read_text())
     assert set(result) >= REQUIRED and set(result["metrics"]) >= METRICS
     assert result["model"] == "tiny_llama" and result["alignment"] == "aligned"
-    assert result["n_pruned"] == round(0.02 * result["n_scored"])
+    assert result["n_pruned"] == round(0.02 * result["n_scored"]) == result["n_asked"]
+    assert "FEWER THAN ASKED" not in proc.stdout
     assert result["actual_sparsity"] == result["n_pruned"] / result["n_scored"]  # random init: no zeros before
     assert sum(result["pruning"]["per_layer"].values()) == result["n_pruned"]
     assert sum(result["pruning"]["per_module_type"].values()) == result["n_pruned"]
@@ -289,3 +290,14 @@ def test_a_failing_job_leaves_failed_and_the_sweep_exits_non_zero(tmp_path, pair
     )
     assert proc.returncode == 0, proc.stderr
     assert not failed.exists() and (failed.parent / "result.json").is_file()
+
+
+def test_a_run_with_too_few_eligible_weights_says_it_pruned_fewer(tmp_path, pair_files):
+    """Signed SNIP at sparsity 0.8: only weights with H > 0 (about half) may go, so fewer than asked are pruned."""
+    run_dir = tmp_path / "run"
+    args = [a for a in file_run_args(run_dir, *pair_files) if not a.startswith(("pruning.sparsity", "scores.keep"))]
+    proc = harmsweep(*args, "pruning.sparsity=0.8", "scores.store=dense", "eval=likelihood", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["n_asked"] == round(0.8 * result["n_scored"]) and 0 < result["n_pruned"] < result["n_asked"]
+    assert f"PRUNED FEWER THAN ASKED: {result['n_pruned']:,} of the {result['n_asked']:,}" in proc.stdout

@@ -54,3 +54,20 @@ def test_an_undefined_measure_falls_back_to_the_next_one():
 def test_a_run_that_pruned_nothing_says_so():
     assert "NOTHING WAS PRUNED" in summary(_result(n_pruned=0))
     assert "NOTHING WAS PRUNED" not in summary(_result(n_pruned=5))
+
+
+def test_a_run_that_pruned_fewer_than_asked_says_so():
+    text = summary({**_result(n_pruned=40), "n_asked": 106})
+    assert "  PRUNED FEWER THAN ASKED: 40 of the 106 the sparsity asks for (no more weights were eligible)" in text
+    assert "FEWER" not in summary({**_result(n_pruned=106), "n_asked": 106})
+    assert "FEWER" not in summary(_result(n_pruned=40))  # nothing fixed in advance (a harm fraction, N:M, heads)
+
+
+def test_the_count_a_sparsity_asks_for():
+    from harmsweep.pruning.spec import PruneSpec, asked_count
+
+    shapes = {"a": (8, 16), "b": (4, 10)}
+    assert asked_count(PruneSpec(sparsity=0.1), shapes) == round(0.1 * 168)
+    assert asked_count(PruneSpec(sparsity=0.1, granularity="matrix"), shapes) == round(12.8) + round(4.0)
+    assert asked_count(PruneSpec(rule="orgad2026", harm_fraction=0.1, protect=0.01), shapes) is None
+    assert asked_count(PruneSpec(granularity="nm", protect=0.0), shapes) is None

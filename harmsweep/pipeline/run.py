@@ -41,7 +41,7 @@ from harmsweep.pipeline.stages import (
     scoring_passes,
 )
 from harmsweep.pruning.masks import apply_mask, mask_counts
-from harmsweep.pruning.spec import PruneSpec
+from harmsweep.pruning.spec import PruneSpec, asked_count
 from harmsweep.tracking import open_tracker
 
 log = logging.getLogger(__name__)
@@ -163,6 +163,8 @@ def _run(ctx: RunContext) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         **({"attack": {"name": cfg.eval.generation.attack, **suite.attacker.done}} if suite.attacker else {}),
         "n_scored": n_scored,
         "n_pruned": n_pruned,
+        # what the sparsity asked for, where fixed in advance: fewer pruned means too few weights were eligible
+        "n_asked": None if lowrank else asked_count(spec, {n: tuple(w.shape) for n, w in weights.items()}),
         "actual_sparsity": metrics["actual_sparsity"],
         "zero_fraction_before": zeros_before / n_scored,
         "metrics": metrics,

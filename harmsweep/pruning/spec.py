@@ -7,7 +7,7 @@ random rule, the scoring criterion that names the score sets). No torch here: th
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -213,3 +213,22 @@ class LowRankSpec:
             )
         if self.tokens not in TOKENS:
             raise HarmsweepError(f"lowrank.tokens={self.tokens} is not one of {', '.join(TOKENS)}")
+
+
+def asked_count(spec: PruneSpec, shapes: Mapping[str, Sequence[int]]) -> int | None:
+    """How many weights a sparsity asks the rule to prune over matrices of these shapes, where that is fixed in
+    advance (a global or per-matrix ranking over every layer); None where the selection decides it (a harm
+    fraction, N:M, rows, heads, listed layers, a given mask). A run that pruned fewer says so (too few eligible)."""
+    if spec.harm_fraction is not None or spec.layers is not None or spec.mask_file or spec.intersect:
+        return None
+    if spec.granularity == "global":
+        total = 0
+        for shape in shapes.values():
+            n = 1
+            for d in shape:
+                n *= int(d)
+            total += n
+        return count(spec, spec.sparsity, total)
+    if spec.granularity == "matrix":
+        return sum(count(spec, spec.sparsity, tuple(shape)) for shape in shapes.values())
+    return None

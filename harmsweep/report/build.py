@@ -256,7 +256,12 @@ def summary_text(report: Report, targets: Sequence[float] | None = None) -> str:
     failed = f", {report.n_failed} failed left out" if report.n_failed else ""
     diffs = [f"  {d['first']} - {d['second']}: {d['figure']} {page.fmt(d['estimate'])} "
              f"{sections.interval(d['lo'], d['hi']) or ''} p={page.fmt(d['p'])}: {d['verdict']}" for d in report.differences]  # fmt: skip
-    return "\n".join([f"{len(report.runs)} runs{failed}", *text, *_headlines(report), *diffs, f"report: {report.html}"])
+    short = [r for r in report.runs if is_number(r.get("n_asked")) and is_number(r.get("n_pruned"))
+             and r["n_pruned"] < r["n_asked"]]  # fmt: skip
+    fewer = [f"{len(short)} runs pruned fewer weights than their sparsity asks for (too few eligible; runs.csv: "
+             f"n_pruned < n_asked): {', '.join(str(r['run_id']) for r in short[:5])}"] if short else []  # fmt: skip
+    return "\n".join([f"{len(report.runs)} runs{failed}", *text, *_headlines(report), *fewer, *diffs,
+                      f"report: {report.html}"])  # fmt: skip
 
 
 def _headlines(report: Report) -> list[str]:

@@ -33,7 +33,7 @@ EXPERIMENTS = (  # runs with figures of their own: never on the compression curv
 )  # fmt: skip
 BASE_COLUMNS = (
     "run_id", "folder", "experiment", "model", "alignment", "seed", "rule", "sparsity", "protect", "n_scored", "n_pruned",
-    "actual_sparsity", "harm_reduction", "harm_measure", "utility_ratio", "utility_measure", "scores_harm",
+    "n_asked", "actual_sparsity", "harm_reduction", "harm_measure", "utility_ratio", "utility_measure", "scores_harm",
     "scores_benign", "rank_harmful", "rank_utility",
 )  # fmt: skip
 SUMMARY_SKIP = ("n_pruned", "n_scored", "actual_sparsity")  # W&B summary keys that are base columns
@@ -173,6 +173,7 @@ def row_from_result(
         "protect": pruning.get("protect"),
         "n_scored": result.get("n_scored"),
         "n_pruned": result.get("n_pruned"),
+        "n_asked": result.get("n_asked"),
         "actual_sparsity": result.get("actual_sparsity"),
         "scores_harm": artifacts.get("scores_harm"),
         "scores_benign": artifacts.get("scores_benign") or artifacts.get("scores_benign_unsigned"),

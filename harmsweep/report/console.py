@@ -50,8 +50,12 @@ def summary(result: dict[str, Any]) -> str:
             f"  {verb} {result['n_pruned']:,} of {result['n_scored']:,} scored weights "
             f"(actual sparsity {result['actual_sparsity']:.3g})"
         )
+        asked = result.get("n_asked")
         if not result["n_pruned"]:
             lines.append("  NOTHING WAS PRUNED: no weight was eligible (the figures below are the unpruned model's)")
+        elif asked and result["n_pruned"] < asked:
+            lines.append(f"  PRUNED FEWER THAN ASKED: {result['n_pruned']:,} of the {asked:,} the sparsity asks for "
+                         "(no more weights were eligible)")  # fmt: skip
     ci = (result.get("intervals") or {}).get("metrics") or {}
     level = f"{(result.get('intervals') or {}).get('settings', {}).get('level', 0.95):.0%}"
 
