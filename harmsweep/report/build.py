@@ -22,7 +22,15 @@ from harmsweep.intervals import BootstrapSpec, Resampler
 from harmsweep.report import figures as figs
 from harmsweep.report import page, sections, uncertainty
 from harmsweep.report.capabilities import capabilities_section
-from harmsweep.report.collect import Collected, ReportError, collect, is_number, require_rows, write_csv
+from harmsweep.report.collect import (
+    Collected,
+    ReportError,
+    collect,
+    family_rows,
+    is_number,
+    require_rows,
+    write_csv,
+)
 from harmsweep.report.compression import CurvePoint, concentration, gini, separation, threshold_sparsity
 from harmsweep.report.control import control_section
 from harmsweep.report.em_grid import em_grid_section
@@ -190,7 +198,7 @@ def build_report(
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("exp_*.png"), *out.glob("pruned_*.png"), out / "curves.png", out / "lowrank.png"]:
         stale.unlink(missing_ok=True)  # a rebuilt report never shows a previous build's plot
-    rows = data.rows
+    rows = family_rows(data.rows)  # grouped by variant and selection family; runs.csv keeps the plain columns
     comp = compression_rows(rows, k_sparsity, targets, utility_floor)
     resampler = Resampler(bootstrap or BootstrapSpec())
     named = {target_name(t): t for t in targets}
@@ -215,8 +223,8 @@ def build_report(
         found = own(rows, out, images)  # writes <name>_<variant>.csv/.png; None when no run of its experiment
         if found:
             parts.append(found)
-    parts.append(("All runs", "runs", page.records_table(rows)))
-    runs_csv = write_csv(rows, out / "runs.csv")
+    parts.append(("All runs", "runs", page.records_table(data.rows)))
+    runs_csv = write_csv(data.rows, out / "runs.csv")
     comp_csv = write_csv(comp, out / "compression.csv")
     write_csv(diffs, out / "differences.csv", list(uncertainty.Difference.__dataclass_fields__))
     settings = {

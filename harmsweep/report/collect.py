@@ -31,10 +31,16 @@ EXPERIMENTS = (  # runs with figures of their own: never on the compression curv
     "cross_harm", "em", "dissociation", "orgad2026_transfer", "orgad2026_capabilities", "orgad2026_em",
     "orgad2026_control",
 )  # fmt: skip
+# every option that changes which weights a rule selects (beside rule, sparsity and protect): runs that differ in one
+# are separate families in the report, never pooled into one curve or compression row
+SELECTION = ("method", "scoring", "granularity", "nm", "sequential", "replace", "order", "eligible", "layers",
+             "harm_fraction", "benign_importance")  # fmt: skip
+FAMILY_DEFAULTS = {"method": "prune", "scoring": "snip", "granularity": "global", "sequential": False,
+                   "replace": "zero", "order": "top", "eligible": "positive", "layers": None}  # fmt: skip
 BASE_COLUMNS = (
     "run_id", "folder", "experiment", "model", "alignment", "seed", "rule", "sparsity", "protect", "n_scored", "n_pruned",
     "n_asked", "actual_sparsity", "harm_reduction", "harm_measure", "utility_ratio", "utility_measure", "scores_harm",
-    "scores_benign", "rank_harmful", "rank_utility",
+    "scores_benign", "rank_harmful", "rank_utility", *SELECTION, "family",
 )  # fmt: skip
 SUMMARY_SKIP = ("n_pruned", "n_scored", "actual_sparsity")  # W&B summary keys that are base columns
 
@@ -178,9 +184,42 @@ def row_from_result(
         "scores_harm": artifacts.get("scores_harm"),
         "scores_benign": artifacts.get("scores_benign") or artifacts.get("scores_benign_unsigned"),
         **lowrank_ranks(config),
+        **selection(pruning, config),
     }
     row = make_row(ident, result.get("metrics") or {}, pruned_counts(pruning), harm_measure, utility_measure)
     return {**row, **interval_columns(row, (result.get("intervals") or {}).get("metrics") or {})}
+
+
+def selection(pruning: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's selection options (SELECTION) and its family: those that differ from the defaults, e.g.
+    ``scores=wanda, 2:4`` ('' for the default selection). Rule, sparsity and protect have columns of their own."""
+    method = config.get("method", "prune")
+    scoring = pruning.get("criterion") or (config.get("scoring") or {}).get("criterion") or "snip"
+    granularity = pruning.get("granularity", "global")
+    out = {
+        "method": method, "scoring": None if method == "lowrank" else scoring, "granularity": granularity,
+        "nm": f"{pruning.get('nm_n')}:{pruning.get('nm_m')}" if granularity == "nm" else None,
+        **{k: pruning.get(k) for k in ("sequential", "replace", "order", "eligible", "layers", "harm_fraction",
+                                        "benign_importance")},
+    }  # fmt: skip
+    if method == "lowrank":
+        return {**out, "family": ""}
+    parts = []
+    for key, default in FAMILY_DEFAULTS.items():
+        value = out.get(key)
+        if key == "granularity" and value == "nm":
+            continue  # said by nm
+        if value is not None and value != default:
+            parts.append(key if value is True else f"{'scores' if key == 'scoring' else key}={value}")
+    if out["nm"]:
+        parts.append(out["nm"])
+    return {**out, "family": ", ".join(parts)}
+
+
+def family_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The report's view of the rows: a run of a family other than the default is its own variant, labelled by
+    what differs (``aligned [scores=wanda]``), so no curve, compression row or difference pools unlike runs."""
+    return [{**r, "alignment": f"{r.get('alignment')} [{r['family']}]"} if r.get("family") else dict(r) for r in rows]
 
 
 def lowrank_ranks(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -276,6 +315,7 @@ def row_from_wandb(run: Any, harm_measure: str | None = None, utility_measure: s
         "protect": pruning.get("protect") if config.get("method", "prune") == "prune" else None,
         **({"rule": "lowrank", "sparsity": None} if config.get("method", "prune") != "prune" else {}),
         **lowrank_ranks(config),
+        **selection(pruning, config),
         **{k: summary.get(k) for k in SUMMARY_SKIP},
     }
     metrics = {k: v for k, v in summary.items() if not k.startswith(("_", "pruned/", "ci/")) and k not in SUMMARY_SKIP}
