@@ -23,6 +23,7 @@ from harmsweep.config.compose import (
     check_group_overrides,
     check_run_folder,
     sweep_dir,
+    with_own_model,
 )
 from harmsweep.report.console import summary
 from harmsweep.sweep import manifest
@@ -243,6 +244,7 @@ def main() -> None:
 
 
 def _main() -> None:
+    sys.argv[1:] = with_own_model(sys.argv[1:])  # model.path alone: a model of its own (before Hydra reads argv)
     if sys.argv[1:2] in (["mask-from-checkpoint"], ["compare-masks"]):  # mask tools: no Hydra, no model
         from harmsweep.masks.cli import main as masks_main
 

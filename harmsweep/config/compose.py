@@ -7,12 +7,63 @@ the command line and the sweep side import this module on every start.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from harmsweep.errors import exit_usage as _fail
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def with_own_model(argv: list[str]) -> list[str]:
+    """The command line as harmsweep reads it: ``model.path=P`` without a ``model=`` preset is a model of its own
+    (conf/model/own.yaml: named after P, in P's dtype, no variants but those given), and a variant can be added
+    without Hydra's ``+`` (``model.variants.base.path=DIR``). A sweep over several paths keeps its overrides."""
+    out = [f"++{a}" if a.startswith("model.variants.") else a for a in argv]
+    paths = [a.split("=", 1)[1] for a in argv if a.startswith("model.path=")]
+    if not paths or "," in paths[-1] or not paths[-1] or any(a.lstrip("+~").startswith("model=") for a in argv):
+        return out
+    given = {a.split("=", 1)[0] for a in argv}
+    extra = ["model=own"]
+    if "model.name" not in given:
+        extra.append(f"model.name={own_name(paths[-1])}")
+    if "model.dtype" not in given:
+        extra.append(f"model.dtype={own_dtype(paths[-1])}")
+    at = max(i for i, a in enumerate(out) if a.startswith("model.path=")) + 1  # among the overrides, not after a flag
+    return [*out[:at], *extra, *out[at:]]
+
+
+def own_name(path: str) -> str:
+    """A local folder's name, a GGUF file's stem, a hub id's last part; letters, digits, . _ - only."""
+    import re
+
+    local = Path(os.path.expanduser(path))
+    name = local.stem if local.suffix == ".gguf" else (local.name or path.rstrip("/").split("/")[-1])
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "own"
+
+
+def own_dtype(path: str) -> str:
+    """The checkpoint's torch_dtype from its config.json (a local folder, or a hub id already in the local cache:
+    read without the network); float32 for a GGUF (dequantised) or when it cannot be told."""
+    import json
+
+    local = Path(os.path.expanduser(path))
+    config: Path | None = local / "config.json" if local.is_dir() else None
+    if config is None and not local.suffix and path.count("/") == 1 and not path.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(path, "config.json")
+            config = Path(found) if isinstance(found, str) else None
+        except Exception:
+            config = None
+    try:
+        data = json.loads(config.read_text()) if config is not None and config.is_file() else {}
+    except (OSError, ValueError):
+        data = {}
+    dtype = data.get("torch_dtype") or data.get("dtype") if isinstance(data, dict) else None
+    return str(dtype) if dtype in ("float32", "float16", "bfloat16") else "float32"
 
 
 def check_group_overrides(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
