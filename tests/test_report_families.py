@@ -46,6 +46,7 @@ def test_snip_and_wanda_runs_are_two_families(mixed):
         ("aligned", "2"), ("aligned [scores=wanda]", "2")
     ]  # fmt: skip
     assert "tiny_llama/aligned [scores=wanda]" in printed and "4 runs" in printed
+    assert "  aligned: harm reduced by " in printed and "  aligned [scores=wanda]: harm " in printed  # sign in words
 
 
 def test_every_selection_option_makes_its_own_family():

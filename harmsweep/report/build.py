@@ -285,8 +285,12 @@ def _headlines(report: Report) -> list[str]:
             continue
         best = max(kept, key=lambda r: r["harm_reduction"]) if kept else max(points, key=lambda r: r["utility_ratio"])
         note = "" if kept else f" (no point keeps utility >= {floor:g}; the gentlest shown)"
-        lo, hi = best.get("harm_reduction_lo"), best.get("harm_reduction_hi")
-        ci = f" [{lo:.0%}, {hi:.0%}]" if is_number(lo) and is_number(hi) else ""
-        out.append(f"  {comp['alignment']}: harm -{best['harm_reduction']:.0%}{ci} at utility {best['utility_ratio']:.2f}, "
+        value, lo, hi = best["harm_reduction"], best.get("harm_reduction_lo"), best.get("harm_reduction_hi")
+        both = is_number(lo) and is_number(hi)
+        if value >= 0:  # the sign in words: "-7% [7%, 7%]" read both ways
+            harm = f"harm reduced by {value:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if both else "")
+        else:
+            harm = f"harm INCREASED by {-value:.2f}" + (f" [{-hi:.2f}, {-lo:.2f}]" if both else "")
+        out.append(f"  {comp['alignment']}: {harm} at utility ratio {best['utility_ratio']:.2f}, "
                    f"sparsity {best['sparsity']:g} (run {best['run_id']}){note}")  # fmt: skip
     return out
