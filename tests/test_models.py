@@ -69,6 +69,40 @@ def test_hub_checkpoint_from_the_local_hub_cache_with_and_without_weights(tmp_pa
         torch.testing.assert_close(full.model(ids).logits, original.model(ids).logits)
 
 
+def test_a_cached_hub_checkpoint_loads_without_asking_the_network(tmp_path, monkeypatch):
+    """Online mode, the checkpoint already in the local cache: the cache is read first, no connection is tried
+    (before, every file waited on the hub and warned before falling back to the cache)."""
+    import socket
+
+    original = load_model(
+        ModelConfig(name="t", variants={"aligned": {"tiny": tiny_spec("llama")}}), "aligned", tmp_path
+    )
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--example-org--tiny-chat"
+    original.model.save_pretrained(repo / "snapshots" / commit)
+    original.tokenizer.save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    tried: list = []
+
+    def no_network(*args, **kwargs):
+        tried.append(args[:1])
+        raise OSError("no network in this test")
+
+    # huggingface_hub's own user-agent lookup (one request per process, short timeout) is not the checkpoint's
+    monkeypatch.setattr("huggingface_hub.utils._detect_agent._fetch_registry", lambda: None)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", lambda self, *a: no_network(*a))
+    loaded = load_model(ModelConfig(name="t", variants={"aligned": {"hub_id": "example-org/tiny-chat"}}), "aligned",
+                        tmp_path)  # fmt: skip
+    assert loaded.source == "hub:example-org/tiny-chat" and loaded.model is not None
+    assert tried == []
+
+
 def test_missing_variant_lists_the_available_ones(tmp_path):
     cfg = {"name": "m", "variants": {"aligned": {"tiny": tiny_spec("llama")}}}
     with pytest.raises(HarmsweepError, match=r"no checkpoint for alignment=base .*aligned"):

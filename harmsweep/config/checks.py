@@ -39,6 +39,7 @@ def check_config(cfg: Config, *, data_root: bool = True) -> PruneSpec:
     check_given(spec.mask_file, spec.intersect, sequential=spec.sequential, method=cfg.method, experiment=body,
                 score_rule=spec.harm_set() is not None)  # fmt: skip
     cfg.model.validate()
+    _check_own_alignment(cfg)
     cfg.scores.validate()
     cfg.scoring.validate(cfg.scores)
     _check_store(spec, cfg.scores)
@@ -195,6 +196,17 @@ def _check_vllm(cfg: Config) -> None:
                 f"{where} is a PEFT adapter, which vLLM cannot serve with the run's mask: use "
                 "eval.generation.backend=hf, or merge the adapter into a full checkpoint and load that"
             )
+
+
+def _check_own_alignment(cfg: Config) -> None:
+    """A model by path alone (conf/model/own.yaml) is one checkpoint, the aligned one: another alignment needs its
+    checkpoint given, never the path standing in for it (a derived variant is trained from its parent)."""
+    model, alignment = cfg.model, cfg.alignment
+    if model.path and not model.variants and alignment.derive is None and alignment.name != "aligned":
+        raise HarmsweepError(
+            f"model.path={model.path} is the aligned checkpoint; alignment={alignment.name} needs its own: "
+            f"model.variants.{alignment.name}.path=DIR (or model.variants.{alignment.name}.hub_id=ID)"
+        )
 
 
 def _check_store(spec: PruneSpec, kept: StoreSpec) -> None:

@@ -38,15 +38,10 @@ class Checkpoint:
 
 def checkpoint_spec(model: ModelConfig, alignment: str) -> tuple[Mapping[str, Any], str]:
     """The spec of the checkpoint a run of ``alignment`` loads, and its config key. ``model.path`` is the run's
-    checkpoint, except for an alignment given a variant of its own (``model.variants.base.path=DIR`` beside it);
-    a model by path alone (conf/model/own.yaml: no variants) has no other alignment until one is given."""
+    checkpoint, except for an alignment given a variant of its own (``model.variants.base.path=DIR`` beside it).
+    A model by path alone with no such variant is refused for other alignments before (config/checks.py)."""
     variants = model.variants or {}
     if model.path and (alignment == "aligned" or alignment not in variants):
-        if not variants and alignment != "aligned":
-            raise HarmsweepError(
-                f"model.path={model.path} is the aligned checkpoint; alignment={alignment} needs its own: "
-                f"model.variants.{alignment}.path=DIR (or model.variants.{alignment}.hub_id=ID)"
-            )
         return {"path": model.path}, "model.path"
     if alignment not in variants:
         raise HarmsweepError(

@@ -176,17 +176,20 @@ def _dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def _tokenizer(path_or_id: str | Path, remote: bool, revision: str | None = None) -> PreTrainedTokenizerBase:
-    """The checkpoint's tokenizer, or for a PEFT adapter without one, its base model's."""
+def _tokenizer(
+    path_or_id: str | Path, remote: bool, revision: str | None = None, local: bool = False
+) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer, or for a PEFT adapter without one, its base model's (``local``: cache only)."""
     try:
-        return AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=remote, revision=revision)
+        return AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=remote, revision=revision,
+                                             local_files_only=local)  # fmt: skip
     except (OSError, ValueError, TypeError):
         try:
             from peft import PeftConfig
         except ImportError:
             raise
-        base = PeftConfig.from_pretrained(str(path_or_id)).base_model_name_or_path
-        return AutoTokenizer.from_pretrained(base, trust_remote_code=remote)
+        base = PeftConfig.from_pretrained(str(path_or_id), local_files_only=local).base_model_name_or_path
+        return AutoTokenizer.from_pretrained(base, trust_remote_code=remote, local_files_only=local)
 
 
 def _from_dir(
@@ -210,20 +213,29 @@ def _from_hub(
 ) -> LoadedModel:
     placement = dict(placement or {})
     tokenizer_revision = (placement.get("adapter_kwargs") or {}).get("revision", placement.get("revision"))
-    try:
-        tok = _tokenizer(hub_id, remote, tokenizer_revision)
-        if weights:
-            model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype, trust_remote_code=remote, **placement)
-            config = model.config
-        else:
-            config = AutoConfig.from_pretrained(hub_id, trust_remote_code=remote, revision=placement.get("revision"))
-            model = None
-    except (OSError, ValueError) as exc:
-        raise HarmsweepError(
-            f"checkpoint {hub_id} ({what}) could not be loaded from the hub "
-            f"({type(exc).__name__}); on a machine without internet download it elsewhere "
-            f"(hf download {hub_id} --local-dir DIR) and pass model.path=DIR"
-        ) from None
+    for local in (True, False):  # the local cache first: a cached checkpoint loads with no network wait or retries
+        try:
+            tok = _tokenizer(hub_id, remote, tokenizer_revision, local)
+            if weights:
+                # the adapter lookup reads only adapter_kwargs: it asks the hub too unless told the cache will do
+                adapter = {**(placement.get("adapter_kwargs") or {}), "local_files_only": local}
+                model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype, trust_remote_code=remote,
+                                                             local_files_only=local,
+                                                             **{**placement, "adapter_kwargs": adapter})  # fmt: skip
+                config = model.config
+            else:
+                config = AutoConfig.from_pretrained(hub_id, trust_remote_code=remote, revision=placement.get("revision"),
+                                                    local_files_only=local)  # fmt: skip
+                model = None
+            break
+        except (OSError, ValueError) as exc:
+            if local:
+                continue  # not (all) in the cache: ask the hub
+            raise HarmsweepError(
+                f"checkpoint {hub_id} ({what}) could not be loaded from the hub "
+                f"({type(exc).__name__}); on a machine without internet download it elsewhere "
+                f"(hf download {hub_id} --local-dir DIR) and pass model.path=DIR"
+            ) from None
     revision = getattr(config, "_commit_hash", None) or "unknown"
     return LoadedModel(model, tok, f"hub:{hub_id}", _hash(f"hub:{hub_id}@{revision}"))
 
