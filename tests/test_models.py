@@ -13,7 +13,7 @@ from conftest import ARCHS, ROOT, tiny_spec
 
 from harmsweep.errors import HarmsweepError
 from harmsweep.models.checkpoints import embedded_gguf
-from harmsweep.models.loading import load_model
+from harmsweep.models.loading import LoadedModel, load_model
 from harmsweep.models.parts import scored_parameters
 from harmsweep.models.spec import ModelConfig
 
@@ -45,8 +45,8 @@ def test_local_directory_round_trip_gives_identical_logits(tmp_path):
     assert light.tokenizer("abc")["input_ids"] == loaded.tokenizer("abc")["input_ids"]
 
 
-def test_hub_checkpoint_from_the_local_hub_cache_with_and_without_weights(tmp_path, monkeypatch):
-    """A hub id resolves through the Hugging Face cache (laid out by hand here: no network)."""
+def cached_hub_checkpoint(tmp_path: Path) -> LoadedModel:
+    """A tiny model as example-org/tiny-chat in a Hugging Face cache at tmp_path/hub, laid out by hand."""
     original = load_model(
         ModelConfig(name="t", variants={"aligned": {"tiny": tiny_spec("llama")}}), "aligned", tmp_path
     )
@@ -56,6 +56,12 @@ def test_hub_checkpoint_from_the_local_hub_cache_with_and_without_weights(tmp_pa
     original.tokenizer.save_pretrained(repo / "snapshots" / commit)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
+    return original
+
+
+def test_hub_checkpoint_from_the_local_hub_cache_with_and_without_weights(tmp_path, monkeypatch):
+    """A hub id resolves through the Hugging Face cache (laid out by hand here: no network)."""
+    original = cached_hub_checkpoint(tmp_path)
     offline_hub(monkeypatch, tmp_path / "hub")
     cfg = {"name": "t", "variants": {"aligned": {"hub_id": "example-org/tiny-chat"}}}
     full, light = (
@@ -74,15 +80,7 @@ def test_a_cached_hub_checkpoint_loads_without_asking_the_network(tmp_path, monk
     (before, every file waited on the hub and warned before falling back to the cache)."""
     import socket
 
-    original = load_model(
-        ModelConfig(name="t", variants={"aligned": {"tiny": tiny_spec("llama")}}), "aligned", tmp_path
-    )
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--example-org--tiny-chat"
-    original.model.save_pretrained(repo / "snapshots" / commit)
-    original.tokenizer.save_pretrained(repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
+    cached_hub_checkpoint(tmp_path)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
