@@ -171,11 +171,12 @@ def test_a_revision_override_reaches_from_pretrained(tmp_path, monkeypatch):
     )
     lm = loading.load_model(cfg.model, cfg.alignment.name, tmp_path)
     assert lm.source == "hub:allenai/Olmo-3-1025-7B"
-    assert hub.calls[0] == (
+    assert hub.calls[0] == (  # the local cache is asked first (it answers here: the recorder has everything)
         "tokenizer:allenai/Olmo-3-1025-7B",
-        {"trust_remote_code": False, "revision": "stage1-step10000"},
+        {"trust_remote_code": False, "revision": "stage1-step10000", "local_files_only": True},
     )
     assert hub.calls[1][0] == "allenai/Olmo-3-1025-7B" and hub.calls[1][1]["revision"] == "stage1-step10000"
+    assert hub.calls[1][1]["local_files_only"] is True and hub.calls[1][1]["adapter_kwargs"]["local_files_only"]
     assert hub.calls[1][1]["dtype"] == torch.bfloat16
     hub.calls.clear()
     loading.load_model(to_config(plain("model=olmo3_7b_instruct", "alignment=dpo")).model, "dpo", tmp_path)
