@@ -106,17 +106,13 @@ def finished(plain: Mapping[str, Any], run_dir: Path) -> dict[str, Any] | None:
     result.json, written last, exists. A folder holding another run, a half-done run or a prepare job falls
     through to run_pipeline, which refuses, finishes or runs it.
     """
-    from harmsweep.config.identity import run_id
+    from harmsweep.config.identity import run_id, stored_run_id
 
-    result_path, identity = run_dir / "result.json", run_dir / "run.json"
-    if (plain.get("stage") or "run") != "run" or not (result_path.is_file() and identity.is_file()):
-        return None
-    try:
-        stored = json.loads(identity.read_text()).get("run_id")
-    except (OSError, ValueError, AttributeError):
+    result_path = run_dir / "result.json"
+    if (plain.get("stage") or "run") != "run" or not result_path.is_file():
         return None
     rid = run_id(plain)
-    if stored != rid:
+    if stored_run_id(run_dir) != rid:
         return None
     (run_dir / "FAILED").unlink(missing_ok=True)  # as the pipeline does: a relaunch clears an earlier failure
     log.info("run %s is already done: %s", rid, result_path)

@@ -135,23 +135,16 @@ def check_run_folder(cfg: Any) -> Path | None:
     (a sweep names its run folders by run id). None where the folder cannot be told yet."""
     from omegaconf import OmegaConf
 
-    from harmsweep.config.identity import run_id
+    from harmsweep.config.identity import another_run, run_id, stored_run_id
 
     try:
         run_dir = Path(str(cfg.hydra.run.dir))
         rid = run_id(OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True))
     except Exception:
         return None
-    identity = run_dir / "run.json"
-    if identity.is_file():
-        import json
-
-        try:
-            stored = json.loads(identity.read_text()).get("run_id")
-        except (OSError, ValueError, AttributeError):
-            stored = "?"
-        if stored != rid:
-            _fail(f"{run_dir} holds run {stored}, not this config's run {rid}: use another hydra.run.dir or remove it")
+    stored = stored_run_id(run_dir)
+    if stored is not None and stored != rid:
+        _fail(another_run(run_dir, stored, rid))
     if (run_dir / "multirun.yaml").is_file():  # Hydra writes it into every sweep folder
         _fail(f"hydra.run.dir={run_dir} is a sweep's folder (multirun.yaml): a single run needs a folder of its own")
     if (run_dir.parent / "multirun.yaml").is_file() and run_dir.name != rid:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from harmsweep.attacks.spec import default_attack_block
@@ -69,3 +70,23 @@ def run_id(cfg: Mapping[str, Any]) -> str:
     if changed:  # what the scores hold is part of a run; where their memory goes is not
         kept["scoring"] = changed
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+RUN_FILE = "run.json"  # written first into a run folder: the run id (and config) that claims it
+
+
+def stored_run_id(run_dir: Path) -> str | None:
+    """The run id that claims ``run_dir`` (its run.json); None when unclaimed, "?" when run.json is unreadable."""
+    identity = Path(run_dir) / RUN_FILE
+    if not identity.is_file():
+        return None
+    try:
+        stored = json.loads(identity.read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return "?"
+    return str(stored) if stored is not None else "?"
+
+
+def another_run(run_dir: Path, stored: str, rid: str) -> str:
+    """The one line that refuses a launch into a folder claimed by another run."""
+    return f"{run_dir} holds run {stored}, not this config's run {rid}: use another hydra.run.dir or remove it"

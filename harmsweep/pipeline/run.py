@@ -21,7 +21,7 @@ from harmsweep.artifacts import write_json, write_jsonl
 from harmsweep.cache import mask_key
 from harmsweep.calibration.pairs import PLAIN_TEMPLATE
 from harmsweep.config.checks import check_config
-from harmsweep.config.identity import run_id
+from harmsweep.config.identity import RUN_FILE, another_run, run_id, stored_run_id
 from harmsweep.config.schema import Config, to_config
 from harmsweep.errors import HarmsweepError
 from harmsweep.evaluation.spec import COUNTS, JUDGES, metric_plan
@@ -214,16 +214,13 @@ def check_endpoints(cfg: Config) -> None:
 
 def _claim(run_dir: Path, rid: str, plain: Mapping[str, Any]) -> None:
     """Mark the folder as this run's, or refuse one that holds another run's artifacts."""
-    identity = run_dir / "run.json"
-    if identity.is_file():
-        stored = json.loads(identity.read_text()).get("run_id")
+    stored = stored_run_id(run_dir)
+    if stored is not None:
         if stored != rid:
-            raise HarmsweepError(
-                f"{run_dir} holds run {stored}, not this config's run {rid}: use another hydra.run.dir or remove it"
-            )
+            raise HarmsweepError(another_run(run_dir, stored, rid))
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json({"run_id": rid, "config": dict(plain)}, identity)
+    write_json({"run_id": rid, "config": dict(plain)}, run_dir / RUN_FILE)
 
 
 def _without(metrics: Mapping[str, Any], intervals: Mapping[str, Any]) -> list[str]:

@@ -7,6 +7,7 @@ random rule, the scoring criterion that names the score sets). No torch here: th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -222,13 +223,7 @@ def asked_count(spec: PruneSpec, shapes: Mapping[str, Sequence[int]]) -> int | N
     if spec.harm_fraction is not None or spec.layers is not None or spec.mask_file or spec.intersect:
         return None
     if spec.granularity == "global":
-        total = 0
-        for shape in shapes.values():
-            n = 1
-            for d in shape:
-                n *= int(d)
-            total += n
-        return count(spec, spec.sparsity, total)
+        return count(spec, spec.sparsity, sum(math.prod(int(d) for d in shape) for shape in shapes.values()))
     if spec.granularity == "matrix":
         return sum(count(spec, spec.sparsity, tuple(shape)) for shape in shapes.values())
     return None

@@ -32,6 +32,7 @@ from harmsweep.report.collect import (
     write_csv,
 )
 from harmsweep.report.compression import CurvePoint, concentration, gini, separation, threshold_sparsity
+from harmsweep.report.console import harm_words
 from harmsweep.report.control import control_section
 from harmsweep.report.em_grid import em_grid_section
 from harmsweep.report.sections import target_name
@@ -285,12 +286,7 @@ def _headlines(report: Report) -> list[str]:
             continue
         best = max(kept, key=lambda r: r["harm_reduction"]) if kept else max(points, key=lambda r: r["utility_ratio"])
         note = "" if kept else f" (no point keeps utility >= {floor:g}; the gentlest shown)"
-        value, lo, hi = best["harm_reduction"], best.get("harm_reduction_lo"), best.get("harm_reduction_hi")
-        both = is_number(lo) and is_number(hi)
-        if value >= 0:  # the sign in words: "-7% [7%, 7%]" read both ways
-            harm = f"harm reduced by {value:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if both else "")
-        else:
-            harm = f"harm INCREASED by {-value:.2f}" + (f" [{-hi:.2f}, {-lo:.2f}]" if both else "")
+        harm = harm_words(best["harm_reduction"], best.get("harm_reduction_lo"), best.get("harm_reduction_hi"))
         out.append(f"  {comp['alignment']}: {harm} at utility ratio {best['utility_ratio']:.2f}, "
                    f"sparsity {best['sparsity']:g} (run {best['run_id']}){note}")  # fmt: skip
     return out

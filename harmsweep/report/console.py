@@ -113,15 +113,24 @@ def _relative_lines(ci: Mapping[str, Any], level: str) -> list[str]:
             value, lo, hi = entry.get("value"), entry.get("lo"), entry.get("hi")
             if not isinstance(value, int | float) or value != value or abs(value) == float("inf"):
                 continue
-            ok = isinstance(lo, int | float) and isinstance(hi, int | float)
             if key == "utility_ratio":
-                band = f" {level} CI [{lo:.2f}, {hi:.2f}]" if ok else ""
+                band = f" {level} CI [{lo:.2f}, {hi:.2f}]" if _numbers(lo, hi) else ""
                 lines.append(f"  utility ratio {value:.2f}{band} ({measure}, after vs before; 1 = unchanged)")
-            elif value >= 0:
-                band = f" {level} CI [{lo:.2f}, {hi:.2f}]" if ok else ""
-                lines.append(f"  harm reduced by {value:.2f}{band} ({measure}; 1 = all removed)")
             else:
-                band = f" {level} CI [{-hi:.2f}, {-lo:.2f}]" if ok else ""
-                lines.append(f"  harm INCREASED by {-value:.2f}{band} ({measure})")
+                tail = f"{measure}; 1 = all removed" if value >= 0 else measure
+                lines.append(f"  {harm_words(value, lo, hi, f'{level} CI ')} ({tail})")
             break
     return lines
+
+
+def harm_words(value: float, lo: Any = None, hi: Any = None, band: str = "") -> str:
+    """A harm reduction with its sign in words ("-7% [7%, 7%]" read both ways): "harm reduced by 0.47 [0.15, 0.73]",
+    or "harm INCREASED by 0.02 [...]" with the interval turned round; ``band`` prefixes the interval."""
+    both = _numbers(lo, hi)
+    if value >= 0:
+        return f"harm reduced by {value:.2f}" + (f" {band}[{lo:.2f}, {hi:.2f}]" if both else "")
+    return f"harm INCREASED by {-value:.2f}" + (f" {band}[{-hi:.2f}, {-lo:.2f}]" if both else "")
+
+
+def _numbers(*values: Any) -> bool:
+    return all(isinstance(v, int | float) for v in values)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from harmsweep.artifacts import write_json
+from harmsweep.config.identity import stored_run_id
 
 FOLDER = ".harmsweep"
 PACKAGE = Path(__file__).resolve().parents[1]
@@ -69,7 +70,7 @@ def finished_runs(sweep_dir: Path, digest: str) -> list[tuple[Path, dict[str, An
             result = run_dir / "result.json"
             if _stamp(result) != entry["result"] or (run_dir / "FAILED").exists():
                 return None
-            if json.loads((run_dir / "run.json").read_text()).get("run_id") != entry["run_id"]:
+            if stored_run_id(run_dir) != entry["run_id"]:
                 return None
             runs.append((run_dir, json.loads(result.read_text())))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
