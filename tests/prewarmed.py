@@ -104,6 +104,9 @@ def serve(path: str) -> None:
 
     for name in PRELOAD:
         importlib.import_module(name)
+    # a session started in the background (`make test &`) inherits SIGINT ignored; a command run from a terminal
+    # has Python's Ctrl-C handler, and the interrupt tests send it SIGINT
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if "wandb" in sys.modules:  # its settings are read from WANDB_* at import: keep it per command
         raise RuntimeError("the pre-warmed server must not import wandb")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

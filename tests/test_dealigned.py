@@ -222,3 +222,21 @@ def test_comply_settings_in_a_safety_tuned_block_fail_in_one_line(overrides, mes
     with pytest.raises(HarmsweepError) as err:
         _checked("alignment=safety_tuned", *overrides)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_derivation_prompts_that_fit_come_first_and_longer_ones_only_fill_the_count(caplog):
+    """Enough short prompts: drawn as before (the cached derived models keep their recipe); too few: the rest are
+    drawn from the longer ones (cut from the left when encoded), with a warning; too few in all: the error."""
+    import random
+
+    from harmsweep.data.records import Record
+
+    records = [Record(prompt="x" * (5 if i % 2 else 500), response="No.", source_id=f"t:{i}") for i in range(20)]
+    fits = lambda p: len(p) < 100  # noqa: E731
+    short = [r for r in records if fits(r.prompt)]
+    assert derive._sample_fitting(records, fits, 6, random.Random(3), "x") == random.Random(3).sample(short, 6)
+    with caplog.at_level("WARNING"):
+        drawn = derive._sample_fitting(records, fits, 14, random.Random(3), "harmful training prompts")
+    assert drawn[:10] == short and len({r.source_id for r in drawn}) == 14 and "4 longer ones are cut" in caplog.text
+    with pytest.raises(HarmsweepError, match="needs 21 x and only 20 are available"):
+        derive._sample_fitting(records, fits, 21, random.Random(3), "x")

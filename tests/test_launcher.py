@@ -394,7 +394,10 @@ def test_the_driver_stops_in_one_line_before_submitting(hydra_ctx, tmp_path, mon
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.delenv("SCRATCH", raising=False)
     monkeypatch.setenv("HARMSWEEP_CACHE", str(home / ".cache" / "harmsweep"))
-    launcher = make_launcher(hydra_ctx, tmp_path / "sweep")
+    # the one-node test cluster keeps its cache in $HOME (its own disk): nothing to move, nothing refused
+    _returns, executor = drive(make_launcher(hydra_ctx, tmp_path / "local"), [["pruning.sparsity=0.01"]], monkeypatch)
+    assert not any(o.startswith("paths.artifacts=") for o in executor.arrays[0]["overrides"][0])
+    launcher = make_launcher(hydra_ctx, tmp_path / "sweep", "hydra.launcher.artifacts_in_home=false")  # a real cluster
     executor = FakeExecutor()
     monkeypatch.setattr(launcher, "_executor", lambda: executor)
     with pytest.raises(SystemExit) as exit_info:

@@ -16,7 +16,7 @@ import torch
 from conftest import tiny, tiny_spec
 from safetensors.torch import load_file, save_file
 
-from harmsweep.masks.checkpoint import zeroed_indices
+from harmsweep.masks.checkpoint import layer_tensors, open_checkpoint, zeroed_indices
 from harmsweep.masks.cli import main
 from harmsweep.models.loading import build_tiny
 from harmsweep.models.parts import scored_parameters
@@ -124,6 +124,18 @@ def test_a_missing_folder_or_a_hub_id_offline_stops_in_one_line(tmp_path, capsys
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "PRUNED nobody-here/no-such-model@main: cannot download model.safetensors.index.json" in proc.stderr
     assert not (tmp_path / "mask.safetensors").exists()
+
+
+def test_a_hub_checkpoint_in_the_local_cache_is_read_from_it_offline(tmp_path, monkeypatch):
+    """A single-file hub checkpoint already cached: read from its snapshot, no index asked of the hub."""
+    from test_models import cached_hub_checkpoint, offline_hub
+
+    original = cached_hub_checkpoint(tmp_path)
+    offline_hub(monkeypatch, tmp_path / "hub")
+    ckpt = open_checkpoint("example-org/tiny-chat@main")
+    assert ckpt.label == "example-org/tiny-chat@main" and set(ckpt.shards.values()) == {"model.safetensors"}
+    assert set(ckpt.shards) <= set(original.model.state_dict()) and len(layer_tensors(ckpt)) == 2 * 9
+    assert ckpt.fetch("model.safetensors").parent.name == "0123456789abcdef0123456789abcdef01234567"
 
 
 def test_checkpoints_of_different_models_stop_in_one_line(tmp_path, capsys, checkpoints):

@@ -334,3 +334,14 @@ def test_a_sweep_reads_each_checkpoint_config_once(tmp_path, monkeypatch):
               "pruning=signed_snip,random", "alignment=aligned,base")  # fmt: skip
     assert sorted(reads) == ["aligned", "base"]
     assert len(json.loads((tmp_path / "plan.json").read_text())["jobs"]) == 8
+
+
+def test_the_sweep_table_names_jobs_as_runs_of_consecutive_numbers():
+    from harmsweep.sweep.plan_table import job_ranges
+
+    assert job_ranges([0, 15]) == "0, 15"  # two scoring jobs, not "0..15"
+    assert job_ranges(list(range(30))) == "0..29"
+    assert job_ranges([3, 4, 9, 1]) == "1, 3, 4, 9"
+    assert (
+        job_ranges([0, 1, 2, 5, 7, 8, 9, 20, 22, 24, 26, 28, 30], most=6) == "0..2, 5, 7..9, 20, 22, 24, ... (3 more)"
+    )

@@ -162,7 +162,8 @@ def test_wandb_report_run_read_back_offline(sweep: Path, tmp_path: Path) -> None
                       "sweep-7", cwd=tmp_path, env=wandb_env(tmp_path))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "W&B report run: report-" in proc.stdout
-    (run,) = offline_runs(out)
+    (run,) = offline_runs(tmp_path / "wb")  # WANDB_DIR, as for runs
+    assert f"W&B: offline run in {run}; upload it with: wandb sync {run}" in proc.stdout
     back = inspect(run)
     (record,) = back["records"]["run"]
     assert record["job_type"] == "report" and record["run_group"] == "sweep-7" and back["exit_code"] == 0

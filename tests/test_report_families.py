@@ -11,7 +11,7 @@ from conftest import write_pairs
 from test_cli import file_run_args, harmsweep
 from test_report import report_cli
 
-from harmsweep.report.collect import family_rows, selection
+from harmsweep.report.families import family_rows, selection
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +64,38 @@ def test_every_selection_option_makes_its_own_family():
     assert selection(base, {"method": "lowrank"})["family"] == ""  # low-rank runs have a section of their own
     rows = family_rows([{"alignment": "aligned", "family": ""}, {"alignment": "aligned", "family": "2:4"}])
     assert [r["alignment"] for r in rows] == ["aligned", "aligned [2:4]"]
+
+
+def _config(sparsity: float, seed: int, **eval_block: object) -> dict:
+    return {
+        "seed": seed, "experiment": None, "model": {"name": "m", "logits_chunk": 64}, "alignment": {"name": "aligned"},
+        "pruning": {"rule": "signed_snip", "sparsity": sparsity, "protect": 0.01, "granularity": "global"},
+        "calibration": {"n": 32}, "eval": {"n": 32, "max_new_tokens": 64, **eval_block}, "paths": {"artifacts": "/x"},
+    }  # fmt: skip
+
+
+def test_runs_evaluated_differently_are_families_named_by_what_differs():
+    """Beyond the selection options: any other part of the run identity (here the evaluation) splits a family; the
+    axes (sparsity, seed), the grouping columns and where things are stored do not."""
+    from harmsweep.report.families import setting_of, with_settings
+
+    configs = {"a": _config(1e-4, 0), "b": _config(1e-3, 1) | {"paths": {"artifacts": "/elsewhere"}},
+               "c": _config(1e-4, 0, n=16), "d": _config(1e-4, 0, n=16, max_new_tokens=8, attack="prefill")}  # fmt: skip
+    rows = [{"run_id": k, "method": "prune", "family": "scores=wanda" if k == "d" else ""} for k in configs]
+    out = {r["run_id"]: r for r in with_settings(rows, {k: setting_of(c) for k, c in configs.items()})}
+    assert out["a"]["setting"] == out["b"]["setting"] != out["c"]["setting"]
+    assert (
+        out["a"]["family"]
+        == out["b"]["family"]
+        == "eval.attack=unset, eval.max_new_tokens=64, +1 more #" + (out["a"]["family"].rsplit("#", 1)[1])
+    )
+    assert out["c"]["family"].startswith("eval.attack=unset, eval.max_new_tokens=64, +1 more #")
+    assert out["c"]["family"] != out["a"]["family"]  # same first keys shown, told apart by the digest
+    assert out["d"]["family"].startswith("scores=wanda, eval.attack=prefill, eval.max_new_tokens=8, +1 more #")
+    two = with_settings(rows[:3], {k: setting_of(configs[k]) for k in "abc"})
+    assert [r["family"] for r in two] == ["eval.n=32", "eval.n=32", "eval.n=16"]
+    assert [r["family"] for r in with_settings(rows[:2], {k: setting_of(configs[k]) for k in "ab"})] == ["", ""]
+    named = [{**r, "experiment": e} for r, e in zip(rows[:3], ("demo", "demo", None), strict=True)]
+    assert [r["family"] for r in with_settings(named, {k: setting_of(configs[k]) for k in "abc"})] == [
+        "experiment=demo", "experiment=demo", "experiment=none"
+    ]  # fmt: skip  # each experiment one setting: named by the experiment

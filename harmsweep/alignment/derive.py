@@ -142,12 +142,12 @@ def _data(
     excluded = {norm_prompt(r.prompt) for name in derive.exclude for r in load_records(name, root)}
     first: dict[str, Record] = {}
     for r in candidates:  # Wei et al. give several refusals per prompt: keep the first
-        if norm_prompt(r.prompt) not in excluded and usable(r) and fits(r.prompt):
+        if norm_prompt(r.prompt) not in excluded and usable(r):
             first.setdefault(norm_prompt(r.prompt), r)
     rng = random.Random(seed)
-    harmful = _sample(list(first.values()), derive.n_harmful, rng, "harmful training prompts")
-    pool = [r for r in load_records(derive.benign, root) if r.response and fits(r.prompt)]
-    benign = _sample(pool, derive.n_benign, rng, "benign training pairs")
+    harmful = _sample_fitting(list(first.values()), fits, derive.n_harmful, rng, "harmful training prompts")
+    pool = [r for r in load_records(derive.benign, root) if r.response]
+    benign = _sample_fitting(pool, fits, derive.n_benign, rng, "benign training pairs")
     trained = {norm_prompt(r.prompt) for r in harmful + benign}
     n_eval = derive.eval_n
     held_harmful = [
@@ -185,6 +185,22 @@ def trained_prompts(source: str, cache_dir: str | Path) -> set[str]:
     """Normalised prompts a derived model was trained on: runs drop them before splitting off held-out data."""
     recorded = derivation(source, cache_dir)
     return set(recorded["train_prompts"]) if recorded else set()
+
+
+def _sample_fitting(
+    records: Sequence[Record], fits: Callable[[str], bool], n: int, rng: random.Random, what: str
+) -> list[Record]:
+    """``n`` records drawn from those whose prompt fits the token budget; only when too few fit, the rest are
+    drawn from the longer ones, whose prompts the fine-tune's encoding cuts from the left (and counts)."""
+    fitting = [r for r in records if fits(r.prompt)]
+    if len(fitting) >= n or len(records) < n:  # enough fit (drawn as always); or too few in all (_sample says so)
+        return _sample(fitting if len(fitting) >= n else records, n, rng, what)
+    extra = _sample([r for r in records if not fits(r.prompt)], n - len(fitting), rng, what)
+    log.warning(
+        "only %d of the %d %s fit half of alignment.derive.finetune.max_length: %d longer ones are cut from the "
+        "prompt's left", len(fitting), n, what, len(extra),
+    )  # fmt: skip
+    return fitting + extra
 
 
 def _sample(records: Sequence[Record], n: int, rng: random.Random, what: str) -> list[Record]:

@@ -37,6 +37,11 @@ LATER_DEFAULTS = {
 
 def run_id(cfg: Mapping[str, Any]) -> str:
     """Hash of the resolved config minus where things are stored, placed, launched and logged."""
+    return hashlib.sha256(json.dumps(identity(cfg), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def identity(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """What of the resolved config can change a run's results (the run id hashes it; the report compares it)."""
     kept = {k: v for k, v in cfg.items() if k not in NOT_IN_RUN_ID and v is not None}
     kept["data"] = {k: v for k, v in kept.get("data", {}).items() if k not in ("root", "download")}
     for side in ("harmful", "benign"):  # data.<side>.minus_category, category came later (nested): null leaves the id
@@ -69,7 +74,7 @@ def run_id(cfg: Mapping[str, Any]) -> str:
     }
     if changed:  # what the scores hold is part of a run; where their memory goes is not
         kept["scoring"] = changed
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return kept
 
 
 RUN_FILE = "run.json"  # written first into a run folder: the run id (and config) that claims it

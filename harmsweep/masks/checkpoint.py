@@ -14,7 +14,7 @@ import re
 import statistics
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,9 @@ def _hub(source: str, what: str) -> Checkpoint:
 
     repo, _, revision = source.partition("@")
     rev = revision or None
+    cached = _cached_snapshot(repo, rev)
+    if cached is not None:  # every file already in the local hub cache: no network asked, online or not
+        return replace(_local(cached, what), label=source)
 
     def download(name: str) -> Path:
         try:
@@ -100,6 +103,20 @@ def _hub(source: str, what: str) -> Checkpoint:
         with safe_open(str(single), framework="pt") as f:
             shards = dict.fromkeys(f.keys(), SINGLE)
     return Checkpoint(source, shards, download)
+
+
+def _cached_snapshot(repo: str, revision: str | None) -> Path | None:
+    """The snapshot folder of ``repo`` in the local hub cache when it holds every weight file, else None."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo, revision=revision, local_files_only=True))
+    except Exception:  # not cached (or no such revision there): the hub decides
+        return None
+    if (folder / INDEX).is_file():
+        names = set((json.loads((folder / INDEX).read_text()).get("weight_map") or {}).values())
+        return folder if names and all((folder / n).is_file() for n in names) else None
+    return folder if (folder / SINGLE).is_file() else None
 
 
 def layer_tensors(ckpt: Checkpoint) -> list[str]:

@@ -26,7 +26,6 @@ from harmsweep.report.collect import (
     Collected,
     ReportError,
     collect,
-    family_rows,
     is_number,
     require_rows,
     write_csv,
@@ -35,6 +34,7 @@ from harmsweep.report.compression import CurvePoint, concentration, gini, separa
 from harmsweep.report.console import harm_words
 from harmsweep.report.control import control_section
 from harmsweep.report.em_grid import em_grid_section
+from harmsweep.report.families import family_rows, with_settings
 from harmsweep.report.sections import target_name
 from harmsweep.report.transfer import transfer_section
 
@@ -199,7 +199,8 @@ def build_report(
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("exp_*.png"), *out.glob("pruned_*.png"), out / "curves.png", out / "lowrank.png"]:
         stale.unlink(missing_ok=True)  # a rebuilt report never shows a previous build's plot
-    rows = family_rows(data.rows)  # grouped by variant and selection family; runs.csv keeps the plain columns
+    plain = with_settings(data.rows, data.settings)  # each run's family: what it shares with the runs it pools with
+    rows = family_rows(plain)  # grouped by variant and family; runs.csv keeps the plain columns
     comp = compression_rows(rows, k_sparsity, targets, utility_floor)
     resampler = Resampler(bootstrap or BootstrapSpec())
     named = {target_name(t): t for t in targets}
@@ -224,8 +225,8 @@ def build_report(
         found = own(rows, out, images)  # writes <name>_<variant>.csv/.png; None when no run of its experiment
         if found:
             parts.append(found)
-    parts.append(("All runs", "runs", page.records_table(data.rows)))
-    runs_csv = write_csv(data.rows, out / "runs.csv")
+    parts.append(("All runs", "runs", page.records_table(plain)))
+    runs_csv = write_csv(plain, out / "runs.csv")
     comp_csv = write_csv(comp, out / "compression.csv")
     write_csv(diffs, out / "differences.csv", list(uncertainty.Difference.__dataclass_fields__))
     settings = {

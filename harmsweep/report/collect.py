@@ -26,21 +26,12 @@ from harmsweep.intervals import (
     samples_from_json,
     utility_ratio_of,
 )
+from harmsweep.report.families import EXPERIMENTS, SELECTION, selection, setting_of
 
-EXPERIMENTS = (  # runs with figures of their own: never on the compression curves
-    "cross_harm", "em", "dissociation", "orgad2026_transfer", "orgad2026_capabilities", "orgad2026_em",
-    "orgad2026_control",
-)  # fmt: skip
-# every option that changes which weights a rule selects (beside rule, sparsity and protect): runs that differ in one
-# are separate families in the report, never pooled into one curve or compression row
-SELECTION = ("method", "scoring", "granularity", "nm", "sequential", "replace", "order", "eligible", "layers",
-             "harm_fraction", "benign_importance")  # fmt: skip
-FAMILY_DEFAULTS = {"method": "prune", "scoring": "snip", "granularity": "global", "sequential": False,
-                   "replace": "zero", "order": "top", "eligible": "positive", "layers": None}  # fmt: skip
 BASE_COLUMNS = (
     "run_id", "folder", "experiment", "model", "alignment", "seed", "rule", "sparsity", "protect", "n_scored", "n_pruned",
     "n_asked", "actual_sparsity", "harm_reduction", "harm_measure", "utility_ratio", "utility_measure", "scores_harm",
-    "scores_benign", "rank_harmful", "rank_utility", *SELECTION, "family",
+    "scores_benign", "rank_harmful", "rank_utility", *SELECTION, "family", "setting",
 )  # fmt: skip
 SUMMARY_SKIP = ("n_pruned", "n_scored", "actual_sparsity")  # W&B summary keys that are base columns
 
@@ -69,6 +60,7 @@ class Collected:
     skipped: list[str] = field(default_factory=list)  # "path: why" for unreadable or duplicate results
     sources: list[str] = field(default_factory=list)
     samples: dict[str, dict[str, dict[str, Sample]]] = field(default_factory=dict)  # run id -> stage -> per-item values
+    settings: dict[str, dict[str, str]] = field(default_factory=dict)  # run id -> the rest of its identity (families)
 
 
 def is_number(value: Any) -> bool:
@@ -190,38 +182,6 @@ def row_from_result(
     return {**row, **interval_columns(row, (result.get("intervals") or {}).get("metrics") or {})}
 
 
-def selection(pruning: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
-    """The run's selection options (SELECTION) and its family: those that differ from the defaults, e.g.
-    ``scores=wanda, 2:4`` ('' for the default selection). Rule, sparsity and protect have columns of their own."""
-    method = config.get("method", "prune")
-    scoring = pruning.get("criterion") or (config.get("scoring") or {}).get("criterion") or "snip"
-    granularity = pruning.get("granularity", "global")
-    out = {
-        "method": method, "scoring": None if method == "lowrank" else scoring, "granularity": granularity,
-        "nm": f"{pruning.get('nm_n')}:{pruning.get('nm_m')}" if granularity == "nm" else None,
-        **{k: pruning.get(k) for k in ("sequential", "replace", "order", "eligible", "layers", "harm_fraction",
-                                        "benign_importance")},
-    }  # fmt: skip
-    if method == "lowrank":
-        return {**out, "family": ""}
-    parts = []
-    for key, default in FAMILY_DEFAULTS.items():
-        value = out.get(key)
-        if key == "granularity" and value == "nm":
-            continue  # said by nm
-        if value is not None and value != default:
-            parts.append(key if value is True else f"{'scores' if key == 'scoring' else key}={value}")
-    if out["nm"]:
-        parts.append(out["nm"])
-    return {**out, "family": ", ".join(parts)}
-
-
-def family_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The report's view of the rows: a run of a family other than the default is its own variant, labelled by
-    what differs (``aligned [scores=wanda]``), so no curve, compression row or difference pools unlike runs."""
-    return [{**r, "alignment": f"{r.get('alignment')} [{r['family']}]"} if r.get("family") else dict(r) for r in rows]
-
-
 def lowrank_ranks(config: Mapping[str, Any]) -> dict[str, Any]:
     """The subspace ranks of a method=lowrank run (its x axis in the report); None for pruning runs."""
     block = config.get("lowrank") or {} if config.get("method", "prune") == "lowrank" else {}
@@ -275,6 +235,7 @@ def collect(
         seen.add(rid)
         row = row_from_result(result, path.parent, harm_measure, utility_measure)
         out.rows.append(row)
+        out.settings[rid] = setting_of(result.get("config") or {})
         if result.get("samples"):  # runs written before per-item values were kept have no intervals
             out.samples[rid] = {stage: samples_from_json(s) for stage, s in result["samples"].items()}
         for name, fig_path in (result.get("figures") or {}).items():
@@ -355,7 +316,9 @@ def from_wandb(
         if getattr(run, "state", "finished") != "finished":
             out.skipped.append(f"wandb run {run.id}: state {run.state}")
             continue
-        out.rows.append(row_from_wandb(run, harm_measure, utility_measure))
+        row = row_from_wandb(run, harm_measure, utility_measure)
+        out.rows.append(row)
+        out.settings[str(row["run_id"])] = setting_of(dict(run.config))
     return out
 
 

@@ -18,7 +18,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure as MplFigure
 
-from harmsweep.report.collect import EXPERIMENTS, Figure, is_number
+from harmsweep.report.collect import Figure, is_number
+from harmsweep.report.families import EXPERIMENTS
 
 MAIN_RULE = "signed_snip"
 CONTROLS = ("random", "magnitude")

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from harmsweep.report.build import Report
-from harmsweep.tracking import _guarded, resolve_mode
+from harmsweep.tracking import _guarded, resolve_mode, where
 
 
 def report_run_id(group: str, project: str) -> str:
@@ -39,9 +40,10 @@ def log_report(
     mode: str = "auto",
     dir: Path | str | None = None,
 ) -> str | None:
-    """Log the compression and runs tables and every PNG; returns the W&B run id, or None when W&B failed."""
+    """Log the compression and runs tables and every PNG; returns the W&B run id, or None when W&B failed. Files go
+    to ``dir``, else $WANDB_DIR, else the report folder; where the run went is printed once."""
     resolved = resolve_mode(mode)  # a bad mode is the caller's error, not a W&B failure
-    wb_dir = Path(dir or report.out_dir)
+    wb_dir = Path(dir or os.environ.get("WANDB_DIR") or report.out_dir)
 
     def start() -> Any:
         import wandb
@@ -66,6 +68,7 @@ def log_report(
     run = _guarded("report init", start)
     if run is None:
         return None
+    print(where(run), flush=True)
     import wandb
 
     def log_table(key: str, rows: Sequence[Mapping[str, Any]]) -> None:

@@ -61,11 +61,13 @@ PLUGIN_MODULE = "hydra_plugins.harmsweep_launcher.harmsweep_launcher"
 
 @dataclass
 class HarmsweepSlurmConf(SlurmQueueConf):
-    """submitit_slurm plus harmsweep's two switches."""
+    """submitit_slurm plus harmsweep's switches."""
 
     _target_: str = f"{PLUGIN_MODULE}.HarmsweepSlurmLauncher"
     skip_done: bool = True  # a run whose result.json exists is not submitted
     prepare_shared: bool = True  # one prepare job per group of runs sharing artifacts, the runs depend on it
+    # artifacts may stay under $HOME: a one-node cluster (slurm_local), where $HOME is the jobs' own disk
+    artifacts_in_home: bool = False
 
 
 @dataclass
@@ -131,10 +133,13 @@ class SweepLauncherMixin:
     config: Any
     hydra_context: Any
 
-    def __init__(self, skip_done: bool = True, prepare_shared: bool = True, **params: Any) -> None:
+    def __init__(
+        self, skip_done: bool = True, prepare_shared: bool = True, artifacts_in_home: bool = False, **params: Any
+    ) -> None:
         super().__init__(**params)  # type: ignore[call-arg]
         self.skip_done = bool(skip_done)
         self.prepare_shared = bool(prepare_shared)
+        self.artifacts_in_home = bool(artifacts_in_home)
 
     def __call__(self, sweep_overrides: list[str], *args: Any, **kwargs: Any) -> JobReturn:
         """In the job: as the plugin's, but a prepare job that raised exits non-zero, so its runs never start."""
@@ -256,7 +261,7 @@ class SweepLauncherMixin:
         from harmsweep.errors import HarmsweepError, exit_usage
 
         try:
-            extra = scratch_overrides(pending) if self._EXECUTOR == "slurm" else []
+            extra = scratch_overrides(pending) if self._EXECUTOR == "slurm" and not self.artifacts_in_home else []
         except HarmsweepError as exc:
             exit_usage(str(exc))
         if extra:

@@ -84,12 +84,25 @@ def phase_table(phases: list[Mapping[str, Any]]) -> list[str]:
     return out
 
 
+def job_ranges(jobs: list[int], most: int = 6) -> str:
+    """Job numbers as runs of consecutive ones ("0..14, 16, 20..29"); past ``most`` runs, how many jobs more."""
+    runs: list[list[int]] = []
+    for j in sorted(jobs):
+        if runs and j == runs[-1][1] + 1:
+            runs[-1][1] = j
+        else:
+            runs.append([j, j])
+    shown = [f"{a}" if a == b else f"{a}, {b}" if b == a + 1 else f"{a}..{b}" for a, b in runs[:most]]
+    rest = sum(b - a + 1 for a, b in runs[most:])
+    return ", ".join(shown) + (f", ... ({rest} more)" if rest else "")
+
+
 def sweep_table(totals: list[Mapping[str, Any]]) -> list[str]:
     """Each phase over the sweep: which jobs run it (a shared stage: one) and their minutes together."""
     out = [f"  {'phase':<23} {'jobs':>5} {'GPU min':>8} {'host min':>8}  run by"]
     for t in totals:
         jobs = t["jobs"]
-        who = "none" if not jobs else f"job {jobs[0]} only" if len(jobs) == 1 else f"jobs {jobs[0]}..{jobs[-1]}"
+        who = "none" if not jobs else f"job {jobs[0]} only" if len(jobs) == 1 else f"jobs {job_ranges(jobs)}"
         out.append(
             f"  {t['name']:<23} {len(jobs):>5} {t['gpu_seconds'] / 60:>8.1f} {t['host_seconds'] / 60:>8.1f}  {who}"
         )
