@@ -118,7 +118,7 @@ def hub_ids(lines: list[Line]) -> set[str]:
     ids = set()
     for line in lines:
         for arg in line.argv:
-            if re.fullmatch(r"[\w.-]+/[\w.-]+", arg) and line.argv[1] == "mask-from-checkpoint":
+            if re.fullmatch(r"[\w.-]+/[\w.-]+", arg) and line.argv[1:2] == ("mask-from-checkpoint",):
                 ids.add(arg)
             if arg.startswith("model=") and not arg.startswith("model=tiny"):
                 variants = yaml.safe_load((ROOT / "conf" / "model" / f"{arg[6:]}.yaml").read_text())["variants"]
@@ -157,7 +157,7 @@ class Session:
         return env
 
     def argv(self, line: Line) -> list[str]:
-        """The line's arguments with this machine's stand-ins (the module docstring)."""
+        """The line's arguments with this machine's stand-ins (the README's list under "How these commands are tested")."""
         args = [self._path(a) for a in line.argv[1:]]
         names_model = any(a.startswith(("model=", "model.path=")) for a in args)
         if line.argv[0] == "harmsweep" and args[:1] not in (["plan"], ["mask-from-checkpoint"], ["compare-masks"]):
@@ -183,6 +183,9 @@ class Session:
 
 @pytest.fixture(scope="module")
 def session(tmp_path_factory) -> Session:
+    data = Path(os.environ.get("HARMSWEEP_DATA", ROOT.parent / "shared" / "data"))
+    if not (data / "advbench").is_dir():
+        pytest.skip(f"shared data not found at {data}")
     cwd = tmp_path_factory.mktemp("readme")
     hub = hub_cache(cwd / "hub", hub_ids(of_kind("local") + of_kind("slurm")))
     for name in ("Llama-3.1-8B-Instruct", "Llama-3.1-8B"):  # what plan reads: the real config.json, no weights
@@ -195,9 +198,6 @@ def session(tmp_path_factory) -> Session:
     benign.rename(cwd / "b.jsonl")
     save_mask({"model.layers.3.mlp.down_proj.weight": torch.tensor([0, 1, 2, 3]),
                "model.layers.11.self_attn.q_proj.weight": torch.tensor([5, 6])}, cwd / "theirs.safetensors")  # fmt: skip
-    data = Path(os.environ.get("HARMSWEEP_DATA", ROOT.parent / "shared" / "data"))
-    if not (data / "advbench").is_dir():
-        pytest.skip(f"shared data not found at {data}")
     return Session(cwd, hub, data)
 
 
