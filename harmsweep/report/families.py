@@ -77,14 +77,15 @@ def setting_of(config: Mapping[str, Any]) -> dict[str, str]:
 def with_settings(rows: Sequence[Mapping[str, Any]], settings: Mapping[str, Mapping[str, str]]) -> list[dict[str, Any]]:
     """Rows with ``setting`` (a digest of the run's setting) and ``family`` extended by the setting keys that differ
     between runs of one method: runs that were evaluated, calibrated or fed differently are never pooled."""
-    digests = {str(r.get("run_id")): _digest(sorted(settings.get(str(r.get("run_id")), {}).items())) for r in rows}
-    labels = {str(r.get("run_id")): "" for r in rows if r.get("experiment") in EXPERIMENTS}  # on no curve
+    ids = [str(r.get("run_id")) for r in rows]
+    digests = {i: _digest(sorted(settings.get(i, {}).items())) for i in ids}
+    labels = {i: "" for i, r in zip(ids, rows, strict=True) if r.get("experiment") in EXPERIMENTS}  # on no curve
     for method in {r.get("method") for r in rows}:
         own = [r for r in rows if r.get("method") == method and r.get("experiment") not in EXPERIMENTS]
         labels |= _labels(own, settings, digests)
-    return [{**r, "family": ", ".join(p for p in (r.get("family") or "", labels[str(r.get("run_id"))]) if p),
-             "setting": digests[str(r.get("run_id"))] if settings.get(str(r.get("run_id"))) else None}
-            for r in rows]  # fmt: skip
+    return [{**r, "family": ", ".join(p for p in (r.get("family") or "", labels[i]) if p),
+             "setting": digests[i] if settings.get(i) else None}
+            for i, r in zip(ids, rows, strict=True)]  # fmt: skip
 
 
 def _labels(

@@ -139,9 +139,14 @@ def plot_curves(
         ax.grid(True, which="both", alpha=0.3)
     harm_ax.set_title(f"harm vs sparsity (dotted: targets {', '.join(f'{t:g}' for t in targets)})")
     util_ax.set_title(f"utility vs sparsity (dotted: floor {utility_floor:g})")
-    if harm_ax.get_legend_handles_labels()[0]:  # no measured harm (e.g. none before pruning): no curve, no legend
-        harm_ax.legend(fontsize=8, loc="best")
+    _legend(harm_ax)
     return _save(fig, path)
+
+
+def _legend(ax: Any) -> None:
+    """A legend of the labelled curves; none when nothing was drawn (no measured harm, e.g. none before pruning)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="best")
 
 
 def lowrank_rows(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -176,8 +181,7 @@ def plot_lowrank(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
         ax.grid(True, alpha=0.3)
     harm_ax.set_title("low-rank removal (ActSVD): harm vs rank")
     util_ax.set_title("low-rank removal: utility vs rank")
-    if harm_ax.get_legend_handles_labels()[0]:  # no measured harm (e.g. none before pruning): no curve, no legend
-        harm_ax.legend(fontsize=8, loc="best")
+    _legend(harm_ax)
     return _save(fig, path)
 
 
